@@ -1,0 +1,1 @@
+"""Bundled YAML presets (installed as ``pae_fast.configs``); load one with ``--config NAME``."""

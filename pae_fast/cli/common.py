@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: ``--config`` presets, dotted overrides, ``--dry-run``, resolved config per run."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+from pae_fast.config import Config, ConfigError, dump_yaml, load_config, parse_override_args, save_resolved
+
+__all__ = ["add_config_arguments", "resolve_config", "preset_path", "list_presets", "no_extra"]
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="YAML preset: a path, or the name of a bundled preset (see `python -m pae_fast info --presets`)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def list_presets() -> list[str]:
+    try:
+        root = resources.files("pae_fast.configs")
+    except ModuleNotFoundError:
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """A config path: an existing file, or a bundled preset by name (``tiny_cpu`` or ``tiny_cpu.yaml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    try:
+        bundled = resources.files("pae_fast.configs") / f"{stem}.yaml"
+        if bundled.is_file():
+            return Path(str(bundled))
+    except ModuleNotFoundError:
+        pass
+    raise ConfigError(f"config {name!r} is neither a file nor a bundled preset; presets: {', '.join(list_presets())}")
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config | None:
+    """Load ``--config`` with the overrides in ``extra``; on ``--dry-run`` print it and return None."""
+    path = preset_path(args.config) if getattr(args, "config", None) else None
+    cfg = load_config(path, parse_override_args(extra))
+    if getattr(args, "dry_run", False):
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+def write_run_config(cfg: Config, out_dir: str | Path | None = None) -> Path:
+    """Write the resolved config to the run folder (``cfg.out_dir`` by default)."""
+    return save_resolved(cfg, out_dir if out_dir is not None else cfg.out_dir)
+
+
+def no_extra(extra: list[str], command: str) -> None:
+    if extra:
+        raise ConfigError(f"`{command}` takes no config overrides; unexpected arguments: {' '.join(extra)}")

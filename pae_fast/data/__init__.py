@@ -1,0 +1,1 @@
+"""Data: image pipelines (DALI, PIL fallback), latent caches and demo datasets."""

@@ -1,0 +1,202 @@
+"""Latent cache: tokenizer latents stored once, read by generator training, sampling and the diffusability suite.
+
+A cache is a folder::
+
+    index.json                  num_items, channels, size, num_classes, shards [{file, count}], metadata
+    shard-00000.safetensors     latents (n, C, H, W), latents_flip (n, C, H, W), labels (n,) int64
+    stats.safetensors           per-channel mean (C,), std (C,) over up to 10k latents (SPEC §4)
+
+Every file is written atomically; ``index.json`` is written last, so a folder without it is an incomplete cache.
+Random horizontal flips (SPEC §4: LightningDiT stores ``latents`` and ``latents_flip``) are index-based: with
+``hflip`` the dataset has 2N items and index ``i >= N`` reads ``latents_flip[i - N]``, so the engine's deterministic
+permutation decides the flips and resume stays exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from pae_fast.io import atomic_write_text, load_safetensors, save_safetensors
+
+__all__ = ["write_latent_cache", "LatentCache", "latent_stats", "INDEX_FILE", "STATS_FILE"]
+
+INDEX_FILE = "index.json"
+STATS_FILE = "stats.safetensors"
+FORMAT_VERSION = 1
+
+
+def latent_stats(
+    latents: torch.Tensor, max_items: int = 10_000, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over (N, H, W) of the first ``max_items`` latents.
+
+    Args:
+        latents: ``(N, C, H, W)``.
+    Returns:
+        ``mean (C,)``, ``std (C,)`` in float32 (std clamped at ``eps``).
+    """
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be (N, C, H, W), got shape {tuple(latents.shape)}")
+    x = latents[:max_items].double()
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3), unbiased=False).clamp_min(eps)
+    return mean.float(), std.float()
+
+
+def write_latent_cache(
+    out_dir: str | os.PathLike,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    latents_flip: torch.Tensor | None = None,
+    shard_size: int = 4096,
+    metadata: dict[str, Any] | None = None,
+    num_classes: int | None = None,
+) -> Path:
+    """Write a latent cache (shards, stats, index) atomically.
+
+    Args:
+        out_dir: the cache folder (created).
+        latents: ``(N, C, H, W)``.
+        labels: ``(N,)`` integer class labels.
+        latents_flip: ``(N, C, H, W)`` latents of the horizontally flipped images; when None, the latents are
+            flipped along W (exact for latents whose tokens do not mix spatially, an approximation otherwise).
+        shard_size: items per shard file.
+        metadata: JSON-serialisable information (tokenizer name, source data, ...).
+        num_classes: defaults to ``max(labels) + 1``.
+    Returns:
+        The cache folder.
+    """
+    out = Path(out_dir)
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be (N, C, H, W), got shape {tuple(latents.shape)}")
+    n = latents.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match latents, got {tuple(labels.shape)}")
+    if latents_flip is None:
+        latents_flip = latents.flip(-1)
+    if latents_flip.shape != latents.shape:
+        raise ValueError(f"latents_flip shape {tuple(latents_flip.shape)} != latents shape {tuple(latents.shape)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / INDEX_FILE
+    if index_path.exists():
+        index_path.unlink()  # the folder is incomplete until the new index is written
+    labels = labels.to(torch.int64)
+    shards = []
+    for k, start in enumerate(range(0, n, shard_size)):
+        name = f"shard-{k:05d}.safetensors"
+        sl = slice(start, min(n, start + shard_size))
+        save_safetensors(
+            {"latents": latents[sl], "latents_flip": latents_flip[sl], "labels": labels[sl]}, out / name
+        )
+        shards.append({"file": name, "count": sl.stop - sl.start})
+    mean, std = latent_stats(latents)
+    save_safetensors({"mean": mean, "std": std}, out / STATS_FILE)
+    index = {
+        "format_version": FORMAT_VERSION,
+        "num_items": n,
+        "channels": latents.shape[1],
+        "size": [latents.shape[2], latents.shape[3]],
+        "num_classes": int(num_classes if num_classes is not None else (int(labels.max()) + 1 if n else 0)),
+        "dtype": str(latents.dtype).replace("torch.", ""),
+        "shards": shards,
+        "metadata": metadata or {},
+    }
+    atomic_write_text(index_path, json.dumps(index, indent=2))
+    return out
+
+
+class LatentCache(Dataset):
+    """Map-style dataset over a latent cache.
+
+    Args:
+        path: the cache folder.
+        normalize: standardise each item with the cache's per-channel mean/std.
+        hflip: expose ``latents_flip`` as items ``N..2N-1``.
+
+    Items are ``(latent (C, H, W) float32, label int64 0-dim tensor)``.
+    """
+
+    def __init__(self, path: str | os.PathLike, normalize: bool = True, hflip: bool = True) -> None:
+        self.path = Path(path)
+        index_path = self.path / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a latent cache: {INDEX_FILE} is missing (incomplete write, or a wrong folder)"
+            )
+        try:
+            self.index = json.loads(index_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+        for key in ("num_items", "channels", "size", "shards", "num_classes"):
+            if key not in self.index:
+                raise ValueError(f"{index_path} lacks the key {key!r}")
+        self.normalize = normalize
+        self.hflip = hflip
+        self.num_items = int(self.index["num_items"])
+        self.channels = int(self.index["channels"])
+        self.size = tuple(int(s) for s in self.index["size"])
+        self.num_classes = int(self.index["num_classes"])
+        self.metadata = self.index.get("metadata", {})
+        stats, _ = load_safetensors(self.path / STATS_FILE)
+        self.mean, self.std = stats["mean"].float(), stats["std"].float()
+        self._starts = []
+        total = 0
+        for s in self.index["shards"]:
+            self._starts.append(total)
+            total += int(s["count"])
+        if total != self.num_items:
+            raise ValueError(f"{index_path}: shards hold {total} items but num_items is {self.num_items}")
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.num_items * (2 if self.hflip else 1)
+
+    def _shard(self, k: int) -> dict[str, torch.Tensor]:
+        if k not in self._cache:
+            tensors, _ = load_safetensors(self.path / self.index["shards"][k]["file"])
+            for key in ("latents", "latents_flip", "labels"):
+                if key not in tensors:
+                    raise ValueError(f"{self.path / self.index['shards'][k]['file']} lacks the tensor {key!r}")
+            self._cache = {k: tensors}  # keep one shard resident (shards are read mostly in order per epoch)
+        return self._cache[k]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a latent cache of {len(self)} items")
+        flip = idx >= self.num_items
+        k, j = self._locate(idx - self.num_items if flip else idx)
+        shard = self._shard(k)
+        z = shard["latents_flip" if flip else "latents"][j].float()
+        if self.normalize:
+            z = (z - self.mean[:, None, None]) / self.std[:, None, None]
+        return z, shard["labels"][j]
+
+    def load_all(self, flip: bool = False, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """All latents ``(N, C, H, W)`` float32 and labels ``(N,)``."""
+        zs, ys = [], []
+        for s in self.index["shards"]:
+            tensors, _ = load_safetensors(self.path / s["file"])
+            zs.append(tensors["latents_flip" if flip else "latents"].float())
+            ys.append(tensors["labels"].long())
+        z = torch.cat(zs) if zs else torch.empty(0, self.channels, *self.size)
+        if normalize:
+            z = (z - self.mean[:, None, None]) / self.std[:, None, None]
+        return z, torch.cat(ys) if ys else torch.empty(0, dtype=torch.long)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Undo the standardisation: ``(B, C, H, W)`` -> raw latents."""
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        return z * self.std.to(z).view(shape) + self.mean.to(z).view(shape)

@@ -1,0 +1,1 @@
+"""Evaluation: generation metrics, tokenizer metrics and latent diffusability (SPEC section 5)."""

@@ -1,0 +1,48 @@
+"""Packaging for pae_fast.
+
+``kernels/`` lives at the top of the repository (the kernels are the product's core) but is installed as the
+subpackage ``pae_fast.kernels`` so that ``import kernels`` never resolves to this project.
+"""
+
+from setuptools import find_packages, setup
+
+_packages = find_packages(include=["pae_fast", "pae_fast.*"])
+_packages += ["pae_fast.kernels", "pae_fast.configs"]
+
+setup(
+    name="pae_fast",
+    version="0.1.0",
+    description="Fast, fused-kernel Prior-Aligned Autoencoders (PAE) for latent diffusion",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_packages,
+    package_dir={"pae_fast": "pae_fast", "pae_fast.kernels": "kernels", "pae_fast.configs": "configs"},
+    package_data={"pae_fast.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.5",
+        "torchvision>=0.20",
+        "timm>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "flash": ["flash-attn>=2.5"],
+        "xformers": ["xformers"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "scikit-image>=0.22",
+        ],
+    },
+    entry_points={"console_scripts": ["pae-fast=pae_fast.__main__:main"]},
+)
