@@ -4,6 +4,8 @@
 subpackage ``pae_fast.kernels`` so that ``import kernels`` never resolves to this project.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 _packages = find_packages(include=["pae_fast", "pae_fast.*"])
@@ -13,7 +15,7 @@ setup(
     name="pae_fast",
     version="0.1.0",
     description="Fast, fused-kernel Prior-Aligned Autoencoders (PAE) for latent diffusion",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=_packages,

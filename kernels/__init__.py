@@ -20,7 +20,14 @@ from ._dispatch import (
     triton_unavailable_reason,
     use_backend,
 )
+from .adaln_modulate import adaln_modulate, adaln_modulate_ref
+from .attention import attention, attention_ref, use_attention_backend
+from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
+from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
+from .sphere_perturb import sphere_perturb, sphere_perturb_ref
+from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -35,4 +42,20 @@ __all__ = [
     "use_backend",
     "latent_norm",
     "latent_norm_ref",
+    "swiglu",
+    "swiglu_ref",
+    "qk_norm_rope",
+    "qk_norm_rope_ref",
+    "rope_2d_tables",
+    "attention",
+    "attention_ref",
+    "use_attention_backend",
+    "adaln_modulate",
+    "adaln_modulate_ref",
+    "gated_residual_adaln",
+    "gated_residual_adaln_ref",
+    "sphere_perturb",
+    "sphere_perturb_ref",
+    "gram_loss",
+    "gram_loss_ref",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -69,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every comparison, not only failures")
     a = p.parse_args(argv)
-    if "triton" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
     import torch
+
+    if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when pae_fast.kernels was imported (before
+        # this function ran): start again in a fresh process with the interpreter on.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pae_fast.kernels.validate", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(cmd, env=env)
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")

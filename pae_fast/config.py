@@ -130,6 +130,9 @@ class GeneratorConfig:
     wo_shift: bool | None = None
     grad_checkpointing: bool = False
     checkpoint: str | None = None  # generator weights to load (safetensors)
+    head_depth: int | None = None  # DiT^DH head (2 blocks); None: the variant's default
+    head_hidden_size: int | None = None  # DiT^DH head width (2048)
+    head_num_heads: int | None = None  # DiT^DH head attention heads (16)
 
 
 @dataclass
@@ -175,6 +178,8 @@ class TrainConfig:
     tensorboard: bool = False
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
     device: str = "auto"  # auto | cpu | cuda
+    find_unused_parameters: bool = False  # DDP: parameters without a gradient in some steps
+    progress: bool = True  # tqdm progress bar with ETA on rank 0
 
 
 @dataclass
@@ -199,6 +204,11 @@ class SampleConfig:
     seed: int = 0
     save_png: bool = True
     save_npz: bool = True
+    output_dir: str | None = None  # where samples go; default <out_dir>/samples
+    sde_noise_scale: float = 1.0  # eta of the Euler-Maruyama SDE, g(t)^2 = 2 eta (1 - t) (SiT's diffusion_norm)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the generator on CUDA
+    device: str = "auto"  # auto | cpu | cuda
+    grid_max: int = 64  # samples shown in the PNG grid
 
 
 @dataclass
@@ -213,6 +223,15 @@ class EvalConfig:
     sec_rho: float = 0.5
     viv_iters: int = 5
     max_per_class: int | None = None
+    inception_size: int = 299  # FID protocol (TF-style resize as ADM); smaller only for quick checks
+    is_splits: int = 10
+    dino_model: str = "vit_large_patch14_dinov2.lvd142m"  # FD_DINOv2 feature space (timm name)
+    dino_weights: str | None = None  # local DINOv2 weights; FD_DINOv2 is skipped when absent
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_weights: str | None = None  # LPIPS linear heads (official v0.1 .pth) or a whole pae_fast LPIPS state dict
+    lpips_backbone_weights: str | None = None  # torchvision vgg16 / alexnet state dict for the LPIPS backbone
+    ssc_sigma: float = 0.1  # token affinity exp(cos / sigma) for SSC
+    device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass

@@ -58,7 +58,13 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     """Atomically save a dict of tensors as safetensors (contiguous CPU copies), with string metadata."""
     from safetensors.torch import save_file
 
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses tensors that share memory
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        clean[k] = t
     atomic_write_with(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
 
 

@@ -23,6 +23,7 @@ _OPTIONAL = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", action="store_true", help="also list the bundled config presets")
+    p.add_argument("--model", metavar="NAME", help="print a generator's parameters and forward GMAC per image and exit")
 
 
 def _version(dist: str) -> str | None:
@@ -59,6 +60,15 @@ def _is_nvidia_apex() -> bool:
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
     no_extra(extra, "info")
+    if args.model:  # built on the meta device: no memory, no weights
+        from pae_fast.config import ConfigError
+        from pae_fast.models.profile import describe_generator
+
+        try:
+            print(describe_generator(args.model))
+        except KeyError as e:  # unknown name: the registry's message lists the valid ones
+            raise ConfigError(f"--model: {e.args[0]}") from None
+        return 0
     import torch
 
     import pae_fast

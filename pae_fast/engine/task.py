@@ -16,7 +16,8 @@ from torch import nn
 __all__ = ["TrainTask", "LossFn"]
 
 # loss_fn(model, batch, step) -> (scalar loss, {term name: scalar tensor}); ``model`` may be wrapped (DDP, compile),
-# ``batch`` is what the data yields, already moved to the training device. Terms are logged as running means.
+# ``batch`` is what the data yields, already moved to the training device; ``step`` is the 0-based index of the
+# optimizer step being computed (the same for every micro-batch of a step). Terms are logged as running means.
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -38,6 +39,7 @@ class TrainTask:
         on_checkpoint: optional ``fn(step, model, ema_model, out_dir)`` called on rank 0 after each checkpoint
             (sample grids, reconstructions).
         flops_per_sample: training FLOPs per sample (forward + backward) for MFU; None: not reported.
+        num_workers: DataLoader worker processes (0 loads in the training process).
     """
 
     name: str
@@ -49,3 +51,4 @@ class TrainTask:
     extra_optimized: dict[str, tuple[nn.Module, LossFn]] = field(default_factory=dict)
     on_checkpoint: Callable[[int, nn.Module, nn.Module, str], None] | None = None
     flops_per_sample: float | None = None
+    num_workers: int = 0

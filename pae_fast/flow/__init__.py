@@ -1,1 +1,52 @@
-"""Flow matching: linear path, time sampling and shift, loss, samplers and guidance (SPEC section 4)."""
+"""Flow matching: linear path, time sampling and shift, loss, samplers and guidance (SPEC section 4).
+
+Convention: t = 1 is data, t = 0 is noise; ``x_t = t·x1 + (1 − t)·x0``, velocity ``v = x1 − x0``.
+"""
+
+from pae_fast.flow.guidance import (
+    AutoGuidance,
+    ClassifierFreeGuidance,
+    class_balanced_labels,
+    conditional_velocity,
+    guidance_mask,
+    random_labels,
+)
+from pae_fast.flow.loss import FlowLoss, flow_matching_loss
+from pae_fast.flow.path import (
+    expand_time,
+    interpolate,
+    score_from_velocity,
+    velocity_target,
+    x0_from_velocity,
+    x1_from_velocity,
+)
+from pae_fast.flow.samplers import SAMPLERS, Trajectory, VelocityFn, euler, euler_maruyama, heun, sample
+from pae_fast.flow.timesteps import dimension_shift, sample_time, shift_time, time_grid
+
+__all__ = [
+    "AutoGuidance",
+    "ClassifierFreeGuidance",
+    "FlowLoss",
+    "SAMPLERS",
+    "Trajectory",
+    "VelocityFn",
+    "class_balanced_labels",
+    "conditional_velocity",
+    "dimension_shift",
+    "euler",
+    "euler_maruyama",
+    "expand_time",
+    "flow_matching_loss",
+    "guidance_mask",
+    "heun",
+    "interpolate",
+    "random_labels",
+    "sample",
+    "sample_time",
+    "score_from_velocity",
+    "shift_time",
+    "time_grid",
+    "velocity_target",
+    "x0_from_velocity",
+    "x1_from_velocity",
+]

@@ -1,0 +1,254 @@
+"""Images/s and peak memory of one full generator training step, for any registered generator.
+
+The step is the engine's: flow-matching loss (``pae_fast.flow.loss.FlowLoss``: logit-normal t with shift 0.7,
+``x_t = t·x1 + (1−t)·x0``, MSE + cosine in fp32), backward, AdamW from ``pae_fast.engine.optim.build_optimizer``
+(fused on CUDA, foreach on CPU; lr 2e-4, betas (0.9, 0.95)), ``optimizer.zero_grad(set_to_none=True)`` and the EMA
+update ``ema_update`` (decay 0.9999, foreach lerp). Data are random latents already on the device (data loading
+is not timed). bf16 autocast on CUDA, fp32 on CPU (``--precision``).
+
+    python benchmarks/bench_train_step.py --model LightningDiT-B/1 --batch 8 --device cpu [--compile]
+        [--backend auto|torch|triton] [--steps N] [--warmup N] [--json OUT]
+
+Peak memory: CUDA ``torch.cuda.max_memory_allocated``; CPU the process's peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the whole process, Python and libraries included; run one
+configuration per process, as ``run_all.py`` does). MFU (CUDA with a known peak) counts training FLOPs per image
+as 6 x forward GMAC (``pae_fast.models.profile.forward_gmacs``, else ``FlopCounterMode`` x 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import environment  # noqa: E402
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _rss_peak_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # non-POSIX
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def train_flops_per_image(build: Callable[[], Any]) -> tuple[float, str]:
+    """Training FLOPs per image (forward + backward) of the model ``build()`` makes, counted on the meta device.
+
+    Returns:
+        (FLOPs, how they were counted): 6 x ``pae_fast.models.profile.forward_gmacs`` when that module exists,
+        else ``FlopCounterMode`` on one forward x 3.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = build()
+    try:
+        from pae_fast.models.profile import forward_gmacs
+    except ImportError:
+        forward_gmacs = None
+    if forward_gmacs is not None:
+        return 6.0 * forward_gmacs(model) * 1e9, "pae_fast.models.profile.forward_gmacs x 6"
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pae_fast.kernels import use_backend
+
+    spec = _input_spec(model)
+    x = torch.zeros(1, spec["in_channels"], spec["input_size"], spec["input_size"], device="meta")
+    t = torch.zeros(1, device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), use_backend("torch"), counter:
+        model(x, t, y)
+    return 3.0 * counter.get_total_flops(), "FlopCounterMode forward x 3"
+
+
+def _input_spec(model: Any) -> dict[str, int]:
+    from pae_fast.config import GeneratorConfig
+
+    d = GeneratorConfig()
+    return {
+        "in_channels": int(getattr(model, "in_channels", d.in_channels)),
+        "input_size": int(getattr(model, "input_size", d.input_size)),
+        "num_classes": int(getattr(model, "num_classes", d.num_classes)),
+    }
+
+
+def run(
+    model: str = "LightningDiT-B/1",
+    batch: int = 8,
+    device: str = "auto",
+    compile: bool = False,
+    backend: str = "auto",
+    steps: int = 5,
+    warmup: int | None = None,
+    precision: str = "auto",
+    build: Callable[[], Any] | None = None,
+    json_out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Time ``steps`` training steps after ``warmup`` untimed ones and return the result record.
+
+    Args:
+        model: registered generator name (built at its default options), or a label when ``build`` is given.
+        batch: images per step.
+        device: ``auto | cpu | cuda``.
+        compile: ``torch.compile`` the model (default mode); the first warm-up step includes compilation.
+        backend: kernel backend scope (``auto | torch | triton``).
+        steps: timed steps (the median is reported).
+        warmup: untimed steps first (default 1, or 2 with ``compile``).
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.
+        build: optional factory used instead of the registry (tests).
+        json_out: write the record there (atomically) as JSON.
+
+    Returns:
+        ``images_per_s``, ``step_seconds`` (median), ``step_seconds_all``, ``warmup_seconds``, ``peak_memory_bytes``,
+        ``peak_memory_method``, ``train_flops_per_image``, ``achieved_tflops``, ``mfu`` (None off CUDA / unknown
+        GPU), the settings, ``params`` and ``environment``.
+    """
+    import torch
+
+    from pae_fast import kernels
+    from pae_fast.config import TrainConfig
+    from pae_fast.engine.monitor import peak_flops
+    from pae_fast.engine.optim import build_optimizer, ema_update, make_ema
+    from pae_fast.flow.loss import FlowLoss
+    from pae_fast.registry import create_generator
+
+    if batch < 1 or steps < 1:
+        raise ValueError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(kernels.BACKENDS)}, got {backend!r}")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+    warmup = (2 if compile else 1) if warmup is None else warmup
+    amp = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "fp32": None,
+           "bf16": torch.bfloat16, "fp16": torch.float16}[precision]  # fmt: skip
+    rss_before = _rss_peak_bytes()
+
+    build = build or (lambda: create_generator(model))
+    torch.manual_seed(0)
+    net = build().to(dev).train()
+    spec = _input_spec(net)
+    ema = make_ema(net)
+    cfg = TrainConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, ema_decay=0.9999, optimizer="adamw")
+    opt = build_optimizer(net, cfg, dev)
+    loss_fn = FlowLoss(shift=0.7)
+    fwd = torch.compile(net) if compile else net
+    C, S = spec["in_channels"], spec["input_size"]
+    x1 = torch.randn(batch, C, S, S, device=dev)
+    y = torch.randint(0, spec["num_classes"], (batch,), device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = loss_fn(fwd, (x1, y))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(ema, net, cfg.ema_decay)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times: list[float] = []
+    warm: list[float] = []
+    with kernels.use_backend(backend):
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            (warm if i < warmup else times).append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    if dev.type == "cuda":
+        peak, method = torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated"
+    else:
+        peak, method = _rss_peak_bytes(), "ru_maxrss (peak resident set size of the whole process)"
+    flops, flops_method = train_flops_per_image(build)
+    peak_dev = peak_flops(dev)
+    achieved = flops * batch / step_s
+    record: dict[str, Any] = {
+        "model": model,
+        "batch": batch,
+        "device": str(dev),
+        "compile": compile,
+        "backend": backend,
+        "precision": precision if precision != "auto" else ("bf16" if amp is not None else "fp32"),
+        "steps": steps,
+        "warmup": warmup,
+        "params": sum(p.numel() for p in net.parameters()),
+        "input": spec,
+        "images_per_s": batch / step_s,
+        "step_seconds": step_s,
+        "step_seconds_mean": statistics.fmean(times),
+        "step_seconds_all": times,
+        "warmup_seconds": warm,
+        "peak_memory_bytes": peak,
+        "peak_memory_method": method,
+        "rss_before_model_bytes": rss_before if dev.type == "cpu" else None,
+        "train_flops_per_image": flops,
+        "flops_method": flops_method,
+        "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak_dev / 1e12 if peak_dev else None,
+        "mfu": achieved / peak_dev if peak_dev else None,
+        "environment": environment(),
+    }
+    if json_out is not None:
+        from pae_fast.io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(record, indent=1))
+    return record
+
+
+def format_record(r: dict[str, Any]) -> str:
+    mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    return (
+        f"{r['model']} batch {r['batch']} on {r['device']} ({r['precision']}, backend {r['backend']}"
+        f"{', compiled' if r['compile'] else ''}): {r['images_per_s']:.2f} images/s, "
+        f"{r['step_seconds'] * 1e3:.0f} ms/step "
+        f"(median of {r['steps']}; warm-up {sum(r['warmup_seconds']):.1f} s), peak memory "
+        f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, {r['achieved_tflops']:.2f} TFLOP/s{mfu}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="LightningDiT-B/1", help="registered generator name")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="kernel backend")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1, 2 with --compile)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
+    p.add_argument("--json", dest="json_out", default=None, help="write the result record here")
+    a = p.parse_args(argv)
+    from pae_fast.registry import GENERATORS
+
+    try:
+        GENERATORS.get(a.model)
+    except KeyError as e:  # the message lists the valid names
+        p.error(str(e.args[0]))
+    rec = run(a.model, a.batch, a.device, a.compile, a.backend, a.steps, a.warmup, a.precision, json_out=a.json_out)
+    print(format_record(rec))
+    if a.json_out:
+        print(f"wrote {a.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

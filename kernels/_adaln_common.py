@@ -1,0 +1,271 @@
+"""Shared pieces of the adaLN kernels ``adaln_modulate`` and ``gated_residual_adaln``.
+
+Layout: ``x`` is ``(B, *, D)``: dim 0 is the sample, the last dim the channels, everything between is flattened to
+``T`` tokens, so the kernels see ``(B, T, D)`` with explicit strides (unit column stride). A modulation tensor
+(``shift``, ``scale``, ``gate``) is either per sample ``(B, D)`` (LightningDiT; ``(B, 1, D)`` is accepted too) or
+per token, shaped like ``x`` (the DiT^DH head). A per-sample tensor is read with token stride 0; its gradient is a
+sum over tokens, done atomic-free in two stages: every program writes fp32 partial sums over its rows to a
+``(B, P, D)`` buffer, then one ``sum(1)`` reduces them.
+
+Normalisation (statistics in fp32, over the last dim):
+    rms:    n = x / sqrt(mean(x^2) + eps) * w            (RMSNorm, optional weight w (D,))
+    layer:  n = (x - mean(x)) / sqrt(var(x) + eps)       (LayerNorm without affine)
+Backward (rstd = 1/sqrt(...), dn = dL/dn before the weight, <.> = mean over D):
+    rms:    dx = rstd * (dn - n * <dn n>)
+    layer:  dx = rstd * (dn - <dn> - n * <dn n>)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._dispatch import interpreter_enabled
+from ._utils import row_block
+
+NORMS = ("rms", "layer")
+
+# Largest tile (BLOCK_R * BLOCK_C elements) per program; None: ``row_block``'s default (big under the interpreter).
+# Tests lower it to run the multi-block partial-sum paths on small shapes.
+MAX_BLOCK_ELEMS: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton helpers (inlined into the kernels of both ops)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_norm(x, mask, D, eps, IS_RMS: tl.constexpr):
+    """Normalise each row of ``x (BLOCK_R, BLOCK_C)`` fp32 (zeros outside ``mask``); returns ``(n, rstd)``."""
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        n = x * rstd[:, None]
+    else:
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        n = xc * rstd[:, None]
+    return n, rstd
+
+
+@triton.jit
+def _row_norm_bwd(dn, n, rstd, D, IS_RMS: tl.constexpr):
+    """Gradient of the row normalisation: ``dn``, ``n (BLOCK_R, BLOCK_C)`` fp32 (zeros outside the mask)."""
+    dot = tl.sum(dn * n, axis=1) / D
+    if IS_RMS:
+        dx = rstd[:, None] * (dn - n * dot[:, None])
+    else:
+        mdn = tl.sum(dn, axis=1) / D
+        dx = rstd[:, None] * (dn - mdn[:, None] - n * dot[:, None])
+    return dx
+
+
+@triton.jit
+def _load_mod(
+    M,  # (B, D) per sample, row stride stride_b | (B, T, D) per token, strides (stride_b, stride_t, 1)
+    b,
+    t,
+    cols,
+    stride_b,
+    stride_t,
+    mask,
+    cmask,
+    PER_TOKEN: tl.constexpr,
+):
+    """A modulation tile as fp32: ``(BLOCK_R, BLOCK_C)`` per token, ``(1, BLOCK_C)`` per sample (broadcasts)."""
+    if PER_TOKEN:
+        m = tl.load(M + b * stride_b + t[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        m = tl.load(M + b * stride_b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch geometry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tolerances() -> dict[torch.dtype, tuple[float, float]]:
+    """``OpSpec.tolerances`` of both ops: the defaults, with a looser fp32 ``atol``.
+
+    The per-sample modulation and weight gradients are fp32 sums over N tokens (B*N rows for the weight); their
+    absolute error grows like eps32 * sqrt(N) * |term| and so is not bounded by the element-wise default 1e-5 where
+    a sum cancels to near zero (seen: 2.3e-5 at N=257 with unit terms; about 1e-4 at B*N = 8192 rows).
+    Half-precision outputs round to their own ulp first, which the defaults already cover.
+    """
+    return {
+        torch.float64: (1e-10, 1e-10),
+        torch.float32: (1e-4, 1e-5),
+        torch.float16: (2e-3, 2e-3),
+        torch.bfloat16: (1.6e-2, 1.6e-2),
+    }
+
+
+def blocks(T: int, D: int, backward: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, num_warps)``: whole rows per program, tokens of one sample only.
+
+    On GPU a tile holds about 4096 elements. Compiled offline for sm_90 (every flag combination, fp16/bf16/fp32,
+    ptxas -v; not yet timed on a GPU): the forward kernels use <= 128 registers at 8 warps (a few variants spill up
+    to 60 bytes); the backward kernels keep ~12 fp32 tiles live and fit the 128 registers of 16 warps (spills
+    <= 8 bytes), where at 8 warps they needed up to 240.
+    """
+    max_elems = MAX_BLOCK_ELEMS
+    if max_elems is None and not interpreter_enabled():
+        max_elems = 4096
+    BLOCK_R, BLOCK_C = row_block(T, D, max_elems)
+    elems = BLOCK_R * BLOCK_C
+    if backward:
+        num_warps = 16 if elems >= 4096 else 8 if elems >= 2048 else 4
+    else:
+        num_warps = 8 if elems >= 2048 else 4
+    return BLOCK_R, BLOCK_C, num_warps
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def bwd_programs(B: int, n_blocks: int, device: torch.device) -> tuple[int, int]:
+    """``(P, ITERS)`` for a backward: ``P`` programs per sample, each looping over ``ITERS`` row blocks.
+
+    Fewer programs mean fewer fp32 partial sums to write and reduce; enough of them keep the GPU busy (about four
+    per SM). Under the interpreter two per sample keep both the loop and the partial reduction exercised.
+    """
+    if n_blocks == 0:
+        return 1, 1
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 2 * B
+    P = max(1, min(n_blocks, triton.cdiv(target, max(B, 1))))
+    iters = triton.cdiv(n_blocks, P)
+    return triton.cdiv(n_blocks, iters), iters
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks and canonical layout (shared by the public functions and the references)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_x(op: str, name: str, x: torch.Tensor) -> tuple[int, int, int]:
+    """``(B, T, D)`` of ``x (B, *, D)``, or a clear error."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {type(x).__name__} "
+                        f"{getattr(x, 'dtype', '')}")  # fmt: skip
+    if x.dim() < 2:
+        raise ValueError(f"{op}: {name} must be (B, N, D) (or (B, D)), got shape {tuple(x.shape)}")
+    B, D = x.shape[0], x.shape[-1]
+    T = x.numel() // (B * D) if B * D else 0
+    return B, T, D
+
+
+def canon_mod(op: str, name: str, m: torch.Tensor | None, x: torch.Tensor, B: int, T: int, D: int):
+    """``m`` as ``(B, D)`` (per sample) or ``(B, T, D)`` (per token); None stays None."""
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor) or not m.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {type(m).__name__} "
+                        f"{getattr(m, 'dtype', '')}")  # fmt: skip
+    if m.device != x.device:
+        raise ValueError(f"{op}: {name} is on {m.device} but x is on {x.device}")
+    shp = tuple(m.shape)
+    if shp == (B, D) or (m.dim() == x.dim() and shp[0] == B and shp[-1] == D and all(s == 1 for s in shp[1:-1])):
+        return m.reshape(B, D)
+    if shp == tuple(x.shape):
+        return m.reshape(B, T, D)
+    raise ValueError(
+        f"{op}: {name} must be per sample ({B}, {D}) or per token {tuple(x.shape)} (the shape of x), got {shp}"
+    )
+
+
+def check_norm(op: str, norm: str, weight: torch.Tensor | None, x: torch.Tensor, D: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"{op}: norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if weight is None:
+        return
+    if norm != "rms":
+        raise ValueError(f"{op}: weight is only used with norm='rms' (norm='layer' is LayerNorm without affine)")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) != (D,):
+        raise ValueError(f"{op}: weight must be a floating-point tensor of shape ({D},) to match x's last dim, "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")  # fmt: skip
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+
+
+def unit_cols(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride in the last dim (copies only when needed)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def mod_strides(m: torch.Tensor | None) -> tuple[int, int]:
+    """(sample stride, token stride) of a canonical modulation tensor; token stride 0 per sample."""
+    if m is None:
+        return 0, 0
+    return (m.stride(0), m.stride(1)) if m.dim() == 3 else (m.stride(0), 0)
+
+
+def mod_grad_buffer(m: torch.Tensor | None, B: int, P: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes a modulation gradient: the gradient itself per token, fp32 partials per sample."""
+    if m is None:
+        return like.new_empty(1, dtype=torch.float32)
+    if m.dim() == 3:
+        return torch.empty(m.shape, dtype=m.dtype, device=m.device)
+    return torch.empty((B, P, D), dtype=torch.float32, device=m.device)
+
+
+def finish_mod_grad(buf: torch.Tensor, m: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The modulation gradient from ``mod_grad_buffer`` (partial sums reduced); empty for a missing tensor."""
+    if m is None:
+        return like.new_empty(0)
+    return buf if m.dim() == 3 else buf.sum(1).to(m.dtype)
+
+
+def fake_grad(m: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Fake (meta) gradient of an optional input: contiguous, its shape and dtype; empty for a missing one."""
+    return like.new_empty(0) if m is None else torch.empty(m.shape, dtype=m.dtype, device=m.device)
+
+
+def bound(fn, args: tuple, kwargs: dict) -> dict:
+    """``fn``'s arguments by name (defaults filled), for the traffic floors."""
+    import inspect
+
+    ba = inspect.signature(fn).bind(*args, **kwargs)
+    ba.apply_defaults()
+    return dict(ba.arguments)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference math (fp32 for half inputs, fp64 stays fp64)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(*ts: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def mod_ref(m: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
+    """A canonical modulation tensor in ``dt``, broadcastable against ``(B, T, D)``."""
+    if m is None:
+        return None
+    m = m.to(dt)
+    return m[:, None, :] if m.dim() == 2 else m
+
+
+def norm_modulate_ref(r, shift, scale, weight, norm: str, eps: float):
+    """``norm(r) * (1 + scale) + shift`` on ``r (B, T, D)`` and canonical modulation tensors, all in ``r.dtype``."""
+    if norm == "rms":
+        n = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            n = n * weight.to(r.dtype)
+    else:
+        n = F.layer_norm(r, (r.shape[-1],), eps=eps)
+    out = n * (1 + mod_ref(scale, r.dtype))
+    if shift is not None:
+        out = out + mod_ref(shift, r.dtype)
+    return out

@@ -1,0 +1,584 @@
+"""The training loop shared by prior refinement, tokenizer and generator training: :func:`train`.
+
+One optimizer step = ``grad_accum`` micro-batches per rank of ``global_batch_size / (world_size * grad_accum)``
+samples; the micro-batch losses are averaged (``loss / grad_accum``) and DDP/FSDP average over ranks, so any
+(world, accum) split of the same global batch computes the same gradient. Per step, on the device only (no host
+sync): bf16/fp16 autocast, backward, non-finite check (the step is skipped with a device flag, so the optimizer,
+and the EMA leave the weights untouched), gradient clipping, the optimizer step, the LR schedule, the EMA update and
+the loss sums. The host reads the sums every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pae_fast.engine import checkpoint as ck
+from pae_fast.engine import distributed as D
+from pae_fast.engine import parallel as P
+from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to_device
+from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, peak_flops, peak_memory_gb, setup_logger
+from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
+from pae_fast.engine.state import ResumeBundle, find_resume, fork_rng, gather_rng_states, seed_all, set_rng_state
+from pae_fast.engine.task import LossFn, TrainTask
+from pae_fast.io import atomic_write_text
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "micro_batch_size", "check_train_config"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """``nonfinite: stop`` and a loss (or gradient norm) was NaN/inf; the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        step: optimizer steps completed.
+        model: the trained module (unwrapped: no DDP/compile wrapper; an unsharded copy under FSDP).
+        ema: the EMA copy of ``model``.
+        out_dir: the run folder.
+        stats_path: ``<out_dir>/stats.jsonl``.
+        checkpoint_dir: the newest checkpoint (None when none was written or resumed).
+        interrupted: True when SIGTERM/SIGINT stopped the run early (after writing a checkpoint).
+        skipped_steps: optimizer steps skipped for a non-finite loss or gradient (``nonfinite: skip``).
+    """
+
+    step: int
+    model: nn.Module
+    ema: nn.Module
+    out_dir: Path
+    stats_path: Path
+    checkpoint_dir: Path | None
+    interrupted: bool
+    skipped_steps: int = 0
+
+
+def micro_batch_size(global_batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Samples per micro-batch per rank; raises naming the values when they do not divide."""
+    denom = world_size * grad_accum
+    if global_batch_size <= 0 or grad_accum <= 0 or global_batch_size % denom:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} must be a positive multiple of world_size={world_size} "
+            f"x train.grad_accum={grad_accum} = {denom}"
+        )
+    return global_batch_size // denom
+
+
+def check_train_config(cfg) -> None:
+    """Reject values the loop cannot run with, naming the key."""
+    for key in ("steps", "log_every", "ckpt_every", "grad_accum"):
+        if int(getattr(cfg, key)) <= 0:
+            raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.keep_last < 0:
+        raise ValueError(f"train.keep_last must be >= 0 (0 keeps all), got {cfg.keep_last}")
+    if cfg.grad_clip < 0:
+        raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1], got {cfg.ema_decay}")
+    if cfg.lr < 0 or cfg.min_lr < 0:
+        raise ValueError(f"train.lr and train.min_lr must be >= 0, got {cfg.lr} and {cfg.min_lr}")
+
+
+@contextlib.contextmanager
+def _precision_flags(tf32: bool) -> Iterator[None]:
+    """TF32 for fp32 matmuls/convs (set here, at train time; restored afterwards)."""
+    prev_mm, prev_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev_mm)
+        torch.backends.cudnn.allow_tf32 = prev_cudnn
+
+
+def _kernel_scope(backend: str) -> contextlib.AbstractContextManager:
+    """``pae_fast.kernels.use_backend(backend)``. With the default ``auto`` and no kernel imported yet (a model
+    that uses the fused ops imports them when it is built), the import (triton: seconds) is skipped."""
+    if backend == "auto" and "pae_fast.kernels" not in sys.modules:
+        return contextlib.nullcontext()
+    from pae_fast.kernels import use_backend
+
+    return use_backend(backend)
+
+
+@dataclass
+class _Unit:
+    """One optimised module: the main model, or an ``extra_optimized`` one (e.g. a discriminator)."""
+
+    name: str
+    raw: nn.Module
+    wrapped: nn.Module
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    forward: Callable[[Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+class _Trainer:
+    def __init__(self, task: TrainTask, cfg, out: Path, seed: int, config_yaml: str | None, device: torch.device,
+                 log: logging.Logger):
+        self.task, self.cfg, self.out, self.seed, self.config_yaml = task, cfg, out, seed, config_yaml
+        self.device, self.log = device, log
+        self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.main = self.rank == 0
+        self.micro = micro_batch_size(cfg.global_batch_size, self.world, cfg.grad_accum)
+        self.ckpt_root = out / "checkpoints"
+        self.stats = StatsWriter(out / "stats.jsonl", self.main, out / "tensorboard" if cfg.tensorboard else None)
+        self.step = 0
+        self.pos = DataPosition()
+        self.last_ckpt: Path | None = None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        mode = {"off": None, "default": "default", "max-autotune": "max-autotune"}.get(cfg.compile, cfg.compile)
+        if mode == "reduce-overhead" and device.type != "cuda":
+            log.warning("train.compile=reduce-overhead (CUDA graphs) needs CUDA; compiling with mode=default on %s",
+                        device)
+            mode = "default"
+        self.compile_mode = mode
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        task, cfg, dev = self.task, self.cfg, self.device
+        try:
+            num_samples = len(task.dataset)
+        except TypeError as e:
+            raise TypeError(f"TrainTask.dataset must be a map-style dataset with __len__ ({e})") from e
+        self.num_samples = num_samples
+        bundle: ResumeBundle | None = find_resume(cfg.resume, self.out, list(task.extra_optimized), self.log)
+
+        raw = task.model.to(dev)
+        if bundle is not None:
+            _load_into(raw, bundle.model, bundle.path / "model.safetensors")
+        P.broadcast_module(raw)  # every rank starts from rank 0's weights
+        self.template = copy.deepcopy(raw).to("meta") if cfg.distributed == "fsdp" and self.world > 1 else None
+        ema = make_ema(raw)
+        if bundle is not None:
+            _load_into(ema, bundle.ema, bundle.path / "ema.safetensors")
+        wrapped = P.wrap_model(raw, cfg.distributed, dev, cfg.find_unused_parameters)
+        self.ema = P.shard_like(ema, raw)
+        self.units = [self._unit("model", raw, wrapped, task.loss_fn)]
+        for name, (module, loss_fn) in task.extra_optimized.items():
+            module = module.to(dev)
+            if bundle is not None:
+                _load_into(module, bundle.extras[name], bundle.path / f"{name}.safetensors")
+            P.broadcast_module(module)
+            wrapped_x = P.wrap_model(module, cfg.distributed, dev, cfg.find_unused_parameters)
+            self.units.append(self._unit(name, module, wrapped_x, loss_fn))
+        self._compile_blocks()
+
+        seed_all(self.seed + self.rank)
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=dev)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        if bundle is not None:
+            self._restore(bundle)
+        if self.main:
+            self.stats.rewind(self.step)
+        self._reset_meters()
+
+    def _unit(self, name: str, raw: nn.Module, wrapped: nn.Module, loss_fn: LossFn) -> _Unit:
+        opt = build_optimizer(raw, self.cfg, self.device)
+        sched = build_scheduler(opt, self.cfg)
+        scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
+
+        def forward(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return loss_fn(wrapped, batch, step)
+
+        if self.compile_mode is not None and self.cfg.compile_scope == "step":
+            forward = torch.compile(forward, mode=None if self.compile_mode == "default" else self.compile_mode)
+        return _Unit(name, raw, wrapped, loss_fn, opt, sched, scaler, forward)
+
+    def _compile_blocks(self) -> None:
+        if self.compile_mode is None or self.cfg.compile_scope != "block":
+            return
+        for unit in self.units:
+            blocks = P.find_blocks(unit.raw)
+            if not blocks:
+                raise ValueError(
+                    f"train.compile_scope=block but {type(unit.raw).__name__} ({unit.name}) has no `blocks` or "
+                    "`layers` ModuleList to compile; use train.compile_scope=step"
+                )
+            for blk in blocks:
+                blk.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+
+    def _restore(self, b: ResumeBundle) -> None:
+        st = b.state
+        for unit in self.units:
+            part = st if unit.name == "model" else st["extra"][unit.name]
+            try:
+                P.load_optimizer_state(unit.wrapped, unit.optimizer, part["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise ck.CheckpointError(
+                    f"optimizer state of {unit.name!r} in {b.path / 'state.pt'} does not fit: {e}"
+                ) from e
+            sched_state = dict(part["scheduler"])
+            sched_state["lr_lambdas"] = [None] * len(unit.scheduler.lr_lambdas)  # the schedule comes from the config
+            unit.scheduler.load_state_dict(sched_state)
+            unit.scheduler.base_lrs = [self.cfg.lr] * len(unit.optimizer.param_groups)
+            for g, base, fn in zip(unit.optimizer.param_groups, unit.scheduler.base_lrs, unit.scheduler.lr_lambdas):
+                g["initial_lr"] = base
+                g["lr"] = base * fn(unit.scheduler.last_epoch)
+            if unit.scaler is not None and part.get("scaler"):
+                unit.scaler.load_state_dict(part["scaler"])
+        self.step = int(st["step"])
+        self.skipped_total.fill_(int(st.get("skipped_steps", 0)))
+        data = st["data"]
+        if int(data["num_samples"]) != self.num_samples or int(data["global_batch_size"]) != self.cfg.global_batch_size:
+            self.log.warning(
+                "data changed since the checkpoint (samples %s -> %d, global batch %s -> %d): resuming at epoch %s "
+                "offset %s, which is no longer the exact continuation",
+                data["num_samples"], self.num_samples, data["global_batch_size"], self.cfg.global_batch_size,
+                data["epoch"], data["offset"],
+            )
+        self.pos = DataPosition(int(data["epoch"]), int(data["offset"]))
+        rng = st.get("rng") or []
+        if len(rng) == self.world:
+            set_rng_state(rng[self.rank], self.device)
+        else:
+            self.log.warning("checkpoint has RNG states for %d ranks, this run has %d: re-seeding instead",
+                             len(rng), self.world)
+            seed_all(self.seed + self.rank + 7919 * self.step)
+        self.last_ckpt = b.path
+        self.log.info("resumed from %s (step %d, epoch %d, offset %d)", b.path, self.step, self.pos.epoch,
+                      self.pos.offset)
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _reset_meters(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n_ok = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.n_bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.t_last = time.perf_counter()
+        self.step_last = self.step
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _no_sync(self, unit: _Unit, last: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        w = unit.wrapped
+        if P.is_sharded(w):
+            w.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if not last and hasattr(w, "no_sync"):
+            return w.no_sync()
+        return contextlib.nullcontext()
+
+    def _phase(self, unit: _Unit, batches: Iterator[Any], step: int, want_norm: bool) -> tuple[torch.Tensor, Any]:
+        """Forward/backward over ``grad_accum`` micro-batches, then the (masked) optimizer step of ``unit``."""
+        accum = self.cfg.grad_accum
+        unit.optimizer.zero_grad(set_to_none=True)
+        loss_sum: torch.Tensor | None = None
+        terms_sum: dict[str, torch.Tensor] = {}
+        for k, batch in enumerate(batches):
+            with self._no_sync(unit, k == accum - 1):
+                if self.compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self._autocast():
+                    loss, terms = unit.forward(batch, step)
+                if step == self.start_step and k == 0:
+                    _check_loss_output(unit.name, loss, terms)
+                loss = loss.float()
+                scaled = loss / accum
+                (unit.scaler.scale(scaled) if unit.scaler is not None else scaled).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            for name, v in terms.items():
+                v = v.detach().float() / accum
+                terms_sum[name] = terms_sum[name] + v if name in terms_sum else v
+        assert loss_sum is not None
+        loss_mean = loss_sum / accum
+        bad = ~torch.isfinite(loss_mean)
+        if self.world > 1:  # every rank must take (or skip) the same step; a device collective, no host sync
+            bad_i = bad.to(torch.int32)
+            torch.distributed.all_reduce(bad_i, op=torch.distributed.ReduceOp.MAX)
+            bad = bad_i.bool()
+        params = unit.trainable()
+        if unit.scaler is not None:  # poison the grads of a non-finite loss so the scaler's inf check skips it
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, torch.where(bad, float("nan"), 1.0).to(grads[0].dtype))
+            unit.scaler.unscale_(unit.optimizer)
+        norm = None
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        elif want_norm:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        if norm is not None:
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if unit.scaler is None:
+                bad = bad | ~torch.isfinite(norm)
+        ok = ~bad
+        self._optimizer_step(unit, ok)
+        with warnings.catch_warnings():  # a skipped first step would warn that the scheduler stepped first
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            unit.scheduler.step()
+        prefix = "" if unit.name == "model" else f"{unit.name}/"
+        okf = ok.float()
+        for name, v in {"loss": loss_mean, **terms_sum}.items():
+            key = prefix + name
+            v = torch.where(ok, v, 0.0)
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
+        if unit.name == "model":
+            self.n_ok += okf
+            self.n_bad += 1.0 - okf
+        return ok, norm
+
+    def _optimizer_step(self, unit: _Unit, ok: torch.Tensor) -> None:
+        opt = unit.optimizer
+        if unit.scaler is not None:
+            unit.scaler.step(opt)
+            unit.scaler.update()
+        elif supports_found_inf(opt):  # torch's fused AdamW skips on a device flag: no host sync
+            opt.grad_scale = None
+            opt.found_inf = (~ok).float()
+            opt.step()
+        elif bool(ok):  # foreach AdamW on CPU (a sync costs nothing there) and apex FusedAdam
+            opt.step()
+
+    def _train_step(self, it: Iterator[Any], step: int, want_norm: bool) -> Any:
+        main = self.units[0]
+        keep = len(self.units) > 1
+        kept: list[Any] = []
+
+        def batches() -> Iterator[Any]:
+            for _ in range(self.cfg.grad_accum):
+                b = to_device(next(it), self.device)
+                if keep:
+                    kept.append(b)
+                yield b
+
+        self.lr_used = main.optimizer.param_groups[0]["lr"]
+        ok, norm = self._phase(main, batches(), step, want_norm)
+        ema_update(self.ema, main.raw, self.cfg.ema_decay, ok)
+        bad = ~ok
+        self.skipped_total += bad.to(torch.int64)
+        for unit in self.units[1:]:  # extras: their non-finite steps are skipped too and feed nonfinite=stop
+            bad = bad | ~self._phase(unit, iter(kept), step, False)[0]
+        self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
+        return norm
+
+    # ------------------------------------------------------------------------------------------------ I/O
+    def _check_stop_policy(self) -> None:
+        if self.cfg.nonfinite == "stop":
+            first = int(self.first_bad.item())
+            if first >= 0:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient norm at step {first} (train.nonfinite=stop; that step's update was "
+                    f"not applied; detected at step {self.step}). Use train.nonfinite=skip to skip such steps"
+                )
+
+    def _log(self, norm: Any) -> None:
+        keys = list(self.sums)
+        vec = torch.stack([self.n_ok, self.n_bad, self.skipped_total.float()] + [self.sums[k] for k in keys])
+        if self.world > 1:
+            torch.distributed.all_reduce(vec)
+            vec[:3] /= self.world
+        vals = vec.tolist()  # the one host sync of the interval
+        n_ok, n_bad, skipped_total, sums = vals[0], vals[1], vals[2], vals[3:]
+        elapsed = max(time.perf_counter() - self.t_last, 1e-9)
+        steps = self.step - self.step_last
+        ips = steps * self.cfg.global_batch_size / elapsed
+        rec: dict[str, Any] = {"step": self.step, "epoch": self.pos.epoch}
+        for k, s in zip(keys, sums):
+            rec[k] = s / self.world / n_ok if n_ok > 0 else float("nan")
+        rec["lr"] = self.lr_used  # the learning rate of the last step
+        rec["grad_norm"] = float(norm.item()) if norm is not None else None
+        rec["images_per_s"] = ips
+        rec["sec_per_step"] = elapsed / max(steps, 1)
+        rec["peak_mem_gb"] = peak_memory_gb(self.device)
+        peak = peak_flops(self.device)
+        if peak and self.task.flops_per_sample:
+            rec["mfu"] = self.task.flops_per_sample * ips / (peak * self.world)
+        rec["skipped"] = int(round(n_bad))
+        rec["skipped_total"] = int(round(skipped_total))
+        self.stats.write(rec)
+        terms = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k in keys)
+        self.log.info(
+            "step %d/%d %s lr=%.3g gnorm=%s %.1f img/s mem=%.2fGB%s skipped=%d", self.step, self.cfg.steps, terms,
+            rec["lr"], "n/a" if rec["grad_norm"] is None else f"{rec['grad_norm']:.3g}", ips, rec["peak_mem_gb"],
+            f" mfu={rec['mfu']:.1%}" if "mfu" in rec else "", rec["skipped_total"],
+        )
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", refresh=False)
+        self._reset_meters()
+
+    def _checkpoint(self) -> Path | None:
+        self._check_stop_policy()
+        task, step = self.task, self.step
+        model_sd = P.full_model_state(self.units[0].raw)
+        ema_sd = P.full_model_state(self.ema)
+        extra_sd = {u.name: P.full_model_state(u.raw) for u in self.units[1:]}
+        opt_sd = {u.name: P.optimizer_state(u.wrapped, u.optimizer) for u in self.units}
+        rng = gather_rng_states(self.device)
+        skipped = int(self.skipped_total.item())
+        path = None
+        if self.main:
+            def unit_state(u: _Unit) -> dict[str, Any]:
+                sched = {k: v for k, v in u.scheduler.state_dict().items() if k != "lr_lambdas"}
+                return {"optimizer": opt_sd[u.name], "scheduler": sched,
+                        "scaler": u.scaler.state_dict() if u.scaler is not None else {}}
+
+            state = {
+                "format": 1, "task": task.name, "step": step, "skipped_steps": skipped, "world_size": self.world,
+                **unit_state(self.units[0]),
+                "extra": {u.name: unit_state(u) for u in self.units[1:]},
+                "rng": rng,
+                "data": {"epoch": self.pos.epoch, "offset": self.pos.offset, "num_samples": self.num_samples,
+                         "global_batch_size": self.cfg.global_batch_size, "seed": self.seed},
+            }
+            meta = {**{str(k): str(v) for k, v in task.metadata.items()}, "task": task.name, "step": str(step)}
+            if self.config_yaml is not None:
+                meta["config"] = self.config_yaml
+            writers = {
+                "model.safetensors": ck.save_weights(model_sd, {**meta, "weights": "model"}),
+                "ema.safetensors": ck.save_weights(ema_sd, {**meta, "weights": "ema"}),
+                **{f"{n}.safetensors": ck.save_weights(sd, {**meta, "weights": n}) for n, sd in extra_sd.items()},
+                "state.pt": ck.save_torch(state),
+            }
+            path = ck.write_checkpoint(self.ckpt_root, step, writers, self.cfg.keep_last)
+            self.log.info("checkpoint %s", path)
+            if task.on_checkpoint is not None:
+                model, ema = self._plain_modules(model_sd, ema_sd)
+                with fork_rng(self.device), torch.no_grad():  # sampling must not shift the training RNG streams
+                    task.on_checkpoint(step, model, ema, str(self.out))
+                self.units[0].raw.train()  # the callback may have switched it to eval
+        D.barrier()
+        self.last_ckpt = path if path is not None else self.ckpt_root / f"{step:07d}"
+        return path
+
+    def _plain_modules(self, model_sd: dict | None, ema_sd: dict | None) -> tuple[nn.Module, nn.Module]:
+        if self.template is None:
+            return self.units[0].raw, self.ema
+        return (P.unsharded_copy(self.template, model_sd, self.device),
+                P.unsharded_copy(self.template, ema_sd, self.device))
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, preempt: Preemption) -> TrainResult:
+        cfg = self.cfg
+        self.start_step = self.step
+        sampler = StepBatchSampler(self.num_samples, cfg.global_batch_size, self.world, self.rank, cfg.grad_accum,
+                                   self.seed, self.pos)
+        loader = make_loader(self.task.dataset, sampler, num_workers=self.task.num_workers,
+                             collate_fn=self.task.collate_fn, pin_memory=self.device.type == "cuda",
+                             seed=self.seed * 1_000_003 + self.rank * 7919 + self.step)
+        self.log.info(
+            "training %s: %d steps from %d, global batch %d = %d ranks x %d accum x %d, %d samples, device %s, "
+            "precision %s, compile %s", self.task.name, cfg.steps, self.step, cfg.global_batch_size, self.world,
+            cfg.grad_accum, self.micro, self.num_samples, self.device, cfg.precision, cfg.compile,
+        )
+        interrupted = False
+        self.pbar = None
+        if self.main and cfg.progress and self.step < cfg.steps:
+            from tqdm import tqdm
+
+            self.pbar = tqdm(total=cfg.steps, initial=self.step, desc=self.task.name, dynamic_ncols=True)
+        for unit in self.units:
+            unit.raw.train()
+        it = iter(loader)
+        try:
+            while self.step < cfg.steps:
+                want_norm = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+                norm = self._train_step(it, self.step, want_norm)
+                self.step += 1
+                self.pos = self.pos.advance(self.num_samples, cfg.global_batch_size)
+                if self.pbar is not None:
+                    self.pbar.update(1)
+                stop = D.all_reduce_flag(preempt.requested is not None)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop:
+                    self._check_stop_policy()
+                    self._log(norm)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                    self._checkpoint()
+                if stop:
+                    self.log.warning("stopped at step %d on a signal; resume with train.resume=auto", self.step)
+                    interrupted = True
+                    break
+        finally:
+            if self.pbar is not None:
+                self.pbar.close()
+            del it
+            self.stats.close()
+        self._check_stop_policy()
+        model, ema = self.units[0].raw, self.ema
+        if self.template is not None:
+            model, ema = (P.unsharded_copy(self.template, P.full_model_state(m, all_ranks=True), self.device)
+                          for m in (model, ema))
+        return TrainResult(step=self.step, model=model, ema=ema, out_dir=self.out, stats_path=self.stats.path,
+                           checkpoint_dir=self.last_ckpt, interrupted=interrupted,
+                           skipped_steps=int(self.skipped_total.item()))
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ck.CheckpointError(f"weights in {file} do not fit {type(module).__name__}: {e}") from e
+
+
+def _check_loss_output(name: str, loss: Any, terms: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(terms, dict):
+        raise TypeError(
+            f"the loss_fn of {name!r} must return (scalar loss tensor, {{term name: scalar tensor}}), got "
+            f"({type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}, "
+            f"{type(terms).__name__})"
+        )
+    for k, v in terms.items():
+        if not isinstance(v, torch.Tensor) or v.numel() != 1:
+            raise TypeError(f"loss term {k!r} of {name!r} must be a scalar tensor, got {v!r}")
+
+
+def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml: str | None = None) -> TrainResult:
+    """Train ``task`` with the engine settings ``cfg``; single process or under ``torchrun`` (DDP / FSDP2).
+
+    Args:
+        task: what to train (model, loss, dataset, extras); see :class:`~pae_fast.engine.task.TrainTask`.
+        cfg: a :class:`~pae_fast.config.TrainConfig`.
+        out_dir: the run folder: ``log.txt``, ``stats.jsonl``, ``config.yaml``, ``checkpoints/<step:07d>/``.
+        seed: base seed (rank ``r`` uses ``seed + r``; the data order depends on ``seed`` only).
+        config_yaml: the resolved run config; written to ``<out_dir>/config.yaml`` and into the weights metadata.
+
+    Returns:
+        A :class:`TrainResult`. On SIGTERM/SIGINT the current step finishes, a checkpoint is written and the result
+        has ``interrupted=True``; ``train.resume=auto`` continues from it exactly.
+
+    Raises:
+        NonFiniteLossError: ``train.nonfinite=stop`` and a step had a non-finite loss (the message names the step).
+        CheckpointError: the checkpoint to resume from is damaged (names the file).
+    """
+    check_train_config(cfg)
+    out = Path(out_dir)
+    device = D.default_device(cfg.device)
+    owns_group = D.init_from_env(device)
+    main = D.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    log, handlers = setup_logger(out, main)
+    try:
+        micro_batch_size(cfg.global_batch_size, D.get_world_size(), cfg.grad_accum)
+        if main and config_yaml is not None:
+            atomic_write_text(out / "config.yaml", config_yaml)
+        with _precision_flags(cfg.tf32), _kernel_scope(cfg.kernel_backend), Preemption() as preempt:
+            trainer = _Trainer(task, cfg, out, seed, config_yaml, device, log)
+            trainer.setup()
+            return trainer.run(preempt)
+    finally:
+        close_logger(handlers)
+        if owns_group:
+            D.cleanup()

@@ -1,0 +1,179 @@
+"""Optimizer, learning-rate schedule and EMA for the training engine.
+
+- AdamW from torch: ``fused=True`` on CUDA (one kernel for the whole update, and it can skip a step on a device
+  flag without a host sync), ``foreach=True`` on CPU. NVIDIA apex's ``FusedAdam`` only when asked for and installed.
+- Schedules are a multiplier of ``lr`` (so ``LambdaLR`` keeps the state): optional linear warm-up from 0, then
+  ``constant`` / ``warmup`` (constant after the warm-up), ``linear`` (constant until ``decay_start``, then linear to
+  ``min_lr`` at ``steps``; the DiT^DH recipe) or ``cosine`` (``lr`` to ``min_lr`` between the warm-up and ``steps``).
+- EMA is a separate module; its update is ``ema <- ema + (1 - decay) (p - ema)`` with foreach ops, optionally masked
+  by a device flag so a skipped (non-finite) step leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pae_fast.engine.parallel import local_tensors
+
+__all__ = [
+    "lr_factor",
+    "build_optimizer",
+    "build_scheduler",
+    "supports_found_inf",
+    "make_ema",
+    "ema_update",
+    "param_groups",
+]
+
+
+def lr_factor(step: int, *, schedule: str, steps: int, lr: float, min_lr: float, warmup_steps: int = 0,
+              decay_start: int = 0) -> float:
+    """Learning-rate multiplier (of ``lr``) used for optimizer step ``step`` (0-based).
+
+    Args:
+        step: number of optimizer steps already taken.
+        schedule: ``constant | warmup | linear | cosine``.
+        steps: total optimizer steps of the run.
+        lr, min_lr: peak and final learning rates (the decays end at ``min_lr``).
+        warmup_steps: linear warm-up length; the first step uses ``lr / warmup_steps``.
+        decay_start: ``linear``: the step where the linear decay starts (clamped to the warm-up end).
+
+    Returns:
+        The factor ``f`` with ``lr_used = f * lr``.
+    """
+    if schedule not in ("constant", "warmup", "linear", "cosine"):
+        raise ValueError(f"train.schedule={schedule!r}: expected one of constant, warmup, linear, cosine")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule in ("constant", "warmup") or lr <= 0:
+        return 1.0
+    floor = min_lr / lr
+    if schedule == "linear":
+        start = max(decay_start, warmup_steps)
+        if step < start:
+            return 1.0
+        span = max(steps - start, 1)
+        frac = min((step - start) / span, 1.0)
+        return 1.0 + (floor - 1.0) * frac
+    # cosine from 1 to floor over [warmup_steps, steps]
+    span = max(steps - warmup_steps, 1)
+    frac = min((step - warmup_steps) / span, 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class _ScheduleFn:
+    """Picklable ``LambdaLR`` multiplier (its fields land in the scheduler's state dict as primitives)."""
+
+    def __init__(self, schedule: str, steps: int, lr: float, min_lr: float, warmup_steps: int, decay_start: int):
+        self.schedule, self.steps, self.lr, self.min_lr = schedule, steps, lr, min_lr
+        self.warmup_steps, self.decay_start = warmup_steps, decay_start
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, schedule=self.schedule, steps=self.steps, lr=self.lr, min_lr=self.min_lr,
+                         warmup_steps=self.warmup_steps, decay_start=self.decay_start)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` over :func:`lr_factor` with the fields of ``cfg`` (a ``TrainConfig``)."""
+    fn = _ScheduleFn(cfg.schedule, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_start)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: matrices (decayed) and vectors/scalars (biases, norms: not decayed)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters (all have requires_grad=False)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (torch, fused on CUDA / foreach on CPU) or apex ``FusedAdam`` for ``cfg.optimizer``.
+
+    Raises:
+        ImportError: ``apex_fused_adam`` was asked for but NVIDIA apex is not installed.
+    """
+    groups = param_groups(module, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=1e-8)
+    if cfg.optimizer == "adamw":
+        if device.type == "cuda":
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    if cfg.optimizer == "apex_fused_adam":
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ImportError(
+                "train.optimizer='apex_fused_adam' needs NVIDIA apex built with its CUDA extensions "
+                "(https://github.com/NVIDIA/apex; the PyPI package named 'apex' is unrelated) and it is not installed; "
+                "use train.optimizer=adamw (torch's fused AdamW)"
+            ) from e
+        if device.type != "cuda":
+            raise ValueError("train.optimizer='apex_fused_adam' runs on CUDA only; use train.optimizer=adamw on CPU")
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    raise ValueError(f"train.optimizer={cfg.optimizer!r}: expected adamw or apex_fused_adam")
+
+
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer.step()`` honours ``optimizer.found_inf`` (torch's fused Adam/AdamW): a skipped step
+    then needs no host sync."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and isinstance(optimizer, torch.optim.Adam)
+
+
+def make_ema(module: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``module`` (eval mode, no grads) that :func:`ema_update` keeps averaged."""
+    ema = copy.deepcopy(module)
+    ema.eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+def _float_pairs(ema: Iterable[torch.Tensor], src: Iterable[torch.Tensor]) -> tuple[list, list, list, list]:
+    fe, fs, oe, os_ = [], [], [], []
+    for e, s in zip(ema, src):
+        if e.shape != s.shape:
+            raise ValueError(f"EMA tensor shape {tuple(e.shape)} does not match the model's {tuple(s.shape)}")
+        (fe if e.is_floating_point() else oe).append(e)
+        (fs if e.is_floating_point() else os_).append(s)
+    return fe, fs, oe, os_
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor | None = None) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied.
+
+    Args:
+        ema: the EMA module (same structure as ``model``).
+        model: the trained (unwrapped) module.
+        decay: EMA decay in [0, 1].
+        ok: optional 0-dim bool tensor on the model's device; where False the update is a no-op (skipped step),
+            decided on the device without a host sync.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
+    # FSDP2: both modules are sharded alike; the update runs on the local shards
+    pe, pm, _, _ = _float_pairs(local_tensors(ema.parameters()), local_tensors(model.parameters()))
+    if pe:
+        pm = [p.detach() for p in pm]
+        if ok is None:
+            torch._foreach_lerp_(pe, pm, 1.0 - decay)
+        else:
+            # weight (1 - decay) * ok as a 0-dim device tensor: a skipped step (ok False) is a no-op, without a sync.
+            # The tensor-weight overload runs one lerp per tensor (3 passes over memory, like the fused scalar one;
+            # the extra launches overlap with GPU work) and needs no temporary copy of the parameters.
+            w = ok.to(dtype=pe[0].dtype) * (1.0 - decay)
+            torch._foreach_lerp_(pe, pm, [w] * len(pe))
+    be, bm, oe, om = _float_pairs(local_tensors(ema.buffers()), local_tensors(model.buffers()))
+    if be:
+        torch._foreach_copy_(be, bm)
+    for e, s in zip(oe, om):
+        e.copy_(s)

@@ -1,0 +1,573 @@
+"""Latent diffusability metrics (SPEC §5): VIV and its time profile, LNC, SEC, LDS, CDS, SSC, LPC, GSQ, eRank,
+and the straightness / efficiency of sampler trajectories.
+
+Latents are ``(N, C, H, W)``, labels ``(N,)``. Unless a metric says otherwise it reads the latents as given; the
+suite (:func:`pae_fast.eval.report.diffusability_metrics`) first standardises each channel over ``(N, H, W)`` -- the
+space the generator diffuses in -- and runs every metric there.
+
+VIV, the velocity irreducible variance (seed 004), is the Bayes floor of the flow-matching loss when each class is
+a Gaussian: for ``x1 ~ N(0, diag(lam))`` and ``x0 ~ N(0, I)`` on the path ``x_t = t x1 + (1 - t) x0`` the best
+velocity predictor leaves ``Var(v | x_t) = lam / ((1 - t)^2 + t^2 lam)`` per eigen-direction, whose integral over
+``t in [0, 1]`` is ``(pi / 2) sqrt(lam)``. The per-class covariance is estimated as a Kronecker product
+``Sigma_spatial (x) Sigma_channel`` by flip-flop maximum likelihood, batched over classes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "check_latents",
+    "standardize",
+    "VIVSpectra",
+    "viv_spectra",
+    "viv",
+    "viv_profile",
+    "lnc",
+    "gsq",
+    "sec",
+    "sec_from_energy",
+    "dct_energy_spectrum",
+    "cosine_distance_profile",
+    "lds",
+    "cds",
+    "lds_from_profile",
+    "cds_from_profile",
+    "ssc",
+    "nmi",
+    "lpc",
+    "erank",
+    "straightness",
+    "efficiency",
+]
+
+
+def check_latents(latents: torch.Tensor, labels: torch.Tensor | None = None, what: str = "latents") -> None:
+    """Raise a ``ValueError`` naming the problem unless ``latents`` is ``(N, C, H, W)`` and ``labels`` ``(N,)``."""
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
+        shape = tuple(latents.shape) if hasattr(latents, "shape") else type(latents).__name__
+        raise ValueError(f"{what} must be a (N, C, H, W) tensor, got {shape}")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != latents.shape[0]):
+        raise ValueError(f"labels must be ({latents.shape[0]},) to match {what}, got {tuple(labels.shape)}")
+
+
+def standardize(latents: torch.Tensor, eps: float = 1e-8, chunk: int = 4096) -> torch.Tensor:
+    """Per-channel standardisation over ``(N, H, W)`` (population std): ``(N, C, H, W)`` float32.
+
+    Statistics accumulate in float64 over chunks of latents, so memory stays at one float32 copy.
+    """
+    check_latents(latents)
+    n, c = latents.shape[:2]
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = latents[i : i + chunk].double()
+        s1 += x.sum((0, 2, 3)).cpu()
+        s2 += x.pow(2).sum((0, 2, 3)).cpu()
+    count = n * latents.shape[2] * latents.shape[3]
+    mean = s1 / count
+    std = (s2 / count - mean**2).clamp_min(eps).sqrt()
+    view = (1, c, 1, 1)
+    out = latents.float() - mean.float().to(latents.device).view(view)
+    return out.div_(std.float().to(latents.device).view(view))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VIV
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VIVSpectra:
+    """Per-class eigenvalues of the Kronecker covariance estimate.
+
+    Attributes:
+        eigenvalues: ``(K, C*H*W)`` float64, each row rescaled to sum to the class's total variance.
+        classes: ``(K,)`` the class label of each row.
+        total_variance: ``(K,)`` the population total variance ``sum_d Var(z_d)`` of each class.
+    """
+
+    eigenvalues: torch.Tensor
+    classes: torch.Tensor
+    total_variance: torch.Tensor
+
+    def viv_per_class(self) -> torch.Tensor:
+        """``(K,)``: ``(pi / 2) mean_i sqrt(lam_i)``."""
+        return math.pi / 2 * self.eigenvalues.clamp_min(0).sqrt().mean(1)
+
+    def viv(self) -> float:
+        """VIV: the mean of :meth:`viv_per_class` over classes."""
+        return float(self.viv_per_class().mean())
+
+    def profile(self, ts: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """``I(t) = mean_k mean_i lam_i / ((1 - t)^2 + t^2 lam_i)`` at each ``t``; its integral over [0, 1] is VIV."""
+        lam = self.eigenvalues.clamp_min(0).float()  # (K, D); float32 is ample for a curve
+        out = []
+        for t in np.asarray(ts, dtype=np.float64):
+            den = (1 - t) ** 2 + t**2 * lam  # 0 only for lam = 0 at t = 1, whose limit contributes 0
+            out.append(float(torch.where(den > 0, lam / den.clamp_min(1e-30), 0.0).mean(dtype=torch.float64)))
+        return np.array(out)
+
+
+def _chol_inv(cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``L^-1`` of a batch of SPD matrices ``cov + ridge * tr/d * I = L L^T``: ``(K, d, d)`` float64."""
+    d = cov.shape[-1]
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    reg = cov + (ridge * scale)[:, None, None] * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    chol, info = torch.linalg.cholesky_ex(reg)
+    if bool((info > 0).any()):  # extremely ill-conditioned: fall back to a larger ridge
+        reg = cov + (1e-3 * scale)[:, None, None] * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        chol = torch.linalg.cholesky(reg)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device).expand_as(chol)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
+def _flip_flop(x: torch.Tensor, n: torch.Tensor, iters: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kronecker (matrix-normal) MLE of a batch of classes.
+
+    Args:
+        x: ``(K, M, C, S)`` class-centred samples, zero rows as padding.
+        n: ``(K,)`` real sample counts.
+    Returns:
+        ``Sigma_C (K, C, C)``, ``Sigma_S (K, S, S)`` in float64 (``Sigma_C`` normalised to trace C).
+    """
+    k, m, c, s = x.shape
+    nd = n.to(torch.float64)
+    rows_c = x.permute(0, 2, 1, 3).reshape(k, c, m * s)  # channel view: M*S samples of C channels
+    sigma_s = None
+    sigma_c = None
+    for _ in range(iters):
+        # channel covariance from spatially whitened data (whitening by L_S^-T: Y Y^T = X Sigma_S^-1 X^T)
+        if sigma_s is None:
+            y = rows_c
+        else:
+            w_s = _chol_inv(sigma_s, ridge).to(x.dtype).transpose(1, 2)  # (K, S, S)
+            y = torch.bmm(x.reshape(k, m * c, s), w_s).view(k, m, c, s).permute(0, 2, 1, 3).reshape(k, c, m * s)
+        sigma_c = torch.bmm(y, y.transpose(1, 2)).double() / (nd * s)[:, None, None]
+        sigma_c = sigma_c * (c / sigma_c.diagonal(dim1=1, dim2=2).sum(-1))[:, None, None]  # fix the scale
+        # spatial covariance from channel-whitened data: rows are the M*C samples of S positions
+        w_c = _chol_inv(sigma_c, ridge).to(x.dtype)  # (K, C, C)
+        y = torch.bmm(w_c, rows_c).view(k, c, m, s).reshape(k, c * m, s)
+        sigma_s = torch.bmm(y.transpose(1, 2), y).double() / (nd * c)[:, None, None]
+    return sigma_c, sigma_s
+
+
+def viv_spectra(
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    iters: int = 5,
+    max_per_class: int | None = None,
+    standardized: bool = False,
+    ridge: float = 1e-6,
+    max_chunk_elems: int = 1 << 25,
+) -> VIVSpectra:
+    """Per-class Kronecker covariance spectra, the work behind :func:`viv` and :func:`viv_profile`.
+
+    Steps (SPEC §5): (1) standardise each channel over all latents; (2) per class, total variance
+    ``v = sum_d Var(z_d)`` and centring by the class mean; (3) ``iters`` flip-flop iterations (channel covariance
+    from spatially whitened data, then spatial covariance from channel-whitened data); (4) ``lam`` = all products
+    ``e_C,i * e_S,j``; (5) ``lam`` rescaled to sum to ``v``.
+
+    Args:
+        latents: ``(N, C, H, W)``.
+        labels: ``(N,)`` integer classes; classes with fewer than 2 latents are left out.
+        iters: flip-flop iterations.
+        max_per_class: use at most the first this-many latents of each class (e.g. 50 as the paper).
+        standardized: the latents are already standardised (skip step 1).
+        ridge: relative ridge on each covariance before whitening (for classes with few samples).
+        max_chunk_elems: classes are processed in chunks of about this many latent elements.
+    """
+    check_latents(latents, labels)
+    if iters < 1:
+        raise ValueError(f"viv: iters must be >= 1, got {iters}")
+    z = latents.float() if standardized else standardize(latents)
+    _, c, h, w = z.shape
+    s = h * w
+    labels = labels.long().to(z.device)
+    order = torch.argsort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    if max_per_class is not None:
+        counts = counts.clamp_max(max_per_class)
+    keep = counts >= 2
+    if not bool(keep.all()):
+        warnings.warn(f"viv: {int((~keep).sum())} classes have fewer than 2 latents and are left out", stacklevel=2)
+    classes, counts, starts = classes[keep], counts[keep], starts[keep]
+    if classes.numel() == 0:
+        raise ValueError("viv: no class has at least 2 latents")
+    if int(counts.min()) * c < s:
+        warnings.warn(
+            f"viv: a class has {int(counts.min())} latents x {c} channels < {s} positions, so its spatial covariance "
+            "is rank-deficient and held up by the ridge: VIV is biased low; use more latents per class",
+            stacklevel=2,
+        )
+    by_size = torch.argsort(counts, descending=True)  # similar counts share a chunk: little padding
+    eig_rows, var_rows, class_rows = [], [], []
+    i = 0
+    while i < len(by_size):
+        m = int(counts[by_size[i]])
+        kc = max(1, max_chunk_elems // (m * c * s))
+        sel = by_size[i : i + kc]
+        i += kc
+        x = z.new_zeros(len(sel), m, c, s)
+        for j, cls in enumerate(sel.tolist()):
+            idx = order[starts[cls] : starts[cls] + counts[cls]]
+            x[j, : len(idx)] = z[idx].view(len(idx), c, s)
+        n = counts[sel].to(z.device)
+        mask = (torch.arange(m, device=z.device)[None] < n[:, None]).to(x.dtype)[:, :, None, None]
+        x = (x - x.sum(1, keepdim=True) / n.to(x.dtype)[:, None, None, None]) * mask  # centre, keep padding at 0
+        v = x.double().pow(2).sum((1, 2, 3)) / n.double()  # population total variance
+        sigma_c, sigma_s = _flip_flop(x, n, iters, ridge)
+        e_c = torch.linalg.eigvalsh(sigma_c).clamp_min(0)
+        e_s = torch.linalg.eigvalsh(sigma_s).clamp_min(0)
+        lam = (e_c[:, :, None] * e_s[:, None, :]).flatten(1)  # (k, C*S)
+        lam = lam * (v / lam.sum(1).clamp_min(1e-300))[:, None]
+        eig_rows.append(lam.cpu())
+        var_rows.append(v.cpu())
+        class_rows.append(classes[sel].cpu())
+    cls_all = torch.cat(class_rows)
+    back = torch.argsort(cls_all)
+    return VIVSpectra(torch.cat(eig_rows)[back], cls_all[back], torch.cat(var_rows)[back])
+
+
+def viv(latents: torch.Tensor, labels: torch.Tensor, iters: int = 5, max_per_class: int | None = None) -> float:
+    """Velocity irreducible variance: ``mean_k (pi / 2) mean_i sqrt(lam_k,i)`` (SPEC §5, steps 1-6).
+
+    Bounded by ``pi / 2``; for isotropic within-class variance ``v`` (after standardisation) it is ``(pi/2) sqrt(v)``.
+    """
+    return viv_spectra(latents, labels, iters=iters, max_per_class=max_per_class).viv()
+
+
+def viv_profile(
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    ts: Sequence[float] | np.ndarray | torch.Tensor,
+    iters: int = 5,
+    max_per_class: int | None = None,
+) -> np.ndarray:
+    """Time profile of VIV: ``I(t) = mean_k mean_i lam_i / ((1 - t)^2 + t^2 lam_i)`` (t = 1 is data).
+
+    Normalised like VIV (mean over eigen-directions and classes), so ``integral_0^1 I(t) dt = VIV``.
+    """
+    return viv_spectra(latents, labels, iters=iters, max_per_class=max_per_class).profile(ts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Neighbourhood metrics: LNC and GSQ
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _knn_label_agreement(feats: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 1024) -> float:
+    """Mean fraction of each row's k nearest other rows (cosine) that share its label."""
+    n = feats.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k-NN needs 1 <= k < N; got k={k}, N={n}")
+    f = torch.nn.functional.normalize(feats.float(), dim=1)
+    labels = labels.long().to(f.device)
+    hits = 0.0
+    for i in range(0, n, chunk):
+        sim = f[i : i + chunk] @ f.t()
+        rows = torch.arange(i, min(i + chunk, n), device=f.device)
+        sim[rows - i, rows] = -float("inf")  # exclude self
+        nn_idx = sim.topk(k, dim=1).indices
+        hits += float((labels[nn_idx] == labels[rows, None]).double().sum())
+    return hits / (n * k)
+
+
+def lnc(latents: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:
+    """Latent neighbourhood consistency: fraction of each latent's ``k`` nearest neighbours (cosine of the
+    token-mean-pooled latents) with the same label, averaged over latents."""
+    check_latents(latents, labels)
+    return _knn_label_agreement(latents.float().mean((2, 3)), labels, k)
+
+
+def gsq(latents: torch.Tensor, labels: torch.Tensor) -> float:
+    """Global semantic quality: 1-NN label purity of pooled, centred, l2-normalised latents."""
+    check_latents(latents, labels)
+    pooled = latents.float().mean((2, 3))
+    return _knn_label_agreement(pooled - pooled.mean(0), labels, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Spectral and spatial structure: SEC, LDS, CDS
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dct_energy_spectrum(latents: torch.Tensor, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """DCT energy per channel and per Manhattan frequency.
+
+    Args:
+        latents: ``(N, C, H, W)``.
+    Returns:
+        ``energy (C, H + W - 1)``: summed squared orthonormal 2-D DCT-II coefficients of frequency ``u + v = f``
+        over all latents; and ``count (H + W - 1,)`` coefficients per frequency.
+    """
+    from scipy.fft import dctn
+
+    check_latents(latents)
+    _, c, h, w = latents.shape
+    freq = (np.arange(h)[:, None] + np.arange(w)[None, :]).ravel()
+    nf = h + w - 1
+    energy = np.zeros((c, nf))
+    for i in range(0, latents.shape[0], chunk):
+        x = latents[i : i + chunk].detach().cpu().double().numpy()
+        e = (dctn(x, type=2, axes=(-2, -1), norm="ortho") ** 2).sum(0).reshape(c, h * w)  # (C, H*W)
+        for ch in range(c):
+            energy[ch] += np.bincount(freq, weights=e[ch], minlength=nf)
+    return energy, np.bincount(freq, minlength=nf)
+
+
+def sec(latents: torch.Tensor, rho: float = 0.5) -> float:
+    """Spectral energy concentration: the fraction of DCT energy above Manhattan frequency ``rho (H-1 + W-1)``.
+
+    Per channel (energy summed over latents), then averaged over channels. White noise on 16x16 at
+    ``rho = 0.5`` gives 120/256 = 0.469; spatially smooth latents give less.
+    """
+    return sec_from_energy(dct_energy_spectrum(latents)[0], *latents.shape[-2:], rho=rho)
+
+
+def sec_from_energy(energy: np.ndarray, h: int, w: int, rho: float = 0.5) -> float:
+    """SEC from :func:`dct_energy_spectrum`'s ``energy (C, H + W - 1)`` of an ``h x w`` grid."""
+    if not 0 <= rho <= 1:
+        raise ValueError(f"sec: rho must be in [0, 1], got {rho}")
+    cut = rho * (h - 1 + w - 1)
+    high = energy[:, np.arange(energy.shape[1]) > cut].sum(1)
+    total = energy.sum(1)
+    valid = total > 0
+    if not valid.any():
+        raise ValueError("sec: the latents have no energy (all zero)")
+    return float((high[valid] / total[valid]).mean())
+
+
+def cosine_distance_profile(latents: torch.Tensor, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Mean cosine similarity between tokens as a function of their Manhattan grid distance.
+
+    Args:
+        latents: ``(N, C, H, W)``; tokens are the ``C``-vectors at each position, l2-normalised.
+    Returns:
+        ``d (H + W - 1,)`` distances ``0..H-1+W-1`` and ``cos (H + W - 1,)`` the mean over latents and pairs.
+    """
+    check_latents(latents)
+    n, c, h, w = latents.shape
+    s = h * w
+    gram = torch.zeros(s, s, dtype=torch.float64, device=latents.device)
+    for i in range(0, n, chunk):
+        t = torch.nn.functional.normalize(latents[i : i + chunk].float().reshape(-1, c, s), dim=1)  # (B, C, S)
+        t = t.permute(2, 0, 1).reshape(s, -1)  # (S, B*C)
+        gram += (t @ t.t()).double()
+    gram = gram.cpu() / n
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], 1)
+    dist = (pos[:, None] - pos[None]).abs().sum(-1).flatten()
+    nd = h + w - 1
+    sums = torch.bincount(dist, weights=gram.flatten(), minlength=nd)
+    counts = torch.bincount(dist, minlength=nd)
+    return np.arange(nd), (sums / counts.clamp_min(1)).numpy()
+
+
+def lds_from_profile(d: np.ndarray, cos: np.ndarray, h: int, w: int, far: int = 6) -> float:
+    """LDS from :func:`cosine_distance_profile` output of an ``h x w`` grid (far distances weighted by pair count)."""
+    if d[-1] < far:
+        raise ValueError(f"lds needs grid distances >= {far}; a {h}x{w} grid reaches only {d[-1]}")
+    counts = _pair_counts(h, w)
+    far_mask = d >= far
+    return float(cos[1] - (cos[far_mask] * counts[far_mask]).sum() / counts[far_mask].sum())
+
+
+def _pair_counts(h: int, w: int) -> np.ndarray:
+    dy = np.abs(np.arange(h)[:, None] - np.arange(h)[None]).ravel()
+    dx = np.abs(np.arange(w)[:, None] - np.arange(w)[None]).ravel()
+    return np.bincount((dy[:, None] + dx[None]).ravel(), minlength=h + w - 1).astype(np.float64)
+
+
+def cds_from_profile(d: np.ndarray, cos: np.ndarray, max_d: int = 8) -> float:
+    """CDS from :func:`cosine_distance_profile` output: minus the slope of ``cos`` over ``d = 1..max_d``."""
+    sel = (d >= 1) & (d <= max_d)
+    if sel.sum() < 2:
+        raise ValueError("cds needs grid distances 1 and 2 at least")
+    slope = np.polyfit(d[sel].astype(np.float64), cos[sel], 1)[0]
+    return float(-slope)
+
+
+def lds(latents: torch.Tensor, far: int = 6) -> float:
+    """Local dependency strength: mean token cosine at grid distance 1 minus the mean at distances ``>= far``."""
+    d, cos = cosine_distance_profile(latents)
+    return lds_from_profile(d, cos, *latents.shape[-2:], far=far)
+
+
+def cds(latents: torch.Tensor, max_d: int = 8) -> float:
+    """Correlation decay speed: minus the least-squares slope of mean token cosine vs grid distance ``1..max_d``."""
+    d, cos = cosine_distance_profile(latents)
+    return cds_from_profile(d, cos, max_d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SSC: spectral clustering of tokens vs segmentation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information of two labelings, ``MI / mean(H(a), H(b))`` (1 if both are constant)."""
+    a = np.unique(np.asarray(a).ravel(), return_inverse=True)[1]
+    b = np.unique(np.asarray(b).ravel(), return_inverse=True)[1]
+    if a.shape != b.shape:
+        raise ValueError(f"nmi: labelings differ in size: {a.shape} vs {b.shape}")
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / (pa[:, None] * pb[None])[nz])).sum())
+    ent = lambda q: float(-(q[q > 0] * np.log(q[q > 0])).sum())
+    ha, hb = ent(pa), ent(pb)
+    if ha == 0 and hb == 0:
+        return 1.0
+    return max(0.0, mi / ((ha + hb) / 2))
+
+
+def ssc(
+    latents: torch.Tensor,
+    segments: torch.Tensor,
+    sigma: float = 0.1,
+    max_images: int | None = 256,
+    seed: int = 0,
+) -> float:
+    """Spectral segmentation consistency: NMI between spectral clusters of the token affinity
+    ``exp(<z_i, z_j> / sigma)`` (l2-normalised tokens) and segmentation labels, averaged over images.
+
+    Clustering: normalised affinity ``D^-1/2 A D^-1/2``, its top-k eigenvectors row-normalised (Ng, Jordan & Weiss,
+    2001), k-means with k-means++ seeding; ``k`` = the number of segments in that image. Images with one segment are
+    skipped.
+
+    Args:
+        latents: ``(N, C, H, W)``.
+        segments: ``(N, H, W)`` integer segment ids at token resolution (larger masks are reduced by nearest
+            sampling).
+        sigma: affinity temperature.
+    """
+    from scipy.cluster.vq import kmeans2
+
+    check_latents(latents)
+    n, c, h, w = latents.shape
+    if segments.dim() != 3 or segments.shape[0] != n:
+        raise ValueError(f"segments must be (N={n}, H, W) integer masks, got {tuple(segments.shape)}")
+    if segments.shape[1:] != (h, w):
+        segments = torch.nn.functional.interpolate(segments[:, None].float(), size=(h, w), mode="nearest")[:, 0]
+    segments = segments.long().cpu()
+    if max_images is not None:
+        latents, segments = latents[:max_images], segments[:max_images]
+    rng = np.random.default_rng(seed)
+    scores = []
+    z = torch.nn.functional.normalize(latents.detach().cpu().double().reshape(latents.shape[0], c, h * w), dim=1)
+    for i in range(z.shape[0]):
+        seg = segments[i].flatten().numpy()
+        k = len(np.unique(seg))
+        if k < 2:
+            continue
+        a = torch.exp((z[i].t() @ z[i] - 1) / sigma)  # (S, S); the constant shift cancels in the normalisation
+        dinv = a.sum(1).rsqrt()
+        m = dinv[:, None] * a * dinv[None]
+        _, vecs = torch.linalg.eigh(m)
+        emb = torch.nn.functional.normalize(vecs[:, -k:], dim=1).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # kmeans2 warns about empty clusters; they are re-seeded by '++'
+            _, pred = kmeans2(emb, k, minit="++", rng=rng)
+        scores.append(nmi(pred, seg))
+    if not scores:
+        raise ValueError("ssc: no image has two or more segments")
+    return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LPC, eRank, trajectories
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def lpc(
+    decode_fn: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    lpips_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rhos: Sequence[float] = (0.1, 0.5, 1.0, 2.0),
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Latent perceptual continuity: LPIPS between ``D(z +- eps u)`` and ``D(z)``, ``eps = rho |z|``.
+
+    ``u`` is a random unit direction per latent (same for all ``rho``); both signs are averaged. The score is the
+    ``1/rho``-weighted mean over ``rhos`` (weights normalised to sum to 1).
+
+    Args:
+        decode_fn: latents ``(B, C, H, W)`` -> images ``(B, 3, h, w)`` in [0, 1].
+        latents: ``(N, C, H, W)``.
+        lpips_fn: ``(x, y) -> (B,)`` distances (e.g. :class:`pae_fast.eval.recon.LPIPS`).
+    Returns:
+        ``{"lpc": score, "per_rho": {rho: mean LPIPS}}``.
+    """
+    check_latents(latents)
+    if not rhos or any(r <= 0 for r in rhos):
+        raise ValueError(f"lpc: rhos must be positive, got {rhos}")
+    gen = torch.Generator().manual_seed(seed)
+    sums = dict.fromkeys(rhos, 0.0)
+    for i in range(0, latents.shape[0], batch_size):
+        z = latents[i : i + batch_size].float()
+        u = torch.randn(z.shape, generator=gen).to(z)
+        u = u / u.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        norm = z.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        base = decode_fn(z)
+        for rho in rhos:
+            eps = rho * norm
+            d = lpips_fn(decode_fn(z + eps * u), base) + lpips_fn(decode_fn(z - eps * u), base)
+            sums[rho] += float(d.sum()) / 2
+    per_rho = {float(r): sums[r] / latents.shape[0] for r in rhos}
+    wts = np.array([1 / r for r in rhos])
+    wts = wts / wts.sum()
+    return {"lpc": float(sum(wt * per_rho[float(r)] for wt, r in zip(wts, rhos))), "per_rho": per_rho}
+
+
+def erank(latents: torch.Tensor) -> float:
+    """Normalised effective rank ``exp(-sum_i p_i log p_i) / C``, ``p = sigma / sum(sigma)`` the singular values
+    of each latent's token matrix ``(H*W, C)``, averaged over latents. In ``(0, 1]``; 1 = all channels used
+    equally. [choice] per-latent token matrix, not centred (SPEC gives only the formula)."""
+    check_latents(latents)
+    n, c, h, w = latents.shape
+    if h * w < c:
+        warnings.warn(f"erank: {h * w} tokens < {c} channels, so the rank is at most {h * w}", stacklevel=2)
+    out = 0.0
+    for i in range(0, n, 1024):
+        x = latents[i : i + 1024].double().reshape(-1, c, h * w).transpose(1, 2)  # (B, S, C)
+        sv = torch.linalg.svdvals(x)
+        p = sv / sv.sum(1, keepdim=True).clamp_min(1e-300)
+        ent = -(p * p.clamp_min(1e-300).log()).sum(1)
+        out += float((ent.exp() / c).sum())
+    return out / n
+
+
+def _check_traj(traj: torch.Tensor) -> torch.Tensor:
+    if traj.dim() < 2 or traj.shape[0] < 2:
+        raise ValueError(f"trajectories must be (T, N, ...) with T >= 2 recorded states, got {tuple(traj.shape)}")
+    return traj.double().flatten(2)  # (T, N, D)
+
+
+def straightness(traj: torch.Tensor) -> float:
+    """Mean cosine between successive steps ``Delta_i = x_(i+1) - x_i`` of sampler trajectories ``(T, N, ...)``
+    (needs T >= 3); 1 for straight paths."""
+    x = _check_traj(traj)
+    if x.shape[0] < 3:
+        raise ValueError(f"straightness needs at least 3 recorded states, got {x.shape[0]}")
+    delta = x[1:] - x[:-1]
+    return float(torch.nn.functional.cosine_similarity(delta[1:], delta[:-1], dim=-1).mean())
+
+
+def efficiency(traj: torch.Tensor) -> float:
+    """Path efficiency ``|x_end - x_start| / sum_i |Delta_i|`` per trajectory, averaged; 1 for straight paths."""
+    x = _check_traj(traj)
+    length = (x[1:] - x[:-1]).norm(dim=-1).sum(0)
+    return float(((x[-1] - x[0]).norm(dim=-1) / length.clamp_min(1e-300)).mean())

@@ -1,0 +1,229 @@
+"""ODE and SDE samplers for the linear path (t = 0 noise → t = 1 data), with optional trajectory recording.
+
+A sampler integrates a *velocity function* ``fn(x (B, ...), t (B,)) -> v`` (a model with its labels and
+guidance bound, see :mod:`pae_fast.flow.guidance`) over an increasing time grid (:func:`time_grid`).
+
+- **Euler** (1 NFE / step) and **Heun** (2 NFE / step, second order) solve the probability-flow ODE
+  ``dx = v(x, t) dt``.
+- **Euler–Maruyama** solves the reverse-time SDE family that has the same marginals ``p_t`` as the ODE
+  (Song et al., ICLR 2021, "Score-Based Generative Modeling through SDEs": adding ``½g²∇log p_t`` to the drift and
+  ``g dW`` noise leaves the Fokker–Planck equation unchanged)::
+
+      dx = [v(x, t) + ½ g(t)² ∇log p_t(x)] dt + g(t) dW,   g(t)² = 2η(1 − t)
+
+  with the score from the velocity, ``∇log p_t = (t·v − x)/(1 − t)`` (:func:`score_from_velocity`). This is SiT's
+  SDE sampler with diffusion coefficient ``w_t = η·σ_t = η(1 − t)`` (Ma et al., 2024, §2), the sampler
+  LightningDiT uses without guidance. The ``(1 − t)`` cancels, so the drift is finite at t = 1:
+  ``v + η(t·v − x)``. The last step is taken without noise (SiT's "Mean" last step); η = 0 is Euler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pae_fast.flow.timesteps import time_grid
+
+__all__ = ["VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sample", "SAMPLERS"]
+
+# fn(x (B, ...), t (B,) float32) -> v (B, ...)
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Trajectory:
+    """The states and velocities visited by a sampler (for straightness / efficiency metrics).
+
+    After a run over a K-step grid: ``times`` holds the K + 1 grid times, ``states`` the K + 1 states (first = the
+    noise, last = the sample) and ``velocities`` the K steps' effective velocities ``(x_{k+1} − x_k) / h_k``
+    (for Euler the model's velocity, for Heun the averaged slope, for Euler–Maruyama the drift).
+
+    Attributes:
+        device: where recorded tensors are stored (CPU by default, to keep accelerator memory free).
+    """
+
+    device: torch.device | str | None = "cpu"
+    times: list[float] = field(default_factory=list)
+    states: list[Tensor] = field(default_factory=list)
+    velocities: list[Tensor] = field(default_factory=list)
+
+    def _keep(self, x: Tensor) -> Tensor:
+        return x.detach().to(self.device, copy=True) if self.device is not None else x.detach().clone()
+
+    def add_state(self, t: float, x: Tensor) -> None:
+        self.times.append(float(t))
+        self.states.append(self._keep(x))
+
+    def add_velocity(self, v: Tensor) -> None:
+        self.velocities.append(self._keep(v))
+
+    def stacked(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``times (K + 1,)``, ``states (K + 1, B, ...)`` and ``velocities (K, B, ...)``."""
+        if not self.states:
+            raise ValueError("the trajectory is empty: pass it to a sampler first")
+        return torch.tensor(self.times, dtype=torch.float64), torch.stack(self.states), torch.stack(self.velocities)
+
+
+def _times(grid: Tensor) -> list[float]:
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"the time grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}")
+    ts = grid.double().tolist()
+    if any(b <= a for a, b in zip(ts[:-1], ts[1:])):
+        raise ValueError("the time grid must be strictly increasing (t = 0 noise -> t = 1 data)")
+    return ts
+
+
+def _tvec(t: float, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+
+
+def _steps(ts: list[float], progress: bool, desc: str):
+    pairs = list(zip(ts[:-1], ts[1:]))
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(pairs, desc=desc, leave=False)
+    return pairs
+
+
+@torch.no_grad()
+def euler(
+    fn: VelocityFn, x: Tensor, grid: Tensor, *, trajectory: Trajectory | None = None, progress: bool = False
+) -> Tensor:
+    """Explicit Euler for ``dx = v dt``: ``x ← x + h·v(x, t)``.
+
+    Args:
+        fn: velocity function.
+        x: the noise at ``grid[0]``, ``(B, C, H, W)``.
+        grid: increasing times ``(K + 1,)``.
+        trajectory: optional recorder.
+        progress: show a step progress bar.
+
+    Returns:
+        the state at ``grid[-1]``, shaped like ``x``.
+    """
+    ts = _times(grid)
+    if trajectory is not None:
+        trajectory.add_state(ts[0], x)
+    for t0, t1 in _steps(ts, progress, "euler"):
+        v = fn(x, _tvec(t0, x))
+        x = x + (t1 - t0) * v
+        if trajectory is not None:
+            trajectory.add_velocity(v)
+            trajectory.add_state(t1, x)
+    return x
+
+
+@torch.no_grad()
+def heun(
+    fn: VelocityFn, x: Tensor, grid: Tensor, *, trajectory: Trajectory | None = None, progress: bool = False
+) -> Tensor:
+    """Heun's method (explicit trapezoid, 2 NFE / step): ``x ← x + h·(v(x, t) + v(x + h·v, t + h)) / 2``.
+
+    Args and returns as :func:`euler`.
+    """
+    ts = _times(grid)
+    if trajectory is not None:
+        trajectory.add_state(ts[0], x)
+    for t0, t1 in _steps(ts, progress, "heun"):
+        h = t1 - t0
+        v0 = fn(x, _tvec(t0, x))
+        v1 = fn(x + h * v0, _tvec(t1, x))
+        slope = 0.5 * (v0 + v1)
+        x = x + h * slope
+        if trajectory is not None:
+            trajectory.add_velocity(slope)
+            trajectory.add_state(t1, x)
+    return x
+
+
+@torch.no_grad()
+def euler_maruyama(
+    fn: VelocityFn,
+    x: Tensor,
+    grid: Tensor,
+    *,
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    trajectory: Trajectory | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Euler–Maruyama for ``dx = [v + η(t·v − x)] dt + sqrt(2η(1 − t)) dW`` (module docstring).
+
+    Args:
+        fn: velocity function.
+        x: the noise at ``grid[0]``, ``(B, C, H, W)``.
+        grid: increasing times ``(K + 1,)``.
+        noise_scale: η ≥ 0 (SiT's ``diffusion_norm``; 0 gives the Euler ODE).
+        generator: RNG for the Brownian increments.
+        trajectory: optional recorder (velocities = drifts).
+        progress: show a step progress bar.
+
+    Returns:
+        the sample at ``grid[-1]``; the last step adds no noise.
+    """
+    if noise_scale < 0:
+        raise ValueError(f"the SDE noise scale must be >= 0, got {noise_scale}")
+    ts = _times(grid)
+    if trajectory is not None:
+        trajectory.add_state(ts[0], x)
+    last = len(ts) - 2
+    for k, (t0, t1) in enumerate(_steps(ts, progress, "euler-maruyama")):
+        h = t1 - t0
+        v = fn(x, _tvec(t0, x))
+        # ½g²·score = η(1 − t)·(t·v − x)/(1 − t) = η(t·v − x): finite everywhere on [0, 1].
+        drift = v + noise_scale * (t0 * v - x)
+        x = x + h * drift
+        if k < last and noise_scale > 0:
+            dw = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            x = x + math.sqrt(2.0 * noise_scale * (1.0 - t0) * h) * dw
+        if trajectory is not None:
+            trajectory.add_velocity(drift)
+            trajectory.add_state(t1, x)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "euler_maruyama": euler_maruyama}
+
+
+def sample(
+    fn: VelocityFn,
+    noise: Tensor,
+    *,
+    sampler: Literal["euler", "heun", "euler_maruyama"] = "euler",
+    steps: int = 250,
+    shift: float = 1.0,
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    trajectory: Trajectory | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Integrate from noise (t = 0) to data (t = 1) on the shifted grid ``time_grid(steps, shift)``.
+
+    Args:
+        fn: velocity function ``fn(x, t) -> v``.
+        noise: ``x0 ~ N(0, I)``, ``(B, C, H, W)``.
+        sampler: ``"euler"``, ``"heun"`` or ``"euler_maruyama"``.
+        steps: number of steps K (NFE = K, or 2K for Heun).
+        shift: grid shift s (our convention; s < 1 spends more steps near noise).
+        noise_scale: η of the SDE (Euler–Maruyama only).
+        generator: RNG of the SDE noise.
+        trajectory: optional recorder.
+        progress: show a step progress bar.
+
+    Returns:
+        samples ``(B, C, H, W)``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    grid = time_grid(steps, shift, device=noise.device)
+    if sampler == "euler_maruyama":
+        return euler_maruyama(
+            fn, noise, grid, noise_scale=noise_scale, generator=generator, trajectory=trajectory, progress=progress
+        )
+    return SAMPLERS[sampler](fn, noise, grid, trajectory=trajectory, progress=progress)

@@ -1,0 +1,301 @@
+"""The traffic counter's rules, and the benchmark scripts' result files (their shape and keys, never speed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pae_fast import kernels
+from pae_fast.kernels.traffic import TrafficCounter, attention_flops, footprint_bytes, format_summary
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+META = torch.device("meta")
+
+
+@pytest.fixture
+def bench_path():
+    sys.path.insert(0, str(BENCH))
+    yield
+    sys.path.remove(str(BENCH))
+
+
+def _rows(tc: TrafficCounter) -> dict[tuple[str, str], dict]:
+    return {(r["phase"], r["op"]): r for r in tc.summary()["rows"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TrafficCounter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_elementwise_add_bytes(device):
+    x, y = torch.randn(64, 33, device=device), torch.randn(64, 33, device=device)
+    with TrafficCounter() as tc:
+        x + y
+    s = tc.summary()
+    row = _rows(tc)[("forward", "add")]
+    assert (row["read_bytes"], row["written_bytes"], row["calls"]) == (2 * 64 * 33 * 4, 64 * 33 * 4, 1)
+    assert s["other_bytes"] == 3 * 64 * 33 * 4 and s["launches"] == 1
+    assert s["matmul_flops"] == 0 and s["matmul_bytes"] == 0
+
+
+def test_mm_flops_and_category():
+    a = torch.randn(16, 24, device=META, dtype=torch.bfloat16)
+    b = torch.randn(24, 40, device=META, dtype=torch.bfloat16)
+    w, bias = torch.randn(40, 24, device=META), torch.randn(40, device=META)
+    with TrafficCounter() as tc:
+        a @ b
+        F.linear(torch.randn(3, 5, 24, device=META), w, bias)
+    s = tc.summary()
+    assert s["matmul_flops"] == 2 * 16 * 24 * 40 + 2 * 15 * 24 * 40
+    mm = _rows(tc)[("forward", "mm")]
+    assert mm["category"] == "matmul" and mm["flops"] == 2 * 16 * 24 * 40
+    assert mm["read_bytes"] == (16 * 24 + 24 * 40) * 2 and mm["written_bytes"] == 16 * 40 * 2
+    # the bias of addmm is broadcast over rows: read once
+    addmm = _rows(tc)[("forward", "addmm")]
+    assert addmm["read_bytes"] == (15 * 24 + 40 * 24 + 40) * 4
+    assert s["other_bytes"] == 0 or all(r["category"] != "other" or r["op"] != "mm" for r in s["rows"])
+
+
+def test_views_are_free():
+    x = torch.randn(4, 6, 8, device=META)
+    with TrafficCounter() as tc:
+        v = x.view(24, 8).t().reshape(8, 4, 6).permute(2, 0, 1)
+        x.unsqueeze(0).expand(3, 4, 6, 8)
+        x.detach()
+        x.transpose(0, 1)
+        x.chunk(2, dim=-1)
+        x[1:, ::2]
+    s = tc.summary()
+    assert s["total_bytes"] == 0 and s["launches"] == 0 and s["rows"] == [], s["rows"]
+    assert v.shape == (6, 8, 4)
+    with TrafficCounter() as tc:
+        x.transpose(0, 1).reshape(6, 32)  # not viewable: one copy
+    assert tc.summary()["total_bytes"] == 2 * x.numel() * 4 and tc.summary()["launches"] == 1
+
+
+def test_inplace_and_copy_rules():
+    x, y = torch.randn(10, 7, device=META), torch.randn(10, 7, device=META)
+    n = 10 * 7 * 4
+    with TrafficCounter() as tc:
+        x.copy_(y)  # reads y only, writes x
+        x.add_(y)  # reads x and y, writes x
+        torch.zeros_like(x)  # reads nothing
+        torch.add(x, y, out=torch.empty_like(x))  # out= is not read
+    r = _rows(tc)
+    assert (r[("forward", "copy_")]["read_bytes"], r[("forward", "copy_")]["written_bytes"]) == (n, n)
+    assert (r[("forward", "add_")]["read_bytes"], r[("forward", "add_")]["written_bytes"]) == (2 * n, n)
+    assert (r[("forward", "zeros_like")]["read_bytes"], r[("forward", "zeros_like")]["written_bytes"]) == (0, n)
+    assert r[("forward", "add")]["read_bytes"] == 2 * n
+    ema, p = [torch.randn(10, device=META) for _ in range(3)], [torch.randn(10, device=META) for _ in range(3)]
+    with TrafficCounter() as tc:
+        torch._foreach_lerp_(ema, p, 0.1)  # returns nothing: charged its mutated list as written
+        x.new_zeros(4)
+        x.size(), x.is_contiguous()  # metadata: free
+    r = _rows(tc)
+    lerp = r[("forward", "_foreach_lerp_")]
+    assert (lerp["read_bytes"], lerp["written_bytes"]) == (240, 120)
+    assert r[("forward", "new_zeros")]["read_bytes"] == 0 and len(r) == 2
+    assert footprint_bytes(torch.empty(5, device=META).expand(3, 5)) == 20
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_custom_op_counts_as_one(device):
+    h = torch.randn(2, 9, 32, device=device, requires_grad=True)
+    with TrafficCounter() as tc:
+        y = kernels.latent_norm(h, backend="triton" if device == "meta" else "torch")
+        if device == "meta":
+            with tc.paused():
+                g = torch.ones_like(y)
+            y.backward(g)
+    if device == "cpu":  # the reference is many aten ops
+        assert tc.summary()["launches"] > 3
+        return
+    r = _rows(tc)
+    fwd = [k for k in r if k[0] == "forward"]
+    assert fwd == [("forward", "pae_fast::latent_norm")], fwd
+    row = r[("forward", "pae_fast::latent_norm")]
+    n = h.numel() * 4
+    assert row["calls"] == 1 and row["launches"] == 1
+    assert row["read_bytes"] == n and row["written_bytes"] == n + 2 * 9 * 4  # y + fp32 rstd per row
+    bwd = r[("backward", "pae_fast::latent_norm_backward")]
+    assert bwd["calls"] == 1 and bwd["read_bytes"] == n + n + 2 * 9 * 4  # dz, h, rstd
+    assert tc.summary()["phases"]["forward"]["launches"] == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_sdpa_is_one_flash_style_op(device):
+    B, H, N, D = 2, 3, 16, 8
+    q, k, v = (torch.randn(B, H, N, D, device=device, requires_grad=True) for _ in range(3))
+    with TrafficCounter() as tc:
+        o = F.scaled_dot_product_attention(q, k, v)
+        with tc.paused():
+            g = torch.ones_like(o)
+        o.backward(g)
+    s = tc.summary()
+    t = B * H * N * D * 4
+    lse = B * H * N * 4
+    r = _rows(tc)
+    assert set(r) == {("forward", "attention"), ("backward", "attention_backward")}, set(r)
+    assert r[("forward", "attention")]["read_bytes"] == 3 * t
+    assert r[("forward", "attention")]["written_bytes"] == t + lse
+    assert r[("backward", "attention_backward")]["read_bytes"] == 5 * t + lse  # dout, q, k, v, out, lse
+    assert r[("backward", "attention_backward")]["written_bytes"] == 3 * t
+    f = attention_flops(q.shape, k.shape, v.shape)
+    assert f == 4 * B * H * N * N * D
+    assert s["attention_model_flops"] == 3 * f and s["attention_flops"] == f + f * 5 // 2
+    assert s["matmul_flops"] == 0 and s["other_bytes"] == 0
+    assert q.grad is not None and q.grad.shape == q.shape
+    if device == "cpu":
+        ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach())
+        torch.testing.assert_close(o.detach(), ref)
+    assert "attention" in format_summary(s)
+
+
+def test_pae_attention_backends_count_alike():
+    q, k, v = (torch.randn(1, 2, 8, 16, device=META, requires_grad=True) for _ in range(3))
+    totals = []
+    for backend in ("auto", "triton"):
+        with TrafficCounter() as tc:
+            kernels.attention(q, k, v, backend=backend).sum().backward()
+        totals.append(tc.summary()["attention_bytes"])
+    assert totals[0] == totals[1] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Roofline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_generator():
+    from pae_fast import create_generator
+
+    return create_generator("LightningDiT-B/1", depth=1, hidden_size=64, num_heads=2, input_size=4, num_classes=10)
+
+
+def test_roofline_prediction_math(bench_path):
+    import roofline
+
+    hw = roofline.Hardware("X", peak_flops=1000e12, bandwidth=2e12)
+    s = {"matmul_flops": 700e12, "attention_flops": 70e12, "attention_model_flops": 60e12,
+         "attention_bytes": 2e12, "other_bytes": 4e12}  # fmt: skip
+    p = roofline.predict(s, hw, gemm_efficiency=0.7)
+    assert p["matmul_s"] == pytest.approx(1.0) and p["bandwidth_s"] == pytest.approx(2.0)
+    assert p["attention_s"] == pytest.approx(0.1 + 1.0) and p["step_s"] == pytest.approx(4.1)
+    assert p["mfu"] == pytest.approx(760e12 / (4.1 * 1000e12))
+
+
+def test_roofline_writes_documented_keys(bench_path, tmp_path):
+    import roofline
+
+    res = roofline.run({"tiny": _tiny_generator}, batch=2, ops=["latent_norm"], op_size="small", out_dir=tmp_path)
+    data = json.loads((tmp_path / "roofline.json").read_text())
+    md = (tmp_path / "roofline.md").read_text()
+    assert set(data) >= {"environment", "date", "assumptions", "models", "ops"}
+    assert set(data["environment"]) >= {"machine", "versions", "git"}
+    m = data["models"]["tiny"]
+    assert set(m) >= {"fused", "reference", "targets", "params", "input", "optimizer_ema_bytes"}
+    for b in ("fused", "reference"):
+        s = m[b]
+        keys = {"matmul_flops", "matmul_bytes", "attention_flops", "attention_bytes", "other_bytes", "launches"}
+        assert keys <= set(s)
+        assert set(s["predicted"]) == {"H100", "H200"}
+        assert set(s["predicted"]["H100"]) >= {"matmul_s", "attention_s", "bandwidth_s", "step_s", "mfu"}
+    assert m["fused"]["matmul_flops"] == m["reference"]["matmul_flops"] > 0
+    assert 0 < m["fused"]["other_bytes"] < m["reference"]["other_bytes"]
+    assert m["fused"]["launches"] < m["reference"]["launches"]
+    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met"}
+    row = data["ops"][0]
+    assert set(row) >= {"op", "case", "reference_bytes", "fused_bytes", "min_bytes"}, row
+    assert row["min_bytes"] <= row["fused_bytes"] < row["reference_bytes"]
+    assert "| tiny | fused |" in md and "## Fused ops" in md and "latent_norm" in md
+    assert res["models"]["tiny"]["params"] == sum(p.numel() for p in _tiny_generator().parameters())
+
+
+def test_roofline_step_flops_match_profile(bench_path):
+    """GEMM + attention FLOPs of a counted step ~ 6 x the profile's forward MACs (input/embedding grads aside)."""
+    import roofline
+
+    from pae_fast.models.profile import forward_gmacs
+
+    with META:
+        model = _tiny_generator()
+    step = roofline.step_traffic(_tiny_generator, batch=3, dtype=torch.float32, backend="fused")
+    gmacs = forward_gmacs(model) * 3
+    counted = step["matmul_flops"] + step["attention_model_flops"]
+    assert counted == pytest.approx(6 * gmacs * 1e9, rel=0.05)
+    assert counted <= 6 * gmacs * 1e9
+
+
+def test_roofline_unknown_model_is_reported(bench_path, tmp_path):
+    import roofline
+
+    res = roofline.run(["NoSuchModel-XL"], batch=1, ops=False, out_dir=tmp_path)
+    assert "not registered" in res["models"]["NoSuchModel-XL"]["error"]
+    with pytest.raises(ValueError, match="unknown op"):
+        roofline.run([], ops=["no_such_op"], out_dir=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training step and summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_train_step_writes_documented_keys(bench_path, tmp_path):
+    import bench_train_step
+    import run_all
+
+    out = tmp_path / "train_step_tiny.json"
+    rec = bench_train_step.run("tiny", batch=2, device="cpu", steps=2, warmup=1, build=_tiny_generator, json_out=out)
+    data = json.loads(out.read_text())
+    assert data["images_per_s"] == pytest.approx(rec["images_per_s"]) and data["images_per_s"] > 0
+    assert data["step_seconds"] > 0 and len(data["step_seconds_all"]) == 2 and len(data["warmup_seconds"]) == 1
+    assert data["peak_memory_bytes"] > 0 and "ru_maxrss" in data["peak_memory_method"]
+    assert data["train_flops_per_image"] > 0 and data["mfu"] is None  # no MFU on CPU
+    assert set(data["environment"]) >= {"machine", "versions", "git"}
+    assert data["environment"]["versions"]["torch"] == torch.__version__
+    assert (data["precision"], data["backend"], data["compile"]) == ("fp32", "auto", False)
+    assert "images/s" in bench_train_step.format_record(rec)
+    text = run_all.summarize(tmp_path)
+    assert "## Training step" in text and "| tiny | 2 | cpu |" in text and "Machine:" in text
+
+
+def test_op_benchmark_suite_writes_results(tmp_path):
+    """The pytest-benchmark suite on one op (references only, one round): its JSON has our keys."""
+    import os
+    import subprocess
+
+    out = tmp_path / "ops.json"
+    cmd = [sys.executable, "-m", "pytest", str(BENCH / "test_bench_ops.py"), "-m", "benchmark", "--benchmark-enable",
+           f"--benchmark-json={out}", "-p", "no:cacheprovider", "-q", "--bench-ops", "latent_norm",
+           "--bench-impls", "reference,fused", "--bench-device", "cpu", "--benchmark-min-rounds=1",
+           "--benchmark-max-time=0.0001", "--benchmark-warmup=off"]  # fmt: skip
+    # a clean pytest environment: under pytest-xdist the worker variables would make pytest-benchmark stand down
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    proc = subprocess.run(cmd, cwd=BENCH.parent, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["pae_fast"]["versions"]["torch"] == torch.__version__
+    assert "git" in data["machine_info"]["pae_fast"]
+    rows = {(b["extra_info"]["impl"], b["extra_info"]["mode"]): b for b in data["benchmarks"]}
+    assert set(rows) == {("reference", "fwd"), ("reference", "fwd+bwd")}  # fused: skipped on CPU
+    for b in rows.values():
+        assert set(b["extra_info"]) >= {"op", "case", "impl", "mode", "device", "dtype", "min_bytes", "floor_GBps"}
+        assert b["stats"]["median"] > 0
+    assert "Triton timing needs CUDA" in proc.stdout
+
+
+def test_train_step_cli_rejects_bad_input(bench_path, capsys):
+    import bench_train_step
+
+    with pytest.raises(SystemExit):
+        bench_train_step.main(["--model", "NoSuchModel", "--steps", "1"])
+    assert "unknown generator" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision"):
+        bench_train_step.run("x", precision="fp8", build=_tiny_generator)
