@@ -41,6 +41,7 @@ from pae_fast.models.layers import (
     unpatchify,
 )
 from pae_fast.models.lightningdit import (
+    ClassConditionalGenerator,
     FinalLayer,
     LightningDiTBlock,
     build_variant,
@@ -52,7 +53,7 @@ from pae_fast.models.lightningdit import (
 __all__ = ["DiTDH", "GENERATORS", "ditdh"]
 
 
-class DiTDH(nn.Module):
+class DiTDH(ClassConditionalGenerator):
     """DiT with a wide DDT head: ``model(x_t, t, y) -> v``.
 
     Args:
@@ -117,18 +118,6 @@ class DiTDH(nn.Module):
         )
         self.final_layer = FinalLayer(head_hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-
-    @property
-    def null_class(self) -> int:
-        """The unconditional label (``num_classes``)."""
-        return self.y_embedder.null_class
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     @torch.no_grad()
     def initialize_weights(self) -> None:

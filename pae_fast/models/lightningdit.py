@@ -206,7 +206,26 @@ def check_inputs(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class LightningDiT(nn.Module):
+class ClassConditionalGenerator(nn.Module):
+    """What LightningDiT and DiT^DH share beyond their blocks: the label table's null class and checkpointing."""
+
+    y_embedder: nn.Module
+    grad_checkpointing: bool
+
+    @property
+    def null_class(self) -> int:
+        """The unconditional label (``num_classes``)."""
+        return self.y_embedder.null_class
+
+    @property
+    def num_classes(self) -> int:
+        return self.y_embedder.num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
+class LightningDiT(ClassConditionalGenerator):
     """LightningDiT: ``model(x_t, t, y) -> v``.
 
     Args:
@@ -263,18 +282,6 @@ class LightningDiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-
-    @property
-    def null_class(self) -> int:
-        """The unconditional label (``num_classes``)."""
-        return self.y_embedder.null_class
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     @torch.no_grad()
     def initialize_weights(self) -> None:

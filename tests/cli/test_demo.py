@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pae_fast.cli.common import preset_path
 from pae_fast.config import apply_overrides, load_config
 from pae_fast.demo import classwise_frechet, run_demo
 
 
+@pytest.mark.filterwarnings("ignore:viv. a class has")
 def test_demo_runs_end_to_end_at_tiny_settings(tmp_path):
     cfg = load_config(preset_path("demo_cpu"))
     cfg = apply_overrides(cfg, {
