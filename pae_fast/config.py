@@ -144,6 +144,7 @@ class FlowConfig:
     logit_std: float = 1.0
     shift: float = 0.7  # our convention: t <- s t / (1 + (s-1) t); s < 1 moves toward noise
     rae_alpha: float | None = None  # RAE's shift (t=1 noise convention); converted to shift = 1/alpha at load
+    lightningdit_tau: float | None = None  # LightningDiT's time_shifting_factor t/(t + tau(1-t)); shift = 1/tau at load
     dimension_shift: bool = False  # RAE: alpha = sqrt(m / 4096), m = tokens x channels
     cosine_loss: bool = True  # PAE: MSE + (1 - cos); RAE: MSE only
 
@@ -193,6 +194,7 @@ class SampleConfig:
     sampler: Literal["euler", "heun", "euler_maruyama"] = "euler"
     steps: int = 250
     shift: float = 0.4
+    lightningdit_tau: float | None = None  # LightningDiT's time_shifting_factor; converted to shift = 1/tau at load
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
     cfg_scale: float = 2.5
     cfg_interval_start: float = 0.25  # guidance only while t >= start (t = 1 is data)
@@ -395,6 +397,14 @@ def _finalize(cfg: Any) -> Any:
             # RAE's shift alpha (t = 1 noise) equals our shift s = 1 / alpha (t = 1 data), SPEC §0.
             flow.shift = 1.0 / flow.rae_alpha
             flow.rae_alpha = None
+        for section, name in ((flow, "flow"), (cfg.sample, "sample")):
+            tau = section.lightningdit_tau
+            if tau is not None:
+                if tau <= 0:
+                    raise ConfigError(f"{name}.lightningdit_tau must be > 0, got {tau}")
+                # LightningDiT's grid t / (t + tau (1 - t)) is our shift s t / (1 + (s - 1) t) with s = 1 / tau.
+                section.shift = 1.0 / tau
+                section.lightningdit_tau = None
         if flow.shift <= 0:
             raise ConfigError(f"flow.shift must be > 0, got {flow.shift}")
         if cfg.sample.shift <= 0:
