@@ -246,6 +246,7 @@ def load_generator(
     device: torch.device | str = "cpu",
     name: str | None = None,
     key: str = "sample.checkpoint",
+    like: Any = None,
 ) -> tuple[nn.Module, dict[str, str]]:
     """Build a trained generator from its checkpoint (architecture from the run config in the metadata).
 
@@ -255,6 +256,9 @@ def load_generator(
         device: where to put the model.
         name: registered generator name; required only when the metadata holds no run config.
         key: the config key named in error messages.
+        like: a :class:`~pae_fast.config.GeneratorConfig` whose latent shape and classes (``in_channels``,
+            ``input_size``, ``num_classes``) a checkpoint without a run config shares, e.g. the main model of
+            AutoGuidance for its guide; the variant's defaults otherwise.
 
     Returns:
         ``(model in eval mode, metadata)``; the metadata gains ``"weights_file"``.
@@ -271,6 +275,10 @@ def load_generator(
     elif name is not None:
         model_cfg = Config().model
         model_cfg.name = name
+        if like is not None:  # same latent space as ``like``; architecture from the named variant
+            model_cfg = dataclasses.replace(
+                model_cfg, in_channels=like.in_channels, input_size=like.input_size, num_classes=like.num_classes
+            )
     else:
         raise ConfigError(f"{key}: {file} carries no run config in its metadata; name the generator")
     if name is not None and name != model_cfg.name:
@@ -280,6 +288,15 @@ def load_generator(
     load_checkpoint_weights(file, model)
     meta["weights_file"] = str(file)
     return model.to(device).eval(), meta
+
+
+def _model_config(meta: dict[str, str]) -> Any:
+    """The generator config stored in a checkpoint's metadata (None when it carries none)."""
+    if "config" not in meta:
+        return None
+    import yaml
+
+    return config_from_dict(yaml.safe_load(meta["config"])).model
 
 
 def _latent_stats(meta: dict[str, str], weights_file: Path, channels: int) -> tuple[Tensor, Tensor]:
@@ -407,11 +424,14 @@ def sample_generator(cfg: Config) -> list[Path]:
         raise ConfigError("sample runs as a single process: launch it with python, not torchrun")
     device = default_device(sc.device)
     model, meta = load_generator(sc.checkpoint, sc.use_ema, device)
+    main_cfg = _model_config(meta)
     guide = None
     if sc.guidance == "autoguidance":
         if not sc.guide_checkpoint:
             raise ConfigError("sample.guidance=autoguidance needs sample.guide_checkpoint (a small / early generator)")
-        guide, _ = load_generator(sc.guide_checkpoint, sc.use_ema, device, sc.guide_name, "sample.guide_checkpoint")
+        guide, _ = load_generator(
+            sc.guide_checkpoint, sc.use_ema, device, sc.guide_name, "sample.guide_checkpoint", like=main_cfg
+        )
     weights_file = Path(meta["weights_file"])
     if "latent_shape" in meta:
         shape = tuple(json.loads(meta["latent_shape"]))

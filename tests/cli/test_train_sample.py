@@ -209,3 +209,24 @@ def test_sample_decodes_with_a_registered_tokenizer(tmp_path, monkeypatch, capsy
     assert np.array_equal(np.asarray(Image.open(out / "images" / "000003.png")), arr["arr_0"][3])
     assert Image.open(out / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 6 images, 3 per row, 2 px padding
     assert not (out / "latents.safetensors").exists()
+
+
+def test_guide_without_run_config_takes_the_main_models_latent_space(tmp_path, monkeypatch):
+    """A bare weights file (no run config in its metadata) as AutoGuidance guide is built for the main model's
+    latent channels, size and classes, with the named variant's architecture."""
+    from pae_fast.config import GeneratorConfig
+    from pae_fast.generation import load_generator
+    from pae_fast.io import save_safetensors
+    from pae_fast.registry import GENERATORS, create_generator
+
+    name = "LightningDiT-test-guide"
+    GENERATORS.names()  # import the model modules first, then add a tiny variant for this test only
+    monkeypatch.setitem(GENERATORS._entries, name, lambda **kw: create_generator(
+        "LightningDiT-B/1", **{"depth": 1, "hidden_size": 32, "num_heads": 4, **kw}))
+    guide = create_generator(name, in_channels=4, input_size=4, num_classes=3)
+    save_safetensors(guide.state_dict(), tmp_path / "guide.safetensors")
+    like = GeneratorConfig(name="LightningDiT-B/1", in_channels=4, input_size=4, num_classes=3)
+    model, _ = load_generator(tmp_path / "guide.safetensors", name=name, like=like)
+    assert model.in_channels == 4 and model.num_classes == 3
+    with pytest.raises(Exception, match="size mismatch|shape"):
+        load_generator(tmp_path / "guide.safetensors", name=name)  # default latent space: 32 channels
