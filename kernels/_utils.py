@@ -7,7 +7,7 @@ import triton
 
 from ._dispatch import interpreter_enabled
 
-__all__ = ["as_rows", "row_block", "fp32_scalar"]
+__all__ = ["as_rows", "row_block", "row_warps", "fp32_scalar"]
 
 
 def as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -35,6 +35,14 @@ def row_block(R: int, C: int, max_elems: int | None = None) -> tuple[int, int]:
         max_elems = 65536 if interpreter_enabled() else 8192
     BLOCK_R = max(1, min(triton.next_power_of_2(max(R, 1)), max_elems // BLOCK_C))
     return BLOCK_R, BLOCK_C
+
+
+def row_warps(BLOCK_R: int, BLOCK_C: int) -> int:
+    """Warps for a row-block program: about 32 fp32 elements of each live tile per thread, 4 to 16 warps.
+
+    Fewer warps leave 64+ elements per thread and spill registers (ptxas, sm_90; see ``compile_check --ptxas``).
+    """
+    return max(4, min(16, triton.next_power_of_2(BLOCK_R * BLOCK_C) // 1024))
 
 
 def fp32_scalar(v: float) -> float:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import OpSpec, interpreter_enabled, register_op, resolve_backend, tensor_bytes
+from ._utils import row_warps
 
 __all__ = ["gram_loss", "gram_loss_ref"]
 
@@ -235,6 +236,11 @@ def _normalize_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# 8 warps: with 4, the 64x64 fp32 Gram-difference tile plus the operand tiles spill registers on sm_90 (up to ~3 KB per
+# thread in the backward, measured with `python -m pae_fast.kernels.compile_check --ops gram_loss --ptxas`).
+_NUM_WARPS = 8
+
+
 def _tile_sizes(N: int, C1: int, C2: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K1, BLOCK_K2, BLOCK_C cap). tl.dot needs every block dim >= 16.
 
@@ -258,7 +264,7 @@ def _fwd(z: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor
     part = torch.zeros((B, nt * nt), dtype=torch.float32, device=z.device)
     _gram_loss_fwd_kernel[(nt * nt, B)](
         z, target, part, N, C1, C2, *z.stride(), *target.stride(), _EPS,
-        NORMALIZE=normalize, BLOCK_M=BM, BLOCK_K1=BK1, BLOCK_K2=BK2,
+        NORMALIZE=normalize, BLOCK_M=BM, BLOCK_K1=BK1, BLOCK_K2=BK2, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return (part.sum() / (B * N * N)).to(_loss_dtype(z, target))
 
@@ -279,7 +285,7 @@ def _grad_of(which_t: bool, g: torch.Tensor, z: torch.Tensor, target: torch.Tens
     _gram_loss_bwd_kernel[(triton.cdiv(N, BM), n_cb, B)](
         z, target, g, out, N, C1, C2, *z.stride(), *target.stride(), 4.0 / (B * N * N), _EPS,
         WRT_T=which_t, NORMALIZE=normalize, FUSE_NORM=normalize and fuse,
-        BLOCK_M=BM, BLOCK_K1=BK1, BLOCK_K2=BK2, BLOCK_C=BLOCK_C,
+        BLOCK_M=BM, BLOCK_K1=BK1, BLOCK_K2=BK2, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
     )  # fmt: skip
     if not two_pass:
         return out
@@ -288,7 +294,8 @@ def _grad_of(which_t: bool, g: torch.Tensor, z: torch.Tensor, target: torch.Tens
     BLOCK_C = triton.next_power_of_2(CX)
     BLOCK_R = max(1, min(triton.next_power_of_2(R), (65536 if interpreter_enabled() else 8192) // BLOCK_C))
     _normalize_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
-        x, out, dx, R, N, CX, *x.stride(), _EPS, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C
+        x, out, dx, R, N, CX, *x.stride(), _EPS, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        num_warps=row_warps(BLOCK_R, BLOCK_C),
     )
     return dx
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
-from ._utils import as_rows, row_block
+from ._utils import as_rows, row_block, row_warps
 
 __all__ = ["latent_norm", "latent_norm_ref"]
 
@@ -127,7 +127,7 @@ def _fwd(h: torch.Tensor, eps: float, mean: torch.Tensor | None, std: torch.Tens
     _latent_norm_fwd_kernel[grid](
         x, y, rstd, m if m is not None else rstd, s if s is not None else rstd,
         R, C, x.stride(0), float(eps),
-        HAS_STATS=m is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        HAS_STATS=m is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=row_warps(BLOCK_R, BLOCK_C),
     )  # fmt: skip
     return y.view(h.shape), rstd
 
@@ -145,7 +145,7 @@ def _bwd(dz: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor, mean: torch.Tens
     _latent_norm_bwd_kernel[(P,)](
         g, x, rstd, m if has else rstd, s if has else rstd, dx, dmp, dsp,
         R, C, x.stride(0),
-        HAS_STATS=has, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        HAS_STATS=has, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=row_warps(BLOCK_R, BLOCK_C),
     )  # fmt: skip
     dmean = dmp.sum(0).to(mean.dtype) if mean is not None else h.new_empty(0)
     dstd = dsp.sum(0).to(std.dtype) if std is not None else h.new_empty(0)

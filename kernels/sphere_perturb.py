@@ -35,8 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes, triton_unavailable_reason
-from ._utils import as_rows, row_block
+from ._dispatch import (
+    OpSpec,
+    interpreter_enabled,
+    register_op,
+    resolve_backend,
+    tensor_bytes,
+    triton_unavailable_reason,
+)
+from ._utils import as_rows, row_block, row_warps
 
 __all__ = ["sphere_perturb", "sphere_perturb_ref", "sphere_perturb_noise"]
 
@@ -231,14 +238,21 @@ def _launch_chunks(angles: Sequence[float], geodesic: bool, C: int):
         yield a0, len(chunk), [p for p, _ in padded], [q for _, q in padded]
 
 
+def _blocks(R: int, C: int) -> tuple[int, int]:
+    """Row blocks: on a GPU at most 2048 elements per program, since in-kernel Philox and up to 4 angles keep many
+    values live (8192-element tiles spilled ~10 KB per thread on sm_90, `compile_check --ptxas`)."""
+    return row_block(R, C, None if interpreter_enabled() else 2048)
+
+
 def _noise_triton(R: int, C: int, seed: int, seed_t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     e = torch.empty((R, C), dtype=torch.float32, device=device)
     if R * C == 0:
         return e
-    BLOCK_R, BLOCK_C = row_block(R, C)
+    BLOCK_R, BLOCK_C = _blocks(R, C)
     s, from_ptr = _seed_arg(seed, seed_t)
     _sphere_noise_kernel[(triton.cdiv(R, BLOCK_R),)](
-        e, s, R, C, SEED_FROM_PTR=from_ptr, OFFS64=R * C >= 2**31, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C
+        e, s, R, C, SEED_FROM_PTR=from_ptr, OFFS64=R * C >= 2**31, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        num_warps=row_warps(BLOCK_R, BLOCK_C),
     )
     return e
 
@@ -249,14 +263,14 @@ def _fwd(z: torch.Tensor, angles: Sequence[float], seed: int, seed_t: torch.Tens
     out = torch.empty((A, R, C), dtype=z.dtype, device=z.device)
     if R * C == 0:
         return out.view(A, *z.shape)
-    BLOCK_R, BLOCK_C = row_block(R, C)
+    BLOCK_R, BLOCK_C = _blocks(R, C)
     s, from_ptr = _seed_arg(seed, seed_t)
     big = R * max(C, x.stride(0)) >= 2**31
     for a0, na, P, Q in _launch_chunks(angles, geodesic, C):
         _sphere_perturb_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             x, out[a0:], s, R, C, x.stride(0), R * C, _EPS, *P, *Q,
             NUM_ANGLES=na, GEODESIC=geodesic, SEED_FROM_PTR=from_ptr, OFFS64=big,
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=row_warps(BLOCK_R, BLOCK_C),
         )  # fmt: skip
     return out.view(A, *z.shape)
 
@@ -268,7 +282,7 @@ def _bwd(g: torch.Tensor, z: torch.Tensor, angles: Sequence[float], seed: int, s
     g = g.reshape(A, R, C).contiguous()
     if R * C == 0:
         return torch.zeros_like(z)
-    BLOCK_R, BLOCK_C = row_block(R, C)
+    BLOCK_R, BLOCK_C = _blocks(R, C)
     s, from_ptr = _seed_arg(seed, seed_t)
     big = R * max(C, x.stride(0)) >= 2**31
     chunks = list(_launch_chunks(angles, geodesic, C))
@@ -278,7 +292,7 @@ def _bwd(g: torch.Tensor, z: torch.Tensor, angles: Sequence[float], seed: int, s
         _sphere_perturb_bwd_kernel[(triton.cdiv(R, BLOCK_R),)](
             g[a0:], x, dz, s, R, C, x.stride(0), R * C, _EPS, *P, *Q,
             NUM_ANGLES=na, GEODESIC=geodesic, SEED_FROM_PTR=from_ptr, OFFS64=big,
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=row_warps(BLOCK_R, BLOCK_C),
         )  # fmt: skip
         parts.append(dz)
     dz = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0).to(z.dtype)
