@@ -120,7 +120,7 @@ def _norm_rope_tile_bwd(
     G,  # (B, H, N, D) upstream gradient, contiguous; already offset to (b, h)
     X,  # (B, H, N, D) forward input, strides (.., .., stride_n, 1); already offset to (b, h)
     W,  # (D,) norm weight (HAS_W)
-    DX,  # (B, H, N, D) gradient of x, contiguous; already offset to (b, h)
+    DX,  # (B, H, N, D) gradient of x, strides (.., .., stride_dn, 1); already offset to (b, h)
     DW_PART,  # (P, D) fp32 per-program partial sums of dL/dw; already offset to this program's row (HAS_W)
     n,
     d,
@@ -130,6 +130,7 @@ def _norm_rope_tile_bwd(
     sp,
     sign,
     stride_n,
+    stride_dn,
     D,
     eps,
     NORMALIZE: tl.constexpr,
@@ -148,7 +149,7 @@ def _norm_rope_tile_bwd(
             dy = dy * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         dot = tl.sum(dy * xn, axis=1) / D
         dy = r[:, None] * (dy - xn * dot[:, None])
-    tl.store(DX + n[:, None] * D + d[None, :], dy.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + n[:, None] * stride_dn + d[None, :], dy.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -161,8 +162,8 @@ def _qk_norm_rope_bwd_kernel(
     SIN,  # (N, D) contiguous
     QW,  # (D,) (HAS_QW)
     KW,  # (D,) (HAS_KW)
-    DQ,  # (B, H, N, D) gradient of q, contiguous
-    DK,  # (B, H, N, D) gradient of k, contiguous
+    DQ,  # (B, H, N, D) gradient of q, strides dqb, dqh, dqn, unit d stride (e.g. a slice of a packed dqkv)
+    DK,  # (B, H, N, D) gradient of k, strides dkb, dkh, dkn, unit d stride
     DQW_PART,  # (P, D) fp32 partial sums of dL/dq_weight, P = B * H * cdiv(N, BLOCK_N) (HAS_QW)
     DKW_PART,  # (P, D) fp32 partial sums of dL/dk_weight (HAS_KW)
     H,
@@ -174,6 +175,12 @@ def _qk_norm_rope_bwd_kernel(
     skb,
     skh,
     skn,
+    dqb,
+    dqh,
+    dqn,
+    dkb,
+    dkh,
+    dkn,
     eps,
     NORMALIZE: tl.constexpr,
     HAS_QW: tl.constexpr,
@@ -192,15 +199,17 @@ def _qk_norm_rope_bwd_kernel(
     mask = (n < N)[:, None] & (d < D)[None, :]
     c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
     sp = tl.load(SIN + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # sin of the partner
+    b64 = bi.to(tl.int64)
+    h64 = hi.to(tl.int64)
     off = pid_bh.to(tl.int64) * N * D
     part = (pid_bh * tl.num_programs(1) + pid_n).to(tl.int64) * D
     _norm_rope_tile_bwd(
-        DQO + off, Q + bi.to(tl.int64) * sqb + hi.to(tl.int64) * sqh, QW, DQ + off, DQW_PART + part,
-        n, d, pd, mask, c, sp, sign, sqn, D, eps, NORMALIZE, HAS_QW,
+        DQO + off, Q + b64 * sqb + h64 * sqh, QW, DQ + b64 * dqb + h64 * dqh, DQW_PART + part,
+        n, d, pd, mask, c, sp, sign, sqn, dqn, D, eps, NORMALIZE, HAS_QW,
     )  # fmt: skip
     _norm_rope_tile_bwd(
-        DKO + off, K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh, KW, DK + off, DKW_PART + part,
-        n, d, pd, mask, c, sp, sign, skn, D, eps, NORMALIZE, HAS_KW,
+        DKO + off, K + b64 * skb + h64 * skh, KW, DK + b64 * dkb + h64 * dkh, DKW_PART + part,
+        n, d, pd, mask, c, sp, sign, skn, dkn, D, eps, NORMALIZE, HAS_KW,
     )  # fmt: skip
 
 
@@ -244,13 +253,15 @@ def _fwd(q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool):
     return qo, ko
 
 
-def _bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool):
+def _bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, dq=None, dk=None):
+    """Gradients of q, k (written into ``dq``/``dk`` when given: any b/h/n strides, unit head_dim stride) and of the
+    norm weights."""
     B, H, N, D = q.shape
     q, k = _unit_d(q), _unit_d(k)
     c, s = _table(cos, N, D), _table(sin, N, D)
     dqo, dko = dqo.contiguous(), dko.contiguous()
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device)
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device) if dk is None else dk
     BLOCK_N, BLOCK_D = _blocks(N, D)
     grid = (B * H, triton.cdiv(N, BLOCK_N))
     P = grid[0] * grid[1]
@@ -261,7 +272,8 @@ def _bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bo
             dqo, dko, q, k, c, s,
             q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
             dq, dk, dqw_p, dkw_p, H, N, D,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(eps),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), float(eps),
             NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip

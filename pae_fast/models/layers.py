@@ -201,14 +201,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Args: x ``(B, N, D)``; rope ``(cos, sin)`` each ``(N, head_dim)`` or None. Returns ``(B, N, D)``."""
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        qkv = self.qkv(x)  # (B, N, 3D): q | k | v, heads inside
         if rope is not None or self.q_norm is not None:
             if rope is None:  # qk-norm without RoPE: the identity rotation
                 rope = (x.new_ones(N, self.head_dim), x.new_zeros(N, self.head_dim))
-            q, k = kernels.qk_norm_rope(
-                q,
-                k,
+            # split into heads + qk-norm + RoPE in one op whose backward writes the packed dqkv directly
+            q, k, v = kernels.qkv_norm_rope(
+                qkv,
+                self.num_heads,
                 rope[0],
                 rope[1],
                 q_weight=self.q_norm.weight if self.q_norm is not None else None,
@@ -216,6 +216,8 @@ class Attention(nn.Module):
                 eps=self.q_norm.eps if self.q_norm is not None else 1e-6,
                 normalize=self.q_norm is not None,
             )
+        else:
+            q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         o = kernels.attention(q, k, v)  # (B, H, N, hd)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
