@@ -136,16 +136,7 @@ class DiTDH(ClassConditionalGenerator):
             if rope is not None:
                 rope.reset()
         self.t_embedder.W.normal_(0.0, self.t_embedder.scale)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        self._init_conditioning_and_zero_outputs()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity ``v (B, C, H, W)`` at ``x_t (B, C, H, W)``, time ``t (B,)`` (or scalar), labels ``y (B,)``."""

@@ -224,6 +224,21 @@ class ClassConditionalGenerator(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    @torch.no_grad()
+    def _init_conditioning_and_zero_outputs(self) -> None:
+        """N(0, 0.02) label table and t-MLP; adaLN-Zero: zero modulation in every block and a zero final layer, so
+        the model outputs exactly 0 at init."""
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
 
 class LightningDiT(ClassConditionalGenerator):
     """LightningDiT: ``model(x_t, t, y) -> v``.
@@ -299,16 +314,7 @@ class LightningDiT(ClassConditionalGenerator):
         self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, g, g).unsqueeze(0))
         if self.feat_rope is not None:
             self.feat_rope.reset()
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        self._init_conditioning_and_zero_outputs()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity ``v (B, C, H, W)`` at ``x_t (B, C, H, W)``, time ``t (B,)`` (or scalar), labels ``y (B,)``."""
