@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Mismatch", "CompareResult", "compare_op", "assert_op_matches", "flatten_tensors"]
+__all__ = ["Mismatch", "CompareResult", "compare_op", "assert_op_matches", "assert_cases_match", "flatten_tensors"]
 
 
 @dataclass
@@ -161,3 +161,18 @@ def assert_op_matches(*args: Any, **kwargs: Any) -> CompareResult:
     if not res.ok:
         raise AssertionError("\n" + res.report())
     return res
+
+
+def assert_cases_match(
+    spec: Any,
+    dtype: torch.dtype,
+    size: str = "small",
+    device: str | torch.device = "cpu",
+    fused_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Every case of an op-table entry (:class:`~pae_fast.kernels._dispatch.OpSpec`) against the fp64 reference,
+    forward and every gradient, at the entry's declared tolerances for ``dtype``."""
+    atol, rtol = spec.tolerances[dtype]
+    for label, args, kwargs in spec.cases(size, torch.device(device), dtype):
+        assert_op_matches(spec.fn, spec.ref, args, kwargs, atol=atol, rtol=rtol, name=f"{spec.name} {label}",
+                          ref_dtype=torch.float64, fused_kwargs=fused_kwargs)  # fmt: skip

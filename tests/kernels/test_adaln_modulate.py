@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pae_fast.kernels import OPS, adaln_modulate, adaln_modulate_ref, use_backend
 from pae_fast.kernels import _adaln_common as common
-from pae_fast.kernels.testing import assert_op_matches
+from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["adaln_modulate"]
 
@@ -27,10 +27,7 @@ def check(args, kwargs, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_registered_cases_match_reference(dtype):
-    atol, rtol = SPEC.tolerances[dtype]
-    for label, args, kwargs in SPEC.cases("small", torch.device("cpu"), dtype):
-        assert_op_matches(adaln_modulate, adaln_modulate_ref, args, kwargs, atol=atol, rtol=rtol, name=label,
-                          ref_dtype=torch.float64)  # fmt: skip
+    assert_cases_match(SPEC, dtype)
 
 
 @pytest.mark.parametrize(

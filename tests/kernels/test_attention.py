@@ -7,7 +7,7 @@ import torch
 
 from pae_fast.kernels import OPS, BackendUnavailable, attention, attention_ref, use_attention_backend, use_backend
 from pae_fast.kernels.attention import DEFAULT_SDPA_ORDER, attention_backend_reasons, resolve_attention_backend
-from pae_fast.kernels.testing import assert_op_matches
+from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["attention"]
 _MOD = importlib.import_module("pae_fast.kernels.attention")
@@ -15,10 +15,7 @@ _MOD = importlib.import_module("pae_fast.kernels.attention")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sdpa_matches_math_on_cases(dtype):
-    atol, rtol = SPEC.tolerances[dtype]
-    for label, args, kwargs in SPEC.cases("small", torch.device("cpu"), dtype):
-        assert_op_matches(attention, attention_ref, args, kwargs, atol=atol, rtol=rtol, name=label,
-                          ref_dtype=torch.float64, fused_kwargs={"backend": "sdpa"})  # fmt: skip
+    assert_cases_match(SPEC, dtype, fused_kwargs={"backend": "sdpa"})
 
 
 @pytest.mark.parametrize("hd", [72, 128])

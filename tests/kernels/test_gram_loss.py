@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, gram_loss, gram_loss_ref, use_backend
-from pae_fast.kernels.testing import assert_op_matches
+from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["gram_loss"]
 # the package exports the function under the module's name: fetch the module itself for monkeypatching
@@ -66,10 +66,7 @@ def test_small_tiles_multi_block(monkeypatch, normalize):
 
 def test_op_table_cases_with_declared_tolerances():
     for dtype in (torch.float32, torch.float16):
-        atol, rtol = SPEC.tolerances[dtype]
-        for label, args, kwargs in SPEC.cases("small", torch.device("cpu"), dtype):
-            assert_op_matches(gram_loss, gram_loss_ref, args, kwargs, atol=atol, rtol=rtol, name=label,
-                              ref_dtype=torch.float64)  # fmt: skip
+        assert_cases_match(SPEC, dtype)
 
 
 def test_non_contiguous_and_mixed_dtypes():

@@ -5,17 +5,14 @@ import torch
 
 from pae_fast.kernels import OPS, qk_norm_rope_ref, qkv_norm_rope, qkv_norm_rope_ref, rope_2d_tables, use_backend
 from pae_fast.kernels.qkv_norm_rope import split_heads
-from pae_fast.kernels.testing import assert_op_matches
+from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["qkv_norm_rope"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cases_match_reference(dtype):
-    atol, rtol = SPEC.tolerances[dtype]
-    for label, args, kwargs in SPEC.cases("small", torch.device("cpu"), dtype):
-        assert_op_matches(qkv_norm_rope, qkv_norm_rope_ref, args, kwargs, atol=atol, rtol=rtol, name=label,
-                          ref_dtype=torch.float64)  # fmt: skip
+    assert_cases_match(SPEC, dtype)
 
 
 @pytest.mark.parametrize("H,hd,N", [(16, 72, 5), (16, 128, 3), (1, 64, 257)])

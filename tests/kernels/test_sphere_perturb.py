@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, sphere_perturb, sphere_perturb_ref, use_backend
-from pae_fast.kernels.testing import assert_op_matches
+from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["sphere_perturb"]
 # the package exports the function under the module's name: fetch the module itself
@@ -31,10 +31,7 @@ def _angles_deg(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_op_table_cases_match_reference(dtype):
     """(2,257,32) and (3,5,33) in both modes, non-contiguous, a tensor seed with three angles: outputs + grad z."""
-    atol, rtol = SPEC.tolerances[dtype]
-    for label, args, kwargs in SPEC.cases("small", torch.device("cpu"), dtype):
-        assert_op_matches(sphere_perturb, sphere_perturb_ref, args, kwargs, atol=atol, rtol=rtol, name=label,
-                          ref_dtype=torch.float64)  # fmt: skip
+    assert_cases_match(SPEC, dtype)
 
 
 @pytest.mark.parametrize("mode", ["noise", "geodesic"])

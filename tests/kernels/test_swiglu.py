@@ -4,16 +4,14 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, swiglu, swiglu_ref, use_backend
-from pae_fast.kernels.testing import assert_op_matches
+from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["swiglu"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cases_match_reference(dtype):
-    atol, rtol = SPEC.tolerances[dtype]
-    for label, args, kwargs in SPEC.cases("small", torch.device("cpu"), dtype):
-        assert_op_matches(swiglu, swiglu_ref, args, kwargs, atol=atol, rtol=rtol, name=label, ref_dtype=torch.float64)
+    assert_cases_match(SPEC, dtype)
 
 
 @pytest.mark.parametrize("packed", [True, False])
