@@ -63,7 +63,7 @@ class DataConfig:
     root: str | None = None  # image folder (class sub-folders) or latent-cache directory
     image_size: int = 256
     num_classes: int = 1000
-    batch_size: int = 32  # per process
+    batch_size: int | None = None  # per process; the layout a preset was written for (None: from train)
     num_workers: int = 4
     loader: Literal["auto", "dali", "pil"] = "auto"  # auto: DALI when installed, PIL otherwise
     hflip: bool = True

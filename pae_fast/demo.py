@@ -74,9 +74,11 @@ def _plot_loss(stats_path: Path, out_png: Path) -> Path | None:
 def run_demo(cfg: Config, heldout_per_class: int = 256) -> dict[str, Any]:
     """Run the demo pipeline described in the module docstring; returns the results dict (also written as JSON)."""
     from pae_fast.data.latent_cache import write_latent_cache
+    from pae_fast.data.latent_stats import compute_latent_stats
     from pae_fast.data.synthetic import SyntheticLatentSpec, synthetic_latents
     from pae_fast.eval.report import load_latents, run_diffusability
-    from pae_fast.generation import sample_generator, train_generator
+    from pae_fast.stages.sample import sample
+    from pae_fast.stages.train_generator import train_generator
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
@@ -109,14 +111,13 @@ def run_demo(cfg: Config, heldout_per_class: int = 256) -> dict[str, Any]:
             cfg.sample, checkpoint=str(run_dir), per_class=cfg.sample.per_class or 64,
             output_dir=str(out / f"samples_{name}"), guidance="cfg" if scale != 1.0 else "none", cfg_scale=scale,
         )  # fmt: skip
-        sample_generator(dataclasses.replace(train_cfg, sample=sc))
+        sample(dataclasses.replace(train_cfg, sample=sc))
         sample_sets[name] = load_latents(out / f"samples_{name}" / "latents.safetensors")
 
     # stage 5: evaluation against the known distribution
     # what the untrained generator samples: its zero-initialised output layer predicts v = 0, so samples stay noise
     g = torch.Generator().manual_seed(cfg.seed + 3)
-    std, mean = z_train.std(dim=(0, 2, 3), keepdim=True), z_train.mean(dim=(0, 2, 3), keepdim=True)
-    noise = torch.randn(z_test.shape, generator=g) * std + mean
+    noise = compute_latent_stats(z_train).denormalize(torch.randn(z_test.shape, generator=g))
     fd = {"untrained (noise)": classwise_frechet(noise, y_test, z_test, y_test)}
     for name, (zs, ys) in sample_sets.items():
         fd[f"samples ({name})"] = classwise_frechet(zs, ys, z_test, y_test)

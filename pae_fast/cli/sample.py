@@ -8,7 +8,7 @@ Examples:
 --sample.checkpoint takes a run folder (its newest valid checkpoint), a checkpoint folder or a weights file.
 With --sample.tokenizer_checkpoint (and tokenizer.name) the latents are decoded into grid.png, images/*.png and an
 ADM-format samples.npz; otherwise latents.safetensors and latent_grid.png are written. Output folder:
-sample.output_dir, default <out_dir>/samples.
+sample.output_dir, default <out_dir>/samples. The work is pae_fast.stages.sample.sample(cfg).
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     import logging
 
     from pae_fast.engine.checkpoint import CheckpointError
-    from pae_fast.generation import sample_generator
+    from pae_fast.stages.sample import sample
+    from pae_fast.weights import WeightsError
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     try:
-        paths = sample_generator(cfg)
-    except CheckpointError as e:  # a missing / damaged checkpoint file: the message names it
+        paths = sample(cfg)
+    except (CheckpointError, WeightsError) as e:  # a missing / damaged weights file: the message names it
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in paths:

@@ -9,8 +9,9 @@ Examples:
     torchrun --nproc_per_node=8 -m pae_fast train-dit --config configs/<preset>.yaml --data.root CACHE
     python -m pae_fast train-dit --config tiny_cpu --flow.dimension_shift true --dry-run
 
-Writes <out_dir>/config.yaml, <out_dir>/latent_stats.safetensors (the cache's per-channel mean/std, needed to
-de-normalise samples) and the engine's checkpoints, logs and stats under <out_dir>.
+Writes <out_dir>/config.yaml and the engine's checkpoints, logs and stats under <out_dir>; every weights file
+carries the latent statistics (per-channel mean/std) that sampling needs to de-normalise.
+The work is pae_fast.stages.train_generator.train_generator(cfg).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = resolve_config(args, extra)
     if cfg is None:  # --dry-run printed the config
         return 0
-    from pae_fast.generation import train_generator
+    from pae_fast.stages.train_generator import train_generator
 
     out = train_generator(cfg)
     print(f"generator run: {out}")

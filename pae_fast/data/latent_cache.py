@@ -4,11 +4,11 @@ A cache is a folder::
 
     index.json                  num_items, channels, size, num_classes, shards [{file, count}], metadata
     shard-00000.safetensors     latents (n, C, H, W), latents_flip (n, C, H, W), labels (n,) int64
-    stats.safetensors           per-channel mean (C,), std (C,) over up to 10k latents (SPEC §4)
+    stats.safetensors           per-channel mean (C,), std (C,) over up to 10k latents (LatentStats.save)
 
 Every file is written atomically; ``index.json`` is written last, so a folder without it is an incomplete cache.
-Random horizontal flips (SPEC §4: LightningDiT stores ``latents`` and ``latents_flip``) are index-based: with
-``hflip`` the dataset has 2N items and index ``i >= N`` reads ``latents_flip[i - N]``, so the engine's deterministic
+Random horizontal flips (docs/method.md § Latent cache: LightningDiT stores ``latents`` and ``latents_flip``) are
+index-based: with ``hflip`` the dataset has 2N items and index ``i >= N`` reads ``latents_flip[i - N]``, so the engine's deterministic
 permutation decides the flips and resume stays exact.
 """
 
@@ -23,31 +23,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
 from pae_fast.io import atomic_write_text, load_safetensors, save_safetensors
 
-__all__ = ["write_latent_cache", "LatentCache", "latent_stats", "INDEX_FILE", "STATS_FILE"]
+__all__ = ["write_latent_cache", "LatentCache", "INDEX_FILE", "STATS_FILE", "STATS_MAX_ITEMS"]
 
 INDEX_FILE = "index.json"
 STATS_FILE = "stats.safetensors"
 FORMAT_VERSION = 1
-
-
-def latent_stats(
-    latents: torch.Tensor, max_items: int = 10_000, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over (N, H, W) of the first ``max_items`` latents.
-
-    Args:
-        latents: ``(N, C, H, W)``.
-    Returns:
-        ``mean (C,)``, ``std (C,)`` in float32 (std clamped at ``eps``).
-    """
-    if latents.dim() != 4:
-        raise ValueError(f"latents must be (N, C, H, W), got shape {tuple(latents.shape)}")
-    x = latents[:max_items].double()
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3), unbiased=False).clamp_min(eps)
-    return mean.float(), std.float()
+STATS_MAX_ITEMS = 10_000  # statistics over the first 10k latents (docs/method.md § Latent statistics)
 
 
 def write_latent_cache(
@@ -98,8 +82,7 @@ def write_latent_cache(
             {"latents": latents[sl], "latents_flip": latents_flip[sl], "labels": labels[sl]}, out / name
         )
         shards.append({"file": name, "count": sl.stop - sl.start})
-    mean, std = latent_stats(latents)
-    save_safetensors({"mean": mean, "std": std}, out / STATS_FILE)
+    compute_latent_stats(latents, "channel", max_items=STATS_MAX_ITEMS, where=str(out)).save(out / STATS_FILE)
     index = {
         "format_version": FORMAT_VERSION,
         "num_items": n,
@@ -146,8 +129,10 @@ class LatentCache(Dataset):
         self.size = tuple(int(s) for s in self.index["size"])
         self.num_classes = int(self.index["num_classes"])
         self.metadata = self.index.get("metadata", {})
-        stats, _ = load_safetensors(self.path / STATS_FILE)
-        self.mean, self.std = stats["mean"].float(), stats["std"].float()
+        self.stats = LatentStats.load(self.path / STATS_FILE)
+        if self.stats.mode != "channel" or self.stats.channels != self.channels:
+            raise ValueError(f"{self.path / STATS_FILE}: {self.stats.mode} statistics of shape "
+                             f"{tuple(self.stats.mean.shape)} do not fit latents with {self.channels} channels")
         self._starts = []
         total = 0
         for s in self.index["shards"]:
@@ -181,7 +166,7 @@ class LatentCache(Dataset):
         shard = self._shard(k)
         z = shard["latents_flip" if flip else "latents"][j].float()
         if self.normalize:
-            z = (z - self.mean[:, None, None]) / self.std[:, None, None]
+            z = self.stats.normalize(z[None])[0]
         return z, shard["labels"][j]
 
     def load_all(self, flip: bool = False, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,10 +178,9 @@ class LatentCache(Dataset):
             ys.append(tensors["labels"].long())
         z = torch.cat(zs) if zs else torch.empty(0, self.channels, *self.size)
         if normalize:
-            z = (z - self.mean[:, None, None]) / self.std[:, None, None]
+            z = self.stats.normalize(z)
         return z, torch.cat(ys) if ys else torch.empty(0, dtype=torch.long)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Undo the standardisation: ``(B, C, H, W)`` -> raw latents."""
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        return z * self.std.to(z).view(shape) + self.mean.to(z).view(shape)
+        return self.stats.denormalize(z)

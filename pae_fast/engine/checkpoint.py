@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pae_fast.io import atomic_path, atomic_write_text, load_safetensors, save_safetensors
 
@@ -37,7 +36,6 @@ __all__ = [
     "save_torch",
     "load_state",
     "load_weights_file",
-    "load_checkpoint_weights",
 ]
 
 MANIFEST = "COMPLETE"
@@ -209,43 +207,3 @@ def load_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         return load_safetensors(path)
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from e
-
-
-def _resolve_weights_path(path: str | os.PathLike, which: str) -> Path:
-    if which not in ("ema", "model"):
-        raise ValueError(f"which={which!r}: expected 'ema' or 'model'")
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {p} does not exist")
-    if (p / MANIFEST).is_file():
-        validate_checkpoint(p)
-        return p / f"{which}.safetensors"
-    ckpt = latest_checkpoint(p)
-    if ckpt is None:
-        raise CheckpointError(f"no complete checkpoint under {p} (looked in {checkpoint_root(p)})")
-    return ckpt / f"{which}.safetensors"
-
-
-def load_checkpoint_weights(
-    path: str | os.PathLike, module: nn.Module, which: str = "ema", strict: bool = True
-) -> dict[str, str]:
-    """Load trained weights into ``module``.
-
-    Args:
-        path: a checkpoint folder, a run folder (its newest valid checkpoint) or a ``.safetensors`` file.
-        module: the (unwrapped) module to fill.
-        which: ``"ema"`` or ``"model"`` (ignored when ``path`` is a file).
-        strict: passed to ``load_state_dict``.
-
-    Returns:
-        The safetensors metadata (``config``, ``step``, ``task``, ``weights`` and the task's own entries).
-    """
-    file = _resolve_weights_path(path, which)
-    tensors, meta = load_weights_file(file)
-    try:
-        module.load_state_dict(tensors, strict=strict)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {file} do not fit {type(module).__name__}: {e}") from e
-    return dict(meta)

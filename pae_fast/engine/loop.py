@@ -33,6 +33,7 @@ from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, 
 from pae_fast.engine.state import ResumeBundle, find_resume, fork_rng, gather_rng_states, seed_all, set_rng_state
 from pae_fast.engine.task import LossFn, TrainTask
 from pae_fast.io import atomic_write_text
+from pae_fast.progress import is_terminal
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "micro_batch_size", "check_train_config"]
 
@@ -485,7 +486,7 @@ class _Trainer:
         )
         interrupted = False
         self.pbar = None
-        if self.main and cfg.progress and self.step < cfg.steps:
+        if self.main and cfg.progress and self.step < cfg.steps and is_terminal():  # else: the log_every lines
             from tqdm import tqdm
 
             self.pbar = tqdm(total=cfg.steps, initial=self.step, desc=self.task.name, dynamic_ncols=True)

@@ -58,25 +58,17 @@ def check_latents(latents: torch.Tensor, labels: torch.Tensor | None = None, wha
         raise ValueError(f"labels must be ({latents.shape[0]},) to match {what}, got {tuple(labels.shape)}")
 
 
-def standardize(latents: torch.Tensor, eps: float = 1e-8, chunk: int = 4096) -> torch.Tensor:
-    """Per-channel standardisation over ``(N, H, W)`` (population std): ``(N, C, H, W)`` float32.
+def standardize(latents: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per-channel standardisation over ``(N, H, W)``: ``(N, C, H, W)`` float32.
 
-    Statistics accumulate in float64 over chunks of latents, so memory stays at one float32 copy.
+    The statistics are :func:`pae_fast.data.latent_stats.compute_latent_stats` (``"channel"`` mode, float64 sums
+    over chunks of latents), so this is the same standardisation generator training applies.
     """
+    from pae_fast.data.latent_stats import compute_latent_stats
+
     check_latents(latents)
-    n, c = latents.shape[:2]
-    s1 = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
-    for i in range(0, n, chunk):
-        x = latents[i : i + chunk].double()
-        s1 += x.sum((0, 2, 3)).cpu()
-        s2 += x.pow(2).sum((0, 2, 3)).cpu()
-    count = n * latents.shape[2] * latents.shape[3]
-    mean = s1 / count
-    std = (s2 / count - mean**2).clamp_min(eps).sqrt()
-    view = (1, c, 1, 1)
-    out = latents.float() - mean.float().to(latents.device).view(view)
-    return out.div_(std.float().to(latents.device).view(view))
+    stats = compute_latent_stats((latents[i : i + chunk] for i in range(0, latents.shape[0], chunk)), "channel")
+    return stats.normalize(latents.float())
 
 
 # ----------------------------------------------------------------------------------------------------------------

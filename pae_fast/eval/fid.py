@@ -288,12 +288,9 @@ def extract_features(
         float32 numpy arrays by name.
     """
     out: dict[str, list[np.ndarray]] = {}
-    it = batches
-    if progress:
-        from tqdm import tqdm
+    from pae_fast.progress import progress as report
 
-        it = tqdm(batches, desc="features", unit="batch")
-    for batch in it:
+    for batch in report(batches, "features", enabled=progress, unit="batch"):
         x = batch.to(device)
         feats: dict[str, torch.Tensor] = {}
         if inception is not None:

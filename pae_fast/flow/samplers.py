@@ -84,8 +84,10 @@ def _tvec(t: float, x: Tensor) -> Tensor:
 
 def _steps(ts: list[float], progress: bool, desc: str):
     pairs = list(zip(ts[:-1], ts[1:]))
-    if progress:
-        from tqdm.auto import tqdm
+    from pae_fast.progress import is_terminal
+
+    if progress and is_terminal():  # inner steps: a transient bar on a terminal, nothing in log files
+        from tqdm import tqdm
 
         return tqdm(pairs, desc=desc, leave=False)
     return pairs

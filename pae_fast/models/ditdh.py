@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pae_fast.models.generator import ClassConditionalGenerator, build_variant, check_inputs, register_variants
 from pae_fast.models.layers import (
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -40,17 +41,9 @@ from pae_fast.models.layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-from pae_fast.models.lightningdit import (
-    ClassConditionalGenerator,
-    FinalLayer,
-    LightningDiTBlock,
-    build_variant,
-    check_inputs,
-    register_variant,
-    run_blocks,
-)
+from pae_fast.models.lightningdit import FinalLayer, LightningDiTBlock, run_blocks
 
-__all__ = ["DiTDH", "GENERATORS", "ditdh"]
+__all__ = ["DiTDH", "VARIANTS", "ditdh"]
 
 
 class DiTDH(ClassConditionalGenerator):
@@ -163,12 +156,13 @@ class DiTDH(ClassConditionalGenerator):
 # Named variants: trunk sizes of RAE's configs, all with the 2 x 2048 head (SPEC §3)
 # ----------------------------------------------------------------------------------------------------------------
 
-GENERATORS: dict[str, dict[str, Any]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "DiTDH-S": dict(hidden_size=384, depth=12, num_heads=6),
     "DiTDH-B": dict(hidden_size=768, depth=12, num_heads=12),
     "DiTDH-L": dict(hidden_size=1024, depth=24, num_heads=16),
     "DiTDH-XL": dict(hidden_size=1152, depth=28, num_heads=16),
 }
+register_variants(DiTDH, VARIANTS)
 
 
 def ditdh(name: str, **overrides: Any) -> DiTDH:
@@ -176,10 +170,6 @@ def ditdh(name: str, **overrides: Any) -> DiTDH:
 
     Example: ``ditdh("DiTDH-XL")`` (768 input channels, 838.68M parameters).
     """
-    if name not in GENERATORS:
-        raise KeyError(f"unknown DiT^DH variant {name!r}; valid: {', '.join(GENERATORS)}")
-    return build_variant(DiTDH, name, GENERATORS[name], overrides)
-
-
-for _name in GENERATORS:
-    register_variant(_name, ditdh)
+    if name not in VARIANTS:
+        raise KeyError(f"unknown DiT^DH variant {name!r}; valid: {', '.join(VARIANTS)}")
+    return build_variant(DiTDH, name, VARIANTS[name], overrides)

@@ -18,8 +18,6 @@ Time convention (SPEC §0): ``t = 1`` is data, ``t = 0`` noise; the model predic
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pae_fast.models.generator import ClassConditionalGenerator, build_variant, check_inputs, register_variants
 from pae_fast.models.layers import (
     Attention,
     LabelEmbedder,
@@ -44,18 +43,14 @@ from pae_fast.models.layers import (
     swiglu_hidden,
     unpatchify,
 )
-from pae_fast.registry import create_generator, register_generator
 
 __all__ = [
     "LightningDiTBlock",
     "FinalLayer",
     "run_blocks",
     "LightningDiT",
-    "GENERATORS",
+    "VARIANTS",
     "lightningdit",
-    "generator_from_config",
-    "load_generator_weights",
-    "check_inputs",
 ]
 
 
@@ -183,63 +178,6 @@ def run_blocks(
     return x, h
 
 
-def check_inputs(
-    model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate ``(x_t, t, y)`` against a generator; returns ``t`` and ``y`` as ``(B,)`` (a scalar ``t`` expands)."""
-    name = type(model).__name__
-    C, S = model.in_channels, model.input_size
-    if x.dim() != 4 or x.shape[1] != C or x.shape[2] != S or x.shape[3] != S:
-        raise ValueError(f"{name}: x_t must be (B, {C}, {S}, {S}) (in_channels, input_size), got {tuple(x.shape)}")
-    B = x.shape[0]
-    if t.dim() == 0:
-        t = t.expand(B)
-    if tuple(t.shape) != (B,):
-        raise ValueError(f"{name}: t must be (B,) = ({B},) or a scalar, got {tuple(t.shape)}")
-    if tuple(y.shape) != (B,) or y.is_floating_point() or y.is_complex():
-        raise ValueError(f"{name}: y must be an integer tensor of shape ({B},), got {y.dtype} {tuple(y.shape)}")
-    return t, y
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class ClassConditionalGenerator(nn.Module):
-    """What LightningDiT and DiT^DH share beyond their blocks: the label table's null class and checkpointing."""
-
-    y_embedder: nn.Module
-    grad_checkpointing: bool
-
-    @property
-    def null_class(self) -> int:
-        """The unconditional label (``num_classes``)."""
-        return self.y_embedder.null_class
-
-    @property
-    def num_classes(self) -> int:
-        return self.y_embedder.num_classes
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.no_grad()
-    def _init_conditioning_and_zero_outputs(self) -> None:
-        """N(0, 0.02) label table and t-MLP; adaLN-Zero: zero modulation in every block and a zero final layer, so
-        the model outputs exactly 0 at init."""
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-
 class LightningDiT(ClassConditionalGenerator):
     """LightningDiT: ``model(x_t, t, y) -> v``.
 
@@ -328,7 +266,7 @@ class LightningDiT(ClassConditionalGenerator):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Named variants (SPEC §3) and construction from a config
+# Named variants (docs/method.md § Generators)
 # ----------------------------------------------------------------------------------------------------------------
 
 _SIZES = {
@@ -339,9 +277,10 @@ _SIZES = {
     "1p6B": dict(hidden_size=1792, depth=28, num_heads=28),
 }
 
-GENERATORS: dict[str, dict[str, Any]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     f"LightningDiT-{size}/{p}": dict(kw, patch_size=p) for size, kw in _SIZES.items() for p in (1, 2)
 }
+register_variants(LightningDiT, VARIANTS)
 
 
 def lightningdit(name: str, **overrides: Any) -> LightningDiT:
@@ -349,101 +288,6 @@ def lightningdit(name: str, **overrides: Any) -> LightningDiT:
 
     Example: ``lightningdit("LightningDiT-XL/1", in_channels=32)`` (675.26M parameters).
     """
-    if name not in GENERATORS:
-        raise KeyError(f"unknown LightningDiT variant {name!r}; valid: {', '.join(GENERATORS)}")
-    return build_variant(LightningDiT, name, GENERATORS[name], overrides)
-
-
-def build_variant(cls: type, name: str, variant: dict[str, Any], overrides: dict[str, Any]) -> Any:
-    """``cls(**variant, **overrides)`` with None overrides dropped and unknown options named in the error."""
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(k for k in overrides if k not in valid)
-    if unknown:
-        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
-    kwargs = dict(variant)
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    model = cls(**kwargs)
-    model.variant = name
-    return model
-
-
-def register_variant(name: str, builder: Any) -> None:
-    """Register ``builder(name, **overrides)`` as the generator ``name`` (``create_generator(name, ...)``)."""
-
-    def build(**overrides: Any) -> nn.Module:
-        return builder(name, **overrides)
-
-    build.__name__ = build.__qualname__ = f"build_{name}"
-    build.__doc__ = f"Build {name} (overrides: constructor arguments of the model class)."
-    register_generator(name, build)
-
-
-for _name in GENERATORS:
-    register_variant(_name, lightningdit)
-
-# GeneratorConfig fields that are constructor options (None = the variant's default).
-_CONFIG_FIELDS = (
-    "in_channels", "input_size", "num_classes", "class_dropout", "depth", "hidden_size", "num_heads", "patch_size",
-    "use_qknorm", "use_rope", "use_swiglu", "wo_shift", "grad_checkpointing",
-    "head_depth", "head_hidden_size", "head_num_heads",
-)  # fmt: skip
-
-
-def generator_from_config(cfg: Any, device: torch.device | str | None = None) -> nn.Module:
-    """Build the generator a :class:`pae_fast.config.GeneratorConfig` describes (and load ``cfg.checkpoint``).
-
-    Args:
-        cfg: the ``model`` section of a run config.
-        device: where to build it (``"meta"`` builds without memory); default: the current default device.
-
-    Returns:
-        The model, in train mode.
-    """
-    overrides = {f: getattr(cfg, f) for f in _CONFIG_FIELDS if getattr(cfg, f, None) is not None}
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = create_generator(cfg.name, **overrides)
-    if getattr(cfg, "checkpoint", None):
-        load_generator_weights(model, cfg.checkpoint)
-    return model
-
-
-def load_generator_weights(model: nn.Module, path: str, prefer: tuple[str, ...] = ("ema", "model")) -> None:
-    """Load weights into ``model`` from safetensors, or a ``.pt``/``.pth`` read with ``weights_only=True``.
-
-    A ``.pt`` holding several state dicts (``{"ema": ..., "model": ...}``, as LightningDiT and RAE save) uses the
-    first of ``prefer`` present. Wrapper prefixes (``module.``, ``_orig_mod.``) are stripped and upstream RoPE
-    tables (``*.freqs_cos``/``*.freqs_sin``, constants we rebuild) skipped. Loading is strict; the error lists
-    missing and unexpected keys.
-    """
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"generator weights {p} do not exist")
-    if p.suffix == ".safetensors":
-        from pae_fast.io import load_safetensors
-
-        state, _ = load_safetensors(p)
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        for key in prefer:
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise ValueError(f"generator weights {p}: expected a state dict, got {type(state).__name__}")
-    clean = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
-        if k.endswith((".freqs_cos", ".freqs_sin")):  # upstream's persistent RoPE tables; ours are rebuilt
-            continue
-        clean[k] = v
-    result = model.load_state_dict(clean, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"generator weights {p} do not match {getattr(model, 'variant', type(model).__name__)}: "
-            f"missing {result.missing_keys[:8]}{' ...' if len(result.missing_keys) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}"
-        )
+    if name not in VARIANTS:
+        raise KeyError(f"unknown LightningDiT variant {name!r}; valid: {', '.join(VARIANTS)}")
+    return build_variant(LightningDiT, name, VARIANTS[name], overrides)

@@ -27,6 +27,7 @@ __all__ = [
     "GeneratorProfile",
     "profile_generator",
     "describe_generator",
+    "train_flops_per_sample",
 ]
 
 
@@ -167,3 +168,12 @@ def describe_generator(name: str, **overrides: Any) -> str:
     for part, v in sorted(prof.breakdown.items(), key=lambda kv: -kv[1]):
         lines.append(f"    {part:<26} {v:9.3f} GMAC")
     return "\n".join(lines)
+
+
+def train_flops_per_sample(model: nn.Module) -> float:
+    """Training FLOPs per sample of a generator: forward + backward = 3 x forward, forward = 2 x MACs.
+
+    Counted on a meta twin (:func:`forward_gmacs`), so it costs no memory; the engine turns it into achieved
+    TFLOP/s and MFU (docs/method.md § Compute accounting).
+    """
+    return 3.0 * 2.0 * forward_gmacs(model) * 1e9

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from pae_fast.engine import latest_checkpoint, load_checkpoint_weights, train
+from pae_fast.engine import latest_checkpoint, train
+from pae_fast.weights import load_weights
 
 
 def _env() -> dict:
@@ -88,6 +89,6 @@ def test_two_process_gloo_matches_single_process(tiny, tiny_script, tmp_path, st
     single = train(tiny.make_task(), tiny.tiny_cfg(**{**overrides, "distributed": "ddp"}), tmp_path / "one")
     for which, ref in (("model", single.model), ("ema", single.ema)):
         got = tiny.TinyMLP()
-        load_checkpoint_weights(out, got, which=which)
+        load_weights(got, out, prefer=(which,))
         for k, v in tiny.state_of(ref).items():
             torch.testing.assert_close(tiny.state_of(got)[k], v, rtol=1e-5, atol=1e-6, msg=f"{which}.{k}")

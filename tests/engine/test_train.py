@@ -13,10 +13,10 @@ from pae_fast.engine import (
     NonFiniteLossError,
     TrainTask,
     latest_checkpoint,
-    load_checkpoint_weights,
     train,
 )
 from pae_fast.engine.optim import lr_factor
+from pae_fast.weights import WeightsError, load_weights
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -83,10 +83,10 @@ def test_run_files_metadata_and_state(tiny, tmp_path):
                                                     "global_batch_size": 8, "seed": 0}
     assert {"torch", "numpy", "python"} <= set(state["rng"][0])
     fresh = tiny.TinyMLP()
-    meta = load_checkpoint_weights(tmp_path, fresh, which="ema")
+    meta = load_weights(fresh, tmp_path, prefer=("ema",))
     assert meta["config"] == "train:\n  steps: 8\n" and meta["step"] == "8" and meta["kind"] == "tiny"
     assert _equal(tiny.state_of(fresh), tiny.state_of(res.ema))
-    load_checkpoint_weights(res.checkpoint_dir / "model.safetensors", fresh)
+    load_weights(fresh, res.checkpoint_dir / "model.safetensors")
     assert _equal(tiny.state_of(fresh), tiny.state_of(res.model))
     # resuming a finished run is a no-op that reports the checkpoint
     again = train(tiny.make_task(), cfg, tmp_path, seed=0)
@@ -135,8 +135,8 @@ def test_damaged_checkpoint_error_and_auto_fallback(tiny, tmp_path):
     newest = run / "checkpoints" / "0000006"
     damaged = newest / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])  # truncated
-    with pytest.raises(CheckpointError, match=r"0000006/model\.safetensors is damaged"):
-        load_checkpoint_weights(newest, tiny.TinyMLP())
+    with pytest.raises(WeightsError, match=r"0000006/model\.safetensors is damaged"):
+        load_weights(tiny.TinyMLP(), newest)
     with pytest.raises(CheckpointError, match=r"0000006/model\.safetensors"):
         train(tiny.make_task(), tiny.tiny_cfg(steps=8, ckpt_every=4, resume=str(newest)), tmp_path / "other")
     assert latest_checkpoint(run).name == "0000004"

@@ -1,0 +1,115 @@
+"""Stage: train a LightningDiT / DiTᴰᴴ generator with flow matching on latents (``train-dit``).
+
+``train_generator(cfg)`` assembles a :class:`~pae_fast.engine.task.TrainTask` (model from the config, flow loss,
+standardised latent data) and runs the shared engine. The latent statistics used to standardise travel inside every
+saved weights file's metadata (:meth:`LatentStats.to_metadata`), so sampling de-normalises with exactly them
+(docs/method.md § Latent statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from pae_fast.config import Config, ConfigError, dump_yaml
+from pae_fast.flow.loss import FlowLoss
+from pae_fast.flow.timesteps import dimension_shift
+
+__all__ = ["resolve_train_shift", "build_generator_task", "train_generator"]
+
+log = logging.getLogger("pae_fast.train_generator")
+
+
+def resolve_train_shift(flow: Any, latent_shape: tuple[int, ...]) -> float:
+    """The training shift: ``flow.shift``, or RAE's dimension rule ``s = sqrt(4096 / m)`` when
+    ``flow.dimension_shift`` (m = C·H·W of one latent, i.e. tokens × channels; docs/method.md § Flow matching)."""
+    if flow.dimension_shift:
+        return dimension_shift(math.prod(latent_shape))
+    return flow.shift
+
+
+def _check_data_fits_model(shape: tuple[int, ...], num_classes: int | None, model_cfg: Any, where: str) -> None:
+    problems = []
+    if len(shape) != 3:
+        problems.append(f"items must be latents (C, H, W), got shape {shape}")
+    else:
+        c, h, w = shape
+        if c != model_cfg.in_channels:
+            problems.append(f"model.in_channels is {model_cfg.in_channels} but the cache has {c} channels")
+        if h != w or h != model_cfg.input_size:
+            problems.append(f"model.input_size is {model_cfg.input_size} but the cache latents are {h}x{w}")
+    if num_classes is not None and num_classes > model_cfg.num_classes:
+        problems.append(f"model.num_classes is {model_cfg.num_classes} but the cache has {num_classes} classes")
+    if problems:
+        raise ConfigError(f"the latent data {where} does not fit the generator: " + "; ".join(problems))
+
+
+def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) -> tuple[Any, Config]:
+    """Everything :func:`pae_fast.engine.train` needs to train the generator, without running it.
+
+    Args:
+        cfg: the run config (``model``, ``flow``, ``data``, ``train``).
+        dataset: a map-style dataset of ``(latent (C, H, W) standardised, label)``; default
+            :func:`pae_fast.data.latents.open_latent_data`. A dataset passed here exposes ``stats``
+            (:class:`LatentStats`) when its latents are standardised (identity statistics otherwise).
+        world_size: processes the run will use (checks ``data.batch_size`` against the engine's micro-batch).
+
+    Returns:
+        ``(TrainTask, resolved cfg)``; the resolved config holds the training shift actually used.
+    """
+    from pae_fast.data.latents import identity_stats, latent_loader_workers, open_latent_data
+    from pae_fast.engine.task import TrainTask
+    from pae_fast.models.generator import generator_from_config
+    from pae_fast.models.profile import train_flops_per_sample
+
+    num_workers = latent_loader_workers(cfg.data, cfg.train, world_size)
+    ds = open_latent_data(cfg) if dataset is None else dataset
+    if len(ds) == 0:
+        raise ConfigError(f"the latent data {getattr(ds, 'path', type(ds).__name__)} is empty")
+    shape = tuple(ds[0][0].shape)
+    _check_data_fits_model(shape, getattr(ds, "num_classes", None), cfg.model, str(getattr(ds, "path", "")))
+    shift = resolve_train_shift(cfg.flow, shape)
+    cfg = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, shift=shift))
+    model = generator_from_config(cfg.model)
+    stats = getattr(ds, "stats", None) or identity_stats(shape[0])
+    metadata = {
+        "generator": cfg.model.name,
+        "latent_shape": json.dumps(list(shape)),
+        **stats.to_metadata(),
+        "train_shift": repr(shift),
+        "latent_cache": str(getattr(ds, "path", "")),
+    }
+    task = TrainTask(
+        name="generator",
+        model=model,
+        loss_fn=FlowLoss.from_config(cfg.flow),
+        dataset=ds,
+        metadata=metadata,
+        flops_per_sample=train_flops_per_sample(model),
+        num_workers=num_workers,
+    )
+    return task, cfg
+
+
+def train_generator(cfg: Config) -> Path:
+    """Train a generator on latents with the shared engine (``train-dit``).
+
+    Writes ``<out_dir>/config.yaml`` (resolved) and the engine's checkpoints
+    (``<out_dir>/checkpoints/<step>/{model,ema}.safetensors``, the latent statistics in their metadata).
+
+    Returns:
+        the run folder.
+    """
+    from pae_fast.engine import train
+    from pae_fast.engine.distributed import get_world_size
+
+    task, cfg = build_generator_task(cfg, world_size=get_world_size())
+    if cfg.flow.dimension_shift:
+        log.info("dimension-dependent training shift s = %.4f (m = %s)", cfg.flow.shift, task.metadata["latent_shape"])
+    # the engine writes <out_dir>/config.yaml (the resolved config, with the training shift actually used)
+    train(task, cfg.train, cfg.out_dir, seed=cfg.seed, config_yaml=dump_yaml(cfg))
+    return Path(cfg.out_dir)
