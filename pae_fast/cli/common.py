@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
-from pae_fast.config import Config, ConfigError, dump_yaml, load_config, parse_override_args, save_resolved
+from pae_fast.config import (
+    Config,
+    ConfigError,
+    dump_yaml,
+    list_presets,
+    load_config,
+    parse_override_args,
+    preset_path,
+    save_resolved,
+)
 
 __all__ = ["add_config_arguments", "resolve_config", "preset_path", "list_presets", "no_extra"]
 
@@ -19,31 +27,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
 
 
-def list_presets() -> list[str]:
-    try:
-        root = resources.files("pae_fast.configs")
-    except ModuleNotFoundError:
-        return []
-    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_path(name: str) -> Path:
-    """A config path: an existing file, or a bundled preset by name (``tiny_cpu`` or ``tiny_cpu.yaml``)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
-    try:
-        bundled = resources.files("pae_fast.configs") / f"{stem}.yaml"
-        if bundled.is_file():
-            return Path(str(bundled))
-    except ModuleNotFoundError:
-        pass
-    raise ConfigError(f"config {name!r} is neither a file nor a bundled preset; presets: {', '.join(list_presets())}")
-
-
 def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config | None:
-    """Load ``--config`` with the overrides in ``extra``; on ``--dry-run`` print it and return None."""
+    """Load ``--config`` (its ``base:`` chain merged) with the overrides in ``extra``; on ``--dry-run`` print the
+    merged, resolved config and return None."""
     path = preset_path(args.config) if getattr(args, "config", None) else None
     cfg = load_config(path, parse_override_args(extra))
     if getattr(args, "dry_run", False):

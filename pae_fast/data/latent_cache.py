@@ -8,8 +8,8 @@ A cache is a folder::
 
 Every file is written atomically; ``index.json`` is written last, so a folder without it is an incomplete cache.
 Random horizontal flips (docs/method.md § Latent cache: LightningDiT stores ``latents`` and ``latents_flip``) are
-index-based: with ``hflip`` the dataset has 2N items and index ``i >= N`` reads ``latents_flip[i - N]``, so the engine's deterministic
-permutation decides the flips and resume stays exact.
+index-based: with ``hflip`` the dataset has 2N items and index ``i >= N`` reads ``latents_flip[i - N]``, so the
+engine's deterministic permutation decides the flips and resume stays exact.
 """
 
 from __future__ import annotations

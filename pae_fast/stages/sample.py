@@ -268,7 +268,7 @@ def sample(cfg: Config) -> list[Path]:
             nrow = min(shape[0], 8)  # one row per sample, one column per channel
             written.append(save_image_grid(preview, out_dir / "latent_grid.png", nrow=nrow))
         return written
-    written += _decode_and_save(tokenizer, z, labels, sc, out_dir, device)
+    written += _decode_and_save(tokenizer, z, labels, sc, out_dir, device, cfg.data.image_size)
     return written
 
 
@@ -289,8 +289,13 @@ def _load_tokenizer(cfg: Config, device: torch.device) -> nn.Module:
 
 
 @torch.no_grad()
-def _decode_and_save(tok: nn.Module, z: Tensor, labels: Tensor, sc: Any, out_dir: Path, device: torch.device):
-    """Decode in batches into one preallocated uint8 ``(N, H, W, 3)`` array (50k ImageNet samples: 9.8 GB)."""
+def _decode_and_save(
+    tok: nn.Module, z: Tensor, labels: Tensor, sc: Any, out_dir: Path, device: torch.device, image_size: int
+) -> list[Path]:
+    """Decode in batches into one preallocated uint8 ``(N, H, W, 3)`` array (50k ImageNet samples: 9.8 GB).
+
+    ``image_size`` is the run's ``data.image_size``: decoded images of another size are written as they are, with a
+    warning (the reference statistics of an FID evaluation are computed at that size)."""
     from pae_fast.eval.images import save_npz_images, to_uint8_hwc
 
     arr = None
@@ -302,6 +307,10 @@ def _decode_and_save(tok: nn.Module, z: Tensor, labels: Tensor, sc: Any, out_dir
         u8 = to_uint8_hwc(x.float().clamp(0, 1).cpu())
         if arr is None:
             import numpy as np
+
+            if u8.shape[1:3] != (image_size, image_size):
+                log.warning("the tokenizer decodes %dx%d images but data.image_size is %d", u8.shape[1], u8.shape[2],
+                            image_size)
 
             arr = np.empty((z.shape[0], *u8.shape[1:]), dtype=np.uint8)
         arr[s : s + len(u8)] = u8

@@ -12,12 +12,14 @@ from torch import nn
 
 from pae_fast.cli import main
 from pae_fast.config import ConfigError, dump_yaml, load_config
-from pae_fast.data.latent_cache import write_latent_cache
+from pae_fast.data.latent_cache import STATS_FILE, write_latent_cache
+from pae_fast.data.latent_stats import LatentStats
 from pae_fast.data.synthetic import SyntheticLatentSpec, synthetic_latents
 from pae_fast.engine.checkpoint import save_weights, write_checkpoint
-from pae_fast.generation import STATS_FILE, build_generator_task, initial_noise, sample_generator
 from pae_fast.io import load_safetensors, save_safetensors
 from pae_fast.registry import TOKENIZERS
+from pae_fast.stages.sample import initial_noise, sample
+from pae_fast.stages.train_generator import build_generator_task
 
 PRESET = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml")
 FAST = ["--train.progress", "false", "--train.tf32", "false"]
@@ -48,12 +50,14 @@ def test_train_dit_writes_checkpoints_config_and_stats(trained_run):
     for step in ("0000010", "0000020"):
         for name in ("model.safetensors", "ema.safetensors", "COMPLETE"):
             assert (run / "checkpoints" / step / name).is_file()
-    stats, _ = load_safetensors(run / STATS_FILE)
-    cache_stats, _ = load_safetensors(cache / "stats.safetensors")
-    torch.testing.assert_close(stats["mean"], cache_stats["mean"])
-    torch.testing.assert_close(stats["std"], cache_stats["std"])
-    _, meta = load_safetensors(run / "checkpoints" / "0000020" / "ema.safetensors")
-    assert json.loads(meta["latent_mean"]) == pytest.approx(cache_stats["mean"].tolist())
+    cache_stats = LatentStats.load(cache / STATS_FILE)
+    for name in ("ema.safetensors", "model.safetensors"):  # the statistics travel in every weights file
+        _, meta = load_safetensors(run / "checkpoints" / "0000020" / name)
+        stats = LatentStats.from_metadata(meta)
+        torch.testing.assert_close(stats.mean, cache_stats.mean)
+        torch.testing.assert_close(stats.std, cache_stats.std)
+        assert stats.mode == "channel" and stats.count == cache_stats.count
+    assert not list(run.glob("*stats.safetensors"))  # no second statistics file beside the run
     assert json.loads(meta["latent_shape"]) == [4, 8, 8] and meta["generator"] == "LightningDiT-B/1"
     records = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
@@ -121,12 +125,11 @@ def test_sampling_denormalises_with_the_cache_stats(tmp_path):
     cfg.sample.num_samples = 5
     cfg.sample.batch_size = 2
     cfg.sample.steps = 3
-    paths = sample_generator(cfg)
+    paths = sample(cfg)
     out = Path(cfg.out_dir) / "samples"
     assert out / "latents.safetensors" in paths
     t, _ = load_safetensors(out / "latents.safetensors")
-    mean, std = task.dataset.mean, task.dataset.std
-    expected = initial_noise(cfg.sample.seed, range(5), (4, 8, 8)) * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+    expected = task.dataset.stats.denormalize(initial_noise(cfg.sample.seed, range(5), (4, 8, 8)))
     torch.testing.assert_close(t["latents"], expected)
 
 
@@ -144,7 +147,7 @@ def test_class_balanced_sampling_and_a_damaged_checkpoint(tmp_path, capsys):
     assert "ema.safetensors is damaged" in capsys.readouterr().err
 
 
-def test_stats_file_fallback_and_missing_stats(tmp_path):
+def test_missing_latent_stats_are_an_error_and_no_folder_is_searched(tmp_path):
     cfg, ckpt, task = _zero_model_checkpoint(tmp_path)
     # a bare weights file whose metadata has the run config but no latent statistics
     bare = tmp_path / "bare" / "weights.safetensors"
@@ -152,12 +155,19 @@ def test_stats_file_fallback_and_missing_stats(tmp_path):
     cfg.sample.checkpoint = str(bare)
     cfg.sample.output_dir = str(tmp_path / "out")
     cfg.sample.num_samples, cfg.sample.steps = 2, 1
-    with pytest.raises(ConfigError, match="no latent statistics"):
-        sample_generator(cfg)
-    save_safetensors({"mean": torch.full((4,), 3.0), "std": torch.full((4,), 2.0)}, bare.parent / STATS_FILE)
-    sample_generator(cfg)
+    # statistics files beside the weights are not consulted: the checkpoint metadata is the one source
+    LatentStats("channel", torch.full((4,), 3.0), torch.full((4,), 2.0)).save(bare.parent / STATS_FILE)
+    with pytest.raises(ConfigError, match="carries no latent statistics"):
+        sample(cfg)
+    stats = LatentStats("channel", torch.full((4,), 3.0), torch.full((4,), 2.0))
+    save_safetensors(task.model.state_dict(), bare, metadata={"config": dump_yaml(cfg), **stats.to_metadata()})
+    sample(cfg)
     t, _ = load_safetensors(tmp_path / "out" / "latents.safetensors")
     torch.testing.assert_close(t["latents"], initial_noise(cfg.sample.seed, range(2), (4, 8, 8)) * 2.0 + 3.0)
+    wrong = LatentStats("channel", torch.zeros(3), torch.ones(3))
+    save_safetensors(task.model.state_dict(), bare, metadata={"config": dump_yaml(cfg), **wrong.to_metadata()})
+    with pytest.raises(ConfigError, match="do not fit channel statistics"):
+        sample(cfg)
 
 
 def test_synthetic_source_without_a_cache():
@@ -167,7 +177,8 @@ def test_synthetic_source_without_a_cache():
     assert x.shape == (4, 8, 8) and y.dtype == torch.long and len(task.dataset) == cfg.data.synthetic_size
     z = torch.stack([task.dataset[i][0] for i in range(len(task.dataset))])
     assert z.mean().abs() < 1e-4 and (z.transpose(0, 1).flatten(1).std(1) - 1).abs().max() < 0.01  # standardised
-    assert json.loads(task.metadata["latent_std"]) == pytest.approx(task.dataset.std.tolist())
+    assert json.loads(task.metadata["latent_std"]) == pytest.approx(task.dataset.stats.std.tolist())
+    assert task.flops_per_sample > 0 and task.num_workers == cfg.data.num_workers
 
 
 def test_dimension_shift_is_resolved_from_the_data_shape(tmp_path):
@@ -215,9 +226,9 @@ def test_guide_without_run_config_takes_the_main_models_latent_space(tmp_path, m
     """A bare weights file (no run config in its metadata) as AutoGuidance guide is built for the main model's
     latent channels, size and classes, with the named variant's architecture."""
     from pae_fast.config import GeneratorConfig
-    from pae_fast.generation import load_generator
     from pae_fast.io import save_safetensors
     from pae_fast.registry import GENERATORS, create_generator
+    from pae_fast.stages.sample import load_generator
 
     name = "LightningDiT-test-guide"
     GENERATORS.names()  # import the model modules first, then add a tiny variant for this test only

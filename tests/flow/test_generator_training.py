@@ -6,16 +6,17 @@ model's (whose zero-initialised output leaves the noise untouched), and CFG must
 """
 
 import dataclasses
-import json
 
 import pytest
 import torch
 
 from pae_fast.config import load_config
 from pae_fast.data.latent_cache import write_latent_cache
+from pae_fast.data.latent_stats import LatentStats
 from pae_fast.eval.fid import frechet_distance
-from pae_fast.generation import generate_latents, load_generator, train_generator
-from pae_fast.models.lightningdit import generator_from_config
+from pae_fast.models.generator import generator_from_config
+from pae_fast.stages.sample import generate_latents, load_generator
+from pae_fast.stages.train_generator import train_generator
 
 C, S, SD = 4, 4, 0.5
 
@@ -68,8 +69,7 @@ def _per_class_stats(model, cfg, means, guidance: str, scale: float = 1.0, n: in
     sc = dataclasses.replace(cfg.sample, guidance=guidance, cfg_scale=scale, seed=5)
     labels = torch.arange(2).repeat_interleave(n)
     z = generate_latents(model, labels, (C, S, S), sc, progress=False)
-    mean, std = model.latent_mean, model.latent_std
-    z = (z * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).flatten(1).double()
+    z = model.latent_stats.denormalize(z).flatten(1).double()
     eye = SD**2 * torch.eye(C * S * S, dtype=torch.float64)
     fds, cents = [], []
     for k in range(2):
@@ -84,11 +84,10 @@ def _train_and_check(tmp_path, steps: int, fd_ratio: float, sep_gain: float):
     train_generator(cfg)
     model, meta = load_generator(cfg.out_dir, use_ema=True)
     assert meta["weights"] == "ema" and int(meta["step"]) == steps
-    model.latent_mean = torch.tensor(json.loads(meta["latent_mean"]))
-    model.latent_std = torch.tensor(json.loads(meta["latent_std"]))
+    model.latent_stats = LatentStats.from_metadata(meta)
 
     untrained = generator_from_config(cfg.model).eval()
-    untrained.latent_mean, untrained.latent_std = model.latent_mean, model.latent_std
+    untrained.latent_stats = model.latent_stats
     fd_untrained, _ = _per_class_stats(untrained, cfg, means, "none")
     fd_trained, sep = _per_class_stats(model, cfg, means, "none")
     _, sep_cfg = _per_class_stats(model, cfg, means, "cfg", scale=3.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import use_backend
-from pae_fast.models.lightningdit import generator_from_config, load_generator_weights
+from pae_fast.models.generator import generator_from_config, load_generator_weights
 from pae_fast.registry import create_generator, list_generators
 
 NAMES = ["LightningDiT-B/2", "DiTDH-S"]

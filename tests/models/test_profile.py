@@ -85,7 +85,7 @@ def test_info_model_cli(capsys):
 )
 def test_generator_presets(preset, params):
     from pae_fast.config import load_config
-    from pae_fast.models.lightningdit import generator_from_config
+    from pae_fast.models.generator import generator_from_config
 
     cfg = load_config(CONFIGS / f"{preset}.yaml")
     assert count_params(generator_from_config(cfg.model, device="meta")) == params
