@@ -404,9 +404,10 @@ class _Trainer:
         rec["images_per_s"] = ips
         rec["sec_per_step"] = elapsed / max(steps, 1)
         rec["peak_mem_gb"] = peak_memory_gb(self.device)
-        peak = peak_flops(self.device)
-        if peak and self.task.flops_per_sample:
-            rec["mfu"] = self.task.flops_per_sample * ips / (peak * self.world)
+        if self.task.flops_per_sample:  # achieved TFLOP/s per device; MFU against the device's peak (null on CPU)
+            rec["tflops"] = self.task.flops_per_sample * ips / self.world / 1e12
+            peak = peak_flops(self.device)
+            rec["mfu"] = rec["tflops"] * 1e12 / peak if peak else None
         rec["skipped"] = int(round(n_bad))
         rec["skipped_total"] = int(round(skipped_total))
         self.stats.write(rec)
@@ -414,7 +415,7 @@ class _Trainer:
         self.log.info(
             "step %d/%d %s lr=%.3g gnorm=%s %.1f img/s mem=%.2fGB%s skipped=%d", self.step, self.cfg.steps, terms,
             rec["lr"], "n/a" if rec["grad_norm"] is None else f"{rec['grad_norm']:.3g}", ips, rec["peak_mem_gb"],
-            f" mfu={rec['mfu']:.1%}" if "mfu" in rec else "", rec["skipped_total"],
+            _flops_text(rec), rec["skipped_total"],
         )
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", refresh=False)
@@ -583,3 +584,11 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
         close_logger(handlers)
         if owns_group:
             D.cleanup()
+
+
+def _flops_text(rec: dict[str, Any]) -> str:
+    """`` 12.3 TFLOP/s mfu=40.1%`` for the log line ('' when the task counts no FLOPs)."""
+    if rec.get("tflops") is None:
+        return ""
+    mfu = f" mfu={rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
+    return f" {rec['tflops']:.3g} TFLOP/s{mfu}"
