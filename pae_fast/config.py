@@ -81,7 +81,8 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """PAE / RAE tokenizer (SPEC §1-2). Loss weights follow the secondary transcription of the paper."""
+    """PAE / RAE tokenizer (docs/method.md § Tokenizer, § Tokenizer losses, § RAE baseline). Loss weights follow the
+    secondary transcription of the paper."""
 
     name: str = "PAE-DINOv2-L-d32"
     vfm_weights: str | None = None  # local safetensors/.pth of the frozen encoder (hub names need a network)
@@ -106,7 +107,7 @@ class TokenizerConfig:
 
 @dataclass
 class RefineConfig:
-    """Stage 0: refined priors (a projector D->latent_dim and a ViT reconstructor), SPEC §1.1."""
+    """Stage 0: refined priors (a projector D->latent_dim and a ViT reconstructor), docs/method.md § Refined priors."""
 
     latent_dim: int = 32
     reconstructor_depth: int = 4
@@ -143,7 +144,7 @@ class GeneratorConfig:
 
 @dataclass
 class FlowConfig:
-    """Flow matching (SPEC §4). Time convention: t = 1 is data, t = 0 is noise."""
+    """Flow matching (docs/method.md § Flow matching). Time convention: t = 1 is data, t = 0 is noise."""
 
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     logit_mean: float = 0.0
@@ -191,7 +192,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling (SPEC §4): PAE default Euler ODE, 250 steps, shift 0.4, CFG 2.5 from t = 0.25."""
+    """Sampling (docs/method.md § Sampling): PAE default Euler ODE, 250 steps, shift 0.4, CFG 2.5 from t = 0.25."""
 
     checkpoint: str | None = None
     tokenizer_checkpoint: str | None = None
@@ -263,7 +264,7 @@ class Config:
         if flow.rae_alpha is not None:
             if flow.rae_alpha <= 0:
                 raise ConfigError(f"flow.rae_alpha must be > 0, got {flow.rae_alpha}")
-            # RAE's shift alpha (t = 1 noise) equals our shift s = 1 / alpha (t = 1 data), SPEC §0.
+            # RAE's shift alpha (t = 1 noise) equals our shift s = 1 / alpha (t = 1 data), docs/method.md § Conventions.
             flow.shift = 1.0 / flow.rae_alpha
             flow.rae_alpha = None
         for section, name in ((flow, "flow"), (self.sample, "sample")):

@@ -31,7 +31,8 @@ __all__ = [
 
 LOGGER_NAME = "pae_fast.train"
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; SPEC §6. Matched against torch.cuda.get_device_name().
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU (docs/method.md § Compute accounting), matched against
+# torch.cuda.get_device_name(). CPUs have no entry: MFU is reported as null there.
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
               "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 

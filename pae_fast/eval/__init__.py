@@ -1,4 +1,5 @@
-"""Evaluation: generation metrics, tokenizer metrics and latent diffusability (SPEC sections 4-5).
+"""Evaluation: generation metrics, tokenizer metrics and latent diffusability (docs/method.md § Evaluation
+protocol, § Diffusability metrics).
 
 - :mod:`~pae_fast.eval.inception`: the FID Inception-v3 (pt_inception-2015-12-05 layout, local weights).
 - :mod:`~pae_fast.eval.fid`: FID, sFID, IS, precision/recall, FD_DINOv2, ``evaluate_generation``.

@@ -1,5 +1,5 @@
-"""Latent diffusability metrics (SPEC §5): VIV and its time profile, LNC, SEC, LDS, CDS, SSC, LPC, GSQ, eRank,
-and the straightness / efficiency of sampler trajectories.
+"""Latent diffusability metrics (docs/method.md § Diffusability metrics): VIV and its time profile, LNC, SEC, LDS,
+CDS, SSC, LPC, GSQ, eRank, and the straightness / efficiency of sampler trajectories.
 
 Latents are ``(N, C, H, W)``, labels ``(N,)``. Unless a metric says otherwise it reads the latents as given; the
 suite (:func:`pae_fast.eval.report.diffusability_metrics`) first standardises each channel over ``(N, H, W)`` -- the
@@ -162,10 +162,10 @@ def viv_spectra(
 ) -> VIVSpectra:
     """Per-class Kronecker covariance spectra, the work behind :func:`viv` and :func:`viv_profile`.
 
-    Steps (SPEC §5): (1) standardise each channel over all latents; (2) per class, total variance
-    ``v = sum_d Var(z_d)`` and centring by the class mean; (3) ``iters`` flip-flop iterations (channel covariance
-    from spatially whitened data, then spatial covariance from channel-whitened data); (4) ``lam`` = all products
-    ``e_C,i * e_S,j``; (5) ``lam`` rescaled to sum to ``v``.
+    Steps (docs/method.md § Diffusability metrics): (1) standardise each channel over all latents; (2) per class,
+    total variance ``v = sum_d Var(z_d)`` and centring by the class mean; (3) ``iters`` flip-flop iterations
+    (channel covariance from spatially whitened data, then spatial covariance from channel-whitened data);
+    (4) ``lam`` = all products ``e_C,i * e_S,j``; (5) ``lam`` rescaled to sum to ``v``.
 
     Args:
         latents: ``(N, C, H, W)``.
@@ -230,7 +230,7 @@ def viv_spectra(
 
 
 def viv(latents: torch.Tensor, labels: torch.Tensor, iters: int = 5, max_per_class: int | None = None) -> float:
-    """Velocity irreducible variance: ``mean_k (pi / 2) mean_i sqrt(lam_k,i)`` (SPEC §5, steps 1-6).
+    """Velocity irreducible variance: ``mean_k (pi / 2) mean_i sqrt(lam_k,i)`` (docs/method.md § Diffusability metrics).
 
     Bounded by ``pi / 2``; for isotropic within-class variance ``v`` (after standardisation) it is ``(pi/2) sqrt(v)``.
     """
@@ -527,7 +527,7 @@ def lpc(
 def erank(latents: torch.Tensor) -> float:
     """Normalised effective rank ``exp(-sum_i p_i log p_i) / C``, ``p = sigma / sum(sigma)`` the singular values
     of each latent's token matrix ``(H*W, C)``, averaged over latents. In ``(0, 1]``; 1 = all channels used
-    equally. [choice] per-latent token matrix, not centred (SPEC gives only the formula)."""
+    equally. [choice] per-latent token matrix, not centred (docs/method.md gives only the formula)."""
     check_latents(latents)
     n, c, h, w = latents.shape
     if h * w < c:

@@ -1,4 +1,5 @@
-"""Generation metrics (SPEC §4): FID, sFID, Inception Score, precision/recall, FD in DINOv2 space.
+"""Generation metrics (docs/method.md § Evaluation protocol): FID, sFID, Inception Score, precision/recall, FD in
+DINOv2 space.
 
 The protocol follows ADM's evaluator: Inception ``pool_3`` features for FID, the first 7 channels of
 ``mixed_6/conv`` for sFID, softmax of ``pool_3 @ W`` over 1008 classes for IS (10 splits: ADM's 5000-image splits

@@ -1,4 +1,5 @@
-"""Flow matching: linear path, time sampling and shift, loss, samplers and guidance (SPEC section 4).
+"""Flow matching: linear path, time sampling and shift, loss, samplers and guidance (docs/method.md § Flow matching,
+§ Sampling).
 
 Convention: t = 1 is data, t = 0 is noise; ``x_t = t·x1 + (1 − t)·x0``, velocity ``v = x1 − x0``.
 """

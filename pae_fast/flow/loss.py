@@ -1,4 +1,4 @@
-"""The flow-matching objective (SPEC §4) and the generator's training loss for the shared engine.
+"""The flow-matching objective (docs/method.md § Flow matching) and the generator's training loss for the shared engine.
 
     L = MSE(v̂, v) + mean(1 − cos(v̂, v))        (PAE; RAE uses the MSE term only)
 

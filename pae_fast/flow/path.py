@@ -1,4 +1,5 @@
-"""The linear (rectified-flow) probability path and the conversions between its predictions (SPEC §0, §4).
+"""The linear (rectified-flow) probability path and the conversions between its predictions (docs/method.md
+§ Conventions, § Flow matching).
 
 Convention used everywhere in pae_fast: **t = 1 is data, t = 0 is noise**::
 

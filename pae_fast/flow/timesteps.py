@@ -1,4 +1,5 @@
-"""Training-time sampling, the timestep shift and shifted sampling grids (SPEC §0, §4). t = 1 is data.
+"""Training-time sampling, the timestep shift and shifted sampling grids (docs/method.md § Conventions, § Flow
+matching). t = 1 is data.
 
 Shift (our convention)::
 

@@ -1,4 +1,5 @@
-"""DiT^DH: LightningDiT trunk + wide, shallow DDT head (RAE, Zheng et al., 2025), on fused kernels (SPEC §3).
+"""DiT^DH: LightningDiT trunk + wide, shallow DDT head (RAE, Zheng et al., 2025), on fused kernels
+(docs/method.md § Generators).
 
     t_emb = GaussianFourier(t);  c = SiLU(t_emb + y_emb(y))           (B, D)      (RAE applies SiLU here *and* in
                                                                                    every adaLN_modulation)
@@ -19,8 +20,8 @@ final layer 9,968,384 + embedders/projector 8,189,696 (incl. the frozen APE and 
 Cost: 161.6 GMAC per image with the head's per-token adaLN linears (2 x 6.44 + 2.15 GMAC) counted; the quoted
 146.6 is the same count without them.
 
-Time convention: ``t = 1`` is data (SPEC §0). RAE's checkpoints were trained with t = 1 noise; the flow layer, not
-this model, converts (``t -> 1 - t``, ``v -> -v``) when such weights are used.
+Time convention: ``t = 1`` is data (docs/method.md § Conventions). RAE's checkpoints were trained with t = 1 noise;
+the flow layer, not this model, converts (``t -> 1 - t``, ``v -> -v``) when such weights are used.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class DiTDH(ClassConditionalGenerator):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Named variants: trunk sizes of RAE's configs, all with the 2 x 2048 head (SPEC §3)
+# Named variants: trunk sizes of RAE's configs, all with the 2 x 2048 head (docs/method.md § Generators)
 # ----------------------------------------------------------------------------------------------------------------
 
 VARIANTS: dict[str, dict[str, Any]] = {

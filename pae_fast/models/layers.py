@@ -1,6 +1,6 @@
 """Transformer layers of the generators (LightningDiT, DiT^DH), built on the fused ops of ``pae_fast.kernels``.
 
-Every bandwidth-bound piece of a block is one fused op (SPEC §6: they are what fusion buys):
+Every bandwidth-bound piece of a block is one fused op (docs/method.md § Compute accounting: they are what fusion buys):
 
     adaln_modulate        h = RMSNorm(x) * (1 + scale) + shift
     gated_residual_adaln  x' = x + gate * y ;  h = RMSNorm(x') * (1 + scale) + shift   (residual + next pre-norm)

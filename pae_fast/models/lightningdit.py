@@ -1,4 +1,4 @@
-"""LightningDiT (Yao et al., 2025) on fused kernels: the PAE generator (SPEC §3).
+"""LightningDiT (Yao et al., 2025) on fused kernels: the PAE generator (docs/method.md § Generators).
 
     c = t_emb(t) + y_emb(y)                                          sinusoidal t (256-d -> MLP), labels with dropout
     x = PatchEmbed(x_t) + APE                                        fixed 2-D sin-cos positions
@@ -12,8 +12,8 @@ Fusion: each residual add is fused with the pre-norm + modulation that reads its
 the attention residual with ``norm2``, the MLP residual with the *next* block's ``norm1`` (or the final layer's
 norm), so the residual stream is read and written once per add. :func:`run_blocks` threads that chain.
 
-Time convention (SPEC §0): ``t = 1`` is data, ``t = 0`` noise; the model predicts ``v = x1 - x0``. Guidance lives in
-``pae_fast.flow``; the unconditional label is ``model.null_class``.
+Time convention (docs/method.md § Conventions): ``t = 1`` is data, ``t = 0`` noise; the model predicts
+``v = x1 - x0``. Guidance lives in ``pae_fast.flow``; the unconditional label is ``model.null_class``.
 """
 
 from __future__ import annotations

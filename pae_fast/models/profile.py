@@ -1,6 +1,7 @@
 """Parameter and compute counting for the generators, on the meta device (no memory, no weights).
 
-"GFLOPs" in DiT-family papers are multiply-accumulates (SPEC §6), so this module reports **MACs**:
+"GFLOPs" in DiT-family papers are multiply-accumulates (docs/method.md § Compute accounting), so this module
+reports **MACs**:
 ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs per MAC of every matmul / conv / attention product, and
 we halve it. Attention's two ``N x N`` products are included; elementwise ops (norms, modulation, softmax) are not.
 Training FLOPs per sample ~ 6 x MACs (forward 2, backward 4).

@@ -1,4 +1,4 @@
-"""Diffusability metrics against known answers (SPEC §5)."""
+"""Diffusability metrics against known answers (docs/method.md § Diffusability metrics)."""
 
 from __future__ import annotations
 

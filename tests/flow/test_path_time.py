@@ -67,7 +67,8 @@ def test_shift_properties():
 
 
 def test_rae_alpha_is_the_mirrored_shift():
-    # RAE's shift alpha acts on u = 1 - t (its t = 1 is noise); mirrored it is our shift 1/alpha (SPEC §0).
+    # RAE's shift alpha acts on u = 1 - t (its t = 1 is noise); mirrored it is our shift 1/alpha
+    # (docs/method.md § Conventions).
     t = torch.linspace(0, 1, 33, dtype=torch.float64)
     alpha = 6.93
     rae = 1 - shift_time(1 - t, alpha)

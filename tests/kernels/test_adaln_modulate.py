@@ -8,7 +8,7 @@ from pae_fast.kernels import OPS, adaln_modulate, adaln_modulate_ref, use_backen
 from pae_fast.kernels import _adaln_common as common
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["adaln_modulate"]
+OP = OPS["adaln_modulate"]
 
 
 def rnd(*shape, dtype=torch.float32, scale=1.0, offset=0.0, grad=True):
@@ -20,14 +20,14 @@ def mod(kind, B, N, D, dtype=torch.float32):
 
 
 def check(args, kwargs, dtype=torch.float32):
-    atol, rtol = SPEC.tolerances[dtype]
+    atol, rtol = OP.tolerances[dtype]
     return assert_op_matches(adaln_modulate, adaln_modulate_ref, args, kwargs, atol=atol, rtol=rtol,
                              ref_dtype=torch.float64)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_registered_cases_match_reference(dtype):
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize(
@@ -163,9 +163,9 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_min_bytes_counts_reads_and_writes():
     x, shift, scale, w = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 5, 8), torch.randn(8)
-    fwd = SPEC.min_bytes((x, shift, scale), {"weight": w}, False)
+    fwd = OP.min_bytes((x, shift, scale), {"weight": w}, False)
     assert fwd == 4 * (80 + 16 + 80 + 8 + 80)
-    assert SPEC.min_bytes((x, shift, scale), {"weight": w}, True) == fwd + 4 * (3 * 80 + 88 + 16 + 80 + 8)
+    assert OP.min_bytes((x, shift, scale), {"weight": w}, True) == fwd + 4 * (3 * 80 + 88 + 16 + 80 + 8)
 
 
 def test_no_tokens_gives_empty_output_and_zero_gradients():

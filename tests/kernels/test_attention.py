@@ -9,13 +9,13 @@ from pae_fast.kernels import OPS, BackendUnavailable, attention, attention_ref, 
 from pae_fast.kernels.attention import DEFAULT_SDPA_ORDER, attention_backend_reasons, resolve_attention_backend
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["attention"]
+OP = OPS["attention"]
 _MOD = importlib.import_module("pae_fast.kernels.attention")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sdpa_matches_math_on_cases(dtype):
-    assert_cases_match(SPEC, dtype, fused_kwargs={"backend": "sdpa"})
+    assert_cases_match(OP, dtype, fused_kwargs={"backend": "sdpa"})
 
 
 @pytest.mark.parametrize("hd", [72, 128])
@@ -75,7 +75,7 @@ def test_unavailable_backends_name_the_missing_package(backend, package):
 
 
 def test_info_lists_every_attention_backend():
-    reasons = SPEC.available_backends()
+    reasons = OP.available_backends()
     assert {"sdpa", "flash_attn", "xformers", "math"} <= set(reasons)
     assert reasons["sdpa"] is None and reasons["math"] is None
 
@@ -108,7 +108,7 @@ def test_meta_device_forward_backward():
 @pytest.mark.parametrize("hd", [72, 128])
 def test_pinned_sdpa_kernels_match_math_on_cuda(backend, hd):
     q, k, v = (torch.randn(2, 4, 256, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    atol, rtol = SPEC.tolerances[torch.bfloat16]
+    atol, rtol = OP.tolerances[torch.bfloat16]
     assert_op_matches(attention, attention_ref, (q, k, v), {}, atol=atol, rtol=rtol, ref_dtype=torch.float64,
                       fused_kwargs={"backend": backend})  # fmt: skip
 

@@ -7,7 +7,7 @@ from pae_fast.kernels import OPS, adaln_modulate_ref, gated_residual_adaln, gate
 from pae_fast.kernels import _adaln_common as common
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["gated_residual_adaln"]
+OP = OPS["gated_residual_adaln"]
 
 
 def rnd(*shape, dtype=torch.float32, scale=1.0, offset=0.0, grad=True):
@@ -19,14 +19,14 @@ def mod(kind, B, N, D, dtype=torch.float32):
 
 
 def check(args, kwargs, dtype=torch.float32):
-    atol, rtol = SPEC.tolerances[dtype]
+    atol, rtol = OP.tolerances[dtype]
     return assert_op_matches(gated_residual_adaln, gated_residual_adaln_ref, args, kwargs, atol=atol, rtol=rtol,
                              ref_dtype=torch.float64)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_registered_cases_match_reference(dtype):
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize(
@@ -166,9 +166,9 @@ def test_bad_inputs_raise_clear_errors():
 def test_min_bytes_counts_reads_and_writes():
     x, m, w = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(8)
     args = (x, x, m, None, m)
-    assert SPEC.min_bytes(args, {"weight": w}, False) == 4 * (2 * 80 + 80 + 16 + 16 + 8)
+    assert OP.min_bytes(args, {"weight": w}, False) == 4 * (2 * 80 + 80 + 16 + 16 + 8)
     bwd = 4 * (3 * 80 + 2 * 80 + (16 + 16 + 8) + (16 + 16 + 8))
-    assert SPEC.min_bytes(args, {"weight": w}, True) == SPEC.min_bytes(args, {"weight": w}, False) + bwd
+    assert OP.min_bytes(args, {"weight": w}, True) == OP.min_bytes(args, {"weight": w}, False) + bwd
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 from pae_fast.kernels import OPS, gram_loss, gram_loss_ref, use_backend
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["gram_loss"]
+OP = OPS["gram_loss"]
 # the package exports the function under the module's name: fetch the module itself for monkeypatching
 gram_module = importlib.import_module("pae_fast.kernels.gram_loss")
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3)}  # on the B N^2-scaled loss and its gradients
@@ -66,7 +66,7 @@ def test_small_tiles_multi_block(monkeypatch, normalize):
 
 def test_op_table_cases_with_declared_tolerances():
     for dtype in (torch.float32, torch.float16):
-        assert_cases_match(SPEC, dtype)
+        assert_cases_match(OP, dtype)
 
 
 def test_non_contiguous_and_mixed_dtypes():

@@ -6,12 +6,12 @@ import torch
 from pae_fast.kernels import OPS, latent_norm, latent_norm_ref, use_backend
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["latent_norm"]
+OP = OPS["latent_norm"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cases_match_reference(dtype):
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize("shape", [(1, 257, 1152), (2, 3, 2048), (257, 32)])

@@ -9,7 +9,7 @@ from pae_fast.kernels import OPS, qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
 from pae_fast.kernels.qk_norm_rope import _unit_d
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["qk_norm_rope"]
+OP = OPS["qk_norm_rope"]
 
 
 def _packed_qk(B, N, H, hd, dtype=torch.float32, requires_grad=True):
@@ -21,7 +21,7 @@ def _packed_qk(B, N, H, hd, dtype=torch.float32, requires_grad=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cases_match_reference(dtype):
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize("hd", [72, 128, 64])

@@ -7,12 +7,12 @@ from pae_fast.kernels import OPS, qk_norm_rope_ref, qkv_norm_rope, qkv_norm_rope
 from pae_fast.kernels.qkv_norm_rope import split_heads
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["qkv_norm_rope"]
+OP = OPS["qkv_norm_rope"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cases_match_reference(dtype):
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize("H,hd,N", [(16, 72, 5), (16, 128, 3), (1, 64, 257)])

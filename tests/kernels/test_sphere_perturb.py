@@ -10,7 +10,7 @@ import torch
 from pae_fast.kernels import OPS, sphere_perturb, sphere_perturb_ref, use_backend
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["sphere_perturb"]
+OP = OPS["sphere_perturb"]
 # the package exports the function under the module's name: fetch the module itself
 sp_module = importlib.import_module("pae_fast.kernels.sphere_perturb")
 ANGLES = (42.5, 85.0)
@@ -31,7 +31,7 @@ def _angles_deg(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_op_table_cases_match_reference(dtype):
     """(2,257,32) and (3,5,33) in both modes, non-contiguous, a tensor seed with three angles: outputs + grad z."""
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize("mode", ["noise", "geodesic"])

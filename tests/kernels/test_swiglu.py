@@ -6,12 +6,12 @@ import torch
 from pae_fast.kernels import OPS, swiglu, swiglu_ref, use_backend
 from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
 
-SPEC = OPS["swiglu"]
+OP = OPS["swiglu"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cases_match_reference(dtype):
-    assert_cases_match(SPEC, dtype)
+    assert_cases_match(OP, dtype)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -74,8 +74,8 @@ def test_meta_device_forward_backward(packed):
 
 def test_min_bytes_counts_each_tensor_once():
     x = torch.empty(4, 2 * 8)  # 64 floats in, 32 out
-    assert SPEC.min_bytes((x,), {}, False) == (64 + 32) * 4
-    assert SPEC.min_bytes((x,), {}, True) == (64 + 32) * 4 + (32 + 64 + 64) * 4
+    assert OP.min_bytes((x,), {}, False) == (64 + 32) * 4
+    assert OP.min_bytes((x,), {}, True) == (64 + 32) * 4 + (32 + 64 + 64) * 4
 
 
 def test_shape_errors_are_clear():
