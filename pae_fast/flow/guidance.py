@@ -5,7 +5,8 @@ Each builder binds a generator ``model(x_t, t, y) -> v`` and its labels into a :
 
 - **CFG** (docs/method.md § Sampling): ``v = v_∅ + w·(v_y − v_∅)`` on **all** channels (the original LightningDiT
   guided only the first 3 channels; we do not), applied only while ``start ≤ t ≤ end`` (PAE: w = 2.5 from
-  t = 0.25); outside the interval the conditional velocity is used. Conditional and unconditional passes run as one batch of 2B.
+  t = 0.25); outside the interval the conditional velocity is used. Conditional and unconditional passes run as
+  one batch of 2B.
 - **AutoGuidance** (Karras et al., 2024; RAE): ``v = v_guide + w·(v_main − v_guide)``, both conditional, the guide
   a smaller / earlier model (RAE: w ≈ 1.42–1.5).
 - Label schedules: class-balanced (e.g. 50 per class for FID) or uniformly random.
