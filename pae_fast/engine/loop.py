@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,90 +29,31 @@ from pae_fast.engine import parallel as P
 from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to_device
 from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, peak_flops, peak_memory_gb, setup_logger
 from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
-from pae_fast.engine.state import ResumeBundle, find_resume, fork_rng, gather_rng_states, seed_all, set_rng_state
+from pae_fast.engine.runtime import (
+    NonFiniteLossError,
+    TrainResult,
+    check_loss_output,
+    check_train_config,
+    flops_text,
+    kernel_scope,
+    micro_batch_size,
+    precision_flags,
+)
+from pae_fast.engine.state import (
+    ResumeBundle,
+    find_resume,
+    fork_rng,
+    gather_rng_states,
+    restore_trainer,
+    seed_all,
+    train_state,
+)
 from pae_fast.engine.task import LossFn, TrainTask
 from pae_fast.io import atomic_write_text
 from pae_fast.progress import is_terminal
+from pae_fast.weights import load_into
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "micro_batch_size", "check_train_config"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """``nonfinite: stop`` and a loss (or gradient norm) was NaN/inf; the message names the step."""
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns.
-
-    Attributes:
-        step: optimizer steps completed.
-        model: the trained module (unwrapped: no DDP/compile wrapper; an unsharded copy under FSDP).
-        ema: the EMA copy of ``model``.
-        out_dir: the run folder.
-        stats_path: ``<out_dir>/stats.jsonl``.
-        checkpoint_dir: the newest checkpoint (None when none was written or resumed).
-        interrupted: True when SIGTERM/SIGINT stopped the run early (after writing a checkpoint).
-        skipped_steps: optimizer steps skipped for a non-finite loss or gradient (``nonfinite: skip``).
-    """
-
-    step: int
-    model: nn.Module
-    ema: nn.Module
-    out_dir: Path
-    stats_path: Path
-    checkpoint_dir: Path | None
-    interrupted: bool
-    skipped_steps: int = 0
-
-
-def micro_batch_size(global_batch_size: int, world_size: int, grad_accum: int) -> int:
-    """Samples per micro-batch per rank; raises naming the values when they do not divide."""
-    denom = world_size * grad_accum
-    if global_batch_size <= 0 or grad_accum <= 0 or global_batch_size % denom:
-        raise ValueError(
-            f"train.global_batch_size={global_batch_size} must be a positive multiple of world_size={world_size} "
-            f"x train.grad_accum={grad_accum} = {denom}"
-        )
-    return global_batch_size // denom
-
-
-def check_train_config(cfg) -> None:
-    """Reject values the loop cannot run with, naming the key."""
-    for key in ("steps", "log_every", "ckpt_every", "grad_accum"):
-        if int(getattr(cfg, key)) <= 0:
-            raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
-    if cfg.keep_last < 0:
-        raise ValueError(f"train.keep_last must be >= 0 (0 keeps all), got {cfg.keep_last}")
-    if cfg.grad_clip < 0:
-        raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {cfg.grad_clip}")
-    if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise ValueError(f"train.ema_decay must be in [0, 1], got {cfg.ema_decay}")
-    if cfg.lr < 0 or cfg.min_lr < 0:
-        raise ValueError(f"train.lr and train.min_lr must be >= 0, got {cfg.lr} and {cfg.min_lr}")
-
-
-@contextlib.contextmanager
-def _precision_flags(tf32: bool) -> Iterator[None]:
-    """TF32 for fp32 matmuls/convs (set here, at train time; restored afterwards)."""
-    prev_mm, prev_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(prev_mm)
-        torch.backends.cudnn.allow_tf32 = prev_cudnn
-
-
-def _kernel_scope(backend: str) -> contextlib.AbstractContextManager:
-    """``pae_fast.kernels.use_backend(backend)``. With the default ``auto`` and no kernel imported yet (a model
-    that uses the fused ops imports them when it is built), the import (triton: seconds) is skipped."""
-    if backend == "auto" and "pae_fast.kernels" not in sys.modules:
-        return contextlib.nullcontext()
-    from pae_fast.kernels import use_backend
-
-    return use_backend(backend)
 
 
 @dataclass
@@ -166,19 +106,19 @@ class _Trainer:
 
         raw = task.model.to(dev)
         if bundle is not None:
-            _load_into(raw, bundle.model, bundle.path / "model.safetensors")
+            load_into(raw, bundle.model, what=str(bundle.path / "model.safetensors"))
         P.broadcast_module(raw)  # every rank starts from rank 0's weights
         self.template = copy.deepcopy(raw).to("meta") if cfg.distributed == "fsdp" and self.world > 1 else None
         ema = make_ema(raw)
         if bundle is not None:
-            _load_into(ema, bundle.ema, bundle.path / "ema.safetensors")
+            load_into(ema, bundle.ema, what=str(bundle.path / "ema.safetensors"))
         wrapped = P.wrap_model(raw, cfg.distributed, dev, cfg.find_unused_parameters)
         self.ema = P.shard_like(ema, raw)
         self.units = [self._unit("model", raw, wrapped, task.loss_fn)]
         for name, (module, loss_fn) in task.extra_optimized.items():
             module = module.to(dev)
             if bundle is not None:
-                _load_into(module, bundle.extras[name], bundle.path / f"{name}.safetensors")
+                load_into(module, bundle.extras[name], what=str(bundle.path / f"{name}.safetensors"))
             P.broadcast_module(module)
             wrapped_x = P.wrap_model(module, cfg.distributed, dev, cfg.find_unused_parameters)
             self.units.append(self._unit(name, module, wrapped_x, loss_fn))
@@ -188,7 +128,7 @@ class _Trainer:
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=dev)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
         if bundle is not None:
-            self._restore(bundle)
+            restore_trainer(self, bundle)
         if self.main:
             self.stats.rewind(self.step)
         self._reset_meters()
@@ -217,47 +157,6 @@ class _Trainer:
                 )
             for blk in blocks:
                 blk.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
-
-    def _restore(self, b: ResumeBundle) -> None:
-        st = b.state
-        for unit in self.units:
-            part = st if unit.name == "model" else st["extra"][unit.name]
-            try:
-                P.load_optimizer_state(unit.wrapped, unit.optimizer, part["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise ck.CheckpointError(
-                    f"optimizer state of {unit.name!r} in {b.path / 'state.pt'} does not fit: {e}"
-                ) from e
-            sched_state = dict(part["scheduler"])
-            sched_state["lr_lambdas"] = [None] * len(unit.scheduler.lr_lambdas)  # the schedule comes from the config
-            unit.scheduler.load_state_dict(sched_state)
-            unit.scheduler.base_lrs = [self.cfg.lr] * len(unit.optimizer.param_groups)
-            for g, base, fn in zip(unit.optimizer.param_groups, unit.scheduler.base_lrs, unit.scheduler.lr_lambdas):
-                g["initial_lr"] = base
-                g["lr"] = base * fn(unit.scheduler.last_epoch)
-            if unit.scaler is not None and part.get("scaler"):
-                unit.scaler.load_state_dict(part["scaler"])
-        self.step = int(st["step"])
-        self.skipped_total.fill_(int(st.get("skipped_steps", 0)))
-        data = st["data"]
-        if int(data["num_samples"]) != self.num_samples or int(data["global_batch_size"]) != self.cfg.global_batch_size:
-            self.log.warning(
-                "data changed since the checkpoint (samples %s -> %d, global batch %s -> %d): resuming at epoch %s "
-                "offset %s, which is no longer the exact continuation",
-                data["num_samples"], self.num_samples, data["global_batch_size"], self.cfg.global_batch_size,
-                data["epoch"], data["offset"],
-            )
-        self.pos = DataPosition(int(data["epoch"]), int(data["offset"]))
-        rng = st.get("rng") or []
-        if len(rng) == self.world:
-            set_rng_state(rng[self.rank], self.device)
-        else:
-            self.log.warning("checkpoint has RNG states for %d ranks, this run has %d: re-seeding instead",
-                             len(rng), self.world)
-            seed_all(self.seed + self.rank + 7919 * self.step)
-        self.last_ckpt = b.path
-        self.log.info("resumed from %s (step %d, epoch %d, offset %d)", b.path, self.step, self.pos.epoch,
-                      self.pos.offset)
 
     # ------------------------------------------------------------------------------------------------ step
     def _reset_meters(self) -> None:
@@ -295,7 +194,7 @@ class _Trainer:
                 with self._autocast():
                     loss, terms = unit.forward(batch, step)
                 if step == self.start_step and k == 0:
-                    _check_loss_output(unit.name, loss, terms)
+                    check_loss_output(unit.name, loss, terms)
                 loss = loss.float()
                 scaled = loss / accum
                 (unit.scaler.scale(scaled) if unit.scaler is not None else scaled).backward()
@@ -415,7 +314,7 @@ class _Trainer:
         self.log.info(
             "step %d/%d %s lr=%.3g gnorm=%s %.1f img/s mem=%.2fGB%s skipped=%d", self.step, self.cfg.steps, terms,
             rec["lr"], "n/a" if rec["grad_norm"] is None else f"{rec['grad_norm']:.3g}", ips, rec["peak_mem_gb"],
-            _flops_text(rec), rec["skipped_total"],
+            flops_text(rec), rec["skipped_total"],
         )
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", refresh=False)
@@ -432,19 +331,7 @@ class _Trainer:
         skipped = int(self.skipped_total.item())
         path = None
         if self.main:
-            def unit_state(u: _Unit) -> dict[str, Any]:
-                sched = {k: v for k, v in u.scheduler.state_dict().items() if k != "lr_lambdas"}
-                return {"optimizer": opt_sd[u.name], "scheduler": sched,
-                        "scaler": u.scaler.state_dict() if u.scaler is not None else {}}
-
-            state = {
-                "format": 1, "task": task.name, "step": step, "skipped_steps": skipped, "world_size": self.world,
-                **unit_state(self.units[0]),
-                "extra": {u.name: unit_state(u) for u in self.units[1:]},
-                "rng": rng,
-                "data": {"epoch": self.pos.epoch, "offset": self.pos.offset, "num_samples": self.num_samples,
-                         "global_batch_size": self.cfg.global_batch_size, "seed": self.seed},
-            }
+            state = train_state(self, opt_sd, rng, skipped)
             meta = {**{str(k): str(v) for k, v in task.metadata.items()}, "task": task.name, "step": str(step)}
             if self.config_yaml is not None:
                 meta["config"] = self.config_yaml
@@ -527,25 +414,6 @@ class _Trainer:
                            skipped_steps=int(self.skipped_total.item()))
 
 
-def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
-    try:
-        module.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise ck.CheckpointError(f"weights in {file} do not fit {type(module).__name__}: {e}") from e
-
-
-def _check_loss_output(name: str, loss: Any, terms: Any) -> None:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not isinstance(terms, dict):
-        raise TypeError(
-            f"the loss_fn of {name!r} must return (scalar loss tensor, {{term name: scalar tensor}}), got "
-            f"({type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}, "
-            f"{type(terms).__name__})"
-        )
-    for k, v in terms.items():
-        if not isinstance(v, torch.Tensor) or v.numel() != 1:
-            raise TypeError(f"loss term {k!r} of {name!r} must be a scalar tensor, got {v!r}")
-
-
 def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml: str | None = None) -> TrainResult:
     """Train ``task`` with the engine settings ``cfg``; single process or under ``torchrun`` (DDP / FSDP2).
 
@@ -576,7 +444,7 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
         micro_batch_size(cfg.global_batch_size, D.get_world_size(), cfg.grad_accum)
         if main and config_yaml is not None:
             atomic_write_text(out / "config.yaml", config_yaml)
-        with _precision_flags(cfg.tf32), _kernel_scope(cfg.kernel_backend), Preemption() as preempt:
+        with precision_flags(cfg.tf32), kernel_scope(cfg.kernel_backend), Preemption() as preempt:
             trainer = _Trainer(task, cfg, out, seed, config_yaml, device, log)
             trainer.setup()
             return trainer.run(preempt)
@@ -584,11 +452,3 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
         close_logger(handlers)
         if owns_group:
             D.cleanup()
-
-
-def _flops_text(rec: dict[str, Any]) -> str:
-    """`` 12.3 TFLOP/s mfu=40.1%`` for the log line ('' when the task counts no FLOPs)."""
-    if rec.get("tflops") is None:
-        return ""
-    mfu = f" mfu={rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
-    return f" {rec['tflops']:.3g} TFLOP/s{mfu}"

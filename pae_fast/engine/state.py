@@ -17,9 +17,11 @@ import torch
 
 from pae_fast.engine import checkpoint as ck
 from pae_fast.engine import distributed as D
+from pae_fast.engine import parallel as P
+from pae_fast.engine.data import DataPosition
 
 __all__ = ["seed_all", "rng_state", "set_rng_state", "gather_rng_states", "fork_rng", "ResumeBundle", "find_resume",
-           "load_bundle"]
+           "load_bundle", "restore_trainer", "train_state"]
 
 
 def seed_all(seed: int) -> None:
@@ -151,3 +153,70 @@ def find_resume(resume: str, out: Path, extra_names: list[str], log: logging.Log
             "Move them away or set train.resume=none to start fresh"
         )
     return None
+
+
+def restore_trainer(tr: Any, b: ResumeBundle) -> None:
+    """Put a trainer (``engine.loop``) back where the checkpoint ``b`` left it: optimizer, scheduler and scaler of
+    every unit, step, skipped-step count, data position and RNG; a change of the data or the world size is
+    warned about, an optimizer state that does not fit raises :class:`~pae_fast.engine.checkpoint.CheckpointError`.
+    """
+    st = b.state
+    for unit in tr.units:
+        part = st if unit.name == "model" else st["extra"][unit.name]
+        try:
+            P.load_optimizer_state(unit.wrapped, unit.optimizer, part["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ck.CheckpointError(
+                f"optimizer state of {unit.name!r} in {b.path / 'state.pt'} does not fit: {e}"
+            ) from e
+        sched_state = dict(part["scheduler"])
+        sched_state["lr_lambdas"] = [None] * len(unit.scheduler.lr_lambdas)  # the schedule comes from the config
+        unit.scheduler.load_state_dict(sched_state)
+        unit.scheduler.base_lrs = [tr.cfg.lr] * len(unit.optimizer.param_groups)
+        for g, base, fn in zip(unit.optimizer.param_groups, unit.scheduler.base_lrs, unit.scheduler.lr_lambdas):
+            g["initial_lr"] = base
+            g["lr"] = base * fn(unit.scheduler.last_epoch)
+        if unit.scaler is not None and part.get("scaler"):
+            unit.scaler.load_state_dict(part["scaler"])
+    tr.step = int(st["step"])
+    tr.skipped_total.fill_(int(st.get("skipped_steps", 0)))
+    data = st["data"]
+    if int(data["num_samples"]) != tr.num_samples or int(data["global_batch_size"]) != tr.cfg.global_batch_size:
+        tr.log.warning(
+            "data changed since the checkpoint (samples %s -> %d, global batch %s -> %d): resuming at epoch %s "
+            "offset %s, which is no longer the exact continuation",
+            data["num_samples"], tr.num_samples, data["global_batch_size"], tr.cfg.global_batch_size,
+            data["epoch"], data["offset"],
+        )
+    tr.pos = DataPosition(int(data["epoch"]), int(data["offset"]))
+    rng = st.get("rng") or []
+    if len(rng) == tr.world:
+        set_rng_state(rng[tr.rank], tr.device)
+    else:
+        tr.log.warning("checkpoint has RNG states for %d ranks, this run has %d: re-seeding instead",
+                         len(rng), tr.world)
+        seed_all(tr.seed + tr.rank + 7919 * tr.step)
+    tr.last_ckpt = b.path
+    tr.log.info("resumed from %s (step %d, epoch %d, offset %d)", b.path, tr.step, tr.pos.epoch,
+                  tr.pos.offset)
+
+
+def train_state(tr: Any, opt_sd: dict[str, Any], rng: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
+    """The ``state.pt`` of a checkpoint (tensors and primitives only): step, optimizer / scheduler / scaler states
+    of every unit, RNG states of every rank and the data position. :func:`restore_trainer` reads it back."""
+    task, step = tr.task, tr.step
+
+    def unit_state(u: Any) -> dict[str, Any]:
+        sched = {k: v for k, v in u.scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {"optimizer": opt_sd[u.name], "scheduler": sched,
+                "scaler": u.scaler.state_dict() if u.scaler is not None else {}}
+
+    state = {
+        "format": 1, "task": task.name, "step": step, "skipped_steps": skipped, "world_size": tr.world,
+        **unit_state(tr.units[0]),
+        "extra": {u.name: unit_state(u) for u in tr.units[1:]},
+        "rng": rng,
+        "data": {"epoch": tr.pos.epoch, "offset": tr.pos.offset, "num_samples": tr.num_samples,
+                 "global_batch_size": tr.cfg.global_batch_size, "seed": tr.seed},
+    }
+    return state

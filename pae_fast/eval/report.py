@@ -18,17 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from pae_fast.eval.diagnostics import erank, ssc
 from pae_fast.eval.diffusability import (
     cds_from_profile,
     check_latents,
     cosine_distance_profile,
     dct_energy_spectrum,
-    erank,
     gsq,
     lds_from_profile,
     lnc,
     sec_from_energy,
-    ssc,
     standardize,
     viv_spectra,
 )

@@ -9,20 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from pae_fast.eval.diagnostics import efficiency, erank, lpc, nmi, ssc, straightness
 from pae_fast.eval.diffusability import (
     cds,
     cosine_distance_profile,
-    efficiency,
-    erank,
     gsq,
     lds,
     lnc,
-    lpc,
-    nmi,
     sec,
-    ssc,
     standardize,
-    straightness,
     viv,
     viv_profile,
     viv_spectra,
