@@ -26,6 +26,7 @@ __all__ = [
     "WRAPPER_PREFIXES",
     "resolve_weights_file",
     "read_state_dict",
+    "read_metadata",
     "strip_prefixes",
     "key_diff",
     "load_into",
@@ -137,6 +138,26 @@ def read_state_dict(
         found = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {list(state)[:6]}"
         raise WeightsError(f"{key}: {file} holds {found}, not a state dict of tensors (tried keys {list(prefer)})")
     return strip_prefixes(state, prefixes), dict(meta)
+
+
+def read_metadata(path: str | os.PathLike, prefer_ema: bool = True, key: str = "weights") -> tuple[Path, dict[str, str]]:
+    """The resolved weights file behind ``path`` and its metadata, without reading the tensors.
+
+    Only safetensors files carry metadata; a torch file gives ``{}``.
+
+    Raises:
+        WeightsError: nothing usable at ``path``, or a damaged safetensors header (the message names the file).
+    """
+    file = resolve_weights_file(path, prefer_ema=prefer_ema, key=key)
+    if file.suffix != ".safetensors":
+        return file, {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return file, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise WeightsError(f"{key}: {file} is damaged or not a safetensors file: {e}") from e
 
 
 def key_diff(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 12) -> str:

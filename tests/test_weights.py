@@ -8,7 +8,15 @@ from torch import nn
 
 from pae_fast.engine.checkpoint import save_weights, write_checkpoint
 from pae_fast.io import save_safetensors
-from pae_fast.weights import WeightsError, key_diff, load_into, load_weights, read_state_dict, resolve_weights_file
+from pae_fast.weights import (
+    WeightsError,
+    key_diff,
+    load_into,
+    load_weights,
+    read_metadata,
+    read_state_dict,
+    resolve_weights_file,
+)
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -26,6 +34,10 @@ def test_safetensors_file_with_metadata(tmp_path):
     assert not _same(src, dst)
     meta = load_weights(dst, tmp_path / "w.safetensors")
     assert _same(src, dst) and meta["step"] == "7" and meta["weights_file"] == str(tmp_path / "w.safetensors")
+    assert read_metadata(tmp_path / "w.safetensors") == (tmp_path / "w.safetensors", {"step": "7"})
+    (tmp_path / "bad.safetensors").write_bytes(b"not a header")
+    with pytest.raises(WeightsError, match=r"bad\.safetensors is damaged"):
+        read_metadata(tmp_path / "bad.safetensors")
 
 
 def test_authors_torch_checkpoint_layout_and_wrapper_prefixes(tmp_path):

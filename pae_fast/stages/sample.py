@@ -69,11 +69,10 @@ def load_generator(
         ``(model in eval mode, metadata)``; the metadata gains ``"weights_file"``.
     """
     from pae_fast.models.generator import generator_from_config, load_generator_weights
-    from pae_fast.weights import WeightsError, read_state_dict, resolve_weights_file
+    from pae_fast.weights import WeightsError, read_metadata
 
     try:
-        file = resolve_weights_file(path, use_ema, key)
-        _, meta = read_state_dict(file, key=key)
+        file, meta = read_metadata(path, use_ema, key)
     except WeightsError as e:
         raise ConfigError(str(e)) from e
     if "config" in meta:

@@ -62,6 +62,8 @@ def test_train_dit_writes_checkpoints_config_and_stats(trained_run):
     records = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     assert all({"loss", "mse", "cos"} <= r.keys() and np.isfinite(r["loss"]) for r in records)
+    # the generator counts its FLOPs (3 x forward): achieved TFLOP/s reaches stats.jsonl; no CPU peak, so MFU null
+    assert all(r["tflops"] > 0 and r["mfu"] is None for r in records)
 
 
 def test_sample_writes_latents_and_grid(trained_run, tmp_path, capsys):
