@@ -140,7 +140,9 @@ def read_state_dict(
     return strip_prefixes(state, prefixes), dict(meta)
 
 
-def read_metadata(path: str | os.PathLike, prefer_ema: bool = True, key: str = "weights") -> tuple[Path, dict[str, str]]:
+def read_metadata(
+    path: str | os.PathLike, prefer_ema: bool = True, key: str = "weights"
+) -> tuple[Path, dict[str, str]]:
     """The resolved weights file behind ``path`` and its metadata, without reading the tensors.
 
     Only safetensors files carry metadata; a torch file gives ``{}``.
