@@ -187,7 +187,7 @@ class TrainConfig:
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
     device: str = "auto"  # auto | cpu | cuda
     find_unused_parameters: bool = False  # DDP: parameters without a gradient in some steps
-    progress: bool = True  # tqdm progress bar with ETA on rank 0
+    progress: bool = True  # rank 0: tqdm bar on a terminal; off a terminal the log_every lines are the progress
 
 
 @dataclass
