@@ -226,7 +226,8 @@ class EvalConfig:
     viv_iters: int = 5
     max_per_class: int | None = None
     inception_size: int = 299  # FID protocol (TF-style resize as ADM); smaller only for quick checks
-    is_splits: int = 10
+    protocol: Literal["adm", "torch-fidelity"] = "adm"  # IS splits/shuffle and k-NN distance precision (eval/protocol.py)
+    is_splits: int = 10  # IS splits of the torch-fidelity protocol (ADM: consecutive chunks of 5,000 images)
     dino_model: str = "vit_large_patch14_dinov2.lvd142m"  # FD_DINOv2 feature space (timm name)
     dino_weights: str | None = None  # local DINOv2 weights; FD_DINOv2 is skipped when absent
     lpips_net: Literal["vgg", "alex"] = "vgg"
