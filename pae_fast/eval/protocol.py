@@ -78,8 +78,10 @@ def inception_score(logits: Any, protocol: Protocol = "adm", splits: int = 10) -
     Returns:
         the mean IS over the splits.
     """
-    x = logits.detach().cpu().double() if isinstance(logits, torch.Tensor) else torch.as_tensor(
-        np.asarray(logits, dtype=np.float64)
+    x = (
+        logits.detach().cpu().double()
+        if isinstance(logits, torch.Tensor)
+        else torch.as_tensor(np.asarray(logits, dtype=np.float64))
     )
     if x.dim() != 2:
         raise ValueError(f"logits must be (N, K), got shape {tuple(x.shape)}")
@@ -135,12 +137,15 @@ def _radii(protocol: Protocol, x: torch.Tensor, k: int, block: int) -> torch.Ten
     out = []
     for i in range(0, len(x), block):
         # the k+1 smallest of each column block, then of their union: the same k-th value as over the full row
-        best = torch.cat([
-            _block_dists(protocol, x[i : i + block], x[j : j + block]).topk(
-                min(k + 1, len(x[j : j + block])), dim=1, largest=False
-            ).values
-            for j in range(0, len(x), block)
-        ], dim=1)
+        best = torch.cat(
+            [
+                _block_dists(protocol, x[i : i + block], x[j : j + block])
+                .topk(min(k + 1, len(x[j : j + block])), dim=1, largest=False)
+                .values
+                for j in range(0, len(x), block)
+            ],
+            dim=1,
+        )
         out.append(best.kthvalue(k + 1, dim=1).values)
     return torch.cat(out)
 
