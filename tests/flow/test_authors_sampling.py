@@ -185,3 +185,22 @@ def test_time_convention_resolution():
         resolve_time_convention("ddpm")
     with pytest.raises(ValueError, match="flow.time_convention"):
         wrap_time_convention(RAEToyNet(), "ddpm")
+
+
+@pytest.mark.parametrize(
+    "preset,line",
+    [
+        ("pae_lightningdit_xl1_80ep", "euler: 249 model calls per image; grid shift(linspace(0, 1, 250), 0.4)"),
+        ("pae_lightningdit_xl1_800ep", "euler: 249 model calls per image; grid shift(linspace(0, 1, 250), 0.4)"),
+        ("pae_lightningdit_xl1_80ep_sde", "sde_sbdm: 250 model calls per image; grid shift(linspace(1e-05, 0.996, 250)"),  # noqa: E501
+        ("rae_ditdh_xl_released", "euler: 49 model calls per image; grid shift(linspace(0, 0.999, 50), 0.14434)"),
+    ],
+)
+def test_sample_dry_run_shows_the_authors_grid(preset, line, capsys):
+    from pae_fast.cli import main
+
+    assert main(["sample", "--config", str(CONFIGS / f"{preset}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"# sampling plan: {line}" in out
+    assert main(["sample", "--config", str(CONFIGS / f"{preset}.yaml"), "--sample.t_start", "2", "--dry-run"]) == 2
+    assert "sample.t_start" in capsys.readouterr().err
