@@ -103,7 +103,11 @@ def inception_score(logits: Any, protocol: Protocol = "adm", splits: int = 10) -
 
 
 def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``max(|a|² − 2·a·bᵀ + |b|², 0)`` computed in ``dtype`` (ADM's distance block), returned as float32.
+    """``max(|a|² − 2·a·bᵀ + |b|², 0)`` in ``dtype`` (ADM's distance block), returned as float32.
+
+    In float16 the inputs, the elementwise squares, the two reductions and each elementwise step are rounded to
+    float16; the reductions (row norms, the matrix product) accumulate in float32 before their rounding, as
+    TensorFlow's float16 GPU kernels that ADM ran on do. That makes the result independent of the device here.
 
     Args:
         a: ``(M, D)``; b: ``(N, D)``; dtype: ``torch.float16`` or ``torch.float32``.
@@ -111,9 +115,10 @@ def pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> t
         ``(M, N)`` float32 (inf where the float16 arithmetic overflowed).
     """
     a, b = a.to(dtype), b.to(dtype)
-    na = (a * a).sum(1, keepdim=True)
-    nb = (b * b).sum(1)[None]
-    d = na - 2 * (a @ b.t()) + nb
+    na = (a * a).float().sum(1, keepdim=True).to(dtype)
+    nb = (b * b).float().sum(1)[None].to(dtype)
+    ab = (a.float() @ b.float().t()).to(dtype)
+    d = na - 2 * ab + nb
     return torch.clamp_min(d, 0).float()
 
 
