@@ -8,7 +8,8 @@ Without a GPU (the CPU-feasible subset, < 10 minutes on 2 cores):
 With a GPU the same list at real sizes: fused ops included at model widths, the steps on LightningDiT-XL/1 and
 DiTDH-XL (batch 32, bf16 autocast, 20 timed steps). Each training step runs in its own process (clean peak memory).
 A time budget (``--budget-s``; default 570 s on CPU, none on GPU) skips what no longer fits, and says so.
-``summary.md`` collects the headline numbers with the machine they came from.
+``summary.md`` collects the headline numbers with the machine they came from, and the sampling cost (model calls per
+image) of every preset in ``configs/``, counted from its sampling plan.
 """
 
 from __future__ import annotations
@@ -150,6 +151,25 @@ def _load(path: Path) -> Any:
         return None
 
 
+def sampling_cost_rows(configs_dir: Path = REPO_ROOT / "configs") -> list[dict[str, Any]]:
+    """Per preset: sampler, grid, model calls (NFE) per image and generator forwards per image.
+
+    A CFG call in its interval runs the conditional and unconditional halves as one batch of 2B (two forwards per
+    image); AutoGuidance runs the main model and the guide on every call.
+    """
+    from pae_fast.config import load_config
+    from pae_fast.flow.grid import plan_from_config
+
+    rows = []
+    for path in sorted(configs_dir.glob("*.yaml")):
+        sc = load_config(path).sample
+        plan = plan_from_config(sc)
+        extra = {"none": 0, "cfg": plan.guided_calls(sc.cfg_interval_start), "autoguidance": plan.nfe}[sc.guidance]
+        rows.append({"preset": path.stem, "sampler": sc.sampler, "guidance": sc.guidance, "nfe": plan.nfe,
+                     "forwards": plan.nfe + extra, "grid": plan.describe()})  # fmt: skip
+    return rows
+
+
 def summarize(out_dir: Path, status: dict[str, Any] | None = None) -> str:
     """Markdown summary of the result files in ``out_dir`` (whatever is there)."""
     lines = ["# Benchmark summary", ""]
@@ -220,6 +240,13 @@ def summarize(out_dir: Path, status: dict[str, Any] | None = None) -> str:
             gbps = f"{row['gbps']:.0f}" if "gbps" in row else "—"
             lines.append(f"| {op} | {case} | {mode} | {fused} | {ref} | {comp} | {gbps} |")
         lines.append("")
+    lines += ["## Sampling cost per preset (counted from the sampling plan)", "",
+              "| preset | sampler | guidance | NFE per image | generator forwards per image | grid |",
+              "|---|---|---|---:|---:|---|"]  # fmt: skip
+    for r in sampling_cost_rows():
+        lines.append(f"| {r['preset']} | {r['sampler']} | {r['guidance']} | {r['nfe']} | {r['forwards']} | "
+                     f"{r['grid']} |")  # fmt: skip
+    lines.append("")
     if env:
         m, v = env["machine"], env["versions"]
         acc = env.get("accelerator") or {}

@@ -151,7 +151,9 @@ class FlowConfig:
     logit_std: float = 1.0
     shift: float = 0.7  # our convention: t <- s t / (1 + (s-1) t); s < 1 moves toward noise
     rae_alpha: float | None = None  # RAE's shift (t=1 noise convention); converted to shift = 1/alpha at load
-    lightningdit_tau: float | None = None  # LightningDiT's time_shifting_factor t/(t + tau(1-t)); shift = 1/tau at load
+    # convention of the generator weights loaded for sampling: pae (ours) or rae (RAE's own weights: t = 1 noise,
+    # predicts eps - x), wrapped once at load (flow/convention.py); checkpoint metadata wins when it records one
+    time_convention: Literal["pae", "rae"] = "pae"
     dimension_shift: bool = False  # RAE: alpha = sqrt(m / 4096), m = tokens x channels
     cosine_loss: bool = True  # PAE: MSE + (1 - cos); RAE: MSE only
 
@@ -192,16 +194,21 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling (docs/method.md § Sampling): PAE default Euler ODE, 250 steps, shift 0.4, CFG 2.5 from t = 0.25."""
+    """Sampling (docs/method.md § Sampling): PAE default Euler ODE on shift(linspace(0, 1, 250), 0.4), CFG 2.5 from t = 0.25.
+
+    Grid (flow/grid.py): ``steps`` solver steps between the ``steps + 1`` points
+    ``shift(linspace(t_start, t_end, steps + 1))``; the authors' "250 sampling steps" are 250 points = 249 steps.
+    """
 
     checkpoint: str | None = None
     tokenizer_checkpoint: str | None = None
     num_samples: int = 64
     batch_size: int = 32
-    sampler: Literal["euler", "heun", "euler_maruyama"] = "euler"
-    steps: int = 250
-    shift: float = 0.4
-    lightningdit_tau: float | None = None  # LightningDiT's time_shifting_factor; converted to shift = 1/tau at load
+    sampler: Literal["euler", "heun", "euler_maruyama", "sde_sbdm"] = "euler"
+    steps: int = 249  # solver steps = grid points - 1 (model calls: steps; 2 steps for heun; steps + 1 for sde_sbdm)
+    shift: float = 0.4  # our convention, the same formula and value as PAE's code
+    t_start: float = 0.0  # first grid time before the shift (sde_sbdm: PAE uses 1e-5)
+    t_end: float = 1.0  # last grid time before the shift (sde_sbdm: 0.996, its mean step's time; RAE: 0.999)
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
     cfg_scale: float = 2.5
     cfg_interval_start: float = 0.25  # guidance only while t >= start (t = 1 is data)
@@ -214,7 +221,7 @@ class SampleConfig:
     save_png: bool = True
     save_npz: bool = True
     output_dir: str | None = None  # where samples go; default <out_dir>/samples
-    sde_noise_scale: float = 1.0  # eta of the Euler-Maruyama SDE, g(t)^2 = 2 eta (1 - t) (SiT's diffusion_norm)
+    sde_noise_scale: float = 1.0  # eta of our euler_maruyama SDE, g(t)^2 = 2 eta (1 - t); not used by sde_sbdm
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the generator on CUDA
     device: str = "auto"  # auto | cpu | cuda
     grid_max: int = 64  # samples shown in the PNG grid
@@ -233,7 +240,8 @@ class EvalConfig:
     viv_iters: int = 5
     max_per_class: int | None = None
     inception_size: int = 299  # FID protocol (TF-style resize as ADM); smaller only for quick checks
-    is_splits: int = 10
+    protocol: Literal["adm", "torch-fidelity"] = "adm"  # IS splits/shuffle, k-NN distance precision (eval/protocol.py)
+    is_splits: int = 10  # IS splits of the torch-fidelity protocol (ADM: consecutive chunks of 5,000 images)
     dino_model: str = "vit_large_patch14_dinov2.lvd142m"  # FD_DINOv2 feature space (timm name)
     dino_weights: str | None = None  # local DINOv2 weights; FD_DINOv2 is skipped when absent
     lpips_net: Literal["vgg", "alex"] = "vgg"
@@ -267,14 +275,6 @@ class Config:
             # RAE's shift alpha (t = 1 noise) equals our shift s = 1 / alpha (t = 1 data), docs/method.md § Conventions.
             flow.shift = 1.0 / flow.rae_alpha
             flow.rae_alpha = None
-        for section, name in ((flow, "flow"), (self.sample, "sample")):
-            tau = section.lightningdit_tau
-            if tau is not None:
-                if tau <= 0:
-                    raise ConfigError(f"{name}.lightningdit_tau must be > 0, got {tau}")
-                # LightningDiT's grid t / (t + tau (1 - t)) is our shift s t / (1 + (s - 1) t) with s = 1 / tau.
-                section.shift = 1.0 / tau
-                section.lightningdit_tau = None
         if flow.shift <= 0:
             raise ConfigError(f"flow.shift must be > 0, got {flow.shift}")
         if self.sample.shift <= 0:

@@ -302,3 +302,15 @@ def test_train_step_cli_rejects_bad_input(bench_path, capsys):
     assert "unknown generator" in capsys.readouterr().err
     with pytest.raises(ValueError, match="precision"):
         bench_train_step.run("x", precision="fp8", build=_tiny_generator)
+
+
+def test_sampling_cost_per_preset(bench_path):
+    """The summary's NFE table: the authors' grids give 249 (ODE), 250 (SDE) and 49 (RAE) model calls per image."""
+    import run_all
+
+    rows = {r["preset"]: r for r in run_all.sampling_cost_rows()}
+    cost = {name: (r["nfe"], r["forwards"]) for name, r in rows.items()}
+    assert cost["pae_lightningdit_xl1_80ep"] == (249, 249 + 135)  # 135 CFG calls run a batch of 2B
+    assert cost["pae_lightningdit_xl1_80ep_sde"] == (250, 250)
+    assert cost["rae_ditdh_xl_released"] == (49, 98)  # AutoGuidance: main + guide on every call
+    assert "## Sampling cost per preset" in run_all.summarize(Path("/nonexistent"))

@@ -94,19 +94,17 @@ def test_rae_alpha_converts_to_shift_at_load():
     assert cfg.flow.shift == pytest.approx(0.25) and cfg.flow.rae_alpha is None
 
 
-def test_lightningdit_tau_converts_to_shift_at_load():
+def test_sample_shift_is_the_authors_formula_and_tau_is_gone():
     import torch
 
     from pae_fast.flow.timesteps import shift_time
 
-    cfg = config_from_dict({"flow": {"lightningdit_tau": 0.5}, "sample": {"lightningdit_tau": 0.4}})
-    assert cfg.flow.shift == pytest.approx(2.0) and cfg.sample.shift == pytest.approx(2.5)
-    assert cfg.sample.lightningdit_tau is None
+    cfg = config_from_dict({})
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
-    tau = 0.4
-    torch.testing.assert_close(shift_time(t, cfg.sample.shift), t / (t + tau - tau * t))
-    with pytest.raises(ConfigError, match="sample.lightningdit_tau must be > 0"):
-        config_from_dict({"sample": {"lightningdit_tau": 0.0}})
+    s = cfg.sample.shift  # PAE's 0.4 in t -> s t / (1 + (s - 1) t), no conversion
+    torch.testing.assert_close(shift_time(t, s), s * t / (1 + (s - 1) * t))
+    with pytest.raises(ConfigError, match="lightningdit_tau"):
+        config_from_dict({"sample": {"lightningdit_tau": 0.4}})
 
 
 def test_save_resolved_is_atomic_and_leaves_no_temp(tmp_path):

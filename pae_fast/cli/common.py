@@ -34,6 +34,13 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config | None:
     cfg = load_config(path, parse_override_args(extra))
     if getattr(args, "dry_run", False):
         print(dump_yaml(cfg), end="")
+        if getattr(args, "command", None) == "sample":  # the grid and model calls the sample section asks for
+            from pae_fast.flow.grid import plan_from_config
+
+            try:
+                print(f"# sampling plan: {plan_from_config(cfg.sample).describe()}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         return None
     return cfg
 

@@ -1,7 +1,9 @@
 """Generation metrics of samples against a reference: FID, sFID, IS, precision/recall (and FD_DINOv2).
 
 SAMPLES and REFERENCE are ADM-format npz files (``arr_0`` uint8 (N, H, W, 3)) or image folders. A reference npz
-with precomputed ``mu``/``sigma`` (``mu_s``/``sigma_s``) uses them; precision/recall need its images. The FID
+with precomputed ``mu``/``sigma`` (``mu_s``/``sigma_s``) uses them; precision/recall need its images.
+``--eval.protocol adm`` (default) or ``torch-fidelity`` chooses the IS splits and the k-NN distance precision; the
+table and the JSON name the protocol that produced the numbers. The FID
 Inception weights come from a local file (pytorch-fid's pt_inception-2015-12-05 port), FD_DINOv2 is added when
 ``--eval.dino_weights`` is set.
 
@@ -25,13 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", nargs="?", help="reference npz / image folder (default: eval.reference)")
     p.add_argument("--out", help="result JSON (default: <out_dir>/evaluate.json)")
     p.add_argument("--save-reference-stats", metavar="NPZ", help="also write the reference statistics for reuse")
+    p.add_argument(
+        "--with-images",
+        action="store_true",
+        help="with --save-reference-stats: embed the reference images as arr_0, so ADM's evaluator can read the file",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(p)
 
 
 def format_table(metrics: dict) -> str:
     """A two-column text table of the metrics present."""
-    rows = [(k, f"{metrics[k]:.4f}") for k in _ORDER if k in metrics]
+    rows = [("protocol", str(metrics.get("protocol")))]
+    rows += [(k, f"{metrics[k]:.4f}") for k in _ORDER if k in metrics]
     rows += [("samples", str(metrics.get("num_samples"))), ("reference", str(metrics.get("num_reference")))]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
@@ -64,9 +72,11 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
             inception_size=ev.inception_size,
             is_splits=ev.is_splits,
             knn_k=ev.knn_k,
+            protocol=ev.protocol,
             device=device,
             progress=not args.no_progress,
             reference_stats_out=args.save_reference_stats,
+            reference_stats_images=args.with_images,
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -75,5 +85,11 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     record = {"samples": str(args.samples), "reference": str(reference), **metrics}
     atomic_write_text(out, json.dumps(json_safe(record), indent=1))
     print(format_table(metrics))
+    layout = metrics.get("reference_stats_layout")
+    if layout == "adm":
+        print(f"wrote {args.save_reference_stats}: statistics + reference images (arr_0), an ADM reference batch")
+    elif layout == "pae_fast":
+        print(f"wrote {args.save_reference_stats}: statistics only, for pae_fast; ADM's evaluator needs arr_0 "
+              "(add --with-images)")
     print(f"wrote {out}")
     return 0

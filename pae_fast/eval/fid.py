@@ -2,9 +2,10 @@
 DINOv2 space.
 
 The protocol follows ADM's evaluator: Inception ``pool_3`` features for FID, the first 7 channels of
-``mixed_6/conv`` for sFID, softmax of ``pool_3 @ W`` over 1008 classes for IS (10 splits: ADM's 5000-image splits
-of 50k samples), k-NN manifolds with k = 3 for precision/recall (Kynkäänniemi et al., 2019). FD_DINOv2 uses the
-CLS token of a DINOv2 ViT-L/14 at 224 px (bicubic resize, ImageNet normalisation), as in Stein et al. (2023).
+``mixed_6/conv`` for sFID, softmax of ``pool_3 @ W`` over 1008 classes for IS, k-NN manifolds with k = 3 for
+precision/recall (Kynkäänniemi et al., 2019). The IS splits and the precision of the k-NN distances follow
+``eval.protocol`` (:mod:`pae_fast.eval.protocol`: ADM's by default, or torch-fidelity's). FD_DINOv2 uses the CLS token
+of a DINOv2 ViT-L/14 at 224 px (bicubic resize, ImageNet normalisation), as in Stein et al. (2023).
 
     from pae_fast.eval.fid import evaluate_generation
     metrics = evaluate_generation("samples.npz", "VIRTUAL_imagenet256_labeled.npz", inception_weights="pt_incep.pth")
@@ -12,7 +13,6 @@ CLS token of a DINOv2 ViT-L/14 at 224 px (bicubic resize, ImageNet normalisation
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Iterable
@@ -25,11 +25,13 @@ import torch.nn.functional as F
 
 from pae_fast.eval.images import ImageSource, save_reference_stats
 from pae_fast.eval.inception import FIDInceptionV3, load_inception, load_state_dict_file
+from pae_fast.eval.protocol import PROTOCOLS, Protocol, inception_score, precision_recall
 
 __all__ = [
     "frechet_distance",
     "frechet_distance_features",
     "feature_statistics",
+    "PROTOCOLS",
     "inception_score",
     "precision_recall",
     "DINOv2Features",
@@ -129,71 +131,6 @@ def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"features must be (N, D) with N >= 2, got shape {x.shape}")
     return x.mean(0), np.cov(x, rowvar=False)
-
-
-def inception_score(logits: Any, splits: int = 10) -> float:
-    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` averaged over ``splits`` equal parts (ADM: 10 x 5000).
-
-    Args:
-        logits: ``(N, K)`` class logits (softmax is taken here, in float64).
-        splits: number of parts; each needs at least one sample.
-    """
-    x = torch.as_tensor(_f64(logits))
-    if x.dim() != 2:
-        raise ValueError(f"logits must be (N, K), got shape {tuple(x.shape)}")
-    if not 1 <= splits <= x.shape[0]:
-        raise ValueError(f"inception_score: splits must be in [1, N={x.shape[0]}], got {splits}")
-    logp = torch.log_softmax(x, dim=1)
-    scores = []
-    for part in torch.tensor_split(logp, splits):
-        log_marginal = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # log mean_x p(y|x)
-        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
-        scores.append(float(kl.exp()))
-    return float(np.mean(scores))
-
-
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.t() + b.pow(2).sum(1)[None]).clamp_min_(0)
-
-
-def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Squared distance of each row to its k-th nearest other row, ``(N,)``."""
-    if x.shape[0] <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors per set, got {x.shape[0]}")
-    # the (k+1)-th smallest distance counts the point itself (distance 0) first
-    return torch.cat([_sq_dists(x[i : i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)])
-
-
-def _inside(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int) -> torch.Tensor:
-    """For each query row: is it inside any reference ball ``|q - r|^2 <= radius_r``?"""
-    return torch.cat(
-        [(_sq_dists(query[i : i + chunk], ref) <= radii[None]).any(1) for i in range(0, len(query), chunk)]
-    )
-
-
-def precision_recall(
-    real: Any, fake: Any, k: int = 3, chunk: int = 4096, device: str | torch.device = "cpu"
-) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al., 2019) with k-NN hypersphere manifolds.
-
-    Precision = fraction of ``fake`` inside the real manifold; recall = fraction of ``real`` inside the fake one.
-
-    Args:
-        real: ``(N1, D)`` reference features.
-        fake: ``(N2, D)`` sample features.
-        k: neighbourhood size (3, as ADM).
-        chunk: rows per distance block (memory: ``chunk x N`` floats).
-    """
-    r = torch.as_tensor(_f64(real), dtype=torch.float32, device=device)
-    f = torch.as_tensor(_f64(fake), dtype=torch.float32, device=device)
-    if r.dim() != 2 or f.dim() != 2 or r.shape[1] != f.shape[1]:
-        raise ValueError(
-            f"precision_recall: expected (N1, D) and (N2, D) features, got {tuple(r.shape)}, {tuple(f.shape)}"
-        )
-    r_radii, f_radii = _knn_radii(r, k, chunk), _knn_radii(f, k, chunk)
-    precision = _inside(f, r, r_radii, chunk).double().mean()
-    recall = _inside(r, f, f_radii, chunk).double().mean()
-    return float(precision), float(recall)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,9 +250,11 @@ def evaluate_generation(
     inception_size: int = 299,
     is_splits: int = 10,
     knn_k: int = 3,
+    protocol: Protocol = "adm",
     device: str | torch.device = "auto",
     progress: bool = False,
     reference_stats_out: str | os.PathLike | None = None,
+    reference_stats_images: bool = False,
 ) -> dict[str, Any]:
     """FID, sFID, IS, precision, recall (and FD_DINOv2 with ``dino``) of samples against a reference.
 
@@ -324,11 +263,19 @@ def evaluate_generation(
         reference: the same kinds; a reference npz with ``mu``/``sigma`` (and ``mu_s``/``sigma_s``,
             ``mu_dino``/``sigma_dino``) uses those statistics; precision/recall need its images (``arr_0``).
         inception_weights: local FID Inception weights (or pass a loaded ``inception``).
+        is_splits: IS splits of the ``"torch-fidelity"`` protocol (ADM uses 5,000-image chunks).
+        protocol: ``"adm"`` or ``"torch-fidelity"``: IS splits and shuffle, k-NN distance precision
+            (:mod:`pae_fast.eval.protocol`).
         reference_stats_out: write the reference statistics (ADM keys) to this npz for reuse.
+        reference_stats_images: also embed the reference images as ``arr_0`` in that npz, which makes it a
+            reference batch ADM's evaluator reads; without them the file serves pae_fast only.
     Returns:
-        ``{"fid", "sfid", "is", "precision", "recall", ["fd_dinov2"], "num_samples", "num_reference"}``; metrics
+        ``{"protocol", "fid", "sfid", "is", "precision", "recall", ["fd_dinov2"], "num_samples", "num_reference",
+        "reference_stats_layout"}``; metrics
         that the reference cannot support are absent and listed in ``"skipped"`` with the reason.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     dev = resolve_device(device)
     if inception is None:
         inception = load_inception(inception_weights, input_size=inception_size, device=dev)
@@ -345,11 +292,15 @@ def evaluate_generation(
     for feat, (mu_key, sigma_key) in _STAT_KEYS.items():
         if feat in fr and mu_key not in ref_stats:
             ref_stats[mu_key], ref_stats[sigma_key] = feature_statistics(fr[feat])
+    result: dict[str, Any] = {"protocol": protocol, "num_samples": len(src), "num_reference": len(ref), "skipped": {}}
     if reference_stats_out is not None and ref_stats:
-        save_reference_stats(reference_stats_out, ref_stats)
+        if reference_stats_images and not ref.has_images:
+            raise ValueError(f"reference {ref.name} holds no images to embed as arr_0 (it has statistics only)")
+        images = ref.read_all() if reference_stats_images else None
+        save_reference_stats(reference_stats_out, ref_stats, images=images)
+        result["reference_stats_layout"] = "adm" if images is not None else "pae_fast"
 
-    result: dict[str, Any] = {"num_samples": len(src), "num_reference": len(ref), "skipped": {}}
-    result["is"] = inception_score(fs["logits"], splits=min(is_splits, len(fs["logits"])))
+    result["is"] = inception_score(fs["logits"], protocol=protocol, splits=min(is_splits, len(fs["logits"])))
     for feat, (mu_key, sigma_key) in _STAT_KEYS.items():
         metric = _METRIC_NAMES[feat]
         if feat not in fs:
@@ -368,7 +319,9 @@ def evaluate_generation(
         else:
             result[metric] = frechet_distance(*feature_statistics(fs[feat]), ref_stats[mu_key], ref_stats[sigma_key])
     if "pool" in fr:
-        result["precision"], result["recall"] = precision_recall(fr["pool"], fs["pool"], k=knn_k, device=dev)
+        result["precision"], result["recall"] = precision_recall(
+            fr["pool"], fs["pool"], k=knn_k, protocol=protocol, device=dev
+        )
     else:
         result["skipped"]["precision/recall"] = f"reference {ref.name} has no images (arr_0)"
     return result

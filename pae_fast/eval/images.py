@@ -7,6 +7,7 @@ ones ``mu_s``, ``sigma_s``. We read and write that format, plus image folders (p
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ __all__ = [
     "load_image_folder",
     "ImageSource",
 ]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "mu_dino", "sigma_dino")
@@ -74,13 +77,20 @@ def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
-def _npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one npz member from its .npy header (C order required to stream it)."""
+def _npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran-order flag and dtype of one npz member from its .npy header."""
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
         shape, fortran, dtype = _read_npy_header(f)
-    if fortran:
-        raise ValueError(f"{path}[{key}] is stored in Fortran order; re-save it with np.savez (C order)")
-    return tuple(shape), dtype
+    return tuple(shape), bool(fortran), dtype
+
+
+def _c_contiguous(arr: np.ndarray, where: str) -> np.ndarray:
+    """``arr`` itself when C-contiguous, else one C-ordered copy (logged: it costs a full pass and its memory)."""
+    if arr.flags.c_contiguous:
+        return arr
+    order = "Fortran-ordered" if arr.flags.f_contiguous else "non-contiguous"
+    log.info("%s is %s: copying it once to C order (%.1f MB)", where, order, arr.nbytes / 2**20)
+    return np.ascontiguousarray(arr)
 
 
 def load_npz_images(path: str | os.PathLike, key: str = "arr_0") -> np.ndarray:
@@ -190,7 +200,7 @@ class ImageSource:
                 raise ValueError(f"{name}: expected a (N, 3, H, W) tensor, got shape {tuple(source.shape)}")
             self._array = source
         elif isinstance(source, np.ndarray):
-            self._array = _check_images(source, name)
+            self._array = _c_contiguous(_check_images(source, name), name)
         else:
             p = Path(source)
             self.name = str(p)
@@ -201,12 +211,14 @@ class ImageSource:
                 with np.load(p, allow_pickle=False) as f:  # NpzFile reads only the arrays asked for
                     self.stats = {k: f[k] for k in STAT_KEYS if k in keys}
                 if "arr_0" in keys:
-                    self._npz = p
-                    self._npz_shape, dtype = _npz_member_header(p, "arr_0")
-                    if len(self._npz_shape) != 4 or self._npz_shape[-1] != 3 or dtype != np.uint8:
-                        raise ValueError(
-                            f"{p}[arr_0]: expected uint8 images (N, H, W, 3), got {dtype} {self._npz_shape}"
-                        )
+                    shape, fortran, dtype = _npz_member_header(p, "arr_0")
+                    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+                        raise ValueError(f"{p}[arr_0]: expected uint8 images (N, H, W, 3), got {dtype} {shape}")
+                    if fortran:  # not streamable in C order: read it whole (as ADM does) and copy once
+                        with np.load(p, allow_pickle=False) as f:
+                            self._array = _c_contiguous(f["arr_0"], f"{p}[arr_0]")
+                    else:
+                        self._npz, self._npz_shape = p, shape
                 elif not self.stats:
                     raise ValueError(f"{p} holds neither images (arr_0) nor statistics (mu, sigma); keys: {keys}")
             else:
@@ -222,6 +234,15 @@ class ImageSource:
         if self._npz is not None:
             return self._npz_shape[0]
         return 0 if self._array is None else len(self._array)
+
+    def read_all(self) -> np.ndarray:
+        """All images as one uint8 ``(N, H, W, 3)`` array (they must share one size)."""
+        parts = [to_uint8_hwc(b) for b in self.batches(256)]
+        if not parts:
+            raise ValueError(f"{self.name} holds no images")
+        if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+            raise ValueError(f"{self.name}: images of different sizes cannot form one arr_0; resize them first")
+        return np.concatenate(parts)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Yield ``(B, 3, H, W)`` tensors (uint8, or the float tensor given)."""

@@ -4,6 +4,8 @@
 Convention: t = 1 is data, t = 0 is noise; ``x_t = t·x1 + (1 − t)·x0``, velocity ``v = x1 − x0``.
 """
 
+from pae_fast.flow.convention import RAETimeConvention, convention_for, resolve_time_convention, wrap_time_convention
+from pae_fast.flow.grid import SAMPLER_NAMES, SamplingPlan, plan_from_config, sampling_plan
 from pae_fast.flow.guidance import (
     AutoGuidance,
     ClassifierFreeGuidance,
@@ -21,18 +23,31 @@ from pae_fast.flow.path import (
     x0_from_velocity,
     x1_from_velocity,
 )
-from pae_fast.flow.samplers import SAMPLERS, Trajectory, VelocityFn, euler, euler_maruyama, heun, sample
+from pae_fast.flow.samplers import (
+    SAMPLERS,
+    Trajectory,
+    VelocityFn,
+    euler,
+    euler_maruyama,
+    heun,
+    sample,
+    sde_sbdm,
+)
 from pae_fast.flow.timesteps import dimension_shift, sample_time, shift_time, time_grid
 
 __all__ = [
     "AutoGuidance",
     "ClassifierFreeGuidance",
     "FlowLoss",
+    "RAETimeConvention",
     "SAMPLERS",
+    "SAMPLER_NAMES",
+    "SamplingPlan",
     "Trajectory",
     "VelocityFn",
     "class_balanced_labels",
     "conditional_velocity",
+    "convention_for",
     "dimension_shift",
     "euler",
     "euler_maruyama",
@@ -41,13 +56,18 @@ __all__ = [
     "guidance_mask",
     "heun",
     "interpolate",
+    "plan_from_config",
     "random_labels",
+    "resolve_time_convention",
     "sample",
     "sample_time",
+    "sampling_plan",
+    "sde_sbdm",
     "score_from_velocity",
     "shift_time",
     "time_grid",
     "velocity_target",
+    "wrap_time_convention",
     "x0_from_velocity",
     "x1_from_velocity",
 ]

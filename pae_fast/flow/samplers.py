@@ -1,7 +1,8 @@
 """ODE and SDE samplers for the linear path (t = 0 noise → t = 1 data), with optional trajectory recording.
 
 A sampler integrates a *velocity function* ``fn(x (B, ...), t (B,)) -> v`` (a model with its labels and
-guidance bound, see :mod:`pae_fast.flow.guidance`) over an increasing time grid (:func:`time_grid`).
+guidance bound, see :mod:`pae_fast.flow.guidance`) over an increasing time grid
+(:func:`pae_fast.flow.grid.sampling_plan`).
 
 - **Euler** (1 NFE / step) and **Heun** (2 NFE / step, second order) solve the probability-flow ODE
   ``dx = v(x, t) dt``.
@@ -15,6 +16,12 @@ guidance bound, see :mod:`pae_fast.flow.guidance`) over an increasing time grid 
   SDE sampler with diffusion coefficient ``w_t = η·σ_t = η(1 − t)`` (Ma et al., 2024, §2), the sampler
   LightningDiT uses without guidance. The ``(1 − t)`` cancels, so the drift is finite at t = 1:
   ``v + η(t·v − x)``. The last step is taken without noise (SiT's "Mean" last step); η = 0 is Euler.
+  Our own choice of SDE, kept because it is finite on all of [0, 1]; it is *not* the authors' sampler.
+- **SBDM SDE** (:func:`sde_sbdm`, ``sampler: "sde_sbdm"``) is the SDE PAE's released code uses for its
+  no-guidance numbers (docs/method.md §Sampling): diffusion ``D(t) = (1 − t)/t`` (SiT's "SBDM" form, norm 1), drift
+  ``f = v + D·score = 2v − x/t``, Euler–Maruyama steps ``x ← x + f·dt + sqrt(2·D·dt)·ε`` on every interval of the
+  grid, then one posterior-mean step ``x ← x/t + ((1 − t)²/t)·score`` at the *unshifted* end time (0.996 in PAE's
+  runs). The grid must avoid t = 0 and t = 1 (PAE: ``shift(linspace(1e-5, 0.996, 250))``).
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pae_fast.flow.timesteps import time_grid
+from pae_fast.flow.grid import sampling_plan
 
-__all__ = ["VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sample", "SAMPLERS"]
+__all__ = ["VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sde_sbdm", "sample", "SAMPLERS"]
 
 # fn(x (B, ...), t (B,) float32) -> v (B, ...)
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -190,30 +197,98 @@ def euler_maruyama(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "euler_maruyama": euler_maruyama}
+@torch.no_grad()
+def sde_sbdm(
+    fn: VelocityFn,
+    x: Tensor,
+    grid: Tensor,
+    *,
+    final_time: float,
+    generator: torch.Generator | None = None,
+    trajectory: Trajectory | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """PAE's no-guidance SDE: Euler–Maruyama with ``D(t) = (1 − t)/t``, then a posterior-mean step (module docstring).
+
+    Each interval ``[t, t + dt]`` of ``grid``: ``x ← x + (2v − x/t)·dt + sqrt(2·dt·(1 − t)/t)·ε`` (noise on every
+    interval, the last included); then ``x ← x/T + ((1 − T)²/T)·score(x, T)`` with ``T = final_time`` and
+    ``score = (T·v − x)/(1 − T)``. Model calls: ``len(grid) − 1`` steps + 1.
+
+    Args:
+        fn: velocity function.
+        x: the noise at ``grid[0]``, ``(B, ...)``.
+        grid: increasing times ``(K + 1,)`` inside (0, 1).
+        final_time: T of the posterior-mean step, in (0, 1) (PAE: the unshifted end of the grid, 0.996).
+        generator: RNG for the Brownian increments.
+        trajectory: optional recorder (velocities = drifts; the final step is recorded at ``final_time``).
+        progress: show a step progress bar.
+
+    Returns:
+        the sample (the posterior mean of the data given the last state).
+    """
+    ts = _times(grid)
+    if not (ts[0] > 0.0 and ts[-1] < 1.0 and 0.0 < final_time < 1.0):
+        raise ValueError(
+            f"sde_sbdm needs grid times and final_time inside (0, 1) (D(t) = (1 - t)/t is singular at 0, the score "
+            f"at 1), got grid [{ts[0]}, {ts[-1]}], final_time {final_time}; set sample.t_start > 0, sample.t_end < 1"
+        )
+    if trajectory is not None:
+        trajectory.add_state(ts[0], x)
+    for t0, t1 in _steps(ts, progress, "sde-sbdm"):
+        h = t1 - t0
+        v = fn(x, _tvec(t0, x))
+        drift = 2.0 * v - x / t0  # v + D·score with D = (1 − t)/t, score = (t·v − x)/(1 − t)
+        dw = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x = x + h * drift + math.sqrt(2.0 * h * (1.0 - t0) / t0) * dw
+        if trajectory is not None:
+            trajectory.add_velocity(drift)
+            trajectory.add_state(t1, x)
+    t = final_time
+    v = fn(x, _tvec(t, x))
+    score = (t * v - x) / (1.0 - t)
+    x = x / t + ((1.0 - t) ** 2 / t) * score
+    if trajectory is not None:
+        trajectory.add_velocity(v)
+        trajectory.add_state(1.0, x)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": euler,
+    "heun": heun,
+    "euler_maruyama": euler_maruyama,
+    "sde_sbdm": sde_sbdm,
+}
 
 
 def sample(
     fn: VelocityFn,
     noise: Tensor,
     *,
-    sampler: Literal["euler", "heun", "euler_maruyama"] = "euler",
-    steps: int = 250,
+    sampler: Literal["euler", "heun", "euler_maruyama", "sde_sbdm"] = "euler",
+    steps: int = 249,
     shift: float = 1.0,
+    t_start: float = 0.0,
+    t_end: float = 1.0,
     noise_scale: float = 1.0,
     generator: torch.Generator | None = None,
     trajectory: Trajectory | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """Integrate from noise (t = 0) to data (t = 1) on the shifted grid ``time_grid(steps, shift)``.
+    """Integrate from noise to data on the grid ``shift(linspace(t_start, t_end, steps + 1))``.
+
+    The grid is :func:`pae_fast.flow.grid.sampling_plan`'s (which also counts the model calls): ``steps`` solver
+    steps between ``steps + 1`` points. The authors' "250 sampling steps" are 250 points, i.e. ``steps=249``.
 
     Args:
         fn: velocity function ``fn(x, t) -> v``.
         noise: ``x0 ~ N(0, I)``, ``(B, C, H, W)``.
-        sampler: ``"euler"``, ``"heun"`` or ``"euler_maruyama"``.
-        steps: number of steps K (NFE = K, or 2K for Heun).
+        sampler: ``"euler"``, ``"heun"``, ``"euler_maruyama"`` or ``"sde_sbdm"``.
+        steps: number of solver steps K (model calls: K; 2K for Heun; K + 1 for sde_sbdm).
         shift: grid shift s (our convention; s < 1 spends more steps near noise).
-        noise_scale: η of the SDE (Euler–Maruyama only).
+        t_start: first grid time before the shift (0 = pure noise; sde_sbdm needs > 0).
+        t_end: last grid time before the shift (1 = data; sde_sbdm needs < 1 and takes its final step there).
+        noise_scale: η of ``euler_maruyama`` (unused by the other samplers).
         generator: RNG of the SDE noise.
         trajectory: optional recorder.
         progress: show a step progress bar.
@@ -221,9 +296,12 @@ def sample(
     Returns:
         samples ``(B, C, H, W)``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    grid = time_grid(steps, shift, device=noise.device)
+    plan = sampling_plan(sampler, steps, shift, t_start, t_end)
+    grid = plan.grid  # CPU float64: the samplers read it as Python floats
+    if sampler == "sde_sbdm":
+        return sde_sbdm(
+            fn, noise, grid, final_time=plan.final_time, generator=generator, trajectory=trajectory, progress=progress
+        )
     if sampler == "euler_maruyama":
         return euler_maruyama(
             fn, noise, grid, noise_scale=noise_scale, generator=generator, trajectory=trajectory, progress=progress

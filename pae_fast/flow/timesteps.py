@@ -10,8 +10,8 @@ s. ``s < 1`` moves times toward noise (t = 0), ``s > 1`` toward data. RAE's shif
 ``s = 1/α`` here (config.py converts ``flow.rae_alpha`` at load). RAE's dimension-dependent rule
 ``α = sqrt(m / 4096)`` (m = tokens × channels of the latent) is :func:`dimension_shift`.
 
-Note on sampling grids: LightningDiT's ``time_shifting_factor`` τ maps ``t ↦ t / (t + τ − τ·t)``, which is
-``shift_time(t, 1/τ)`` here. A value copied from that code must be inverted before it is used as ``sample.shift``.
+PAE's released sampling code applies this same formula with its ``0.4`` (docs/method.md §Sampling), so
+``sample.shift: 0.4`` is the authors' value as is. Sampling grids: :mod:`pae_fast.flow.grid`.
 """
 
 from __future__ import annotations

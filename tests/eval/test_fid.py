@@ -83,7 +83,7 @@ def test_inception_score_known_answers():
     same = torch.randn(1, 1008).expand(n, -1)
     assert inception_score(same, splits=10) == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="splits"):
-        inception_score(logits[:5], splits=10)
+        inception_score(logits[:5], protocol="torch-fidelity", splits=10)
 
 
 def test_precision_recall_known_answers():

@@ -95,12 +95,19 @@ def test_evaluate_cli_with_local_random_inception_weights(tmp_path, capsys):
     out = tmp_path / "eval.json"
     args = ["evaluate", str(samples), str(reference), "--out", str(out), "--no-progress"]
     overrides = ["--eval.inception_weights", str(weights), "--eval.inception_size", "75", "--eval.device", "cpu"]
-    assert cli_main(args + overrides + ["--eval.is_splits", "2"]) == 0
+    stats = tmp_path / "ref_stats.npz"
+    extra = ["--eval.is_splits", "2", "--eval.protocol", "torch-fidelity", "--save-reference-stats", str(stats)]
+    assert cli_main(args + overrides + extra) == 0
     result = json.loads(out.read_text())
     for key in ("fid", "sfid", "is", "precision", "recall"):
         assert np.isfinite(result[key]), key
-    assert result["fid"] > 0 and result["num_samples"] == 8
-    assert "fid" in capsys.readouterr().out
+    assert result["fid"] > 0 and result["num_samples"] == 8 and result["protocol"] == "torch-fidelity"
+    printed = capsys.readouterr().out
+    assert "fid" in printed and "protocol   torch-fidelity" in printed and "statistics only, for pae_fast" in printed
+    assert "arr_0" not in np.load(stats).files
+    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images"]) == 0
+    assert json.loads(out.read_text())["protocol"] == "adm" and "an ADM reference batch" in capsys.readouterr().out
+    assert {"arr_0", "mu", "sigma", "mu_s", "sigma_s"} <= set(np.load(stats).files)
     # without weights: a clear error, no traceback
     assert cli_main(["evaluate", str(samples), str(reference), "--out", str(out)]) == 2
     assert "eval.inception_weights" in capsys.readouterr().err

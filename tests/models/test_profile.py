@@ -92,13 +92,13 @@ def test_generator_presets(preset, params):
     assert cfg.train.global_batch_size == 1024 and cfg.train.betas == (0.9, 0.95) and cfg.train.lr == 2e-4
     if preset.startswith("pae"):
         assert cfg.flow.shift == 0.7 and cfg.flow.cosine_loss and cfg.train.ema_decay == 0.9999
-        assert (cfg.sample.steps, cfg.sample.shift, cfg.sample.guidance) == (250, 0.4, "cfg")
+        assert (cfg.sample.steps, cfg.sample.shift, cfg.sample.guidance) == (249, 0.4, "cfg")  # 250 grid points
         expect = (2.5, 0.25, 100_000) if preset.endswith("_80ep") else (3.3, 0.3, 1_000_000)
         assert (cfg.sample.cfg_scale, cfg.sample.cfg_interval_start, cfg.train.steps) == expect
     else:
         assert cfg.flow.shift == pytest.approx(1 / 6.928) and not cfg.flow.cosine_loss
         assert (cfg.train.ema_decay, cfg.train.grad_clip, cfg.train.schedule) == (0.9995, 1.0, "linear")
-        assert (cfg.sample.steps, cfg.sample.guidance, cfg.sample.autoguidance_scale) == (50, "autoguidance", 1.42)
+        assert (cfg.sample.steps, cfg.sample.guidance, cfg.sample.autoguidance_scale) == (49, "autoguidance", 1.42)
         assert cfg.sample.shift == pytest.approx(1 / 6.928, rel=1e-4)
 
 
