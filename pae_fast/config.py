@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pae_fast.errors import ConfigError
 from pae_fast.io import atomic_write_text
 
 __all__ = [
@@ -44,10 +45,6 @@ __all__ = [
     "dump_yaml",
     "save_resolved",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is not valid; the message names it and lists what is expected."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,6 +173,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint folder
     nonfinite: Literal["skip", "stop"] = "skip"
+    max_skipped_steps: int = 10  # nonfinite=skip: this many consecutive skipped steps stop the run (exit code 5)
     tensorboard: bool = False
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
     device: str = "auto"  # auto | cpu | cuda
@@ -409,6 +407,9 @@ def _finalize(cfg: Any) -> Any:
             raise ConfigError(f"flow.shift must be > 0, got {flow.shift}")
         if cfg.sample.shift <= 0:
             raise ConfigError(f"sample.shift must be > 0, got {cfg.sample.shift}")
+        from pae_fast.config_checks import check_ranges
+
+        check_ranges(cfg)  # every numeric value and device string, before any command writes anything
     return cfg
 
 

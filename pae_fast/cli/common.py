@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from pae_fast.config import Config, ConfigError, dump_yaml, load_config, parse_override_args, save_resolved
+from pae_fast.config_checks import check_command_devices
 
 __all__ = ["add_config_arguments", "resolve_config", "preset_path", "list_presets", "no_extra"]
 
@@ -49,6 +50,8 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config | None:
     if getattr(args, "dry_run", False):
         print(dump_yaml(cfg), end="")
         return None
+    command = getattr(getattr(args, "_command", None), "__name__", "").rsplit(".", 1)[-1].replace("_", "-")
+    check_command_devices(cfg, command)  # the device this command runs on must exist, before anything is written
     return cfg
 
 

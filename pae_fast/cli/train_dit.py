@@ -9,7 +9,11 @@ Examples:
     torchrun --nproc_per_node=8 -m pae_fast train-dit --config configs/<preset>.yaml --data.root CACHE
     python -m pae_fast train-dit --config tiny_cpu --flow.dimension_shift true --dry-run
 
-Writes <out_dir>/config.yaml, <out_dir>/latent_stats.safetensors (the cache's per-channel mean/std, needed to
+Exit codes: 0 done, 2 config, 3 data, 4 stopped by SIGTERM/SIGINT after a checkpoint (rerun to resume),
+5 non-finite losses, 6 the folder is in use (see README "When things go wrong").
+
+Writes <out_dir>/config.yaml, <out_dir>/run_identity.json (what the run was started with; a resume with other
+data or model settings is refused), <out_dir>/latent_stats.safetensors (the cache's per-channel mean/std, needed to
 de-normalise samples) and the engine's checkpoints, logs and stats under <out_dir>.
 """
 
@@ -28,8 +32,18 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = resolve_config(args, extra)
     if cfg is None:  # --dry-run printed the config
         return 0
+    from pae_fast.engine.checkpoint import list_checkpoints
+    from pae_fast.errors import raise_if_preempted
     from pae_fast.generation import train_generator
+    from pae_fast.run_identity import check_run_identity, record_run_identity, run_identity
 
-    out = train_generator(cfg)
+    identity = run_identity(cfg)
+    check_run_identity(cfg.out_dir, identity, cfg.train.resume)  # before anything is written into the folder
+    try:
+        out = train_generator(cfg)
+    finally:
+        if list_checkpoints(cfg.out_dir):  # training started: the folder now belongs to this identity
+            record_run_identity(cfg.out_dir, identity)
+    raise_if_preempted()  # SIGTERM: checkpoint written, exit code 4 instead of the success line
     print(f"generator run: {out}")
     return 0
