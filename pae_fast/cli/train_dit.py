@@ -37,6 +37,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     from pae_fast.generation import train_generator
     from pae_fast.run_identity import check_run_identity, record_run_identity, run_identity
 
+    from pae_fast.engine.state import seed_all
+
+    seed_all(cfg.seed)  # before the model is built: the seed sets the initial weights too
     identity = run_identity(cfg)
     check_run_identity(cfg.out_dir, identity, cfg.train.resume)  # before anything is written into the folder
     try:
