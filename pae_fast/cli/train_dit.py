@@ -33,11 +33,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     if cfg is None:  # --dry-run printed the config
         return 0
     from pae_fast.engine.checkpoint import list_checkpoints
+    from pae_fast.engine.state import seed_all
     from pae_fast.errors import raise_if_preempted
     from pae_fast.generation import train_generator
     from pae_fast.run_identity import check_run_identity, record_run_identity, run_identity
-
-    from pae_fast.engine.state import seed_all
 
     seed_all(cfg.seed)  # before the model is built: the seed sets the initial weights too
     identity = run_identity(cfg)
