@@ -611,11 +611,11 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
         lock.acquire()  # before the log file: a folder another process writes is left untouched
         log, handlers = setup_logger(out, main)
         micro_batch_size(cfg.global_batch_size, D.get_world_size(), cfg.grad_accum)
-        if main and config_yaml is not None:
-            atomic_write_text(out / "config.yaml", config_yaml)
         with _precision_flags(cfg.tf32), _kernel_scope(cfg.kernel_backend), Preemption() as preempt:
             trainer = _Trainer(task, cfg, out, seed, config_yaml, device, log)
-            trainer.setup()
+            trainer.setup()  # finds and loads the checkpoint to resume: a failure leaves config.yaml as it was
+            if main and config_yaml is not None:
+                atomic_write_text(out / "config.yaml", config_yaml)
             return trainer.run(preempt)
     finally:
         close_logger(handlers)

@@ -132,3 +132,12 @@ def test_second_process_on_a_folder_fails_at_once(tiny, held_by_other_process):
     assert time.monotonic() - t0 < 5
     assert exit_code_for(ei.value) == EXIT_BUSY
     assert sorted(p.name for p in folder.iterdir()) == before == [LOCK_FILE]  # no log.txt, no config written
+
+
+def test_failed_resume_leaves_config_yaml(tiny, tmp_path):
+    train(tiny.make_task(), tiny.tiny_cfg(steps=2, log_every=2, ckpt_every=2), tmp_path, seed=0, config_yaml="a: 1\n")
+    f = tmp_path / "checkpoints" / "0000002" / "state.pt"
+    f.write_bytes(b"\x00" * f.stat().st_size)
+    with pytest.raises(ck.CheckpointError, match="every checkpoint .* is damaged"):
+        train(tiny.make_task(), tiny.tiny_cfg(steps=4), tmp_path, seed=0, config_yaml="b: 2\n")
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
