@@ -117,6 +117,7 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # The device key each command runs on; checked for presence before the command does anything.
 COMMAND_DEVICE_KEYS: dict[str, str] = {
     "train-dit": "train.device",
+    "demo": "train.device",
     "train-tokenizer": "train.device",
     "refine-priors": "train.device",
     "cache-latents": "train.device",

@@ -82,7 +82,7 @@ def micro_batch_size(global_batch_size: int, world_size: int, grad_accum: int) -
 
 def check_train_config(cfg) -> None:
     """Reject values the loop cannot run with, naming the key."""
-    for key in ("steps", "log_every", "ckpt_every", "grad_accum"):
+    for key in ("steps", "log_every", "ckpt_every", "grad_accum", "max_skipped_steps"):
         if int(getattr(cfg, key)) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     if cfg.keep_last < 0:
