@@ -9,7 +9,7 @@ were first loaded from) are left out.
 
 A stage calls, in this order: :func:`run_identity` (after the config is loaded and the data opened),
 :func:`check_run_identity` (before writing anything into the folder), then, holding the folder's lock,
-:func:`record_run_identity`.
+:func:`record_run_identity`; :func:`open_run` does the last three in one ``with`` block.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from pae_fast.errors import ConfigError
 from pae_fast.io import atomic_write_text
 
 __all__ = ["IDENTITY_FILE", "run_identity", "identity_digest", "identity_diff", "check_run_identity",
-           "record_run_identity"]
+           "record_run_identity", "open_run"]
 
 IDENTITY_FILE = "run_identity.json"
 
@@ -125,3 +127,29 @@ def record_run_identity(out_dir: str | os.PathLike, identity: dict[str, Any]) ->
     atomic_write_text(path, json.dumps({"sha256": identity_digest(identity), "identity": identity}, indent=1,
                                        default=str))
     return path
+
+
+@contextmanager
+def open_run(out_dir: str | os.PathLike, identity: dict[str, Any], resume: str = "auto",
+             main: bool = True) -> Iterator[Path]:
+    """Take a run folder for writing: check the identity (nothing written on a mismatch), lock the folder, check
+    again under the lock (another process may have started the run meanwhile), record the identity, yield.
+
+    Args:
+        out_dir: the run folder (created when missing, after the first check passed).
+        identity: :func:`run_identity` of this command, computed after its config and data were validated.
+        resume: ``train.resume``.
+        main: False on ranks other than 0 (they neither lock nor write).
+
+    Raises:
+        ConfigError: the folder was started with another identity.
+        RunLockedError: another process holds the folder.
+    """
+    from pae_fast.engine.lock import RunLock
+
+    check_run_identity(out_dir, identity, resume)
+    with RunLock(out_dir, enabled=main):
+        if main:
+            check_run_identity(out_dir, identity, resume)
+            record_run_identity(out_dir, identity)
+        yield Path(out_dir)

@@ -16,7 +16,7 @@ import torch
 
 from pae_fast.cli import main
 from pae_fast.data.latent_cache import INDEX_FILE, write_latent_cache
-from pae_fast.errors import EXIT_DATA, EXIT_PREEMPTED, EXIT_USAGE
+from pae_fast.errors import EXIT_BUSY, EXIT_DATA, EXIT_PREEMPTED, EXIT_USAGE
 from pae_fast.io import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +214,19 @@ def test_sigterm_exits_with_the_preempted_code(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "stopped at step" in last and "resume" in last, last
     assert len(list((out / "checkpoints").iterdir())) == 1
+
+
+def test_second_process_on_a_run_folder_exits_busy(run, capsys):
+    code = ("import sys, time; from pae_fast.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run)
+        assert main(["train-dit", "--config", TINY, "--out_dir", str(run), *FAST, "--train.steps", "6"]) == EXIT_BUSY
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by pid {holder.pid}" in err[0] and str(run) in err[0], err
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()

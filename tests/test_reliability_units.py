@@ -167,3 +167,20 @@ def test_run_identity_follows_cache_contents_not_path(tmp_path):
     d = run_identity(load_config(None, {"data.root": str(c2)}))
     assert "data.root" not in b and b["data.cache.index.json"] == d["data.cache.index.json"]  # same size, same index
     assert b["data.cache.stats.safetensors"] != d["data.cache.stats.safetensors"]
+
+
+def test_open_run_checks_before_writing_and_records(tmp_path):
+    from pae_fast.engine.lock import LOCK_FILE
+    from pae_fast.run_identity import open_run
+
+    four = run_identity(load_config(None, {"model.in_channels": 4}))
+    with open_run(tmp_path / "run", four) as out:
+        assert (out / IDENTITY_FILE).is_file() and (out / LOCK_FILE).is_file()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    eight = run_identity(load_config(None, {"model.in_channels": 8}))
+    with pytest.raises(ConfigError, match="model.in_channels"), open_run(tmp_path / "run", eight):
+        pass
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    with open_run(tmp_path / "run", eight, resume="none"):  # afresh: the new identity replaces the old
+        pass
+    check_run_identity(tmp_path / "run", eight)
