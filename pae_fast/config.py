@@ -6,7 +6,8 @@ set any subset of the fields; the command line overrides single fields with dott
 
     python -m pae_fast train-dit --config configs/tiny_cpu.yaml --train.steps 20 --model.depth 2
 
-Unknown keys and values of the wrong type are errors that name the key (and the file) and list what is valid.
+Unknown keys and values of the wrong type are errors that name the key (and the file) and list what is valid; every
+numeric value is range-checked at load (``pae_fast/config_checks.py``), before a command writes anything.
 Every run writes its resolved config to ``<out_dir>/config.yaml``.
 """
 

@@ -553,7 +553,9 @@ class _Trainer:
 
 
 def _all_finite(state: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    """Whether every floating tensor of ``state`` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
 def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
