@@ -7,7 +7,8 @@ set any subset of the fields; the command line overrides single fields with dott
     python -m pae_fast train-dit --config configs/tiny_cpu.yaml --train.steps 20 --model.depth 2
 
 A preset may start from another with ``base: NAME_OR_PATH`` and state only what differs (chains allowed). Unknown
-keys and values of the wrong type are errors that name the key (and the file) and list what is valid.
+keys and values of the wrong type are errors that name the key (and the file) and list what is valid; every
+numeric value is range-checked at load (``pae_fast/config_checks.py``), before a command writes anything.
 Every run writes its resolved config to ``<out_dir>/config.yaml``.
 """
 
@@ -185,6 +186,7 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | path to a checkpoint folder
     nonfinite: Literal["skip", "stop"] = "skip"
+    max_skipped_steps: int = 10  # nonfinite=skip: this many consecutive skipped steps stop the run (exit code 5)
     tensorboard: bool = False
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
     device: str = "auto"  # auto | cpu | cuda
@@ -194,7 +196,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling (docs/method.md § Sampling): PAE default Euler ODE on shift(linspace(0, 1, 250), 0.4), CFG 2.5 from t = 0.25.
+    """Sampling (docs/method.md § Sampling): PAE default Euler ODE on shift(linspace(0, 1, 250), 0.4), CFG 2.5
+    from t = 0.25.
 
     Grid (flow/grid.py): ``steps`` solver steps between the ``steps + 1`` points
     ``shift(linspace(t_start, t_end, steps + 1))``; the authors' "250 sampling steps" are 250 points = 249 steps.
@@ -225,6 +228,7 @@ class SampleConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the generator on CUDA
     device: str = "auto"  # auto | cpu | cuda
     grid_max: int = 64  # samples shown in the PNG grid
+    latent_stats: str | None = None  # stats.safetensors for weights whose metadata carries none (bare weights)
 
 
 @dataclass
@@ -279,6 +283,9 @@ class Config:
             raise ConfigError(f"flow.shift must be > 0, got {flow.shift}")
         if self.sample.shift <= 0:
             raise ConfigError(f"sample.shift must be > 0, got {self.sample.shift}")
+        from pae_fast.config_checks import check_ranges
+
+        check_ranges(self)  # every numeric value and device string, before any command writes anything
 
 
 # ----------------------------------------------------------------------------------------------------------------

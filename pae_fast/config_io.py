@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pae_fast.errors import ConfigError
 from pae_fast.io import atomic_write_text
 
 __all__ = [
@@ -32,10 +33,6 @@ __all__ = [
     "parse_override_args",
     "save_resolved",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is not valid; the message names it and lists what is expected."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 and writers such as safetensors' save_file recreate the file: set the mode a plain
+        # open() would give (0666 less the umask) after the writer, on whatever file is there now
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +34,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
+    """The process umask; read from /proc where possible (setting it to read it races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask

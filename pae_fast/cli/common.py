@@ -15,6 +15,7 @@ from pae_fast.config import (
     preset_path,
     save_resolved,
 )
+from pae_fast.config_checks import check_command_devices
 
 __all__ = ["add_config_arguments", "resolve_config", "preset_path", "list_presets", "no_extra"]
 
@@ -42,6 +43,8 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config | None:
             except ValueError as e:
                 raise ConfigError(str(e)) from e
         return None
+    command = getattr(getattr(args, "_command", None), "__name__", "").rsplit(".", 1)[-1].replace("_", "-")
+    check_command_devices(cfg, command)  # the device this command runs on must exist, before anything is written
     return cfg
 
 

@@ -9,9 +9,13 @@ Examples:
     torchrun --nproc_per_node=8 -m pae_fast train-dit --config configs/<preset>.yaml --data.root CACHE
     python -m pae_fast train-dit --config tiny_cpu --flow.dimension_shift true --dry-run
 
-Writes <out_dir>/config.yaml and the engine's checkpoints, logs and stats under <out_dir>; every weights file
-carries the latent statistics (per-channel mean/std) that sampling needs to de-normalise.
-The work is pae_fast.stages.train_generator.train_generator(cfg).
+Exit codes: 0 done, 2 config, 3 data, 4 stopped by SIGTERM/SIGINT after a checkpoint (rerun to resume),
+5 non-finite losses, 6 the folder is in use (see README "When things go wrong").
+
+Writes <out_dir>/config.yaml, <out_dir>/run_identity.json (what the run was started with; a resume with other
+data or model settings is refused), and the engine's checkpoints, logs and stats under <out_dir>; every weights
+file carries the latent statistics that sampling needs to de-normalise. The work is
+pae_fast.stages.train_generator.train_generator(cfg).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = resolve_config(args, extra)
     if cfg is None:  # --dry-run printed the config
         return 0
+    from pae_fast.errors import raise_if_preempted
     from pae_fast.stages.train_generator import train_generator
 
-    out = train_generator(cfg)
+    out = train_generator(cfg)  # seeds before building the model; checks the run identity before writing
+    raise_if_preempted()  # SIGTERM: checkpoint written, exit code 4 instead of the success line
     print(f"generator run: {out}")
     return 0

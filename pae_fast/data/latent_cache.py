@@ -10,6 +10,11 @@ Every file is written atomically; ``index.json`` is written last, so a folder wi
 Random horizontal flips (docs/method.md § Latent cache: LightningDiT stores ``latents`` and ``latents_flip``) are
 index-based: with ``hflip`` the dataset has 2N items and index ``i >= N`` reads ``latents_flip[i - N]``, so the
 engine's deterministic permutation decides the flips and resume stays exact.
+
+Trust: the writer refuses NaN/Inf latents and labels outside ``[0, num_classes)`` (naming the item) and records each
+shard's byte size; the reader refuses shard names that leave the cache folder, shards whose size differs from the
+index (truncated copies), and, when it loads a shard, NaN/Inf latents and out-of-range labels, always as a
+:class:`~pae_fast.errors.DataError` naming the shard and the item.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
+from pae_fast.errors import DataError
 from pae_fast.io import atomic_write_text, load_safetensors, save_safetensors
 
 __all__ = ["write_latent_cache", "LatentCache", "INDEX_FILE", "STATS_FILE", "STATS_MAX_ITEMS"]
@@ -69,6 +75,13 @@ def write_latent_cache(
         raise ValueError(f"latents_flip shape {tuple(latents_flip.shape)} != latents shape {tuple(latents.shape)}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    _check_finite(latents, "latents", str(out))
+    _check_finite(latents_flip, "latents_flip", str(out))
+    bad_label = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
+    if bool(bad_label.any()):
+        i = int(bad_label.nonzero()[0])
+        raise DataError(f"latent cache {out}: label {int(labels[i])} of item {i} is outside "
+                        f"[0, {num_classes if num_classes is not None else 'num_classes'})")
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / INDEX_FILE
     if index_path.exists():
@@ -81,7 +94,7 @@ def write_latent_cache(
         save_safetensors(
             {"latents": latents[sl], "latents_flip": latents_flip[sl], "labels": labels[sl]}, out / name
         )
-        shards.append({"file": name, "count": sl.stop - sl.start})
+        shards.append({"file": name, "count": sl.stop - sl.start, "bytes": (out / name).stat().st_size})
     compute_latent_stats(latents, "channel", max_items=STATS_MAX_ITEMS, where=str(out)).save(out / STATS_FILE)
     index = {
         "format_version": FORMAT_VERSION,
@@ -95,6 +108,27 @@ def write_latent_cache(
     }
     atomic_write_text(index_path, json.dumps(index, indent=2))
     return out
+
+
+def _check_finite(z: torch.Tensor, key: str, where: str, offset: int = 0) -> None:
+    """Refuse NaN/Inf in ``z (N, ...)``, naming ``where``, the tensor and the first bad item (``offset`` + row)."""
+    if not z.is_floating_point() or z.numel() == 0:
+        return
+    ok = torch.isfinite(z.reshape(z.shape[0], -1)).all(dim=1)
+    if not bool(ok.all()):
+        rows = (~ok).nonzero().flatten().tolist()
+        raise DataError(f"{where}: {key} of item {offset + rows[0]} hold NaN/Inf ({len(rows)} bad item(s) in all); "
+                        "a latent cache must be finite")
+
+
+def _shard_path(root: Path, name: Any, index_path: Path) -> Path:
+    """The shard file ``name`` of the cache ``root``; refuses names that are absolute or leave the folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise DataError(f"{index_path}: shard file {name!r} must be a relative file name inside {root}")
+    p = (root / name).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise DataError(f"{index_path}: shard file {name!r} points outside the cache folder {root}")
+    return p
 
 
 class LatentCache(Dataset):
@@ -118,10 +152,10 @@ class LatentCache(Dataset):
         try:
             self.index = json.loads(index_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{index_path} is not valid JSON: {e}") from e
+            raise DataError(f"{index_path} is not valid JSON: {e}") from e
         for key in ("num_items", "channels", "size", "shards", "num_classes"):
             if key not in self.index:
-                raise ValueError(f"{index_path} lacks the key {key!r}")
+                raise DataError(f"{index_path} lacks the key {key!r}")
         self.normalize = normalize
         self.hflip = hflip
         self.num_items = int(self.index["num_items"])
@@ -129,29 +163,61 @@ class LatentCache(Dataset):
         self.size = tuple(int(s) for s in self.index["size"])
         self.num_classes = int(self.index["num_classes"])
         self.metadata = self.index.get("metadata", {})
-        self.stats = LatentStats.load(self.path / STATS_FILE)
+        try:
+            self.stats = LatentStats.load(self.path / STATS_FILE)
+        except (ValueError, FileNotFoundError) as e:
+            raise DataError(f"latent cache {self.path}: {e}") from e
         if self.stats.mode != "channel" or self.stats.channels != self.channels:
-            raise ValueError(f"{self.path / STATS_FILE}: {self.stats.mode} statistics of shape "
+            raise DataError(f"{self.path / STATS_FILE}: {self.stats.mode} statistics of shape "
                              f"{tuple(self.stats.mean.shape)} do not fit latents with {self.channels} channels")
         self._starts = []
+        self._files: list[Path] = []
         total = 0
-        for s in self.index["shards"]:
+        for k, s in enumerate(self.index["shards"]):
+            if not isinstance(s, dict) or "file" not in s or "count" not in s:
+                raise DataError(f"{index_path}: shard entry {k} must be {{'file': ..., 'count': ...}}, got {s!r}")
+            f = _shard_path(self.path, s["file"], index_path)
+            if not f.is_file():
+                raise DataError(f"latent cache {self.path}: shard file {f} is missing")
+            if "bytes" in s and f.stat().st_size != int(s["bytes"]):
+                raise DataError(f"latent cache {self.path}: shard file {f} is damaged or truncated: "
+                                f"{f.stat().st_size} bytes, {INDEX_FILE} records {s['bytes']}")
+            self._files.append(f)
             self._starts.append(total)
             total += int(s["count"])
         if total != self.num_items:
-            raise ValueError(f"{index_path}: shards hold {total} items but num_items is {self.num_items}")
+            raise DataError(f"{index_path}: shards hold {total} items but num_items is {self.num_items}")
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.num_items * (2 if self.hflip else 1)
 
+    def _read_shard(self, k: int) -> dict[str, torch.Tensor]:
+        """Load shard ``k`` and check it: tensors present, ``count`` items, finite latents, labels in range."""
+        f = self._files[k]
+        try:
+            tensors, _ = load_safetensors(f)
+        except (ValueError, FileNotFoundError) as e:
+            raise DataError(f"latent cache {self.path}: {e}") from e
+        for key in ("latents", "latents_flip", "labels"):
+            if key not in tensors:
+                raise DataError(f"{f} lacks the tensor {key!r}")
+        count = int(self.index["shards"][k]["count"])
+        if any(int(tensors[key].shape[0]) != count for key in ("latents", "latents_flip", "labels")):
+            raise DataError(f"{f} holds {int(tensors['labels'].shape[0])} items, {INDEX_FILE} records {count}")
+        start = self._starts[k]
+        for key in ("latents", "latents_flip"):
+            _check_finite(tensors[key], key, f"latent cache shard {f}", start)
+        labels = tensors["labels"]
+        bad = ((labels < 0) | (labels >= self.num_classes)).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(f"latent cache shard {f}: label {int(labels[bad[0]])} of item {start + bad[0]} is outside "
+                            f"[0, {self.num_classes}) (num_classes in {INDEX_FILE})")
+        return tensors
+
     def _shard(self, k: int) -> dict[str, torch.Tensor]:
         if k not in self._cache:
-            tensors, _ = load_safetensors(self.path / self.index["shards"][k]["file"])
-            for key in ("latents", "latents_flip", "labels"):
-                if key not in tensors:
-                    raise ValueError(f"{self.path / self.index['shards'][k]['file']} lacks the tensor {key!r}")
-            self._cache = {k: tensors}  # keep one shard resident (shards are read mostly in order per epoch)
+            self._cache = {k: self._read_shard(k)}  # keep one shard resident (shards are read mostly in order)
         return self._cache[k]
 
     def _locate(self, i: int) -> tuple[int, int]:
@@ -172,8 +238,8 @@ class LatentCache(Dataset):
     def load_all(self, flip: bool = False, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """All latents ``(N, C, H, W)`` float32 and labels ``(N,)``."""
         zs, ys = [], []
-        for s in self.index["shards"]:
-            tensors, _ = load_safetensors(self.path / s["file"])
+        for k in range(len(self._files)):
+            tensors = self._read_shard(k)
             zs.append(tensors["latents_flip" if flip else "latents"].float())
             ys.append(tensors["labels"].long())
         z = torch.cat(zs) if zs else torch.empty(0, self.channels, *self.size)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pae_fast.config import ConfigError
 from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
+from pae_fast.errors import DataError
 
 __all__ = ["SyntheticLatents", "open_latent_data", "latent_loader_workers", "identity_stats"]
 
@@ -69,6 +70,8 @@ def open_latent_data(cfg: Any) -> Any:
         )
     try:
         return LatentCache(cfg.data.root, normalize=True, hflip=cfg.data.hflip)
+    except DataError:  # a damaged cache: its message names the file (exit code 3)
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.root={cfg.data.root!r}: {e}") from e
 

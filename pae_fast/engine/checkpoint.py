@@ -1,15 +1,18 @@
 """Checkpoints: ``<out>/checkpoints/<step:07d>/{model,ema}.safetensors, state.pt, COMPLETE``.
 
 A checkpoint is written into a hidden temp folder beside the others; every file is fsynced, then a ``COMPLETE``
-manifest (JSON: step and the byte size of every file) is written last, and the folder is renamed into place. A
-folder without a valid manifest, or whose files do not have the recorded sizes, is damaged: loading it raises a
-:class:`CheckpointError` naming the file, and :func:`latest_checkpoint` skips it (with a warning) in favour of the
-previous one. ``state.pt`` holds only tensors and primitives and loads with ``torch.load(weights_only=True)``.
+manifest (JSON: step, the byte size and the sha256 of every file, and ``clean``: whether every weight was finite)
+is written last, and the folder is renamed into place. A folder without a valid manifest, or whose files do not have
+the recorded sizes and checksums, is damaged: loading it raises a :class:`CheckpointError` naming the file, and
+:func:`latest_checkpoint` skips it (with a warning) in favour of the previous one. Pruning never deletes the newest
+checkpoint that verifies and is clean. ``state.pt`` holds only tensors and primitives and loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pae_fast.errors import DataError
 from pae_fast.io import atomic_path, atomic_write_text, load_safetensors, save_safetensors
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "latest_checkpoint",
     "write_checkpoint",
     "prune_checkpoints",
+    "file_sha256",
     "save_weights",
     "save_torch",
     "load_state",
@@ -42,7 +47,7 @@ MANIFEST = "COMPLETE"
 log = logging.getLogger("pae_fast.train")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError, RuntimeError):
     """A checkpoint folder or one of its files is missing or damaged; the message names the file."""
 
 
@@ -71,8 +76,19 @@ def list_checkpoints(path: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name))
 
 
-def validate_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """Check the manifest and every file's size; return the manifest.
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validate_checkpoint(ckpt: str | os.PathLike, checksums: bool = True) -> dict[str, Any]:
+    """Check the manifest and every file's size and (when recorded and ``checksums``) sha256; return the manifest.
+
+    Checkpoints written before checksums were recorded are checked by size only.
 
     Raises:
         CheckpointError: naming the folder or file that is missing, truncated or malformed.
@@ -96,6 +112,14 @@ def validate_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
         actual = f.stat().st_size
         if actual != size:
             raise CheckpointError(f"checkpoint file {f} is damaged: {actual} bytes, the manifest records {size}")
+    sums = manifest.get("sha256") or {}
+    if checksums:
+        for name, digest in sums.items():
+            if name not in files:
+                raise CheckpointError(f"checkpoint manifest {man_path} has a checksum for {name} but no size")
+            if file_sha256(ckpt / name) != digest:
+                raise CheckpointError(f"checkpoint file {ckpt / name} is damaged: its sha256 differs from the one "
+                                      "recorded in the manifest")
     return manifest
 
 
@@ -123,7 +147,12 @@ def _fsync(path: Path) -> None:
 
 
 def write_checkpoint(
-    root: str | os.PathLike, step: int, writers: dict[str, Callable[[Path], None]], keep_last: int = 0
+    root: str | os.PathLike,
+    step: int,
+    writers: dict[str, Callable[[Path], None]],
+    keep_last: int = 0,
+    clean: bool = True,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write one checkpoint folder atomically and prune old ones.
 
@@ -131,7 +160,10 @@ def write_checkpoint(
         root: the ``checkpoints`` folder.
         step: optimizer step (the folder is ``<step:07d>``).
         writers: ``{file name: fn(path)}``; each writes one file at ``path``.
-        keep_last: keep this many newest checkpoints (0 keeps all).
+        keep_last: keep this many newest checkpoints (0 keeps all; the newest clean one is always kept).
+        clean: recorded in the manifest; False marks a checkpoint whose weights hold NaN/Inf, which pruning does not
+            count as a good checkpoint to keep.
+        info: more JSON-serialisable manifest entries (e.g. ``skipped_steps``).
 
     Returns:
         The final checkpoint folder.
@@ -142,12 +174,14 @@ def write_checkpoint(
     tmp = root / f".tmp-{step:07d}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        sizes = {}
+        sizes, sums = {}, {}
         for name, write in writers.items():
             write(tmp / name)
             _fsync(tmp / name)
             sizes[name] = (tmp / name).stat().st_size
-        atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": sizes}, indent=1))
+            sums[name] = file_sha256(tmp / name)
+        manifest = {**(info or {}), "step": step, "files": sizes, "sha256": sums, "clean": bool(clean)}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # e.g. the same step written again after a resume: replace it as a unit
             trash = root / f".old-{final.name}-{time.monotonic_ns()}"
             os.replace(final, trash)
@@ -160,18 +194,42 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(root, keep_last)
+    prune_checkpoints(root, keep_last, verified=final if clean else None)
     return final
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest complete checkpoints and stale temp folders (0 keeps all)."""
+def _is_clean(ckpt: Path) -> bool:
+    try:
+        return bool(validate_checkpoint(ckpt).get("clean", True))
+    except CheckpointError:
+        return False
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int, verified: Path | None = None) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints and stale temp folders (0 keeps all).
+
+    The newest checkpoint that verifies (sizes and checksums) and is clean is kept even when it is older than the
+    ``keep_last`` newest, so a stretch of damaged or NaN checkpoints never removes the last good one.
+
+    Args:
+        root: the ``checkpoints`` folder.
+        keep_last: how many of the newest to keep.
+        verified: a checkpoint the caller has just verified clean (spares re-reading the files).
+    """
     root = Path(root)
     for p in _children(root):
         if p.name.startswith((".tmp-", ".old-")):  # left by an interrupted write (only rank 0 writes)
             shutil.rmtree(p, ignore_errors=True)
-    if keep_last > 0:
-        for p in list_checkpoints(root)[:-keep_last]:
+    if keep_last <= 0:
+        return
+    ckpts = list_checkpoints(root)
+    keep = set(ckpts[-keep_last:])
+    newest_clean = next((c for c in reversed(ckpts) if (verified is not None and c == verified) or _is_clean(c)),
+                        None)
+    if newest_clean is not None:
+        keep.add(newest_clean)
+    for p in ckpts:
+        if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 

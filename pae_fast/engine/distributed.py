@@ -64,18 +64,22 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
-def default_device(requested: str = "auto") -> torch.device:
-    """The training device: ``auto`` is ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU."""
+def default_device(requested: str = "auto", key: str = "train.device") -> torch.device:
+    """The training device: ``auto`` is ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU.
+
+    ``key`` is the config key named in errors (``sample.device`` when sampling)."""
+    from pae_fast.errors import ConfigError
+
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(requested)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={requested!r} but no CUDA device is available; use 'cpu' or 'auto'")
+            raise ConfigError(f"{key}={requested!r} but no CUDA device is available; use 'cpu' or 'auto'")
         if dev.index is None:
             dev = torch.device("cuda", get_local_rank())
     elif dev.type != "cpu":
-        raise ValueError(f"train.device={requested!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+        raise ConfigError(f"{key}={requested!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
     return dev
 
 

@@ -27,6 +27,7 @@ from pae_fast.engine import checkpoint as ck
 from pae_fast.engine import distributed as D
 from pae_fast.engine import parallel as P
 from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to_device
+from pae_fast.engine.lock import RunLock
 from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, peak_flops, peak_memory_gb, setup_logger
 from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
 from pae_fast.engine.runtime import (
@@ -49,6 +50,7 @@ from pae_fast.engine.state import (
     train_state,
 )
 from pae_fast.engine.task import LossFn, TrainTask
+from pae_fast.errors import PreemptedError, record_preemption
 from pae_fast.io import atomic_write_text
 from pae_fast.progress import is_terminal
 from pae_fast.weights import load_into
@@ -127,6 +129,9 @@ class _Trainer:
         seed_all(self.seed + self.rank)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=dev)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.streak = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive skipped steps so far
+        self.worst_streak = torch.zeros((), dtype=torch.int64, device=dev)  # longest streak (device: no host sync)
+        self.worst_streak_end = torch.full((), -1, dtype=torch.int64, device=dev)
         if bundle is not None:
             restore_trainer(self, bundle)
         if self.main:
@@ -272,6 +277,10 @@ class _Trainer:
         for unit in self.units[1:]:  # extras: their non-finite steps are skipped too and feed nonfinite=stop
             bad = bad | ~self._phase(unit, iter(kept), step, False)[0]
         self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
+        self.streak = torch.where(bad, self.streak + 1, 0)
+        longer = self.streak > self.worst_streak
+        self.worst_streak = torch.where(longer, self.streak, self.worst_streak)
+        self.worst_streak_end = torch.where(longer, step, self.worst_streak_end)
         return norm
 
     # ------------------------------------------------------------------------------------------------ I/O
@@ -283,6 +292,15 @@ class _Trainer:
                     f"non-finite loss or gradient norm at step {first} (train.nonfinite=stop; that step's update was "
                     f"not applied; detected at step {self.step}). Use train.nonfinite=skip to skip such steps"
                 )
+        worst = int(self.worst_streak.item())
+        if self.cfg.nonfinite == "skip" and worst >= self.cfg.max_skipped_steps:
+            end = int(self.worst_streak_end.item())
+            raise NonFiniteLossError(
+                f"{worst} consecutive optimizer steps (steps {end - worst + 1}..{end}) had a non-finite loss or "
+                f"gradient norm and were skipped (train.max_skipped_steps={self.cfg.max_skipped_steps}); stopped "
+                f"without writing a checkpoint of this stretch (last checkpoint: {self.last_ckpt or 'none'}). Check "
+                "the data for NaN/Inf and lower train.lr"
+            )
 
     def _log(self, norm: Any) -> None:
         keys = list(self.sums)
@@ -341,7 +359,11 @@ class _Trainer:
                 **{f"{n}.safetensors": ck.save_weights(sd, {**meta, "weights": n}) for n, sd in extra_sd.items()},
                 "state.pt": ck.save_torch(state),
             }
-            path = ck.write_checkpoint(self.ckpt_root, step, writers, self.cfg.keep_last)
+            clean = _all_finite(model_sd) and _all_finite(ema_sd)
+            if not clean:
+                self.log.warning("step %d: the weights hold NaN/Inf; the checkpoint is marked unclean", step)
+            path = ck.write_checkpoint(self.ckpt_root, step, writers, self.cfg.keep_last, clean=clean,
+                                       info={"skipped_steps": skipped})
             self.log.info("checkpoint %s", path)
             if task.on_checkpoint is not None:
                 model, ema = self._plain_modules(model_sd, ema_sd)
@@ -398,6 +420,10 @@ class _Trainer:
                 if stop:
                     self.log.warning("stopped at step %d on a signal; resume with train.resume=auto", self.step)
                     interrupted = True
+                    if self.main:
+                        record_preemption(PreemptedError(
+                            f"{self.task.name} run {self.out} stopped at step {self.step}/{cfg.steps} by a signal "
+                            f"after writing checkpoint {self.last_ckpt}; run the same command again to resume"))
                     break
         finally:
             if self.pbar is not None:
@@ -412,6 +438,12 @@ class _Trainer:
         return TrainResult(step=self.step, model=model, ema=ema, out_dir=self.out, stats_path=self.stats.path,
                            checkpoint_dir=self.last_ckpt, interrupted=interrupted,
                            skipped_steps=int(self.skipped_total.item()))
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating tensor of ``state`` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
 
 def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml: str | None = None) -> TrainResult:
@@ -431,6 +463,11 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
     Raises:
         NonFiniteLossError: ``train.nonfinite=stop`` and a step had a non-finite loss (the message names the step).
         CheckpointError: the checkpoint to resume from is damaged (names the file).
+        NonFiniteLossError: ``train.max_skipped_steps`` consecutive steps were skipped (``nonfinite: skip``).
+        RunLockedError: another process holds the lock of ``out_dir`` (rank 0 takes it for the whole run).
+
+    A run stopped by a signal also records a :class:`~pae_fast.errors.PreemptedError` for the command line
+    (:func:`pae_fast.errors.raise_if_preempted`), which then exits with code 4.
     """
     check_train_config(cfg)
     out = Path(out_dir)
@@ -439,16 +476,20 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
     main = D.is_main()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    log, handlers = setup_logger(out, main)
+    lock = RunLock(out, enabled=main)
+    handlers: list = []
     try:
+        lock.acquire()  # before the log file: a folder another process writes is left untouched
+        log, handlers = setup_logger(out, main)
         micro_batch_size(cfg.global_batch_size, D.get_world_size(), cfg.grad_accum)
-        if main and config_yaml is not None:
-            atomic_write_text(out / "config.yaml", config_yaml)
         with precision_flags(cfg.tf32), kernel_scope(cfg.kernel_backend), Preemption() as preempt:
             trainer = _Trainer(task, cfg, out, seed, config_yaml, device, log)
-            trainer.setup()
+            trainer.setup()  # finds and loads the checkpoint to resume: a failure leaves config.yaml as it was
+            if main and config_yaml is not None:
+                atomic_write_text(out / "config.yaml", config_yaml)
             return trainer.run(preempt)
     finally:
         close_logger(handlers)
+        lock.release()
         if owns_group:
             D.cleanup()

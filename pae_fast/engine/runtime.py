@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pae_fast.errors import NonFiniteError
+
 __all__ = [
     "NonFiniteLossError",
     "TrainResult",
@@ -25,8 +27,9 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """``nonfinite: stop`` and a loss (or gradient norm) was NaN/inf; the message names the step."""
+class NonFiniteLossError(NonFiniteError):
+    """``nonfinite: stop`` and a loss (or gradient norm) was NaN/inf, or ``nonfinite: skip`` and
+    ``train.max_skipped_steps`` consecutive steps were skipped; the message names the steps (exit code 5)."""
 
 
 @dataclass
@@ -67,7 +70,7 @@ def micro_batch_size(global_batch_size: int, world_size: int, grad_accum: int) -
 
 def check_train_config(cfg) -> None:
     """Reject values the loop cannot run with, naming the key."""
-    for key in ("steps", "log_every", "ckpt_every", "grad_accum"):
+    for key in ("steps", "log_every", "ckpt_every", "grad_accum", "max_skipped_steps"):
         if int(getattr(cfg, key)) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     if cfg.keep_last < 0:

@@ -92,11 +92,17 @@ class ResumeBundle:
 
 
 def load_bundle(path: Path, extra_names: list[str]) -> ResumeBundle:
-    """Read a whole checkpoint; :class:`~pae_fast.engine.checkpoint.CheckpointError` names any damaged file."""
+    """Read a whole checkpoint; :class:`~pae_fast.engine.checkpoint.CheckpointError` names any damaged file (a size
+    or checksum that differs from the manifest, or weights holding NaN/Inf)."""
     state = ck.load_state(path)  # validates the manifest first
     model, _ = ck.load_weights_file(path / "model.safetensors")
     ema, _ = ck.load_weights_file(path / "ema.safetensors")
     extras = {n: ck.load_weights_file(path / f"{n}.safetensors")[0] for n in extra_names}
+    for name, tensors in (("model", model), ("ema", ema), *extras.items()):
+        bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                   None)
+        if bad is not None:
+            raise ck.CheckpointError(f"checkpoint file {path / f'{name}.safetensors'} holds NaN/Inf (tensor {bad!r})")
     for key in ("step", "optimizer", "scheduler", "data"):
         if key not in state:
             raise ck.CheckpointError(f"checkpoint file {path / 'state.pt'} has no {key!r} entry")

@@ -50,6 +50,13 @@ class RAETimeConvention(nn.Module):
         """``x (B, C, H, W)``, ``t (B,)`` with t = 1 data, ``y (B,)`` -> ``v (B, C, H, W)``."""
         return -self.net(x, 1 - t, y, *args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped generator (``num_classes``, ``null_class``, ``in_channels``, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.net, name)
+
 
 def wrap_time_convention(model: nn.Module, convention: str) -> nn.Module:
     """``model`` seen in our convention: unchanged for ``"pae"``, wrapped once for ``"rae"`` (idempotent).

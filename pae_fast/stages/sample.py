@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 from pae_fast.config import Config, ConfigError, config_from_dict, dump_yaml, save_resolved
 from pae_fast.data.latent_stats import LatentStats
+from pae_fast.engine.lock import RunLock
+from pae_fast.errors import NonFiniteError
+from pae_fast.flow.grid import plan_from_config
 from pae_fast.flow.guidance import (
     AutoGuidance,
     ClassifierFreeGuidance,
@@ -52,6 +55,8 @@ def load_generator(
     name: str | None = None,
     key: str = "sample.checkpoint",
     like: Any = None,
+    fallback: Any = None,
+    flow_cfg: Any = None,
 ) -> tuple[nn.Module, dict[str, str]]:
     """Build a trained generator from its checkpoint (architecture from the run config in the metadata).
 
@@ -64,21 +69,25 @@ def load_generator(
         like: a :class:`~pae_fast.config.GeneratorConfig` whose latent shape and classes (``in_channels``,
             ``input_size``, ``num_classes``) a checkpoint without a run config shares, e.g. the main model of
             AutoGuidance for its guide; the variant's defaults otherwise.
+        fallback: the :class:`~pae_fast.config.GeneratorConfig` (``--model.name`` and its fields) that builds the
+            model of a bare weights file whose metadata holds no run config (e.g. RAE's released ``.pt``).
+        flow_cfg: the run's ``flow`` section; its ``time_convention`` (or the checkpoint's metadata) decides
+            whether the network is wrapped into our time convention (docs/method.md § Sampling).
 
     Returns:
-        ``(model in eval mode, metadata)``; the metadata gains ``"weights_file"``.
+        ``(model in eval mode, seen in our time convention, metadata)``; the metadata gains ``"weights_file"``.
     """
     from pae_fast.models.generator import generator_from_config, load_generator_weights
-    from pae_fast.weights import WeightsError, read_metadata
+    from pae_fast.weights import read_metadata
 
-    try:
-        file, meta = read_metadata(path, use_ema, key)
-    except WeightsError as e:
-        raise ConfigError(str(e)) from e
+    file, meta = read_metadata(path, use_ema, key)  # WeightsError: a missing / damaged file (exit code 3)
     if "config" in meta:
         import yaml
 
         model_cfg = config_from_dict(yaml.safe_load(meta["config"]), where=f" (metadata of {file})").model
+    elif fallback is not None and name is None:
+        model_cfg = dataclasses.replace(fallback)
+        log.info("%s carries no run config: building %s from the model section", file, model_cfg.name)
     elif name is not None:
         model_cfg = Config().model
         model_cfg.name = name
@@ -87,13 +96,20 @@ def load_generator(
                 model_cfg, in_channels=like.in_channels, input_size=like.input_size, num_classes=like.num_classes
             )
     else:
-        raise ConfigError(f"{key}: {file} carries no run config in its metadata; name the generator")
+        raise ConfigError(f"{key}: {file} carries no run config in its metadata; name the generator (--model.name)")
     if name is not None and name != model_cfg.name:
         raise ConfigError(f"{key}: {file} holds a {model_cfg.name} but {name} was requested")
     model_cfg = dataclasses.replace(model_cfg, checkpoint=None, grad_checkpointing=False)
     model = generator_from_config(model_cfg)
     load_generator_weights(model, str(file), key=key)
     meta["weights_file"] = str(file)
+    if flow_cfg is not None:
+        from pae_fast.flow.convention import convention_for, wrap_time_convention
+
+        try:
+            model = wrap_time_convention(model, convention_for(flow_cfg, meta, where=str(file)))
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from e
     return model.to(device).eval(), meta
 
 
@@ -106,25 +122,34 @@ def _model_config(meta: dict[str, str]) -> Any:
     return config_from_dict(yaml.safe_load(meta["config"])).model
 
 
-def checkpoint_latent_stats(meta: dict[str, str], weights_file: Path, shape: tuple[int, ...]) -> LatentStats:
+def checkpoint_latent_stats(
+    meta: dict[str, str], weights_file: Path, shape: tuple[int, ...], stats_file: str | None = None
+) -> LatentStats:
     """The latent statistics a generator was trained with, read from its weights file's metadata.
 
+    Args:
+        stats_file: ``sample.latent_stats``: a statistics file (a latent cache's ``stats.safetensors``) used when the
+            weights carry none (bare weights such as RAE's released checkpoints); never overrides the metadata.
+
     Raises:
-        ConfigError: the file carries none (they are needed to de-normalise samples), or they do not fit ``shape``.
+        ConfigError: neither source holds statistics (they are needed to de-normalise samples), or they do not fit
+            ``shape``.
     """
     try:
         stats = LatentStats.from_metadata(meta, where=str(weights_file))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+        if stats is None and stats_file:
+            stats = LatentStats.load(stats_file)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"sample.latent_stats / metadata of {weights_file}: {e}") from e
     if stats is None:
         raise ConfigError(f"{weights_file} carries no latent statistics in its metadata (latent_mean / latent_std, "
-                          "written by train-dit); they are needed to de-normalise the samples")
+                          "written by train-dit); they are needed to de-normalise the samples: set "
+                          "sample.latent_stats to the training cache's stats.safetensors")
     try:
         stats.check_fits(torch.zeros(1, *shape), what=f"latents of {weights_file}")
     except ValueError as e:
         raise ConfigError(f"latent statistics of {weights_file}: {e}") from e
     return stats
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,6 +229,8 @@ def generate_latents(
             sampler=sample_cfg.sampler,
             steps=sample_cfg.steps,
             shift=sample_cfg.shift,
+            t_start=sample_cfg.t_start,
+            t_end=sample_cfg.t_end,
             noise_scale=sample_cfg.sde_noise_scale,
             generator=sde_gen,
         )
@@ -232,31 +259,45 @@ def sample(cfg: Config) -> list[Path]:
         raise ConfigError(f"sample.per_class must be >= 1 (or null), got {sc.per_class}")
     if get_world_size() > 1:
         raise ConfigError("sample runs as a single process: launch it with python, not torchrun")
-    device = default_device(sc.device)
-    model, meta = load_generator(sc.checkpoint, sc.use_ema, device)
+    device = default_device(sc.device, key="sample.device")
+    model, meta = load_generator(sc.checkpoint, sc.use_ema, device, fallback=cfg.model, flow_cfg=cfg.flow)
     main_cfg = _model_config(meta)
     guide = None
     if sc.guidance == "autoguidance":
         if not sc.guide_checkpoint:
             raise ConfigError("sample.guidance=autoguidance needs sample.guide_checkpoint (a small / early generator)")
         guide, _ = load_generator(
-            sc.guide_checkpoint, sc.use_ema, device, sc.guide_name, "sample.guide_checkpoint", like=main_cfg
+            sc.guide_checkpoint, sc.use_ema, device, sc.guide_name, "sample.guide_checkpoint", like=main_cfg,
+            flow_cfg=cfg.flow,
         )
     weights_file = Path(meta["weights_file"])
     if "latent_shape" in meta:
         shape = tuple(json.loads(meta["latent_shape"]))
     else:
         shape = (model.in_channels, model.input_size, model.input_size)
-    stats = checkpoint_latent_stats(meta, weights_file, shape)
+    stats = checkpoint_latent_stats(meta, weights_file, shape, sc.latent_stats)
     num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
     labels = sample_labels(num_classes, sc)
 
     tokenizer = _load_tokenizer(cfg, device) if sc.tokenizer_checkpoint else None
     out_dir = Path(sc.output_dir) if sc.output_dir else Path(cfg.out_dir) / "samples"
-    log.info("sampling %d latents %s from %s (%s, %d steps, guidance %s) into %s",
-             labels.numel(), shape, weights_file, sc.sampler, sc.steps, sc.guidance, out_dir)
+    log.info("sampling %d latents %s from %s (%s, guidance %s) into %s",
+             labels.numel(), shape, weights_file, plan_from_config(sc).describe(), sc.guidance, out_dir)
     z = generate_latents(model, labels, shape, sc, guide, device)
+    if not torch.isfinite(z).all():  # refuse before anything is written
+        bad = (~torch.isfinite(z)).flatten(1).any(1).sum().item()
+        raise NonFiniteError(f"sampling {weights_file} produced NaN/Inf latents ({bad} of {z.shape[0]} samples); "
+                             "nothing was written")
     z = stats.denormalize(z)  # back to the tokenizer's latent space
+    with RunLock(out_dir):
+        return _write_samples(cfg, z, labels, tokenizer, weights_file, shape, out_dir, device)
+
+
+def _write_samples(
+    cfg: Config, z: Tensor, labels: Tensor, tokenizer: nn.Module | None, weights_file: Path,
+    shape: tuple[int, ...], out_dir: Path, device: torch.device,
+) -> list[Path]:
+    sc = cfg.sample
     written = [save_resolved(cfg, out_dir)]
     if tokenizer is None:
         save_safetensors({"latents": z, "labels": labels}, out_dir / "latents.safetensors",

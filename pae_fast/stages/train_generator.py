@@ -62,6 +62,7 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
         ``(TrainTask, resolved cfg)``; the resolved config holds the training shift actually used.
     """
     from pae_fast.data.latents import identity_stats, latent_loader_workers, open_latent_data
+    from pae_fast.engine.state import seed_all
     from pae_fast.engine.task import TrainTask
     from pae_fast.models.generator import generator_from_config
     from pae_fast.models.profile import train_flops_per_sample
@@ -74,6 +75,7 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
     _check_data_fits_model(shape, getattr(ds, "num_classes", None), cfg.model, str(getattr(ds, "path", "")))
     shift = resolve_train_shift(cfg.flow, shape)
     cfg = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, shift=shift))
+    seed_all(cfg.seed)  # before the model is built: the seed sets the initial weights too
     model = generator_from_config(cfg.model)
     stats = getattr(ds, "stats", None) or identity_stats(shape[0])
     metadata = {
@@ -81,6 +83,7 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
         "latent_shape": json.dumps(list(shape)),
         **stats.to_metadata(),
         "train_shift": repr(shift),
+        "time_convention": "pae",  # weights trained here: t = 1 data, predict v (docs/method.md § Sampling)
         "latent_cache": str(getattr(ds, "path", "")),
     }
     task = TrainTask(
@@ -105,11 +108,17 @@ def train_generator(cfg: Config) -> Path:
         the run folder.
     """
     from pae_fast.engine import train
-    from pae_fast.engine.distributed import get_world_size
+    from pae_fast.engine.distributed import get_world_size, is_main
+    from pae_fast.run_identity import open_run, run_identity
 
+    if cfg.flow.time_convention != "pae":
+        raise ConfigError(f"flow.time_convention={cfg.flow.time_convention!r}: training writes pae-convention "
+                          "weights (t = 1 data); the rae convention is for sampling RAE's released checkpoints")
+    # everything below only reads until open_run: a bad cache or config changes nothing in the run folder
     task, cfg = build_generator_task(cfg, world_size=get_world_size())
     if cfg.flow.dimension_shift:
         log.info("dimension-dependent training shift s = %.4f (m = %s)", cfg.flow.shift, task.metadata["latent_shape"])
-    # the engine writes <out_dir>/config.yaml (the resolved config, with the training shift actually used)
-    train(task, cfg.train, cfg.out_dir, seed=cfg.seed, config_yaml=dump_yaml(cfg))
+    with open_run(cfg.out_dir, run_identity(cfg), cfg.train.resume, main=is_main()):
+        # the engine writes <out_dir>/config.yaml (the resolved config, with the training shift actually used)
+        train(task, cfg.train, cfg.out_dir, seed=cfg.seed, config_yaml=dump_yaml(cfg))
     return Path(cfg.out_dir)

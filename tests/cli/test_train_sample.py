@@ -106,7 +106,7 @@ def test_clear_errors(tmp_path, capsys):
     assert "model.in_channels is 4 but the cache has 3 channels" in capsys.readouterr().err
     assert main(["sample", "--config", PRESET]) == 2
     assert "sample.checkpoint" in capsys.readouterr().err
-    assert main(["sample", "--config", PRESET, "--sample.checkpoint", str(tmp_path / "missing")]) == 2
+    assert main(["sample", "--config", PRESET, "--sample.checkpoint", str(tmp_path / "missing")]) == 3  # a missing weights path is a data error (EXIT_DATA)
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -145,7 +145,7 @@ def test_class_balanced_sampling_and_a_damaged_checkpoint(tmp_path, capsys):
     assert torch.equal(torch.bincount(t["labels"]), torch.tensor([3, 3])) and t["latents"].shape[0] == 6
     weights = ckpt / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated: the manifest's size no longer matches
-    assert main(args) == 2
+    assert main(args) == 3  # a damaged checkpoint is a data error (pae_fast.errors.EXIT_DATA)
     assert "ema.safetensors is damaged" in capsys.readouterr().err
 
 
