@@ -106,7 +106,8 @@ def test_clear_errors(tmp_path, capsys):
     assert "model.in_channels is 4 but the cache has 3 channels" in capsys.readouterr().err
     assert main(["sample", "--config", PRESET]) == 2
     assert "sample.checkpoint" in capsys.readouterr().err
-    assert main(["sample", "--config", PRESET, "--sample.checkpoint", str(tmp_path / "missing")]) == 3  # a missing weights path is a data error (EXIT_DATA)
+    # a missing weights path is a data error (EXIT_DATA)
+    assert main(["sample", "--config", PRESET, "--sample.checkpoint", str(tmp_path / "missing")]) == 3
     assert "does not exist" in capsys.readouterr().err
 
 
