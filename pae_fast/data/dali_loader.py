@@ -34,6 +34,7 @@ from pae_fast.data.images import (
     ImageSamples,
     OnBadFile,
     check_image_header,
+    load_image,
 )
 
 __all__ = ["dali_available", "validate_samples", "DALIImageLoader"]
@@ -204,25 +205,46 @@ class DALIImageLoader:
         return pipe()
 
     def _build(self) -> None:
+        """(Re)build the pipeline and its iterator; a decode failure while prefetching is handled like one later."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self._pipe = self._pipeline()
-        self._pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
-        self._mid_epoch = False
-        self._iter = DALIGenericIterator([self._pipe], ["images", "index"], reader_name="Reader",
-                                         last_batch_policy=policy, auto_reset=False)
+        while True:
+            self._mid_epoch = False
+            try:
+                self._pipe = self._pipeline()
+                self._pipe.build()
+                self._iter = DALIGenericIterator([self._pipe], ["images", "index"], reader_name="Reader",
+                                                 last_batch_policy=policy, auto_reset=False)
+                return
+            except RuntimeError as e:
+                self._drop_failed_file(e)
 
     def __len__(self) -> int:
         n = self._pipe.reader_meta("Reader")["epoch_size_padded"] // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _bad_path(self, message: str) -> str | None:
-        """The file a DALI error message names, if it names one of ours."""
+    def _bad_path(self, message: str) -> tuple[str, str] | None:
+        """The file behind a DALI failure and why: the one DALI's message names, else the first of this loader's
+        files that PIL cannot decode fully (a scan of every file, with ``threads`` threads), else None."""
         ours = set(self._files)
         for m in re.finditer(r"(/[^\s'\"]+)", message):
             if m.group(1) in ours:
-                return m.group(1)
+                return m.group(1), "named by DALI's error"
+        log.warning("the DALI pipeline failed without naming a file; decoding all %d files with PIL to find it",
+                    len(self._files))
+
+        def reason(path: str) -> str | None:
+            try:
+                load_image(path)
+            except BadImageError as e:
+                return e.reason
+            return None
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            for path, why in zip(self._files, pool.map(reason, self._files)):
+                if why is not None:
+                    return path, why
         return None
 
     def __iter__(self) -> Iterator[ImageBatch]:
@@ -244,14 +266,23 @@ class DALIImageLoader:
                 self._mid_epoch = False
                 return
             except RuntimeError as e:
-                path = self._bad_path(str(e))
-                if path is None:
-                    raise ImageDataError(f"the DALI pipeline failed and its message names none of the files: {e}") \
-                        from e
-                if self.on_bad_file == "error":
-                    raise BadImageError(path, f"DALI could not decode it: {str(e).splitlines()[-1]}") from e
-                self.bad_files.add(path, "DALI decode failure after passing the header check")
-                k = self._files.index(path)
-                del self._files[k], self._index[k]
-                log.warning("rebuilding the DALI pipeline without %s; this epoch restarts", path)
+                self._drop_failed_file(e)
                 self._build()
+
+    def _drop_failed_file(self, e: RuntimeError) -> None:
+        """After a pipeline failure: raise :class:`BadImageError` naming the file (``on_bad_file="error"``), or
+        drop the file from the reader's list and count it (``"skip"``; the caller rebuilds the pipeline)."""
+        found = self._bad_path(str(e))
+        if found is None:
+            raise ImageDataError(f"the DALI pipeline failed and no file could be blamed (all decode with PIL): {e}") \
+                from e
+        path, why = found
+        detail = str(e).strip().splitlines()
+        if self.on_bad_file == "error":
+            raise BadImageError(path, f"DALI could not decode it ({why}): {detail[-1] if detail else e}") from e
+        self.bad_files.add(path, f"DALI decode failure after passing the header check ({why})")
+        k = self._files.index(path)
+        del self._files[k], self._index[k]
+        if not self._files:
+            raise ImageDataError(f"{self.samples.source}: no decodable image left") from e
+        log.warning("rebuilding the DALI pipeline without %s; this epoch restarts", path)
