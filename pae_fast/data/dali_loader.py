@@ -3,9 +3,9 @@
 Same semantics as :class:`pae_fast.data.pil_loader.PILImageLoader`, with these documented differences
 (docs/method.md §Data):
 
-* Resize: one antialiased bicubic resize straight to ADM's final size replaces ADM's box halvings followed by a
-  bicubic resize (DALI has no box filter); the output size and the crop offsets are ADM's exactly
-  (:func:`_adm_geometry`). The measured difference to the PIL path is in the docs.
+* Resize: one antialiased bicubic resize of the crop window (:func:`_adm_roi`) replaces ADM's box halvings followed
+  by a bicubic resize (DALI has no box filter); the resize scale and the crop offsets are ADM's exactly. The
+  measured difference to the PIL path is in the docs.
 * Shuffle: the reader's ``shuffle_after_epoch`` (a global seeded shuffle, same on every rank, shards disjoint), not
   the DistributedSampler's permutation; flips come from DALI's ``coin_flip`` seeded per rank.
 * Bad files: DALI stops its pipeline at the first undecodable file and cannot skip it. The file list is therefore
@@ -89,17 +89,19 @@ def _flip_seed(seed: int, rank: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _adm_geometry(shape, size: int):
-    """The ADM resize target and crop position as DALI expressions (docs/method.md §Data).
+def _adm_roi(shape, size: int):
+    """ADM's crop window in source pixels, as DALI expressions (docs/method.md §Data).
 
     With ``m`` the short side, ADM halves ``k = max(0, floor(log2(m / S)))`` times (each halving floors the sides),
-    then scales the short side to ``S`` and rounds the long side; the centre crop starts at ``floor((W' - S) / 2)``.
-    Returns ``(W', H', pos_x, pos_y)`` with DALI's normalised crop positions chosen so that ``pos * (W' - S)`` lands
-    a quarter pixel past that offset (the same pixel whether DALI rounds or truncates).
+    resizes to ``(H', W')`` with short side ``S`` and the long side rounded, and cuts ``S x S`` at
+    ``floor((H' - S) / 2), floor((W' - S) / 2)``. Resizing only the source window that maps onto that square, with
+    the scale ``W / W'`` of the full resize, samples exactly the pixels that resize-then-crop would, at a fraction of
+    the work. Returns ``(roi_start, roi_end)``, each ``(y, x)``.
 
     Args:
         shape: ``(H, W, C)`` float DataNode from ``peek_image_shape``.
     """
+    from nvidia.dali import fn
     from nvidia.dali import math as dmath
 
     h, w = shape[0], shape[1]
@@ -108,9 +110,11 @@ def _adm_geometry(shape, size: int):
     h_k, w_k = dmath.floor(h / scale), dmath.floor(w / scale)
     short = dmath.min(h_k, w_k)
     new_h, new_w = dmath.floor(h_k * size / short + 0.5), dmath.floor(w_k * size / short + 0.5)
-    pos_x = (dmath.floor((new_w - size) / 2) + 0.25) / dmath.max(new_w - size, 1.0)
-    pos_y = (dmath.floor((new_h - size) / 2) + 0.25) / dmath.max(new_h - size, 1.0)
-    return new_w, new_h, pos_x, pos_y
+    top, left = dmath.floor((new_h - size) / 2), dmath.floor((new_w - size) / 2)
+    sy, sx = h / new_h, w / new_w
+    start = fn.stack(top * sy, left * sx)
+    end = fn.stack((top + size) * sy, (left + size) * sx)
+    return start, end
 
 
 class DALIImageLoader:
@@ -191,14 +195,13 @@ class DALIImageLoader:
             # EXIF orientation is not applied, as in ADM's PIL path.
             images = fn.decoders.image(encoded, device=self.decoder_device, output_type=types.RGB,
                                        adjust_orientation=False)  # (H, W, 3) uint8
-            new_w, new_h, pos_x, pos_y = _adm_geometry(
-                fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.FLOAT), size)
-            images = fn.resize(images, resize_x=new_w, resize_y=new_h, interp_type=types.INTERP_CUBIC,
-                               antialias=True)
+            roi_start, roi_end = _adm_roi(fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.FLOAT),
+                                          size)
+            images = fn.resize(images, size=(size, size), roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                               interp_type=types.INTERP_CUBIC, antialias=True)  # (S, S, 3)
             mirror = fn.random.coin_flip(probability=0.5) if self.hflip else 0
             images = fn.crop_mirror_normalize(  # (3, S, S) float in [0, 1]
-                images, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror, dtype=types.FLOAT,
-                output_layout="CHW", mean=[0.0], std=[255.0],
+                images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0],
             )
             return images, index
 
