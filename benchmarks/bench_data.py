@@ -3,7 +3,8 @@
 Both loaders run with the same number of CPU threads (DALI ``threads`` = PIL ``num_workers``), the same batch size,
 resolution, shuffling and flips; each is timed over whole epochs after one untimed warm-up epoch (workers started,
 files in the page cache), the timed epochs interleaved. With CUDA the DALI ``mixed`` (nvJPEG) decoder is timed
-as well. Without ``--root`` the script writes ImageNet-like JPEGs (random crops of scikit-image photographs resized to 500x375-ish, quality 90)::
+as well. Without ``--root`` the script writes ImageNet-like JPEGs (random crops of scikit-image photographs
+resized to about 500x375, quality 90)::
 
     python benchmarks/bench_data.py                          # 256 generated JPEGs, 2 threads, 256 px
     python benchmarks/bench_data.py --root /data/imagenet/train --limit 4096 --threads 8 --batch 64
