@@ -65,7 +65,11 @@ class ImageDataError(ValueError):
 class BadImageError(ImageDataError):
     """One file is not a decodable image; ``path`` names it and ``reason`` says what failed."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None:  # rebuilt from its message alone (a DataLoader worker re-raising it in the parent)
+            super().__init__(str(path))
+            self.path, self.reason = "", str(path)
+            return
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: not a decodable image ({reason}); fix or remove it, or set data.on_bad_file=skip")
 

@@ -139,6 +139,9 @@ def test_corrupt_jpeg(image_tree, kind):
     make = _pil if kind == "pil" else _dali
     with pytest.raises(BadImageError, match=f"{bad}: not a decodable image"):
         _all(make(s, shuffle=False))
+    if kind == "pil":  # raised inside a worker process, re-raised in the parent with the file named
+        with pytest.raises(BadImageError, match=f"{bad}: not a decodable image"):
+            _all(make(s, shuffle=False, num_workers=1))
     loader = make(s, shuffle=False, drop_last=False, on_bad_file="skip")
     _, _, indices = _all(loader)
     assert loader.bad_files.count == 1 and loader.bad_files.paths == [bad]
@@ -187,3 +190,16 @@ def test_build_image_loader_auto_takes_dali(tmp_path, image_tree):
     assert loader.kind == "dali" and loader.decoder_device == "cpu" and len(loader) == 3
     images, labels, indices = _all(loader)
     assert images.shape == (12, 3, 32, 32) and torch.equal(labels, torch.tensor(loader.samples.labels)[indices])
+
+
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (nvJPEG) decoder needs CUDA")
+def test_dali_mixed_decoder_on_gpu(image_tree):
+    s = scan_image_folder(image_tree)
+    loader = _dali(s, image_size=64, hflip=False, shuffle=False, drop_last=False, device="cuda")
+    assert loader.decoder_device == "mixed"
+    images, labels, indices = _all(loader)
+    assert images.is_cuda and labels.is_cuda and images.shape == (12, 3, 64, 64)
+    for img, i in zip(images.cpu(), indices.tolist()):
+        mad = (img * 255 - _pil_reference(s.paths[i], 64)).abs().mean().item()
+        assert mad < 2 * TOL_NO_HALVING, f"{s.paths[i]}: nvJPEG + GPU resize vs PIL mean abs difference {mad:.2f}"
