@@ -1,0 +1,1 @@
+"""Pipeline stages: one library function per stage; the CLI modules call them."""
