@@ -203,3 +203,12 @@ def test_dali_mixed_decoder_on_gpu(image_tree):
     for img, i in zip(images.cpu(), indices.tolist()):
         mad = (img * 255 - _pil_reference(s.paths[i], 64)).abs().mean().item()
         assert mad < 2 * TOL_NO_HALVING, f"{s.paths[i]}: nvJPEG + GPU resize vs PIL mean abs difference {mad:.2f}"
+
+
+@pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_abandoned_epoch_does_not_shorten_the_next(image_tree, kind):
+    s = scan_image_folder(image_tree)
+    loader = (_pil if kind == "pil" else _dali)(s, batch_size=4, shuffle=False, hflip=False)
+    next(iter(loader))  # one batch, then the epoch is abandoned
+    _, _, indices = _all(loader)
+    assert sorted(indices.tolist()) == list(range(12)) and loader.epoch == 2
