@@ -128,3 +128,54 @@ def test_cli_end_to_end_with_skip(tmp_path, image_tree, monkeypatch):
     assert main([*argv, "--data.on_bad_file", "skip"]) == 0
     cache = LatentCache(tmp_path / "c", normalize=True, hflip=False)
     assert len(cache) == 11 and cache.metadata["bad_files"] == 1 and len(cache.metadata["weights_hash"]) == 64
+
+
+_RANK_SCRIPT = '''
+import json, os, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from pae_fast.config import DataConfig
+from pae_fast.engine import distributed as D
+from pae_fast.stages.cache_latents import cache_latents
+
+{tokenizer_source}
+
+root, out = sys.argv[1], sys.argv[2]
+assert D.init_from_env(torch.device("cpu"))
+cfg = DataConfig(root=root, num_classes=3, image_size=32, batch_size=5, loader="pil", num_workers=0)
+cache_latents(StandInTokenizer(), cfg, out, tokenizer_name="stand-in", weights_hash="abc", shard_size=5,
+              rank=D.get_rank(), world_size=D.get_world_size())
+D.cleanup()
+print("RANK_DONE", D.get_rank())
+'''
+
+
+def test_two_ranks_under_gloo(tmp_path, image_tree):
+    import inspect
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT.format(tokenizer_source=inspect.getsource(StandInTokenizer)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(image_tree), str(tmp_path / "dist")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0 and f"RANK_DONE {rank}" in text, text[-3000:]
+    _run(StandInTokenizer(), image_tree, tmp_path / "single")
+    for name in ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors",
+                 "stats.safetensors"]:
+        a, b = load_safetensors(tmp_path / "single" / name)[0], load_safetensors(tmp_path / "dist" / name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    index = json.loads((tmp_path / "dist" / "index.json").read_text())
+    assert index == json.loads((tmp_path / "single" / "index.json").read_text())

@@ -193,6 +193,7 @@ def test_build_image_loader_auto_takes_dali(tmp_path, image_tree):
 
 
 @needs_dali
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (nvJPEG) decoder needs CUDA")
 def test_dali_mixed_decoder_on_gpu(image_tree):
     s = scan_image_folder(image_tree)
