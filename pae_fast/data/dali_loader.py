@@ -7,7 +7,9 @@ Same semantics as :class:`pae_fast.data.pil_loader.PILImageLoader`, with these d
   by a bicubic resize (DALI has no box filter); the resize scale and the crop offsets are ADM's exactly. The
   measured difference to the PIL path is in the docs.
 * Shuffle: the reader's ``shuffle_after_epoch`` (a global seeded shuffle, same on every rank, shards disjoint), not
-  the DistributedSampler's permutation; flips come from DALI's ``coin_flip`` seeded per rank.
+  the DistributedSampler's permutation; flips come from DALI's ``coin_flip`` seeded per rank. Without
+  ``drop_last`` uneven shards stay uneven (DistributedSampler repeats items to even them); with it both loaders
+  give every rank the same number of full batches.
 * Bad files: DALI stops its pipeline at the first undecodable file and cannot skip it. The file list is therefore
   validated up front with a cheap header check (:func:`pae_fast.data.images.check_image_header`); under
   ``on_bad_file: skip`` the files it rejects are dropped and counted. A file that passes the check but fails to
