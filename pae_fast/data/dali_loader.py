@@ -216,6 +216,7 @@ class DALIImageLoader:
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         while True:
             self._mid_epoch = False
+            self._reader_epochs = 0  # epochs the reader has finished since this build
             try:
                 self._pipe = self._pipeline()
                 self._pipe.build()
@@ -226,8 +227,16 @@ class DALIImageLoader:
                 self._drop_failed_file(e)
 
     def __len__(self) -> int:
-        n = self._pipe.reader_meta("Reader")["epoch_size_padded"] // self.world_size
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # The reader's shard i holds files [n i / W, n (i + 1) / W) (floored). DROP gives every rank the batches of
+        # the smallest shard (equal counts, as DDP needs); PARTIAL gives each rank the batches of the shard it
+        # reads in the coming epoch (``len`` between epochs; empty padded batches are not yielded).
+        n, w = len(self._files), self.world_size
+        sizes = [n * (i + 1) // w - n * i // w for i in range(w)]
+        if self.drop_last:
+            return min(sizes) // self.batch_size
+        # Unshuffled, the reader moves to the next shard every epoch; shuffled, each rank keeps its slice.
+        shard = self.rank if self.shuffle else (self.rank + self._reader_epochs) % w
+        return -(-sizes[shard] // self.batch_size)
 
     def _bad_path(self, message: str) -> tuple[str, str] | None:
         """The file behind a DALI failure and why: the one DALI's message names, else the first of this loader's
@@ -257,17 +266,21 @@ class DALIImageLoader:
             for _ in self._iter:
                 pass
             self._iter.reset()
+            self._reader_epochs += 1
         self.epoch += 1
         while True:
             try:
                 self._mid_epoch = True
                 for out in self._iter:
                     images = out[0]["images"]  # (B, 3, S, S) float32, on the pipeline's device
+                    if images.shape[0] == 0:  # a padded batch of a smaller shard, trimmed to nothing
+                        continue
                     index = out[0]["index"].reshape(-1).to("cpu", torch.int64)  # (B,)
                     labels = self._labels[index]
                     yield ImageBatch(images.to(self.device, non_blocking=True),
                                      labels.to(self.device, non_blocking=True), index)
                 self._iter.reset()
+                self._reader_epochs += 1
                 self._mid_epoch = False
                 return
             except RuntimeError as e:
@@ -277,6 +290,8 @@ class DALIImageLoader:
     def _drop_failed_file(self, e: RuntimeError) -> None:
         """After a pipeline failure: raise :class:`BadImageError` naming the file (``on_bad_file="error"``), or
         drop the file from the reader's list and count it (``"skip"``; the caller rebuilds the pipeline)."""
+        if "decoders.image" not in str(e):  # not a decoding failure: nothing to blame on a file
+            raise ImageDataError(f"the DALI pipeline failed: {e}") from e
         found = self._bad_path(str(e))
         if found is None:
             raise ImageDataError(f"the DALI pipeline failed and no file could be blamed (all decode with PIL): {e}") \

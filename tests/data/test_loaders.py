@@ -213,3 +213,21 @@ def test_abandoned_epoch_does_not_shorten_the_next(image_tree, kind):
     next(iter(loader))  # one batch, then the epoch is abandoned
     _, _, indices = _all(loader)
     assert sorted(indices.tolist()) == list(range(12)) and loader.epoch == 2
+
+
+@pytest.mark.parametrize("kind", ["pil", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_len_matches_uneven_shards(image_tree, kind, shuffle, drop_last):
+    s = scan_image_folder(image_tree).subset(range(11))  # shards of 5 and 6 items
+    counts = []
+    for rank in range(2):
+        loader = (_pil if kind == "pil" else _dali)(s, batch_size=4, rank=rank, world_size=2, shuffle=shuffle,
+                                                    drop_last=drop_last, hflip=False)
+        for _ in range(2):
+            expected = len(loader)
+            sizes = [b.images.shape[0] for b in loader]
+            assert len(sizes) == expected and all(sizes), sizes
+            counts.append(len(sizes))
+    if drop_last:  # DDP needs the same number of steps on every rank
+        assert len(set(counts)) == 1
