@@ -30,6 +30,7 @@ from torch import nn
 
 from pae_fast import __version__
 from pae_fast.data.images import ImageSamples, find_samples, save_class_mapping
+from pae_fast.data.latent_cache import FORMAT_VERSION, INDEX_FILE, STATS_FILE
 from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
 from pae_fast.data.loaders import build_image_loader
 from pae_fast.io import atomic_write_text, load_safetensors, save_safetensors
@@ -40,9 +41,6 @@ __all__ = ["CacheError", "cache_latents", "write_shards", "finalize_cache", "sha
 log = logging.getLogger("pae_fast.train.cache")
 
 CACHE_FILE = "cache.json"
-INDEX_FILE = "index.json"
-STATS_FILE = "stats.safetensors"
-FORMAT_VERSION = 1
 
 
 class CacheError(ValueError):
