@@ -73,6 +73,10 @@ class DataConfig:
     batch_size: int | None = None  # per process; the layout a preset was written for (None: from train)
     num_workers: int = 4
     loader: Literal["auto", "dali", "pil"] = "auto"  # auto: DALI when installed, PIL otherwise
+    file_list: str | None = None  # "path label" lines instead of an ImageFolder tree (paths relative to root)
+    on_bad_file: Literal["error", "skip"] = "error"  # skip: drop undecodable images, count them (data/bad_files)
+    dali_threads: int = 4  # DALI CPU threads per process
+    prefetch: int = 2  # batches prepared ahead (DALI queue depth; PIL prefetch per worker)
     hflip: bool = True
     drop_last: bool = True  # static shapes for CUDA graphs
     synthetic_size: int = 512  # number of items of the synthetic sources

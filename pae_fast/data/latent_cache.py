@@ -167,9 +167,10 @@ class LatentCache(Dataset):
             self.stats = LatentStats.load(self.path / STATS_FILE)
         except (ValueError, FileNotFoundError) as e:
             raise DataError(f"latent cache {self.path}: {e}") from e
-        if self.stats.mode != "channel" or self.stats.channels != self.channels:
-            raise DataError(f"{self.path / STATS_FILE}: {self.stats.mode} statistics of shape "
-                             f"{tuple(self.stats.mean.shape)} do not fit latents with {self.channels} channels")
+        try:  # per-channel (PAE) or per-(C, H, W) (RAE) statistics, of this cache's latent shape
+            self.stats.check_fits(torch.zeros(1, self.channels, *self.size), what=f"latents of {self.path}")
+        except ValueError as e:
+            raise DataError(f"{self.path / STATS_FILE}: {e}") from e
         self._starts = []
         self._files: list[Path] = []
         total = 0
