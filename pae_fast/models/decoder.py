@@ -124,7 +124,7 @@ class ViTDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, N, in_dim) -> (B, 3, g*p, g*p)``."""
         B, N, _ = tokens.shape
-        if N != self.grid_size**2:
+        if self.grid_size**2 != N:
             raise ValueError(f"ViTDecoder: expected {self.grid_size**2} tokens, got {N}")
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(tokens)], dim=1) + self.pos_embed
         for blk in self.blocks:

@@ -136,7 +136,8 @@ def _eva_attention_forward(self: nn.Module, x: torch.Tensor, rope=None, attn_mas
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        q, k, v = (p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2) for p in projs)
     q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
         npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
