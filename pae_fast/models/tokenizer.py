@@ -26,7 +26,7 @@ from torch import nn
 from pae_fast.models.vfm import FrozenVFM
 from pae_fast.weights import WeightsError, load_into, read_state_dict
 
-__all__ = ["TokenizerFeatures", "Tokenizer", "to_image_range", "load_tokenizer_weights"]
+__all__ = ["TokenizerFeatures", "Tokenizer", "to_image_range", "load_tokenizer_weights", "describe_tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +163,39 @@ def load_tokenizer_weights(
     tok.vfm.freeze()
     log.info("tokenizer %s: weights loaded from %s", name, weights)
     return tok
+
+
+def describe_tokenizer(name: str, **overrides) -> str:
+    """A few lines for ``python -m pae_fast info --tokenizer NAME``: parameters, latent shape, GMAC per image.
+
+    Built on the meta device (no memory, no weights); MACs are counted like the generators'
+    (:func:`pae_fast.models.profile.forward_gmacs`: matmuls, convolutions and attention products, reference ops).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pae_fast.kernels import use_backend
+    from pae_fast.registry import create_tokenizer
+
+    with torch.device("meta"):
+        tok = create_tokenizer(name, **overrides)
+    frozen = sum(p.numel() for p in tok.vfm.parameters())
+    trainable = sum(p.numel() for p in tok.trainable_parameters())
+    x = torch.zeros(1, 3, tok.image_size, tok.image_size, device="meta")
+    z = torch.zeros(1, *tok.latent_shape, device="meta")
+    gmac = {}
+    for what, fn, arg in (("encode", tok.encode, x), ("decode", tok.decode, z)):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), use_backend("torch"), counter:
+            fn(arg)
+        gmac[what] = counter.get_total_flops() / 2 / 1e9
+    C, H, W = tok.latent_shape
+    return "\n".join([
+        f"{name} ({tok.kind.upper()}, encoder {tok.vfm.name}, {tok.vfm.input_size}px input, "
+        f"patch {tok.vfm.patch_size})",
+        f"  image               {tok.image_size}x{tok.image_size}",
+        f"  latent              {C}x{H}x{W} ({C * H * W:,} values; statistics mode {tok.stats_mode!r})",
+        f"  frozen parameters   {frozen:,} ({frozen / 1e6:.2f}M, the VFM)",
+        f"  trainable params    {trainable:,} ({trainable / 1e6:.2f}M)",
+        f"  encode GMAC/image   {gmac['encode']:.2f}",
+        f"  decode GMAC/image   {gmac['decode']:.2f}",
+    ])
