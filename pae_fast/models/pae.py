@@ -120,8 +120,9 @@ class Decompressor(nn.Module):
 
 def _decoder_size(decoder: str | tuple | list) -> tuple[int, int, int, int]:
     if isinstance(decoder, str):
+        decoder = decoder.removeprefix("ViT-")  # "ViT-L" (the config's spelling) == "L"
         if decoder not in DECODER_SIZES:
-            raise ValueError(f"unknown decoder size {decoder!r}; valid: {', '.join(DECODER_SIZES)} or "
+            raise ValueError(f"unknown decoder size {decoder!r}; valid: {', '.join(DECODER_SIZES)} (or ViT-<size>) or "
                              "(hidden, depth, heads, mlp_hidden)")
         return DECODER_SIZES[decoder]
     if len(decoder) != 4:

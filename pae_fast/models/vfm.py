@@ -84,6 +84,9 @@ class VFMSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# SigLIP's MLP uses the tanh-approximated GELU (HF's gelu_pytorch_tanh, which the authors' encoder runs); timm's
+# SigLIP defaults to the exact GELU, a ~1e-3 difference in the tokens.
+_SIGLIP: dict[str, Any] = dict(act_layer="gelu_tanh")
 # DINOv3 is built with q/v biases (k bias fixed at 0), as the HF DINOv3 layout the PAE authors load has them.
 VFM_SPECS: dict[str, VFMSpec] = {
     "DINOv2-S": VFMSpec("vit_small_patch14_reg4_dinov2.lvd142m", 224),
@@ -92,8 +95,8 @@ VFM_SPECS: dict[str, VFMSpec] = {
     "DINOv2-G": VFMSpec("vit_giant_patch14_reg4_dinov2.lvd142m", 224),
     "DINOv3-B": VFMSpec("vit_base_patch16_dinov3.lvd1689m", 256, kwargs=dict(qkv_bias=True)),
     "DINOv3-L": VFMSpec("vit_large_patch16_dinov3.lvd1689m", 256, kwargs=dict(qkv_bias=True)),
-    "SigLIP2-B": VFMSpec("vit_base_patch16_siglip_256.v2_webli", 256, HALF_MEAN, HALF_STD),
-    "SigLIP2-SO400M": VFMSpec("vit_so400m_patch16_siglip_256.v2_webli", 256, HALF_MEAN, HALF_STD),
+    "SigLIP2-B": VFMSpec("vit_base_patch16_siglip_256.v2_webli", 256, HALF_MEAN, HALF_STD, _SIGLIP),
+    "SigLIP2-SO400M": VFMSpec("vit_so400m_patch16_siglip_256.v2_webli", 256, HALF_MEAN, HALF_STD, _SIGLIP),
     "MAE-B": VFMSpec("vit_base_patch16_224.mae", 256),
     "MAE-L": VFMSpec("vit_large_patch16_224.mae", 256),
     "ViT-tiny": VFMSpec("", 64, kwargs=TINY_VIT_KWARGS),

@@ -145,6 +145,10 @@ def test_rae_latent_is_raw_vfm_tokens():
 def test_overrides_and_names():
     tok = create_tokenizer("PAE-tiny", latent_channels=4, dam_depth=1)
     assert tok.latent_shape == (4, 8, 8) and len(tok.dam.layers) == 1
+    with torch.device("meta"):
+        assert len(create_tokenizer("PAE-tiny", decoder="ViT-B").decoder.blocks) == 12
+    with pytest.raises(ValueError, match="unknown decoder size 'Q'"):
+        create_tokenizer("PAE-tiny", decoder="Q")
     assert {"PAE-tiny", "RAE-tiny", *PAPER} <= set(list_tokenizers())
     with pytest.raises(KeyError, match="unknown tokenizer"):
         create_tokenizer("PAE-nope")
