@@ -75,6 +75,8 @@ class VFMSpec:
         input_size: square input resolution S (224 for the /14 DINOv2, 256 for /16 backbones).
         mean, std: the encoder's input normalisation.
         kwargs: extra timm constructor arguments (for "" the full ``VisionTransformer`` arguments).
+        pos_antialias: whether a position table of another grid is resampled with antialias (transformers does for
+            DINOv2, not for ViT-MAE; the authors' encoders are the transformers ones).
     """
 
     timm_name: str
@@ -82,6 +84,7 @@ class VFMSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pos_antialias: bool = True
 
 
 # SigLIP's MLP uses the tanh-approximated GELU (HF's gelu_pytorch_tanh, which the authors' encoder runs); timm's
@@ -97,8 +100,8 @@ VFM_SPECS: dict[str, VFMSpec] = {
     "DINOv3-L": VFMSpec("vit_large_patch16_dinov3.lvd1689m", 256, kwargs=dict(qkv_bias=True)),
     "SigLIP2-B": VFMSpec("vit_base_patch16_siglip_256.v2_webli", 256, HALF_MEAN, HALF_STD, _SIGLIP),
     "SigLIP2-SO400M": VFMSpec("vit_so400m_patch16_siglip_256.v2_webli", 256, HALF_MEAN, HALF_STD, _SIGLIP),
-    "MAE-B": VFMSpec("vit_base_patch16_224.mae", 256),
-    "MAE-L": VFMSpec("vit_large_patch16_224.mae", 256),
+    "MAE-B": VFMSpec("vit_base_patch16_224.mae", 256, pos_antialias=False),
+    "MAE-L": VFMSpec("vit_large_patch16_224.mae", 256, pos_antialias=False),
     "ViT-tiny": VFMSpec("", 64, kwargs=TINY_VIT_KWARGS),
 }
 
@@ -252,7 +255,7 @@ class FrozenVFM(nn.Module):
 
     def load_timm_state(self, state: dict[str, torch.Tensor], what: str = "weights") -> None:
         """Load a state dict in timm's layout into :attr:`model`, strictly (see :func:`adapt_timm_state`)."""
-        state = adapt_timm_state(self.model, state, what)
+        state = adapt_timm_state(self.model, state, what, antialias=self.spec.pos_antialias)
         diff = key_diff(self.model.state_dict(), state)
         if diff:
             raise WeightsError(f"{what} does not fit encoder {self.name}: {diff}")
@@ -260,12 +263,14 @@ class FrozenVFM(nn.Module):
         self.freeze()
 
 
-def adapt_timm_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def adapt_timm_state(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, antialias: bool = True
+) -> dict[str, torch.Tensor]:
     """A timm-layout state dict made to fit ``model``: the explicit, logged adaptations and nothing else.
 
     - ``norm.weight`` / ``norm.bias`` dropped (the final LayerNorm is affine-free here);
     - the attention-pool / classifier head (``attn_pool.*``, ``head.*``, ``fc_norm.*``) dropped when the model has none;
-    - an absolute ``pos_embed`` of another grid resampled to the model's (bicubic, antialias, timm's helper);
+    - an absolute ``pos_embed`` of another grid resampled to the model's (bicubic, timm's helper; prefix slots kept);
     - missing DINOv3 ``attn.q_bias`` / ``attn.v_bias`` (timm's own DINOv3 files have none) filled with zeros.
     """
     state = dict(state)
@@ -283,7 +288,8 @@ def adapt_timm_state(model: nn.Module, state: dict[str, torch.Tensor], what: str
         if old * old != old_n:
             raise WeightsError(f"{what}: pos_embed {tuple(state['pos_embed'].shape)} is not a square grid")
         new = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(new), (old, old), num_prefix_tokens=npt)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(new), (old, old), num_prefix_tokens=npt,
+                                                    antialias=antialias)
         log.info("%s: pos_embed resampled from %dx%d to %dx%d", what, old, old, *new)
     filled = [k for k in own if k.endswith(("attn.q_bias", "attn.v_bias")) and k not in state]
     for k in filled:

@@ -144,3 +144,32 @@ def test_paper_encoders_on_meta(name, grid, dim, heads, params):
 
 def test_encoder_registry_lists_all():
     assert {"ViT-tiny", "DINOv2-L", "DINOv3-L", "SigLIP2-SO400M", "MAE-L", "SigLIP2-B"} <= set(list_encoders())
+
+
+def test_timm_file_of_another_grid_is_resampled(tmp_path, caplog):
+    """A timm file made at another resolution: its position table is resampled (prefix slot kept), logged."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(2)
+    src = VisionTransformer(**dict(TINY_VIT_KWARGS, img_size=32))  # 4x4 grid + CLS slot
+    path = tmp_path / "vit_32.safetensors"
+    save_safetensors({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+    with caplog.at_level(logging.INFO):
+        vfm = create_encoder("ViT-tiny", weights=path)
+    assert "pos_embed resampled from 4x4 to 8x8" in caplog.text
+    want = resample_abs_pos_embed(src.pos_embed.detach(), [8, 8], (4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(vfm.model.pos_embed, want)
+    torch.testing.assert_close(vfm.model.pos_embed[:, :1], src.pos_embed[:, :1].detach())
+
+
+def test_dinov3_file_without_qv_biases_gets_zeros():
+    """timm's own DINOv3 layout has no q/v biases; ours (the HF layout) has them: they are filled with zeros."""
+    from pae_fast.models.vfm import adapt_timm_state
+
+    spec = VFMSpec("vit_small_patch16_dinov3.lvd1689m", 32, kwargs=dict(depth=1, embed_dim=64, num_heads=2,
+                                                                         qkv_bias=True))
+    vfm = FrozenVFM(spec, name="DINOv3-test")
+    state = {k: v for k, v in vfm.model.state_dict().items() if not k.endswith(("q_bias", "v_bias"))}
+    adapted = adapt_timm_state(vfm.model, state, "test")
+    assert torch.equal(adapted["blocks.0.attn.q_bias"], torch.zeros(64))
+    vfm.load_timm_state(state)
