@@ -162,8 +162,8 @@ def patch_attention(model: nn.Module) -> int:
     Raises:
         TypeError: the model holds an attention class this function does not know (it would bypass the registry).
     """
-    from timm.layers import Attention
     from timm.models.eva import EvaAttention
+    from timm.models.vision_transformer import Attention  # the class timm ViTs instantiate (re-exported)
 
     n = 0
     for name, m in model.named_modules():
