@@ -27,7 +27,14 @@ import torch.nn.functional as F
 
 from pae_fast.weights import WeightsError, load_into, strip_prefixes
 
-__all__ = ["encoder_family", "convert_authors_pae", "load_authors_pae", "is_authors_pae"]
+__all__ = [
+    "encoder_family",
+    "convert_authors_pae",
+    "load_authors_pae",
+    "is_authors_pae",
+    "is_hf_encoder",
+    "hf_encoder_to_timm",
+]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -237,3 +244,36 @@ def load_authors_pae(tok: torch.nn.Module, state: Mapping, what: str = "authors'
         raise WeightsError(f"{what} holds no encoder.* weights; pass the encoder's own file as vfm_weights=")
     load_into(tok, converted, what=what, strict=True, skip=None if has_vfm else (lambda k: k.startswith("vfm.")))
     tok.vfm.freeze()
+
+
+# transformers checkpoints of the encoders alone: their roots, and the parts a frozen patch-token encoder never uses
+_HF_ROOTS = ("vision_model.", "vit.")  # SiglipModel / ViTMAEForPreTraining wrap the vision tower
+_HF_FINAL_LN = ("layernorm.weight", "layernorm.bias", "norm.weight", "norm.bias", "post_layernorm.weight",
+                "post_layernorm.bias")
+
+
+def is_hf_encoder(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an encoder state dict is in transformers' layout (timm's keys never start like these)."""
+    return any(k.startswith(("embeddings.", "encoder.layer", "layer.", *_HF_ROOTS)) for k in state)
+
+
+def hf_encoder_to_timm(state: Mapping[str, torch.Tensor], encoder_name: str, grid: int,
+                       what: str = "encoder weights") -> Tensors:
+    """A transformers encoder checkpoint -> timm keys of our :class:`~pae_fast.models.vfm.FrozenVFM` model.
+
+    The final LayerNorm's affine is dropped (the PAE/RAE encoders apply it without), as are the parts outside the
+    vision tower (SigLIP's text model, ViT-MAE's decoder) and the unused keys listed in :data:`_UNUSED`.
+    """
+    family = encoder_family(encoder_name)
+    keys = list(state)
+    root = next((r for r in _HF_ROOTS if any(k.startswith(r) for k in keys)), "")
+    tower = {k[len(root):]: v for k, v in state.items() if k.startswith(root)}
+    tower = {k: v for k, v in tower.items() if k not in _HF_FINAL_LN}
+    prefix = _encoder_prefix(family)
+    out, leftovers = convert_authors_pae({prefix + k: v for k, v in tower.items()}, family, grid, what)
+    if leftovers:
+        more = f" ... (+{len(leftovers) - 12} more)" if len(leftovers) > 12 else ""
+        shown = ", ".join(k[len(prefix):] for k in leftovers[:12])
+        raise WeightsError(f"{what}: {len(leftovers)} keys of the transformers {family} layout have no counterpart in "
+                           f"encoder {encoder_name}: {shown}{more}")
+    return {k[len("vfm.model."):]: v for k, v in out.items()}

@@ -143,7 +143,7 @@ def load_tokenizer_weights(
                            "nothing is downloaded")
     if vfm_weights is not None:
         state, _ = read_state_dict(vfm_weights, key=f"tokenizer {name} vfm_weights")
-        tok.vfm.load_timm_state(state, what=f"vfm_weights={str(vfm_weights)!r}")
+        tok.vfm.load_encoder_state(state, what=f"vfm_weights={str(vfm_weights)!r}")
         log.info("tokenizer %s: encoder weights from %s", name, vfm_weights)
     if weights is None:
         log.warning("tokenizer %s: %s random initialisation (pretrained=%s, no weights file)", name,

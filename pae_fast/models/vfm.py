@@ -29,7 +29,7 @@ from torch import nn
 
 from pae_fast.kernels.attention import attention
 from pae_fast.registry import register_encoder
-from pae_fast.weights import WeightsError, key_diff, read_state_dict
+from pae_fast.weights import WeightsError, load_into, read_state_dict
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -253,13 +253,20 @@ class FrozenVFM(nn.Module):
         """``(B, 3, H, W)`` images in [0, 1] -> ``(B, N, D)`` patch tokens."""
         return self.tokens(self.preprocess(images))
 
-    def load_timm_state(self, state: dict[str, torch.Tensor], what: str = "weights") -> None:
-        """Load a state dict in timm's layout into :attr:`model`, strictly (see :func:`adapt_timm_state`)."""
+    def load_encoder_state(self, state: dict[str, torch.Tensor], what: str = "weights") -> None:
+        """Load an encoder state dict into :attr:`model`, strictly.
+
+        Accepts timm's layout (adapted by :func:`adapt_timm_state`) or a transformers (HF) checkpoint of the same
+        family (DINOv2-with-registers, DINOv3, SigLIP / SigLIP2 vision tower, ViT-MAE), converted by name with
+        :func:`pae_fast.models.pae_convert.hf_encoder_to_timm`.
+        """
+        from pae_fast.models.pae_convert import hf_encoder_to_timm, is_hf_encoder
+
+        if is_hf_encoder(state):
+            state = hf_encoder_to_timm(state, self.name, self.grid_size, what)
+            log.info("%s: transformers layout converted to timm's", what)
         state = adapt_timm_state(self.model, state, what, antialias=self.spec.pos_antialias)
-        diff = key_diff(self.model.state_dict(), state)
-        if diff:
-            raise WeightsError(f"{what} does not fit encoder {self.name}: {diff}")
-        self.model.load_state_dict(state, strict=True)
+        load_into(self.model, state, what=f"{what} (encoder {self.name})", strict=True)
         self.freeze()
 
 
@@ -316,7 +323,7 @@ def build_vfm(name: str, pretrained: bool = False, weights: str | os.PathLike | 
         log.warning("encoder %s: random initialisation (pretrained=False, no weights file)", name)
     else:
         state, _ = read_state_dict(weights, key=f"encoder {name} weights")
-        vfm.load_timm_state(state, what=f"encoder {name} weights={str(weights)!r}")
+        vfm.load_encoder_state(state, what=f"encoder {name} weights={str(weights)!r}")
         log.info("encoder %s: weights loaded from %s", name, weights)
     return vfm
 

@@ -179,3 +179,19 @@ def test_small_dinov2_checkpoint_file_round_trip(tmp_path):
         torch.testing.assert_close(v, ref[k], msg=k)
     x = torch.rand(1, 3, 256, 256)
     torch.testing.assert_close(dst.encode(x), src.encode(x))
+
+
+def test_hf_dinov2_encoder_file_layout_loads_on_meta():
+    """The public transformers DINOv2-L-reg4 layout (final LayerNorm included) loads into our encoder by name."""
+    from pae_fast.models.pae_convert import hf_encoder_to_timm
+    from pae_fast.registry import create_encoder
+
+    layout = read_layout("hf_dinov2_reg4_large.txt")
+    assert len(layout) == 440
+    state = {k: torch.empty(s, device="meta") for k, s in layout.items()}
+    with torch.device("meta"):
+        vfm = create_encoder("DINOv2-L")
+    vfm.load_encoder_state(state, what="hf dinov2")
+    assert set(hf_encoder_to_timm(state, "DINOv2-L", 16)) == set(vfm.model.state_dict())
+    with pytest.raises(WeightsError, match=r"1 keys of the transformers dinov2 layout .*embeddings\.extra"):
+        vfm.load_encoder_state({**state, "embeddings.extra": torch.empty(1, device="meta")})

@@ -75,7 +75,7 @@ def test_hf_encoder_converts_to_same_tokens(family, build):
     vfm = FrozenVFM(spec, name=family)
     out, leftovers = convert_authors_pae(state, family, vfm.grid_size)
     assert leftovers == []
-    vfm.load_timm_state({k[len("vfm.model."):]: v for k, v in out.items()}, what=family)
+    vfm.load_encoder_state({k[len("vfm.model."):]: v for k, v in out.items()}, what=family)
     x = torch.rand(2, 3, spec.input_size, spec.input_size)
     pixels = vfm.preprocess(x)
     with torch.no_grad(), use_attention_backend("math"):
@@ -83,3 +83,9 @@ def test_hf_encoder_converts_to_same_tokens(family, build):
         ref = fwd(hf, pixels)
     ref = F.layer_norm(ref, ref.shape[-1:], eps=vfm.model.norm.eps)[:, prefix_tokens:]
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # the HF checkpoint of the encoder alone (final LayerNorm affine included) loads the same way
+    direct = FrozenVFM(spec, name={"dinov2": "DINOv2-x", "dinov3": "DINOv3-x", "siglip": "SigLIP2-x",
+                                   "mae": "MAE-x"}[family])
+    direct.load_encoder_state(hf.state_dict(), what=family)
+    with torch.no_grad(), use_attention_backend("math"):
+        torch.testing.assert_close(direct.tokens(pixels), ours)

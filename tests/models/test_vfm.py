@@ -172,4 +172,4 @@ def test_dinov3_file_without_qv_biases_gets_zeros():
     state = {k: v for k, v in vfm.model.state_dict().items() if not k.endswith(("q_bias", "v_bias"))}
     adapted = adapt_timm_state(vfm.model, state, "test")
     assert torch.equal(adapted["blocks.0.attn.q_bias"], torch.zeros(64))
-    vfm.load_timm_state(state)
+    vfm.load_encoder_state(state)
