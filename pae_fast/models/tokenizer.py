@@ -131,7 +131,7 @@ def load_tokenizer_weights(
 ) -> Tokenizer:
     """Fill a freshly built tokenizer per the ``create_tokenizer`` contract (local files only, strict).
 
-    - ``vfm_weights``: a timm-layout encoder file loaded into ``tok.vfm``.
+    - ``vfm_weights``: an encoder file (timm or transformers layout) loaded into ``tok.vfm``.
     - ``weights``: a pae_fast tokenizer state dict (keys of ``tok.state_dict()``), or the PAE authors' released
       checkpoint (detected by its ``delta_encoder.`` keys; converted by :mod:`pae_fast.models.pae_convert`). When it
       has no encoder keys the encoder must come from ``vfm_weights``.
@@ -176,8 +176,14 @@ def describe_tokenizer(name: str, **overrides) -> str:
     from pae_fast.kernels import use_backend
     from pae_fast.registry import create_tokenizer
 
-    with torch.device("meta"):
-        tok = create_tokenizer(name, **overrides)
+    quiet = logging.getLogger("pae_fast.models")  # a meta build is random by construction: no warning for it
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            tok = create_tokenizer(name, **overrides)
+    finally:
+        quiet.setLevel(level)
     frozen = sum(p.numel() for p in tok.vfm.parameters())
     trainable = sum(p.numel() for p in tok.trainable_parameters())
     x = torch.zeros(1, 3, tok.image_size, tok.image_size, device="meta")
