@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import pytest
@@ -181,3 +182,22 @@ def test_weights_round_trip_and_errors(tmp_path, caplog):
         create_tokenizer("RAE-tiny", weights=full)
     with pytest.raises(WeightsError, match="pretrained=True needs"):
         create_tokenizer("PAE-tiny", pretrained=True)
+
+
+def test_info_gmacs_match_hand_count():
+    """Decode MACs of PAE-DINOv2-L-d32 against a hand count: decompressor conv + attention, decoder linears on 257
+    tokens, attention products, the pixel head."""
+    from pae_fast.models.tokenizer import describe_tokenizer
+
+    text = describe_tokenizer("PAE-DINOv2-L-d32")
+    gm = {k: float(v) for k, v in re.findall(r"(encode|decode) GMAC/image\s+([\d.]+)", text)}
+    N, D, W, L = 256, 1024, 1024, 24
+    decompressor = 32 * D * 9 * N + 4 * D * D * N + 2 * N * N * D
+    blocks = L * ((4 * W * W + 2 * W * 4096) * (N + 1) + 2 * (N + 1) ** 2 * W)
+    decoder = D * W * N + blocks + W * 768 * (N + 1)
+    assert gm["decode"] == pytest.approx((decompressor + decoder) / 1e9, rel=2e-3)
+    T = N + 5  # CLS + 4 registers + patches
+    vfm = 3 * 14 * 14 * D * N + L * (12 * D * D * T + 2 * T * T * D)
+    dam = 3 * 14 * 14 * D * N + 6 * ((4 + 4 + 8) * D * D * N + 2 * (2 * N * N * D)) + 2 * D * D * N
+    projector = 4 * D * D * N + 2 * N * N * D + D * 32 * 9 * N
+    assert gm["encode"] == pytest.approx((vfm + dam + projector) / 1e9, rel=2e-3)
