@@ -37,6 +37,8 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "flash": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
+        # only for tests/models/test_pae_convert_hf.py (HF encoders -> our converted VFMs); never imported by pae_fast
+        "hf": ["transformers>=4.56,<5"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",

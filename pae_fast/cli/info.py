@@ -24,6 +24,9 @@ _OPTIONAL = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", action="store_true", help="also list the bundled config presets")
     p.add_argument("--model", metavar="NAME", help="print a generator's parameters and forward GMAC per image and exit")
+    p.add_argument("--tokenizer", metavar="NAME",
+                   help="print a tokenizer's frozen/trainable parameters, latent shape and encode/decode GMAC per "
+                   "image and exit")
 
 
 def _version(dist: str) -> str | None:
@@ -68,6 +71,15 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
             print(describe_generator(args.model))
         except KeyError as e:  # unknown name: the registry's message lists the valid ones
             raise ConfigError(f"--model: {e.args[0]}") from None
+        return 0
+    if args.tokenizer:  # built on the meta device: no memory, no weights
+        from pae_fast.config import ConfigError
+        from pae_fast.models.tokenizer import describe_tokenizer
+
+        try:
+            print(describe_tokenizer(args.tokenizer))
+        except KeyError as e:  # unknown name: the registry's message lists the valid ones
+            raise ConfigError(f"--tokenizer: {e.args[0]}") from None
         return 0
     import torch
 

@@ -1,0 +1,133 @@
+"""Transformer pieces of the tokenizers: self/cross attention on the kernel registry, the ViT pixel decoder.
+
+The ViT decoder is the ViT-MAE-style decoder PAE and RAE use (docs/method.md §PAE tokenizer): ``Linear(D_in ->
+hidden)`` on the latent tokens, a learnable CLS prepended (dropped at the end), a fixed 2-D sin-cos position table
+(slot 0, the CLS, is zeros), pre-norm blocks (LayerNorm eps 1e-12, exact GELU), a final LayerNorm and
+``Linear(hidden -> p*p*3)``; tokens are unpatchified row-major with each token's values ordered (row, col, channel).
+Its output is in the *encoder's normalised pixel space*; the tokenizer maps it back with the encoder's mean/std.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from pae_fast.kernels.attention import attention
+from pae_fast.models.layers import sincos_pos_embed_2d, unpatchify
+
+__all__ = ["SelfAttention", "CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES"]
+
+# name -> (hidden, depth, heads, mlp hidden)
+DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "XL": (1152, 28, 16, 4096),
+}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention ``(B, N, D) -> (B, N, D)``: fused ``qkv`` (rows [q; k; v], heads contiguous), the
+    registry's attention, output ``proj``. Layout of timm's ``Attention`` (so the authors' keys map 1:1)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"SelfAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from ``x (B, Nq, D)``, keys/values from ``ctx (B, Nk, D)``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, H, N, hd)
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        o = attention(self._heads(self.q_proj(x)), self._heads(self.k_proj(ctx)), self._heads(self.v_proj(ctx)))
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm ViT block: ``x += Attn(LN(x)); x += MLP(LN(x))`` (LayerNorm eps 1e-12, exact GELU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_hidden, act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTDecoder(nn.Module):
+    """Latent tokens ``(B, N, in_dim)`` -> images ``(B, 3, g*p, g*p)`` in the encoder's normalised pixel space.
+
+    Args:
+        in_dim: width of the incoming tokens (the decompressor's D for PAE, the VFM's D for RAE).
+        grid_size: g, tokens per side (N = g*g).
+        patch_size: p, pixels per token side.
+        hidden, depth, num_heads, mlp_hidden: transformer size (:data:`DECODER_SIZES`).
+    """
+
+    def __init__(
+        self, in_dim: int, grid_size: int, patch_size: int, hidden: int, depth: int, num_heads: int, mlp_hidden: int
+    ) -> None:
+        super().__init__()
+        self.grid_size, self.patch_size, self.hidden = grid_size, patch_size, hidden
+        self.embed = nn.Linear(in_dim, hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        # fixed sin-cos table (1, 1 + N, hidden) with a zero CLS slot: a buffer, so never trained
+        self.register_buffer("pos_embed", torch.zeros(1, 1 + grid_size**2, hidden), persistent=True)
+        self.blocks = nn.ModuleList(DecoderBlock(hidden, num_heads, mlp_hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.pred = nn.Linear(hidden, patch_size * patch_size * 3)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sin-cos table; xavier-uniform linears with zero bias; CLS ~ N(0, 0.02) (ViT-MAE's initialisation)."""
+        self.pos_embed[0, 1:].copy_(sincos_pos_embed_2d(self.hidden, self.grid_size, self.grid_size))
+        self.pos_embed[0, 0].zero_()
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, N, in_dim) -> (B, 3, g*p, g*p)``."""
+        B, N, _ = tokens.shape
+        if self.grid_size**2 != N:
+            raise ValueError(f"ViTDecoder: expected {self.grid_size**2} tokens, got {N}")
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(tokens)], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.pred(self.norm(x))[:, 1:]  # (B, N, p*p*3), CLS dropped
+        return unpatchify(x, self.patch_size, 3, self.grid_size, self.grid_size)

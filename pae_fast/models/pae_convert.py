@@ -1,0 +1,279 @@
+"""The PAE authors' released tokenizer checkpoints -> pae_fast modules, by name, strictly.
+
+Their layout (facts in docs/method.md §PAE tokenizer, from the authors' inference code at commit 51f8fa6):
+``encoder.*`` (HF transformers encoders: Dinov2WithRegisters, DINOv3ViT, Siglip vision tower, ViTMAE; MAE under
+``encoder.model.``, the others under ``encoder.encoder.``; the final LayerNorm has no affine keys),
+``delta_encoder.*`` (the DAM), ``latent_compressor.{0,1}`` (attention, conv), ``latent_decompressor.{0,1}``
+(conv, attention) and ``decoder.*`` (an HF ViT-MAE-style decoder with separate query/key/value).
+
+What the conversion changes besides names:
+- separate q/k/v projections are concatenated into one ``qkv`` (rows [q; k; v]);
+- DINOv2: the CLS position is folded into ``cls_token``; the 37x37 position table is resampled to the encoder's
+  grid as transformers does at run time (bicubic, antialias, fp32); ``mask_token`` is dropped (never used);
+- DINOv3: ``mask_token`` dropped; the absent k bias stays the encoder's fixed zero;
+- SigLIP2: the attention-pooling ``head.*`` is dropped (computed but unused by the authors' encode);
+- MAE: the 14x14 table is resampled to the grid (bicubic, no antialias, CLS slot kept), as the authors' run time.
+
+Every other key must map; leftovers and gaps are reported with :func:`pae_fast.weights.key_diff`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from pae_fast.weights import WeightsError, load_into, strip_prefixes
+
+__all__ = [
+    "encoder_family",
+    "convert_authors_pae",
+    "load_authors_pae",
+    "is_authors_pae",
+    "is_hf_encoder",
+    "hf_encoder_to_timm",
+]
+
+Tensors = dict[str, torch.Tensor]
+
+# trainable part: (authors' regex, our template); applied to keys that are not encoder keys
+_REST_RULES: list[tuple[str, str]] = [
+    (r"delta_encoder\.(.*)", r"dam.\1"),
+    (r"latent_compressor\.0\.(.*)", r"projector.attn.\1"),
+    (r"latent_compressor\.1\.(.*)", r"projector.conv.\1"),
+    (r"latent_decompressor\.0\.(.*)", r"decompressor.conv.\1"),
+    (r"latent_decompressor\.1\.(.*)", r"decompressor.attn.\1"),
+    (r"decoder\.decoder_pos_embed", r"decoder.pos_embed"),
+    (r"decoder\.trainable_cls_token", r"decoder.cls_token"),
+    (r"decoder\.decoder_embed\.(.*)", r"decoder.embed.\1"),
+    (r"decoder\.decoder_norm\.(.*)", r"decoder.norm.\1"),
+    (r"decoder\.decoder_pred\.(.*)", r"decoder.pred.\1"),
+    (r"decoder\.decoder_layers\.(\d+)\.attention\.output\.dense\.(.*)", r"decoder.blocks.\1.attn.proj.\2"),
+    (r"decoder\.decoder_layers\.(\d+)\.intermediate\.dense\.(.*)", r"decoder.blocks.\1.mlp.fc1.\2"),
+    (r"decoder\.decoder_layers\.(\d+)\.output\.dense\.(.*)", r"decoder.blocks.\1.mlp.fc2.\2"),
+    (r"decoder\.decoder_layers\.(\d+)\.layernorm_before\.(.*)", r"decoder.blocks.\1.norm1.\2"),
+    (r"decoder\.decoder_layers\.(\d+)\.layernorm_after\.(.*)", r"decoder.blocks.\1.norm2.\2"),
+]
+_DECODER_QKV = r"decoder\.decoder_layers\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
+
+# encoder part, relative to the encoder prefix -> relative to vfm.model.; q/k/v handled by _QKV below
+_ENCODER_RULES: dict[str, list[tuple[str, str]]] = {
+    "dinov2": [
+        (r"embeddings\.register_tokens", r"reg_token"),
+        (r"embeddings\.patch_embeddings\.projection\.(.*)", r"patch_embed.proj.\1"),
+        (r"encoder\.layer\.(\d+)\.norm([12])\.(.*)", r"blocks.\1.norm\2.\3"),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(.*)", r"blocks.\1.attn.proj.\2"),
+        (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
+        (r"encoder\.layer\.(\d+)\.mlp\.(fc[12])\.(.*)", r"blocks.\1.mlp.\2.\3"),
+    ],
+    "dinov3": [
+        (r"embeddings\.cls_token", r"cls_token"),
+        (r"embeddings\.register_tokens", r"reg_token"),
+        (r"embeddings\.patch_embeddings\.(.*)", r"patch_embed.proj.\1"),
+        (r"layer\.(\d+)\.norm([12])\.(.*)", r"blocks.\1.norm\2.\3"),
+        (r"layer\.(\d+)\.attention\.o_proj\.(.*)", r"blocks.\1.attn.proj.\2"),
+        (r"layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.gamma_\2"),
+        (r"layer\.(\d+)\.mlp\.up_proj\.(.*)", r"blocks.\1.mlp.fc1.\2"),
+        (r"layer\.(\d+)\.mlp\.down_proj\.(.*)", r"blocks.\1.mlp.fc2.\2"),
+    ],
+    "siglip": [
+        (r"embeddings\.patch_embedding\.(.*)", r"patch_embed.proj.\1"),
+        (r"encoder\.layers\.(\d+)\.layer_norm([12])\.(.*)", r"blocks.\1.norm\2.\3"),
+        (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.*)", r"blocks.\1.attn.proj.\2"),
+        (r"encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(.*)", r"blocks.\1.mlp.\2.\3"),
+    ],
+    "mae": [
+        (r"embeddings\.cls_token", r"cls_token"),
+        (r"embeddings\.patch_embeddings\.projection\.(.*)", r"patch_embed.proj.\1"),
+        (r"encoder\.layer\.(\d+)\.layernorm_before\.(.*)", r"blocks.\1.norm1.\2"),
+        (r"encoder\.layer\.(\d+)\.layernorm_after\.(.*)", r"blocks.\1.norm2.\2"),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(.*)", r"blocks.\1.attn.proj.\2"),
+        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(.*)", r"blocks.\1.mlp.fc1.\2"),
+        (r"encoder\.layer\.(\d+)\.output\.dense\.(.*)", r"blocks.\1.mlp.fc2.\2"),
+    ],
+}
+# (regex with groups layer, part, kind) per family; part names map to q/k/v
+_QKV: dict[str, tuple[str, dict[str, str]]] = {
+    "dinov2": (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)",
+               {"query": "q", "key": "k", "value": "v"}),
+    "dinov3": (r"layer\.(\d+)\.attention\.(q_proj|k_proj|v_proj)\.(weight|bias)",
+               {"q_proj": "q", "k_proj": "k", "v_proj": "v"}),
+    "siglip": (r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)",
+               {"q_proj": "q", "k_proj": "k", "v_proj": "v"}),
+    "mae": (r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)",
+            {"query": "q", "key": "k", "value": "v"}),
+}
+# keys the authors' state dict holds but their encode never uses
+_UNUSED: dict[str, str] = {
+    "dinov2": r"embeddings\.mask_token",
+    "dinov3": r"embeddings\.mask_token",
+    "siglip": r"head\..*",
+    "mae": r"$^",
+}
+
+
+def encoder_family(encoder_name: str) -> str:
+    """``"DINOv2-L"`` -> ``"dinov2"`` etc.; raises for encoders the authors never released a PAE with."""
+    for prefix, fam in (("DINOv2", "dinov2"), ("DINOv3", "dinov3"), ("SigLIP2", "siglip"), ("MAE", "mae")):
+        if encoder_name.startswith(prefix):
+            return fam
+    raise WeightsError(f"no authors' checkpoint layout is known for encoder {encoder_name!r}")
+
+
+def _encoder_prefix(family: str) -> str:
+    return "encoder.model." if family == "mae" else "encoder.encoder."
+
+
+def _resample_grid(table: torch.Tensor, grid: int, antialias: bool) -> torch.Tensor:
+    """``(1, n*n, D)`` -> ``(1, grid*grid, D)``: bicubic on the square grid, align_corners=False, in fp32."""
+    n = int(round(table.shape[1] ** 0.5))
+    if n * n != table.shape[1]:
+        raise WeightsError(f"position table {tuple(table.shape)} is not a square grid")
+    if n == grid:
+        return table
+    D = table.shape[-1]
+    x = table.reshape(1, n, n, D).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
+    return x.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(table.dtype)
+
+
+def _apply(rules: list[tuple[str, str]], key: str) -> str | None:
+    for pattern, template in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, template, key)
+    return None
+
+
+def _fuse_qkv(parts: dict[tuple[str, str], dict[str, torch.Tensor]], out: Tensors, target: Callable[[str, str], str],
+              what: str, zero_k_bias: bool = False) -> None:
+    for (layer, kind), qkv in parts.items():
+        if kind == "bias" and zero_k_bias and set(qkv) == {"q", "v"}:  # DINOv3: q/v biases, k fixed at zero
+            out[target(layer, "q_bias")] = qkv["q"]
+            out[target(layer, "v_bias")] = qkv["v"]
+            continue
+        if set(qkv) != {"q", "k", "v"}:
+            raise WeightsError(f"{what}: layer {layer} {kind} has only {sorted(qkv)} of q, k, v")
+        out[target(layer, f"qkv.{kind}")] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+
+
+def convert_authors_pae(state: Mapping[str, torch.Tensor], family: str, grid: int,
+                        what: str = "authors' checkpoint") -> tuple[Tensors, list[str]]:
+    """Authors' PAE keys -> pae_fast ``PAETokenizer`` keys.
+
+    Args:
+        state: the authors' state dict (wrapper prefixes already stripped).
+        family: ``dinov2 | dinov3 | siglip | mae`` (:func:`encoder_family`).
+        grid: the encoder's token grid side (16 in every paper config).
+
+    Returns:
+        ``(converted, leftovers)``: keys of ours, and authors' keys no rule knows (dropped-by-design keys excluded).
+    """
+    out: Tensors = {}
+    leftovers: list[str] = []
+    dec_qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    enc_qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    enc_prefix = _encoder_prefix(family)
+    qkv_re, qkv_names = _QKV[family]
+    for key, t in state.items():
+        if key.startswith(enc_prefix):
+            k = key[len(enc_prefix):]
+            if re.fullmatch(_UNUSED[family], k):
+                continue
+            if m := re.fullmatch(qkv_re, k):
+                enc_qkv.setdefault((m.group(1), m.group(3)), {})[qkv_names[m.group(2)]] = t
+            elif family == "dinov2" and k in ("embeddings.cls_token", "embeddings.position_embeddings"):
+                continue  # folded below
+            elif family == "siglip" and k == "embeddings.position_embedding.weight":
+                out["vfm.model.pos_embed"] = _resample_grid(t.unsqueeze(0), grid, antialias=True)
+            elif family == "mae" and k == "embeddings.position_embeddings":
+                out["vfm.model.pos_embed"] = torch.cat([t[:, :1], _resample_grid(t[:, 1:], grid, False)], dim=1)
+            elif (new := _apply(_ENCODER_RULES[family], k)) is not None:
+                out["vfm.model." + new] = t
+            else:
+                leftovers.append(key)
+        elif m := re.fullmatch(_DECODER_QKV, key):
+            dec_qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)[0]] = t
+        elif (new := _apply(_REST_RULES, key)) is not None:
+            out[new] = t
+        else:
+            leftovers.append(key)
+    if family == "dinov2" and f"{enc_prefix}embeddings.position_embeddings" in state:
+        pos = state[f"{enc_prefix}embeddings.position_embeddings"]  # (1, 1 + n*n, D), slot 0 = CLS position
+        out["vfm.model.cls_token"] = state[f"{enc_prefix}embeddings.cls_token"] + pos[:, :1]
+        out["vfm.model.pos_embed"] = _resample_grid(pos[:, 1:], grid, antialias=True)
+    _fuse_qkv(dec_qkv, out, lambda i, name: f"decoder.blocks.{i}.attn.{name}", what)
+    attn_name = "attn"
+    _fuse_qkv(enc_qkv, out, lambda i, name: f"vfm.model.blocks.{i}.{attn_name}.{name}", what,
+              zero_k_bias=family == "dinov3")
+    return out, leftovers
+
+
+def is_authors_pae(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a (prefix-stripped) state dict is in the authors' PAE layout."""
+    return any(k.startswith(("delta_encoder.", "latent_compressor.")) for k in state)
+
+
+def load_authors_pae(tok: torch.nn.Module, state: Mapping, what: str = "authors' checkpoint",
+                     need_vfm: bool = True) -> None:
+    """Convert an authors' checkpoint and load it into a :class:`~pae_fast.models.pae.PAETokenizer`, strictly.
+
+    Args:
+        tok: the tokenizer (its encoder decides the family).
+        state: the authors' state dict; a ``{"model": ...}`` wrapper and ``module.`` / ``_orig_mod.`` prefixes are
+            removed here too.
+        need_vfm: the checkpoint must carry the encoder (False when the encoder was loaded from its own file).
+
+    Raises:
+        WeightsError: with the key diff (missing / unexpected / wrong shape, in our names) and any unknown keys.
+    """
+    if isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    state = strip_prefixes(state)
+    if getattr(tok, "kind", None) != "pae":
+        raise WeightsError(f"{what} is a PAE checkpoint; {getattr(tok, 'variant', type(tok).__name__)} is not a PAE")
+    family = encoder_family(tok.vfm.name)
+    converted, leftovers = convert_authors_pae(state, family, tok.vfm.grid_size, what)
+    if leftovers:
+        more = f" ... (+{len(leftovers) - 12} more)" if len(leftovers) > 12 else ""
+        raise WeightsError(f"{what}: {len(leftovers)} keys of the authors' layout have no counterpart in "
+                           f"{tok.variant}: {', '.join(leftovers[:12])}{more}")
+    has_vfm = any(k.startswith("vfm.") for k in converted)
+    if not has_vfm and need_vfm:
+        raise WeightsError(f"{what} holds no encoder.* weights; pass the encoder's own file as vfm_weights=")
+    load_into(tok, converted, what=what, strict=True, skip=None if has_vfm else (lambda k: k.startswith("vfm.")))
+    tok.vfm.freeze()
+
+
+# transformers checkpoints of the encoders alone: their roots, and the parts a frozen patch-token encoder never uses
+_HF_ROOTS = ("vision_model.", "vit.")  # SiglipModel / ViTMAEForPreTraining wrap the vision tower
+_HF_FINAL_LN = ("layernorm.weight", "layernorm.bias", "norm.weight", "norm.bias", "post_layernorm.weight",
+                "post_layernorm.bias")
+
+
+def is_hf_encoder(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an encoder state dict is in transformers' layout (timm's keys never start like these)."""
+    return any(k.startswith(("embeddings.", "encoder.layer", "layer.", *_HF_ROOTS)) for k in state)
+
+
+def hf_encoder_to_timm(state: Mapping[str, torch.Tensor], encoder_name: str, grid: int,
+                       what: str = "encoder weights") -> Tensors:
+    """A transformers encoder checkpoint -> timm keys of our :class:`~pae_fast.models.vfm.FrozenVFM` model.
+
+    The final LayerNorm's affine is dropped (the PAE/RAE encoders apply it without), as are the parts outside the
+    vision tower (SigLIP's text model, ViT-MAE's decoder) and the unused keys listed in :data:`_UNUSED`.
+    """
+    family = encoder_family(encoder_name)
+    keys = list(state)
+    root = next((r for r in _HF_ROOTS if any(k.startswith(r) for k in keys)), "")
+    tower = {k[len(root):]: v for k, v in state.items() if k.startswith(root)}
+    tower = {k: v for k, v in tower.items() if k not in _HF_FINAL_LN}
+    prefix = _encoder_prefix(family)
+    out, leftovers = convert_authors_pae({prefix + k: v for k, v in tower.items()}, family, grid, what)
+    if leftovers:
+        more = f" ... (+{len(leftovers) - 12} more)" if len(leftovers) > 12 else ""
+        shown = ", ".join(k[len(prefix):] for k in leftovers[:12])
+        raise WeightsError(f"{what}: {len(leftovers)} keys of the transformers {family} layout have no counterpart in "
+                           f"encoder {encoder_name}: {shown}{more}")
+    return {k[len("vfm.model."):]: v for k, v in out.items()}

@@ -1,0 +1,78 @@
+"""RAE, the Representation AutoEncoder baseline (docs/method.md §RAE baseline).
+
+The latent is the frozen VFM's own patch tokens (affine-free final LayerNorm, no compression) laid out as a map
+``(B, D, g, g)``; a ViT decoder (XL by default) maps them back to pixels. ``encode`` returns the RAW tokens: the
+per-(C, H, W) standardisation used for diffusion (eps 1e-5) lives in ``pae_fast.data.latent_stats`` (mode "chw"),
+never in the model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from pae_fast.models.pae import decoder_for
+from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, load_tokenizer_weights
+from pae_fast.models.vfm import build_vfm
+from pae_fast.registry import register_tokenizer
+
+__all__ = ["RAETokenizer", "RAE_VARIANTS"]
+
+
+class RAETokenizer(Tokenizer):
+    """Frozen encoder + ViT decoder; ``latent_shape = (D, g, g)``.
+
+    Args:
+        encoder: a registered encoder name.
+        image_size: S of the images ``encode`` takes and ``decode`` returns.
+        decoder: decoder size name (``"B" | "L" | "XL"``) or ``(hidden, depth, heads, mlp_hidden)``.
+        variant: the registered name.
+    """
+
+    kind = "rae"
+    stats_mode = "chw"
+
+    def __init__(self, encoder: str, image_size: int = 256, decoder: str | tuple | list = "XL",
+                 variant: str = "RAE") -> None:
+        vfm = build_vfm(encoder)
+        g = vfm.grid_size
+        super().__init__(vfm, image_size, (vfm.embed_dim, g, g), variant)
+        self.arch = dict(encoder=encoder, image_size=image_size, decoder=decoder, variant=variant)
+        self.decoder = decoder_for(vfm, vfm.embed_dim, image_size, decoder)
+
+    def encode_features(self, images: torch.Tensor) -> TokenizerFeatures:
+        """``(B, 3, H, W)`` in [0, 1] -> z = raw VFM tokens as ``(B, D, g, g)``, the tokens ``(B, N, D)``, pixels."""
+        self.check_images(images)
+        pixels = self.vfm.preprocess(images)
+        u = self.vfm.tokens(pixels)  # (B, N, D)
+        B, N, D = u.shape
+        g = self.latent_shape[1]
+        return TokenizerFeatures(u.transpose(1, 2).reshape(B, D, g, g), u, pixels, None)
+
+    def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, D, g, g)`` -> decoder output ``(B, 3, S, S)`` in the encoder's normalised pixel space."""
+        return self.decoder(z.flatten(2).transpose(1, 2))
+
+
+RAE_VARIANTS: dict[str, dict[str, Any]] = {
+    "RAE-DINOv2-B": dict(encoder="DINOv2-B"),
+    "RAE-SigLIP2-B": dict(encoder="SigLIP2-B"),
+    "RAE-MAE-B": dict(encoder="MAE-B"),
+    "RAE-tiny": dict(encoder="ViT-tiny", image_size=64, decoder=(128, 2, 4, 512)),
+}
+
+
+def _register(variant: str, defaults: dict[str, Any]) -> None:
+    def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
+             vfm_weights: str | os.PathLike | None = None, **overrides: Any) -> RAETokenizer:
+        tok = RAETokenizer(**{**defaults, **overrides, "variant": variant})
+        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights)
+
+    make.__name__ = f"tokenizer_{variant}"
+    register_tokenizer(variant, make)
+
+
+for _name, _defaults in RAE_VARIANTS.items():
+    _register(_name, _defaults)

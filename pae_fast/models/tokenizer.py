@@ -1,0 +1,207 @@
+"""The tokenizer API shared by PAE and RAE, and the loading rules behind ``create_tokenizer``.
+
+Every tokenizer is an ``nn.Module`` with:
+
+- ``image_size`` (S), ``latent_shape`` ``(C, H, W)``, ``kind`` (``"pae" | "rae"``), ``stats_mode`` (``"channel"``
+  for PAE, ``"chw"`` for RAE: the mode of ``pae_fast.data.latent_stats``), ``vfm_dim`` (D), ``mean`` / ``std``
+  (the VFM input normalisation, also the decoder's output space);
+- ``vfm``: the frozen encoder (:class:`~pae_fast.models.vfm.FrozenVFM`, eval mode, no grad, always);
+- ``encode(images) -> z``, ``decode(z) -> images``, ``encode_features(images) -> TokenizerFeatures``,
+  ``decode_tokens``; ``last_decoder_layer`` (the pixel ``nn.Linear`` of the decoder, for the GAN's adaptive
+  weight); ``trainable_parameters()`` (all but the frozen VFM; the fixed position tables are buffers).
+
+``decode`` returns the decoder output mapped back to [0, 1] pixel space but NOT clamped (as the authors' code);
+:func:`to_image_range` clamps for display or saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from pae_fast.models.vfm import FrozenVFM
+from pae_fast.weights import WeightsError, load_into, read_state_dict
+
+__all__ = ["TokenizerFeatures", "Tokenizer", "to_image_range", "load_tokenizer_weights", "describe_tokenizer"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerFeatures(NamedTuple):
+    """What ``encode_features`` returns.
+
+    Attributes:
+        z: ``(B, C, H, W)`` the latent (PAE: RMS-normalised tokens; RAE: raw VFM tokens as a map).
+        vfm_tokens: ``(B, N, D)`` frozen VFM patch tokens after the affine-free final LayerNorm (the DAM's input).
+        pixels: ``(B, 3, S_vfm, S_vfm)`` the resized, normalised image both the VFM and the DAM saw.
+        dam_tokens: ``(B, N, D)`` the DAM output ``H_z`` (PAE), None for RAE.
+    """
+
+    z: torch.Tensor
+    vfm_tokens: torch.Tensor
+    pixels: torch.Tensor
+    dam_tokens: torch.Tensor | None = None
+
+
+def to_image_range(images: torch.Tensor) -> torch.Tensor:
+    """Clamp decoded images to [0, 1] (for display, saving and image metrics; training losses use the raw output)."""
+    return images.clamp(0.0, 1.0)
+
+
+class Tokenizer(nn.Module):
+    """Base of PAE and RAE: the frozen VFM, pixel (de)normalisation, freezing and the parameter split."""
+
+    kind: str = ""
+    stats_mode: str = ""
+
+    def __init__(self, vfm: FrozenVFM, image_size: int, latent_shape: tuple[int, int, int], variant: str) -> None:
+        super().__init__()
+        self.vfm = vfm
+        self.image_size = int(image_size)
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.variant = variant
+        self.vfm_dim = vfm.embed_dim
+        self.mean = tuple(float(m) for m in vfm.spec.mean)
+        self.std = tuple(float(s) for s in vfm.spec.std)
+
+    # -- modes and parameters ---------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Tokenizer:
+        super().train(mode)
+        self.vfm.freeze()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except the frozen VFM's (position tables are buffers, so never included)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("vfm.")]
+
+    @property
+    def last_decoder_layer(self) -> nn.Linear:
+        """The decoder's final pixel projection (its weight drives the GAN's adaptive weight)."""
+        return self.decoder.pred
+
+    # -- pixels ------------------------------------------------------------------------------------------------------
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.variant}: images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+
+    def check_latent(self, z: torch.Tensor) -> None:
+        if z.dim() != 4 or tuple(z.shape[1:]) != self.latent_shape:
+            raise ValueError(f"{self.variant}: latents must be (B, {', '.join(map(str, self.latent_shape))}), "
+                             f"got {tuple(z.shape)}")
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output (encoder-normalised space) -> [0, 1] pixel space, ``x * std + mean`` (no clamp)."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return x * std + mean
+
+    # -- the API -----------------------------------------------------------------------------------------------------
+
+    def encode_features(self, images: torch.Tensor) -> TokenizerFeatures:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` images in [0, 1] -> latent ``(B, C, H, W)``."""
+        return self.encode_features(images).z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, C, H, W)`` -> images ``(B, 3, S, S)``, nominally in [0, 1] (not clamped)."""
+        self.check_latent(z)
+        return self.denormalize(self.decode_tokens(z))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``decode(encode(images))``."""
+        return self.decode(self.encode(images))
+
+
+def load_tokenizer_weights(
+    tok: Tokenizer,
+    pretrained: bool,
+    weights: str | os.PathLike | None,
+    vfm_weights: str | os.PathLike | None,
+) -> Tokenizer:
+    """Fill a freshly built tokenizer per the ``create_tokenizer`` contract (local files only, strict).
+
+    - ``vfm_weights``: an encoder file (timm or transformers layout) loaded into ``tok.vfm``.
+    - ``weights``: a pae_fast tokenizer state dict (keys of ``tok.state_dict()``), or the PAE authors' released
+      checkpoint (detected by its ``delta_encoder.`` keys; converted by :mod:`pae_fast.models.pae_convert`). When it
+      has no encoder keys the encoder must come from ``vfm_weights``.
+    - neither: random initialisation, allowed only with ``pretrained=False`` and logged.
+    """
+    name = tok.variant
+    if pretrained and weights is None and vfm_weights is None:
+        raise WeightsError(f"tokenizer {name}: pretrained=True needs weights= and/or vfm_weights= (local files); "
+                           "nothing is downloaded")
+    if vfm_weights is not None:
+        state, _ = read_state_dict(vfm_weights, key=f"tokenizer {name} vfm_weights")
+        tok.vfm.load_encoder_state(state, what=f"vfm_weights={str(vfm_weights)!r}")
+        log.info("tokenizer %s: encoder weights from %s", name, vfm_weights)
+    if weights is None:
+        log.warning("tokenizer %s: %s random initialisation (pretrained=%s, no weights file)", name,
+                    "encoder loaded, the rest is a" if vfm_weights is not None else "entirely a", pretrained)
+        return tok
+    state, _ = read_state_dict(weights, key=f"tokenizer {name} weights")
+    what = f"tokenizer {name} weights={str(weights)!r}"
+    if any(k.startswith(("delta_encoder.", "latent_compressor.")) for k in state):
+        from pae_fast.models.pae_convert import load_authors_pae
+
+        load_authors_pae(tok, state, what=what, need_vfm=vfm_weights is None)
+    else:
+        has_vfm = any(k.startswith("vfm.") for k in state)
+        if not has_vfm and vfm_weights is None:
+            raise WeightsError(f"{what} holds no encoder (vfm.*) weights; pass vfm_weights= as well")
+        load_into(tok, state, what=what, strict=True, skip=None if has_vfm else (lambda k: k.startswith("vfm.")))
+    tok.vfm.freeze()
+    log.info("tokenizer %s: weights loaded from %s", name, weights)
+    return tok
+
+
+def describe_tokenizer(name: str, **overrides) -> str:
+    """A few lines for ``python -m pae_fast info --tokenizer NAME``: parameters, latent shape, GMAC per image.
+
+    Built on the meta device (no memory, no weights); MACs are counted like the generators'
+    (:func:`pae_fast.models.profile.forward_gmacs`: matmuls, convolutions and attention products, reference ops).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pae_fast.kernels import use_backend
+    from pae_fast.registry import create_tokenizer
+
+    quiet = logging.getLogger("pae_fast.models")  # a meta build is random by construction: no warning for it
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            tok = create_tokenizer(name, **overrides)
+    finally:
+        quiet.setLevel(level)
+    frozen = sum(p.numel() for p in tok.vfm.parameters())
+    trainable = sum(p.numel() for p in tok.trainable_parameters())
+    x = torch.zeros(1, 3, tok.image_size, tok.image_size, device="meta")
+    z = torch.zeros(1, *tok.latent_shape, device="meta")
+    gmac = {}
+    for what, fn, arg in (("encode", tok.encode, x), ("decode", tok.decode, z)):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), use_backend("torch"), counter:
+            fn(arg)
+        gmac[what] = counter.get_total_flops() / 2 / 1e9
+    C, H, W = tok.latent_shape
+    return "\n".join([
+        f"{name} ({tok.kind.upper()}, encoder {tok.vfm.name}, {tok.vfm.input_size}px input, "
+        f"patch {tok.vfm.patch_size})",
+        f"  image               {tok.image_size}x{tok.image_size}",
+        f"  latent              {C}x{H}x{W} ({C * H * W:,} values; statistics mode {tok.stats_mode!r})",
+        f"  frozen parameters   {frozen:,} ({frozen / 1e6:.2f}M, the VFM)",
+        f"  trainable params    {trainable:,} ({trainable / 1e6:.2f}M)",
+        f"  encode GMAC/image   {gmac['encode']:.2f}",
+        f"  decode GMAC/image   {gmac['decode']:.2f}",
+    ])
