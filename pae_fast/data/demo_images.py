@@ -1,11 +1,11 @@
 """The demo's labelled real images: random crops of eight photographs shipped inside scikit-image (no download).
 
-Choice (see ``docs/method/demo.md``): class ``k`` is one source photograph, an item is a random 64x64 crop of it.
-The photographs come with the ``scikit-image`` wheel itself (``skimage/data/*.png|jpg``), so an installed package
-has them offline; scikit-learn's digits were the alternative, but they are 8x8 grey strokes (upscaled, a VFM would
-see blurred blobs with no colour or texture) and scikit-learn is not a dependency. Eight colour-rich, mutually
-different scenes give a class-conditional problem with real-image statistics (edges, textures, colour) that a tiny
-ViT can learn in a minute on a CPU, and whose classes a good feature space separates.
+Choice (see ``docs/method/demo.md §Images``): class ``k`` is one source photograph, an item is a random 64x64 crop
+of it. The photographs come with the ``scikit-image`` wheel itself (``skimage/data/*.png|jpg``), so an installed
+package has them offline; scikit-learn's digits were the alternative, but they are 8x8 grey strokes (upscaled, a VFM
+would see blurred blobs with no colour or texture) and scikit-learn is not a dependency. Eight mutually different
+scenes (seven in colour, one grey) give a class-conditional problem with real-image statistics (edges, textures,
+colour) that a tiny ViT can learn in a minute on a CPU, and whose classes a good feature space separates.
 
 Geometry (everything in pixels of the source resized so that its short side is ``base_size``):
 
@@ -130,8 +130,8 @@ def _load_source(loader: str, box: tuple[float, float, float, float], base_size:
     if img.dtype != np.uint8:
         raise ValueError(f"skimage.data.{loader}() gave dtype {img.dtype}; expected uint8")
     H, W = img.shape[:2]
-    t, l, b, r = box
-    img = img[int(round(t * H)) : int(round(b * H)), int(round(l * W)) : int(round(r * W))]
+    top, left, bottom, right = box
+    img = img[round(top * H) : round(bottom * H), round(left * W) : round(right * W)]
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)  # (3, h, w)
     h, w = x.shape[1:]
     scale = base_size / min(h, w)

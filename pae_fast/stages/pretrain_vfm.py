@@ -73,8 +73,8 @@ def _normalize(images: torch.Tensor) -> torch.Tensor:
 class MAEConfig:
     """Hyper-parameters of the MAE pre-training (all recorded in the weights' metadata and config hash)."""
 
-    steps: int = 1500
-    batch_size: int = 128
+    steps: int = 300
+    batch_size: int = 64
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -282,7 +282,7 @@ def pretrain_vfm(
 
     Args:
         out: the weights file to write (atomically); its metadata records the run.
-        cfg: hyper-parameters (:class:`MAEConfig` defaults: 1500 steps of batch 128).
+        cfg: hyper-parameters (:class:`MAEConfig` defaults: 300 steps of batch 64).
         train_images, train_labels: ``(N, 3, 64, 64)`` in [0, 1] and ``(N,)``; default: the demo images'
             training split (:func:`pae_fast.data.demo_images.build_demo_images` with ``cfg.seed``).
         heldout_images, heldout_labels: held-out images for the held-out MAE loss and the linear probe; default:
