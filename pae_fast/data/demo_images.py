@@ -1,6 +1,6 @@
 """The demo's labelled real images: random crops of eight photographs shipped inside scikit-image (no download).
 
-Choice (see ``docs/method/demo.md §Images``): class ``k`` is one source photograph, an item is a random 64x64 crop
+Choice (see ``docs/method.md §Demo images``): class ``k`` is one source photograph, an item is a random 64x64 crop
 of it. The photographs come with the ``scikit-image`` wheel itself (``skimage/data/*.png|jpg``), so an installed
 package has them offline; scikit-learn's digits were the alternative, but they are 8x8 grey strokes (upscaled, a VFM
 would see blurred blobs with no colour or texture) and scikit-learn is not a dependency. Eight mutually different

@@ -2,7 +2,7 @@
 
 The demo needs a frozen vision foundation model with *learned* features (PAE and the RAE baseline encode with it,
 and the Fréchet distance of generated images is measured in its feature space). No weights can be downloaded, so
-unless the user gives a local file the demo trains one here, in about a minute (``docs/method/demo.md §VFM``):
+unless the user gives a local file the demo trains one here, in about a minute (``docs/method.md §Demo VFM``):
 
 - encoder: exactly :data:`VIT_TINY_KWARGS` (``timm`` ``VisionTransformer``, 64 px, patch 8, width 128, depth 4,
   CLS token), registered elsewhere as encoder ``"ViT-tiny"``; inputs normalised with the ImageNet mean / std;
@@ -346,6 +346,7 @@ def pretrain_vfm(
     model.train()
     n = len(train_images)
     perm, pos = torch.randperm(n, generator=g), 0
+    t_train = time.perf_counter()
     try:
         for step in range(cfg.steps):
             if pos + cfg.batch_size > n:
@@ -367,7 +368,7 @@ def pretrain_vfm(
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             elif (step + 1) % log_every == 0 or step + 1 == cfg.steps:
-                rate = (step + 1) / (time.perf_counter() - t0)
+                rate = (step + 1) / (time.perf_counter() - t_train)
                 log.info("step %d/%d  loss %.4f  %.1f steps/s  eta %.0f s", step + 1, cfg.steps, losses[-1], rate,
                          (cfg.steps - step - 1) / rate)
     finally:
