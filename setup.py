@@ -32,6 +32,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "pillow>=9.0",
+        "scikit-image>=0.22",  # the demo images ship inside its wheel (pae_fast.data.demo_images)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
@@ -45,7 +46,6 @@ setup(
             "pytest-xdist>=3",
             "hypothesis>=6",
             "ruff>=0.5",
-            "scikit-image>=0.22",
         ],
     },
     entry_points={"console_scripts": ["pae-fast=pae_fast.__main__:main"]},
