@@ -94,20 +94,35 @@ class TokenizerConfig:
     checkpoint: str | None = None  # trained tokenizer weights (safetensors)
     latent_channels: int = 32
     decoder: str = "ViT-L"
+    # Loss weights and switches (docs/method.md §Tokenizer losses). A term is computed only when its switch is on
+    # AND its weight is > 0; an off term is absent from the loss dict and costs nothing.
     lambda_l1: float = 1.0
     lambda_lpips: float = 1.0
     lambda_gan: float = 0.5
     lambda_ssr: float = 0.2
     lambda_mcr: float = 0.5
     lambda_scr: float = 1.0
-    mcr_angles: tuple[float, ...] = (42.5, 85.0)
+    ssr: bool = True  # spatial-structure regularizer (Gram of latent tokens vs the structural target)
+    mcr: bool = True  # manifold-continuity regularizer (decode perturbed latents)
+    scr: bool = True  # global-semantics regularizer (cosine to the 32-d semantic target)
+    mcr_angles: tuple[float, ...] = (42.5, 85.0)  # (medium, large) degrees, one shared noise draw
     mcr_mode: Literal["noise", "geodesic"] = "noise"
+    mcr_cascade: Literal["cascaded", "medium", "large"] = "cascaded"  # medium->sg(recon), large->sg(medium)
+    scr_terms: Literal["pooled", "patch", "both"] = "both"
+    priors: Literal["refined", "raw"] = "refined"  # SSR/SCR targets from the refined projector or raw VFM tokens
+    raw_prior_projection: Literal["pca", "random"] = "pca"  # priors=raw: VFM D -> latent_channels for SCR
     noise_aug_tau: float = 0.0  # RAE noise-augmented decoding (0 = off; RAE uses 0.8)
     noise_aug_dist: Literal["uniform", "half_normal"] = "uniform"  # code: U(0, tau); paper: |N(0, tau^2)|
-    gan_start_step: int = 0
-    disc_start_step: int = 0
+    gan_start_step: int = 0  # generator GAN term from this step on
+    disc_start_step: int = 0  # discriminator updates from this step on
     adaptive_weight_max: float = 1e4
-    lpips_weights: str | None = None  # local LPIPS weights; random features when absent (tests)
+    disc_model: str = "vit_small_patch8_224.dino"  # timm name of the frozen discriminator backbone
+    disc_weights: str | None = None  # local weights of disc_model; "random": random frozen features (tests/demo)
+    disc_blocks: tuple[int, ...] = (2, 5, 8, 11)  # backbone blocks whose tokens feed the heads
+    disc_input_size: int = 224  # images are resized to this before the backbone
+    disc_aug: str = "color,translation,cutout"  # DiffAug policy (comma-separated; "" = none)
+    lpips_weights: str | None = None  # LPIPS heads (official v0.1) or a whole pae_fast LPIPS file; "none": LPIPS off
+    lpips_backbone_weights: str | None = None  # torchvision vgg16 state dict (not needed for a whole LPIPS file)
 
 
 @dataclass
@@ -119,8 +134,10 @@ class RefineConfig:
     reconstructor_hidden: int = 1024
     lambda_rep: float = 1.0
     lambda_gram: float = 1.0
-    lowpass_strength: float = 0.4
+    lowpass_strength: float = 0.4  # Gaussian sigma in units of one latent cell (image_size / grid); 0 = no filter
     upsampler: Literal["bilinear", "anyup"] = "bilinear"
+    projector_heads: int = 16  # attention heads of P_t (the tokenizer's projector layout)
+    reconstructor_heads: int = 16
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""MCR, the manifold-continuity regularizer with cascaded perturbation (docs/method.md §MCR).
+
+Each latent token ``z_i`` (C channels) is moved on its sphere by the medium angle (42.5 deg) and the large angle
+(85 deg) with ONE shared noise draw (:func:`pae_fast.kernels.sphere_perturb`; ``noise`` rule or exact ``geodesic``
+rotation). The three decoder passes ``D(z), D(z_m), D(z_l)`` run as one concatenated batch, then
+
+    cascaded:  L = d(x_m, sg(x_r)) + d(x_l, sg(x_m))
+    medium:    L = d(x_m, sg(x_r))              large: L = d(x_l, sg(x_r))
+    d(a, b) = ||a - b||_1 (mean) + LPIPS(a, b)   (the LPIPS part only when the LPIPS term is on)
+
+``sg`` = stop-gradient: the anchor of each pair is detached, so the large pass is pulled to the medium one and
+never straight to the anchor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pae_fast.losses.recon import l1_loss, lpips_loss
+
+__all__ = ["CASCADES", "mcr_angles_for", "mcr_perturb", "decode_concat", "mcr_losses"]
+
+CASCADES = ("cascaded", "medium", "large")
+
+
+def mcr_angles_for(angles: Sequence[float], cascade: str) -> tuple[float, ...]:
+    """The angles actually drawn: ``(medium, large)`` cascaded, ``(medium,)`` or ``(large,)`` alone."""
+    if cascade not in CASCADES:
+        raise ValueError(f"tokenizer.mcr_cascade: expected one of {CASCADES}, got {cascade!r}")
+    if len(angles) != 2:
+        raise ValueError(f"tokenizer.mcr_angles: expected (medium, large) degrees, got {tuple(angles)}")
+    medium, large = float(angles[0]), float(angles[1])
+    return {"cascaded": (medium, large), "medium": (medium,), "large": (large,)}[cascade]
+
+
+def mcr_perturb(
+    z: torch.Tensor,
+    angles: Sequence[float],
+    seed: int | torch.Tensor,
+    mode: str = "noise",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Perturbed latents, one per angle, all from one noise draw per token.
+
+    Args:
+        z: ``(B, C, H, W)`` latent (tokens are the C-vectors at each grid position).
+        angles: degrees.
+        seed: Philox seed of the noise (vary it per step; a 0-dim int tensor avoids host syncs).
+        mode: ``"noise"`` or ``"geodesic"``.
+    Returns:
+        one ``(B, C, H, W)`` tensor per angle, differentiable w.r.t. ``z``.
+    """
+    from pae_fast.kernels import sphere_perturb
+
+    if z.dim() != 4:
+        raise ValueError(f"mcr_perturb: expected a (B, C, H, W) latent, got shape {tuple(z.shape)}")
+    outs = sphere_perturb(z.permute(0, 2, 3, 1), tuple(angles), seed=seed, mode=mode, backend=backend)
+    return tuple(o.permute(0, 3, 1, 2) for o in outs)
+
+
+def decode_concat(
+    decode: Callable[[torch.Tensor], torch.Tensor], latents: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Run several decoder passes as one batch: ``decode(cat(latents))`` split back.
+
+    Args:
+        decode: ``(B', C, H, W) -> (B', 3, H_img, W_img)``.
+        latents: tensors of one shape ``(B, C, H, W)``.
+    Returns:
+        one ``(B, 3, H_img, W_img)`` reconstruction per latent, in order.
+    """
+    sizes = [t.shape[0] for t in latents]
+    out = decode(torch.cat(list(latents), dim=0) if len(latents) > 1 else latents[0])
+    return list(out.split(sizes, dim=0))
+
+
+def _pair(a: torch.Tensor, anchor: torch.Tensor, lpips) -> torch.Tensor:
+    b = anchor.detach()
+    d = l1_loss(a, b)
+    return d + lpips_loss(lpips, a, b) if lpips is not None else d
+
+
+def mcr_losses(
+    recon: torch.Tensor, perturbed: Sequence[torch.Tensor], cascade: str, lpips=None
+) -> dict[str, torch.Tensor]:
+    """The MCR pair terms.
+
+    Args:
+        recon: ``(B, 3, H, W)`` reconstruction of the clean latent (anchor; detached here).
+        perturbed: decoded perturbed latents, in :func:`mcr_angles_for` order.
+        cascade: ``"cascaded" | "medium" | "large"``.
+        lpips: the frozen LPIPS module, or None (L1 only).
+    Returns:
+        ``{"mcr_medium"?, "mcr_large"?}`` 0-dim terms (each ``L1 + LPIPS`` against its stop-gradient anchor).
+    """
+    if cascade not in CASCADES:
+        raise ValueError(f"tokenizer.mcr_cascade: expected one of {CASCADES}, got {cascade!r}")
+    want = 2 if cascade == "cascaded" else 1
+    if len(perturbed) != want:
+        raise ValueError(f"mcr_losses: cascade {cascade!r} needs {want} perturbed reconstruction(s), "
+                         f"got {len(perturbed)}")  # fmt: skip
+    if cascade == "cascaded":
+        x_m, x_l = perturbed
+        return {"mcr_medium": _pair(x_m, recon, lpips), "mcr_large": _pair(x_l, x_m, lpips)}
+    return {f"mcr_{cascade}": _pair(perturbed[0], recon, lpips)}

@@ -1,0 +1,268 @@
+"""The tokenizer's whole objective, generator side and discriminator side (docs/method.md §Tokenizer losses).
+
+    L_G = l1 L1 + l_lpips LPIPS + l_gan lambda_adapt GAN_G + l_ssr SSR + l_mcr MCR + l_scr SCR
+    L_D = hinge(D(aug(x)), D(aug(sg(x_hat))))
+
+A term is computed only when it is on (its switch, its weight > 0, its start step); an off term is absent from the
+loss dict and none of its work runs (no Gram kernel, no extra decoder pass, no LPIPS / discriminator forward).
+Decoder passes for the reconstruction and the MCR perturbations run as one concatenated batch.
+
+The stage wires it like this (per step)::
+
+    z, vfm = tok.encode_features(images)                       # (B, C, h, w), (B, N, D)
+    targets = priors(vfm)                                      # PriorTargets (SSR / SCR targets, no grad)
+    out = loss.generator_loss(images, z, tok.decode, step, seed=step_seed,
+                              last_layer=tok.last_decoder_layer.weight, targets=targets)
+    out.total.backward(); opt_g.step()
+    d = loss.discriminator_loss(images, out.recon, step)       # None before disc_start_step / without GAN
+    if d is not None: opt_d.zero_grad(); d["disc"].backward(); opt_d.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pae_fast.losses.diffaug import diff_augment, parse_policy
+from pae_fast.losses.gan import adaptive_weight, disc_active, gan_active, hinge_d_loss, vanilla_g_loss
+from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
+from pae_fast.losses.noise_aug import noise_augment
+from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
+from pae_fast.losses.scr import scr_losses
+from pae_fast.losses.ssr import ssr_loss
+
+__all__ = ["PriorTargets", "GeneratorLossOutput", "TokenizerLoss"]
+
+
+@dataclass
+class PriorTargets:
+    """Targets of the prior regularizers for one batch (built without grad by :func:`pae_fast.losses.refine.
+    build_prior_targets`).
+
+    Attributes:
+        structure: ``(B, N, C_s)`` SSR target tokens on the latent grid.
+        semantic: ``(B, N, C)`` SCR target tokens with the latent's width C.
+    """
+
+    structure: torch.Tensor | None = None
+    semantic: torch.Tensor | None = None
+
+
+@dataclass
+class GeneratorLossOutput:
+    """Result of :meth:`TokenizerLoss.generator_loss`.
+
+    Attributes:
+        total: 0-dim weighted loss to backpropagate.
+        terms: unweighted detached values by name (only terms that were computed), plus ``gan_weight``
+            (lambda_adapt) when the GAN term is on.
+        recon: ``(B, 3, H, W)`` reconstruction of the (noise-augmented) latent, with grad (feed it to
+            :meth:`TokenizerLoss.discriminator_loss`, which detaches it).
+    """
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    recon: torch.Tensor
+
+
+class TokenizerLoss(nn.Module):
+    """Generator- and discriminator-side tokenizer losses from a :class:`~pae_fast.config.TokenizerConfig`.
+
+    Args:
+        cfg: the tokenizer config (weights, switches, MCR / SCR / noise-aug / GAN settings).
+        lpips: the frozen LPIPS module, or None when the LPIPS term is off (see :meth:`from_config`).
+        discriminator: the :class:`~pae_fast.models.discriminator.DinoDiscriminator`, or None when ``lambda_gan``
+            is 0.
+        kernel_backend: backend of the Gram / sphere kernels (None: the scope default).
+    """
+
+    def __init__(self, cfg: Any, lpips: nn.Module | None = None, discriminator: nn.Module | None = None,
+                 kernel_backend: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = lpips
+        self.discriminator = discriminator
+        self.kernel_backend = kernel_backend
+        self.aug_policy = parse_policy(cfg.disc_aug)
+        if float(cfg.lambda_gan) > 0 and discriminator is None:
+            raise ValueError("tokenizer.lambda_gan > 0 needs a discriminator (TokenizerLoss(..., discriminator=...)); "
+                             "set tokenizer.lambda_gan: 0 to train without the GAN term")  # fmt: skip
+        self.mcr_angles = mcr_angles_for(cfg.mcr_angles, cfg.mcr_cascade) if self.mcr_on else ()
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: torch.device | str | None = None, allow_random_disc: bool = False,
+                    kernel_backend: str | None = None, **disc_overrides: Any) -> TokenizerLoss:  # fmt: skip
+        """Build LPIPS (:func:`~pae_fast.losses.recon.build_lpips`) and the discriminator from their local files."""
+        from pae_fast.models.discriminator import create_discriminator
+
+        lpips = build_lpips(cfg, device)
+        disc = None
+        if float(cfg.lambda_gan) > 0:
+            disc = create_discriminator(cfg, allow_random=allow_random_disc, **disc_overrides)
+            if device is not None:
+                disc = disc.to(device)
+        return cls(cfg, lpips, disc, kernel_backend)
+
+    # ------------------------------------------------------------------ switches
+    @property
+    def ssr_on(self) -> bool:
+        return bool(self.cfg.ssr) and float(self.cfg.lambda_ssr) > 0
+
+    @property
+    def mcr_on(self) -> bool:
+        return bool(self.cfg.mcr) and float(self.cfg.lambda_mcr) > 0
+
+    @property
+    def scr_on(self) -> bool:
+        return bool(self.cfg.scr) and float(self.cfg.lambda_scr) > 0
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether :meth:`generator_loss` needs :class:`PriorTargets` (SSR or SCR on)."""
+        return self.ssr_on or self.scr_on
+
+    def status(self) -> dict[str, str]:
+        """One line per term for the run log (what is on, from which files, random features flagged)."""
+        c = self.cfg
+        gan = "off (tokenizer.lambda_gan = 0)"
+        if self.discriminator is not None:
+            d = self.discriminator
+            src = "RANDOM frozen features (no weights)" if d.random_features else d.weights_file
+            gan = (f"on (D from step {c.disc_start_step}, G from step {c.gan_start_step}; {d.model_name} blocks "
+                   f"{list(d.blocks)}: {src}; DiffAug {','.join(self.aug_policy) or 'none'})")  # fmt: skip
+        onoff = lambda on, s: s if on else "off"  # noqa: E731
+        return {
+            "l1": onoff(float(c.lambda_l1) > 0, f"on (weight {c.lambda_l1})"),
+            "lpips": lpips_status(c, self.lpips),
+            "gan": gan,
+            "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, priors {c.priors})"),
+            "mcr": onoff(self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, "
+                                      f"{c.mcr_mode})"),  # fmt: skip
+            "scr": onoff(self.scr_on, f"on (weight {c.lambda_scr}, {c.scr_terms}, priors {c.priors})"),
+            "noise_aug": onoff(float(c.noise_aug_tau) > 0, f"on (tau {c.noise_aug_tau}, {c.noise_aug_dist})"),
+        }
+
+    # ------------------------------------------------------------------ generator side
+    @contextlib.contextmanager
+    def _frozen_discriminator(self) -> Iterator[None]:
+        """Discriminator as a fixed function for the generator pass: eval (no spectral-norm power iteration) and
+        no grad on its heads (the G loss never writes D gradients)."""
+        d = self.discriminator
+        was_training = d.training
+        flags = [p.requires_grad for p in d.heads.parameters()]
+        d.eval()
+        for p in d.heads.parameters():
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, f in zip(d.heads.parameters(), flags):
+                p.requires_grad_(f)
+            d.train(was_training)
+
+    def generator_loss(
+        self,
+        images: torch.Tensor,
+        z: torch.Tensor,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        step: int,
+        seed: int | torch.Tensor = 0,
+        last_layer: torch.Tensor | None = None,
+        targets: PriorTargets | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GeneratorLossOutput:
+        """Generator-side loss of one batch.
+
+        Args:
+            images: ``(B, 3, H, W)`` inputs in [0, 1].
+            z: ``(B, C, h, w)`` latents from the encoder (gradients flow to the trainable encoder parts).
+            decode: the tokenizer's decoder, ``(B', C, h, w) -> (B', 3, H, W)``.
+            step: optimizer step (GAN start step).
+            seed: Philox seed of the MCR noise (vary per step).
+            last_layer: the decoder's last layer weight (``tok.last_decoder_layer.weight``); needed with the GAN term.
+            targets: SSR / SCR targets (needed when either is on).
+            generator: RNG for the noise augmentation and DiffAug (None: the global one).
+
+        Returns:
+            :class:`GeneratorLossOutput`.
+        """
+        c = self.cfg
+        if self.needs_targets and targets is None:
+            raise ValueError("generator_loss: SSR / SCR are on but no PriorTargets were given")
+        z_in = noise_augment(z, float(c.noise_aug_tau), c.noise_aug_dist, generator)
+        latents = [z_in]
+        if self.mcr_on:
+            latents += list(mcr_perturb(z, self.mcr_angles, seed, c.mcr_mode, self.kernel_backend))
+        decoded = decode_concat(decode, latents)
+        recon = decoded[0]
+        terms: dict[str, torch.Tensor] = {}
+        weighted: list[torch.Tensor] = []
+
+        rec = None
+        if float(c.lambda_l1) > 0:
+            terms["l1"] = l1_loss(recon, images)
+            rec = c.lambda_l1 * terms["l1"]
+        if self.lpips is not None:
+            terms["lpips"] = lpips_loss(self.lpips, recon, images)
+            rec = c.lambda_lpips * terms["lpips"] if rec is None else rec + c.lambda_lpips * terms["lpips"]
+        if rec is not None:
+            weighted.append(rec)
+        if self.discriminator is not None and gan_active(step, float(c.lambda_gan), c.gan_start_step):
+            with self._frozen_discriminator():
+                logits = self.discriminator(diff_augment(recon, self.aug_policy, generator=generator))
+            terms["gan"] = vanilla_g_loss(logits)
+            if last_layer is None or rec is None or not torch.is_grad_enabled():
+                raise ValueError("generator_loss: the GAN term needs grad enabled, a reconstruction loss and "
+                                 "last_layer (tok.last_decoder_layer.weight) for its adaptive weight")  # fmt: skip
+            terms["gan_weight"] = adaptive_weight(rec, terms["gan"], last_layer, c.adaptive_weight_max)
+            weighted.append(c.lambda_gan * terms["gan_weight"] * terms["gan"])
+        if self.ssr_on:
+            if targets.structure is None:
+                raise ValueError("generator_loss: SSR is on but targets.structure is None")
+            terms["ssr"] = ssr_loss(z, targets.structure, backend=self.kernel_backend)
+            weighted.append(c.lambda_ssr * terms["ssr"])
+        if self.mcr_on:
+            mcr = mcr_losses(recon, decoded[1:], c.mcr_cascade, self.lpips)
+            terms.update(mcr)
+            terms["mcr"] = sum(mcr.values())
+            weighted.append(c.lambda_mcr * terms["mcr"])
+        if self.scr_on:
+            if targets.semantic is None:
+                raise ValueError("generator_loss: SCR is on but targets.semantic is None")
+            scr = scr_losses(z, targets.semantic, c.scr_terms)
+            terms.update(scr)
+            terms["scr"] = sum(scr.values())
+            weighted.append(c.lambda_scr * terms["scr"])
+        if not weighted:
+            raise ValueError("generator_loss: every term is off (check the tokenizer.lambda_* weights and switches)")
+        total = torch.stack([w.float() for w in weighted]).sum()
+        return GeneratorLossOutput(total, {k: v.detach() for k, v in terms.items()}, recon)
+
+    # ------------------------------------------------------------------ discriminator side
+    def discriminator_loss(
+        self, images: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """Hinge loss of the discriminator on real images vs detached reconstructions.
+
+        Args:
+            images: ``(B, 3, H, W)`` real images in [0, 1].
+            recon: ``(B, 3, H, W)`` reconstructions (detached here).
+            step: optimizer step (``disc_start_step``).
+        Returns:
+            ``{"disc": loss (with grad on the heads), "logits_real": mean, "logits_fake": mean}``, or None when
+            the discriminator is not trained at this step (no GAN, or before its start step).
+        """
+        c = self.cfg
+        if self.discriminator is None or not disc_active(step, float(c.lambda_gan), c.disc_start_step):
+            return None
+        # two passes (not one concatenated batch): the heads' BatchNorm statistics stay per source, as in the
+        # generator pass, which sees reconstructions only
+        real = self.discriminator(diff_augment(images, self.aug_policy, generator=generator))
+        fake = self.discriminator(diff_augment(recon.detach(), self.aug_policy, generator=generator))
+        return {"disc": hinge_d_loss(real, fake), "logits_real": real.detach().mean(),
+                "logits_fake": fake.detach().mean()}  # fmt: skip
