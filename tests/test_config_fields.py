@@ -20,17 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # config_checks.py names every numeric key in its range table: naming a key there is not reading it
 CONFIG_MODULES = {ROOT / "pae_fast" / f for f in ("config.py", "config_io.py", "config_checks.py")}
 
-# Tokenizer / prior-refinement fields whose stages are being written (pae_fast/stages/train_tokenizer.py,
-# refine_priors.py); the lead empties this set when those stages merge. Nothing else may be listed here.
-PENDING = {
-    "tokenizer.vfm_weights", "tokenizer.decoder", "tokenizer.lambda_l1", "tokenizer.lambda_lpips",
-    "tokenizer.lambda_gan", "tokenizer.lambda_ssr", "tokenizer.lambda_mcr", "tokenizer.lambda_scr",
-    "tokenizer.mcr_angles", "tokenizer.mcr_mode", "tokenizer.noise_aug_tau", "tokenizer.noise_aug_dist",
-    "tokenizer.gan_start_step", "tokenizer.disc_start_step", "tokenizer.adaptive_weight_max",
-    "tokenizer.lpips_weights", "tokenizer.checkpoint", "tokenizer.latent_channels",
-    "refine.latent_dim", "refine.reconstructor_depth", "refine.reconstructor_hidden", "refine.lambda_rep",
-    "refine.lambda_gram", "refine.lowpass_strength", "refine.upsampler",
-}  # fmt: skip
+# Fields whose stage is still being written may be listed here (none now); nothing else may be.
+PENDING: set[str] = set()
 
 
 def _fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
