@@ -88,7 +88,10 @@ def test_projector_rms_and_refine_loss_matches_naive_formula():
     assert float(out["rep"]) == pytest.approx(float(rep.detach()), rel=1e-5)
     assert float(out["gram"]) == pytest.approx(float(gram.detach()), rel=1e-5)
     assert float(out["total"].detach()) == pytest.approx(float((0.7 * rep + 1.3 * gram).detach()), rel=1e-5)
-    assert set(refine_loss(pri, h, s, 1.0, 0.0)) == {"rep", "total"}  # a zero weight skips the term
+    assert set(refine_loss(pri, h, None, 1.0, 0.0)) == {"rep", "total"}  # a zero weight skips the term
+    assert set(refine_step_loss(pri, h, dataclasses.replace(TINY, lambda_rep=0.0), 16)) == {"gram", "total"}
+    with pytest.raises(ValueError, match="structural target"):
+        refine_loss(pri, h, None, 1.0, 1.0)
     with pytest.raises(ValueError, match="both 0"):
         refine_loss(pri, h, s, 0.0, 0.0)
 
@@ -129,6 +132,10 @@ def test_raw_projection_pca_and_random():
     torch.testing.assert_close(RawProjection(16, 4, "random", seed=3).weight, rnd.weight)
     with pytest.raises(ValueError, match="raw_prior_projection"):
         RawProjection(16, 4, "ica")
+    from pae_fast.config import TokenizerConfig
+
+    cfg = TokenizerConfig(raw_prior_projection="random", latent_channels=4)
+    assert RawProjection.from_config(cfg, 16).weight.shape == (16, 4)
 
 
 def test_build_prior_targets_modes(parts):
