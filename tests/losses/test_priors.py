@@ -112,7 +112,7 @@ def test_mcr_cascade_stop_gradients_and_values(parts):
     assert xl.grad is not None and xl.grad.abs().sum() > 0
     large = mcr_losses(xr, [xl], "large", None)  # large-only: pulled to the anchor, L1 only without LPIPS
     assert set(large) == {"mcr_large"}
-    assert float(large["mcr_large"]) == pytest.approx(float((xl - xr).abs().mean()), rel=1e-6)
+    assert float(large["mcr_large"].detach()) == pytest.approx(float((xl - xr).abs().mean().detach()), rel=1e-6)
     assert mcr_angles_for((42.5, 85.0), "medium") == (42.5,) and mcr_angles_for((42.5, 85.0), "large") == (85.0,)
     with pytest.raises(ValueError, match="needs 2"):
         mcr_losses(xr, [xm], "cascaded")
@@ -136,8 +136,8 @@ def test_scr_matches_naive_and_switches():
     cos = lambda a, b: float(a @ b) / float(a.norm() * b.norm())  # noqa: E731
     pooled = sum(1 - cos(zt[b].mean(0), t[b].detach().mean(0)) for b in range(2)) / 2
     patch = sum(1 - cos(zt[b, i], t[b, i].detach()) for b in range(2) for i in range(9)) / 18
-    assert float(out["scr_pooled"]) == pytest.approx(pooled, rel=1e-5)
-    assert float(out["scr_patch"]) == pytest.approx(patch, rel=1e-5)
+    assert float(out["scr_pooled"].detach()) == pytest.approx(pooled, rel=1e-5)
+    assert float(out["scr_patch"].detach()) == pytest.approx(patch, rel=1e-5)
     sum(out.values()).backward()
     assert t.grad is None and z.grad is not None
     assert set(scr_losses(z, t, "pooled")) == {"scr_pooled"} and set(scr_losses(z, t, "patch")) == {"scr_patch"}

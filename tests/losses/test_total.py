@@ -206,3 +206,15 @@ def test_a_tiny_autoencoder_learns_under_the_full_objective(parts):
         hist.append({k: float(v) for k, v in out.terms.items()})
     first, last = hist[0], hist[-1]
     assert last["l1"] < 0.5 * first["l1"] and last["scr"] < 0.5 * first["scr"]
+
+
+def test_bf16_autocast_step_is_finite_and_fp32(parts):
+    """Under bf16 autocast (the training precision) every term comes out fp32 and finite, gradients included."""
+    cfg, loss, lp, disc, dec, z, images, targets = _setup(parts, lpips_weights="counting")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb = (z * 1.0).to(torch.bfloat16)
+        out = _run(loss, dec, zb, images, targets)
+        d = loss.discriminator_loss(images, out.recon, step=10)
+    assert out.total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in out.terms.values())
+    (out.total + d["disc"]).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(dec.last.weight.grad).all()
