@@ -141,8 +141,9 @@ class TokenizerLoss(nn.Module):
             "lpips": lpips_status(c, self.lpips),
             "gan": gan,
             "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, priors {c.priors})"),
-            "mcr": onoff(self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, "
-                                      f"{c.mcr_mode})"),  # fmt: skip
+            "mcr": onoff(
+                self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, {c.mcr_mode})"
+            ),  # fmt: skip
             "scr": onoff(self.scr_on, f"on (weight {c.lambda_scr}, {c.scr_terms}, priors {c.priors})"),
             "noise_aug": onoff(float(c.noise_aug_tau) > 0, f"on (tau {c.noise_aug_tau}, {c.noise_aug_dist})"),
         }

@@ -163,7 +163,8 @@ def test_noise_aug_sigma_laws(dist):
     per_sample_std = y.flatten(1).std(1)  # one sigma per sample: within-sample std ~ sigma, spread across samples
     assert float(per_sample_std.std()) > 0.1
     assert float(y.flatten(1).pow(2).mean(1).mean()) == pytest.approx(
-        tau**2 / 3 if dist == "uniform" else tau**2, rel=0.05)  # E[sigma^2]
+        tau**2 / 3 if dist == "uniform" else tau**2, rel=0.05
+    )  # E[sigma^2]
 
 
 def test_noise_aug_off_and_gradient():

@@ -218,3 +218,19 @@ def test_bf16_autocast_step_is_finite_and_fp32(parts):
     assert out.total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in out.terms.values())
     (out.total + d["disc"]).backward()
     assert torch.isfinite(z.grad).all() and torch.isfinite(dec.last.weight.grad).all()
+
+
+def test_from_config_builds_from_files_and_reports_random_features(parts):
+    from pae_fast.losses.recon import LPIPSWeightsMissing
+
+    cfg = parts.tok_cfg(lambda_gan=0.5, disc_weights="random", disc_blocks=(1, 3), disc_input_size=32)
+    loss = TokenizerLoss.from_config(cfg, device="cpu", backbone_kwargs=parts.TINY_DISC["backbone_kwargs"])
+    st = loss.status()
+    assert "RANDOM frozen features" in st["gan"] and st["lpips"].startswith("off")
+    assert set(st) == {"l1", "lpips", "gan", "ssr", "mcr", "scr", "noise_aug"} and st["noise_aug"] == "off"
+    assert TokenizerLoss.from_config(parts.tok_cfg()).discriminator is None
+    with pytest.raises(LPIPSWeightsMissing, match="tokenizer.lpips_weights"):
+        TokenizerLoss.from_config(dataclasses.replace(parts.tok_cfg(), lpips_weights=None))
+    with pytest.raises(FileNotFoundError, match="disc_weights"):
+        TokenizerLoss.from_config(dataclasses.replace(cfg, disc_weights=None),
+                                  backbone_kwargs=parts.TINY_DISC["backbone_kwargs"])  # fmt: skip
