@@ -10,8 +10,8 @@ Decoder passes for the reconstruction and the MCR perturbations run as one conca
 The stage wires it like this (per step)::
 
     z, vfm = tok.encode_features(images)                       # (B, C, h, w), (B, N, D)
-    targets = priors(vfm)                                      # PriorTargets (SSR / SCR targets, no grad)
-    out = loss.generator_loss(images, z, tok.decode, step, seed=step_seed,
+    targets = build_prior_targets(vfm, cfg.tokenizer, projector=P_t)   # losses.refine; no grad
+    out = loss.generator_loss(images, z, tok.decode, step, seed=mcr_step_seed(cfg.seed, step, rank),  # losses.mcr
                               last_layer=tok.last_decoder_layer.weight, targets=targets)
     out.total.backward(); opt_g.step()
     d = loss.discriminator_loss(images, out.recon, step)       # None before disc_start_step / without GAN

@@ -7,7 +7,7 @@ import torch
 
 from pae_fast.kernels import use_backend
 from pae_fast.kernels.sphere_perturb import sphere_perturb_noise
-from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
+from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb, mcr_step_seed
 from pae_fast.losses.noise_aug import noise_augment, sample_sigma
 from pae_fast.losses.scr import scr_losses
 from pae_fast.losses.ssr import latent_tokens, ssr_loss
@@ -116,6 +116,14 @@ def test_mcr_cascade_stop_gradients_and_values(parts):
     assert mcr_angles_for((42.5, 85.0), "medium") == (42.5,) and mcr_angles_for((42.5, 85.0), "large") == (85.0,)
     with pytest.raises(ValueError, match="needs 2"):
         mcr_losses(xr, [xm], "cascaded")
+
+
+def test_mcr_step_seed_differs_per_step_and_rank_and_is_reproducible(parts):
+    seeds = {mcr_step_seed(0, step, rank) for step in range(200) for rank in range(8)}
+    assert len(seeds) == 1600 and all(-(2**63) <= s < 2**63 for s in seeds)
+    assert mcr_step_seed(5, 17, 3) == mcr_step_seed(5, 17, 3) != mcr_step_seed(6, 17, 3)
+    z = parts.rms1(1, 2, 2, 8).permute(0, 3, 1, 2)
+    mcr_perturb(z, (42.5,), seed=mcr_step_seed(1, 2**40, 7), backend="torch")  # a valid kernel seed
 
 
 def test_decode_concat_runs_one_pass_and_splits(parts):
