@@ -167,3 +167,11 @@ def test_discriminator_weights_from_file_and_refusals(parts, tmp_path):
                              backbone_kwargs=parts.TINY_DISC["backbone_kwargs"])  # fmt: skip
     with pytest.raises(ValueError, match="out of range"):
         parts.tiny_disc(blocks=(1, 7))
+
+
+@pytest.mark.slow
+def test_default_discriminator_is_dino_s8_blocks_2_5_8_11():
+    d = create_discriminator(dataclasses.replace(TokenizerConfig(), disc_weights="random"))
+    assert d.blocks == (2, 5, 8, 11) and d.backbone.embed_dim == 384 and len(d.backbone.blocks) == 12
+    with torch.no_grad():
+        assert d(torch.rand(1, 3, 256, 256)).shape == (1, 4 * 28 * 28)

@@ -156,3 +156,13 @@ def test_build_prior_targets_modes(parts):
         build_prior_targets(h, parts.tok_cfg())
     with pytest.raises(ValueError, match="RawProjection"):
         build_prior_targets(h, parts.tok_cfg(priors="raw"))
+
+
+def test_paper_size_refined_priors_on_meta():
+    """PAE-DINOv2-L sizes (D = 1024, 16 x 16 tokens, Q_t 4 x 1024) build and run on the meta device."""
+    with torch.device("meta"):
+        pri = RefinedPriors.from_config(RefineConfig(), dim=1024, grid=16)
+        p, q = pri(torch.randn(2, 256, 1024))
+    assert p.shape == (2, 256, 32) and q.shape == (2, 256, 1024)
+    n_q = sum(t.numel() for t in pri.reconstructor.parameters())
+    assert 4 * 12 * 1024**2 < n_q < 4 * 13 * 1024**2  # four 1024-wide ViT blocks (+ in/out projections)
