@@ -3,8 +3,9 @@
 Three families, each drawn independently per sample and applied as differentiable tensor ops, so the generator's
 gradient flows through the augmentation:
 
-- ``color``: brightness ``+U(-0.5, 0.5)``, saturation ``x <- mean_c + (x - mean_c) * U(0, 2)``, contrast
-  ``x <- mean + (x - mean) * U(0.5, 1.5)`` (mean over channels and pixels), on images in [0, 1];
+- ``color``: brightness ``+U(-0.25, 0.25)`` (= the usual ``U(-0.5, 0.5)`` on the [-1, 1] scale; our images are in
+  [0, 1]), saturation ``x <- mean_c + (x - mean_c) * U(0, 2)``, contrast ``x <- mean + (x - mean) * U(0.5, 1.5)``
+  (mean over channels and pixels);
 - ``translation``: shift by up to ``translation_ratio`` of the size in each direction, zero fill;
 - ``cutout``: one zeroed square of side ``cutout_ratio`` of the size at a random position.
 
@@ -38,7 +39,7 @@ def _rand(x: torch.Tensor, generator: torch.Generator | None, *shape: int) -> to
 
 def _color(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     B = x.shape[0]
-    x = x + (_rand(x, g, B, 1, 1, 1) - 0.5)
+    x = x + (_rand(x, g, B, 1, 1, 1) - 0.5) * 0.5  # +-0.5 on the [-1, 1] scale
     mean_c = x.mean(dim=1, keepdim=True)
     x = (x - mean_c) * (_rand(x, g, B, 1, 1, 1) * 2) + mean_c
     mean = x.mean(dim=(1, 2, 3), keepdim=True)

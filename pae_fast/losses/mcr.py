@@ -20,7 +20,7 @@ import torch
 
 from pae_fast.losses.recon import l1_loss, lpips_loss
 
-__all__ = ["CASCADES", "mcr_angles_for", "mcr_perturb", "decode_concat", "mcr_losses"]
+__all__ = ["CASCADES", "mcr_angles_for", "mcr_step_seed", "mcr_perturb", "decode_concat", "mcr_losses"]
 
 CASCADES = ("cascaded", "medium", "large")
 
@@ -33,6 +33,16 @@ def mcr_angles_for(angles: Sequence[float], cascade: str) -> tuple[float, ...]:
         raise ValueError(f"tokenizer.mcr_angles: expected (medium, large) degrees, got {tuple(angles)}")
     medium, large = float(angles[0]), float(angles[1])
     return {"cascaded": (medium, large), "medium": (medium,), "large": (large,)}[cascade]
+
+
+def mcr_step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A Philox seed for one (run seed, step, process rank): a SplitMix64 mix, so every step and every DDP rank
+    draws different noise and a resumed run draws the same noise again. Returns a signed 64-bit int."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(rank) * 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    x ^= x >> 31
+    return x - 2**64 if x >= 2**63 else x
 
 
 def mcr_perturb(

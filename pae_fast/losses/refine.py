@@ -30,7 +30,7 @@ __all__ = ["refine_loss", "refine_step_loss", "RawProjection", "build_prior_targ
 def refine_loss(
     priors: RefinedPriors,
     vfm_tokens: torch.Tensor,
-    structure: torch.Tensor,
+    structure: torch.Tensor | None,
     lambda_rep: float = 1.0,
     lambda_gram: float = 1.0,
     backend: str | None = None,
@@ -40,7 +40,7 @@ def refine_loss(
     Args:
         priors: the :class:`~pae_fast.models.refine.RefinedPriors` being trained.
         vfm_tokens: ``(B, N, D)`` frozen VFM tokens (detached here).
-        structure: ``(B, N, D)`` structural target ``H_ref`` (detached here).
+        structure: ``(B, N, D)`` structural target ``H_ref`` (detached here); may be None when ``lambda_gram`` is 0.
         lambda_rep, lambda_gram: weights (``refine.lambda_rep`` / ``refine.lambda_gram``); a zero weight skips the term.
     Returns:
         ``{"rep"?, "gram"?, "total"}`` 0-dim fp32 (``rep``/``gram`` detached).
@@ -56,6 +56,8 @@ def refine_loss(
         out["rep"] = rep.detach()
         parts.append(lambda_rep * rep)
     if lambda_gram > 0:
+        if structure is None:
+            raise ValueError("refine_loss: lambda_gram > 0 needs the structural target H_ref")
         gram = gram_loss(p, structure.detach(), normalize=True, backend=backend)
         out["gram"] = gram.detach()
         parts.append(lambda_gram * gram)
@@ -80,8 +82,6 @@ def refine_step_loss(
     structure = None
     if cfg.lambda_gram > 0:
         structure = structural_target(vfm_tokens, image_size, priors.grid, cfg.lowpass_strength, cfg.upsampler)
-    else:
-        structure = vfm_tokens
     return refine_loss(priors, vfm_tokens, structure, cfg.lambda_rep, cfg.lambda_gram, backend)
 
 
@@ -108,6 +108,11 @@ class RawProjection(nn.Module):
             w = torch.linalg.qr(torch.randn(dim, out_dim, generator=g, dtype=torch.float64))[0].float()
         self.register_buffer("weight", w)  # (D, out_dim), orthonormal columns
         self.register_buffer("fitted", torch.tensor(kind == "random"))
+
+    @classmethod
+    def from_config(cls, cfg: Any, dim: int, seed: int = 0) -> RawProjection:
+        """From a :class:`~pae_fast.config.TokenizerConfig` (``raw_prior_projection``, ``latent_channels``)."""
+        return cls(dim, cfg.latent_channels, cfg.raw_prior_projection, seed)
 
     @torch.no_grad()
     def fit(self, tokens: torch.Tensor) -> RawProjection:

@@ -10,8 +10,8 @@ Decoder passes for the reconstruction and the MCR perturbations run as one conca
 The stage wires it like this (per step)::
 
     z, vfm = tok.encode_features(images)                       # (B, C, h, w), (B, N, D)
-    targets = priors(vfm)                                      # PriorTargets (SSR / SCR targets, no grad)
-    out = loss.generator_loss(images, z, tok.decode, step, seed=step_seed,
+    targets = build_prior_targets(vfm, cfg.tokenizer, projector=P_t)   # losses.refine; no grad
+    out = loss.generator_loss(images, z, tok.decode, step, seed=mcr_step_seed(cfg.seed, step, rank),  # losses.mcr
                               last_layer=tok.last_decoder_layer.weight, targets=targets)
     out.total.backward(); opt_g.step()
     d = loss.discriminator_loss(images, out.recon, step)       # None before disc_start_step / without GAN
@@ -141,8 +141,9 @@ class TokenizerLoss(nn.Module):
             "lpips": lpips_status(c, self.lpips),
             "gan": gan,
             "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, priors {c.priors})"),
-            "mcr": onoff(self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, "
-                                      f"{c.mcr_mode})"),  # fmt: skip
+            "mcr": onoff(
+                self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, {c.mcr_mode})"
+            ),  # fmt: skip
             "scr": onoff(self.scr_on, f"on (weight {c.lambda_scr}, {c.scr_terms}, priors {c.priors})"),
             "noise_aug": onoff(float(c.noise_aug_tau) > 0, f"on (tau {c.noise_aug_tau}, {c.noise_aug_dist})"),
         }

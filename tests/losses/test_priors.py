@@ -7,7 +7,7 @@ import torch
 
 from pae_fast.kernels import use_backend
 from pae_fast.kernels.sphere_perturb import sphere_perturb_noise
-from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
+from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb, mcr_step_seed
 from pae_fast.losses.noise_aug import noise_augment, sample_sigma
 from pae_fast.losses.scr import scr_losses
 from pae_fast.losses.ssr import latent_tokens, ssr_loss
@@ -112,10 +112,18 @@ def test_mcr_cascade_stop_gradients_and_values(parts):
     assert xl.grad is not None and xl.grad.abs().sum() > 0
     large = mcr_losses(xr, [xl], "large", None)  # large-only: pulled to the anchor, L1 only without LPIPS
     assert set(large) == {"mcr_large"}
-    assert float(large["mcr_large"]) == pytest.approx(float((xl - xr).abs().mean()), rel=1e-6)
+    assert float(large["mcr_large"].detach()) == pytest.approx(float((xl - xr).abs().mean().detach()), rel=1e-6)
     assert mcr_angles_for((42.5, 85.0), "medium") == (42.5,) and mcr_angles_for((42.5, 85.0), "large") == (85.0,)
     with pytest.raises(ValueError, match="needs 2"):
         mcr_losses(xr, [xm], "cascaded")
+
+
+def test_mcr_step_seed_differs_per_step_and_rank_and_is_reproducible(parts):
+    seeds = {mcr_step_seed(0, step, rank) for step in range(200) for rank in range(8)}
+    assert len(seeds) == 1600 and all(-(2**63) <= s < 2**63 for s in seeds)
+    assert mcr_step_seed(5, 17, 3) == mcr_step_seed(5, 17, 3) != mcr_step_seed(6, 17, 3)
+    z = parts.rms1(1, 2, 2, 8).permute(0, 3, 1, 2)
+    mcr_perturb(z, (42.5,), seed=mcr_step_seed(1, 2**40, 7), backend="torch")  # a valid kernel seed
 
 
 def test_decode_concat_runs_one_pass_and_splits(parts):
@@ -136,8 +144,8 @@ def test_scr_matches_naive_and_switches():
     cos = lambda a, b: float(a @ b) / float(a.norm() * b.norm())  # noqa: E731
     pooled = sum(1 - cos(zt[b].mean(0), t[b].detach().mean(0)) for b in range(2)) / 2
     patch = sum(1 - cos(zt[b, i], t[b, i].detach()) for b in range(2) for i in range(9)) / 18
-    assert float(out["scr_pooled"]) == pytest.approx(pooled, rel=1e-5)
-    assert float(out["scr_patch"]) == pytest.approx(patch, rel=1e-5)
+    assert float(out["scr_pooled"].detach()) == pytest.approx(pooled, rel=1e-5)
+    assert float(out["scr_patch"].detach()) == pytest.approx(patch, rel=1e-5)
     sum(out.values()).backward()
     assert t.grad is None and z.grad is not None
     assert set(scr_losses(z, t, "pooled")) == {"scr_pooled"} and set(scr_losses(z, t, "patch")) == {"scr_patch"}
@@ -163,7 +171,8 @@ def test_noise_aug_sigma_laws(dist):
     per_sample_std = y.flatten(1).std(1)  # one sigma per sample: within-sample std ~ sigma, spread across samples
     assert float(per_sample_std.std()) > 0.1
     assert float(y.flatten(1).pow(2).mean(1).mean()) == pytest.approx(
-        tau**2 / 3 if dist == "uniform" else tau**2, rel=0.05)  # E[sigma^2]
+        tau**2 / 3 if dist == "uniform" else tau**2, rel=0.05
+    )  # E[sigma^2]
 
 
 def test_noise_aug_off_and_gradient():

@@ -101,7 +101,10 @@ def test_diffaug_shape_range_and_gradient():
     y = diff_augment(x, "translation,cutout", generator=g)
     assert y.min() >= 0 and y.max() <= 1  # zero fill and masking stay in the input range
     c = diff_augment(x, "color", generator=g)
-    assert c.min() >= -1.5 and c.max() <= 2.5  # brightness +-0.5 around contrast/saturation rescaling
+    assert c.min() >= -1.5 and c.max() <= 2.5  # brightness +-0.25 then saturation x2 and contrast x1.5 at most
+    flat = torch.full((64, 3, 4, 4), 0.5)  # grey: only the brightness shift moves it
+    shift = diff_augment(flat, "color", generator=g) - 0.5
+    assert float(shift.abs().max()) <= 0.25 + 1e-6 and float(shift.abs().max()) > 0.2
     assert diff_augment(x, "", generator=g) is x
     (c.sum() + y.sum()).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -164,3 +167,11 @@ def test_discriminator_weights_from_file_and_refusals(parts, tmp_path):
                              backbone_kwargs=parts.TINY_DISC["backbone_kwargs"])  # fmt: skip
     with pytest.raises(ValueError, match="out of range"):
         parts.tiny_disc(blocks=(1, 7))
+
+
+@pytest.mark.slow
+def test_default_discriminator_is_dino_s8_blocks_2_5_8_11():
+    d = create_discriminator(dataclasses.replace(TokenizerConfig(), disc_weights="random"))
+    assert d.blocks == (2, 5, 8, 11) and d.backbone.embed_dim == 384 and len(d.backbone.blocks) == 12
+    with torch.no_grad():
+        assert d(torch.rand(1, 3, 256, 256)).shape == (1, 4 * 28 * 28)

@@ -88,7 +88,10 @@ def test_projector_rms_and_refine_loss_matches_naive_formula():
     assert float(out["rep"]) == pytest.approx(float(rep.detach()), rel=1e-5)
     assert float(out["gram"]) == pytest.approx(float(gram.detach()), rel=1e-5)
     assert float(out["total"].detach()) == pytest.approx(float((0.7 * rep + 1.3 * gram).detach()), rel=1e-5)
-    assert set(refine_loss(pri, h, s, 1.0, 0.0)) == {"rep", "total"}  # a zero weight skips the term
+    assert set(refine_loss(pri, h, None, 1.0, 0.0)) == {"rep", "total"}  # a zero weight skips the term
+    assert set(refine_step_loss(pri, h, dataclasses.replace(TINY, lambda_rep=0.0), 16)) == {"gram", "total"}
+    with pytest.raises(ValueError, match="structural target"):
+        refine_loss(pri, h, None, 1.0, 1.0)
     with pytest.raises(ValueError, match="both 0"):
         refine_loss(pri, h, s, 0.0, 0.0)
 
@@ -129,6 +132,10 @@ def test_raw_projection_pca_and_random():
     torch.testing.assert_close(RawProjection(16, 4, "random", seed=3).weight, rnd.weight)
     with pytest.raises(ValueError, match="raw_prior_projection"):
         RawProjection(16, 4, "ica")
+    from pae_fast.config import TokenizerConfig
+
+    cfg = TokenizerConfig(raw_prior_projection="random", latent_channels=4)
+    assert RawProjection.from_config(cfg, 16).weight.shape == (16, 4)
 
 
 def test_build_prior_targets_modes(parts):
@@ -149,3 +156,13 @@ def test_build_prior_targets_modes(parts):
         build_prior_targets(h, parts.tok_cfg())
     with pytest.raises(ValueError, match="RawProjection"):
         build_prior_targets(h, parts.tok_cfg(priors="raw"))
+
+
+def test_paper_size_refined_priors_on_meta():
+    """PAE-DINOv2-L sizes (D = 1024, 16 x 16 tokens, Q_t 4 x 1024) build and run on the meta device."""
+    with torch.device("meta"):
+        pri = RefinedPriors.from_config(RefineConfig(), dim=1024, grid=16)
+        p, q = pri(torch.randn(2, 256, 1024))
+    assert p.shape == (2, 256, 32) and q.shape == (2, 256, 1024)
+    n_q = sum(t.numel() for t in pri.reconstructor.parameters())
+    assert 4 * 12 * 1024**2 < n_q < 4 * 13 * 1024**2  # four 1024-wide ViT blocks (+ in/out projections)

@@ -25,11 +25,11 @@ def rms1(*shape, dtype=torch.float32, generator=None):
 class TinyDecoder(nn.Module):
     """(B, C, h, w) latent -> (B, 3, h*p, w*p) image in [0, 1]; ``last`` is the last layer (nn.Linear)."""
 
-    def __init__(self, channels: int = 8, patch: int = 4) -> None:
+    def __init__(self, channels: int = 8, patch: int = 4, hidden: int = 16) -> None:
         super().__init__()
         self.p = patch
-        self.hidden = nn.Linear(channels, 16)
-        self.last = nn.Linear(16, patch * patch * 3)
+        self.hidden = nn.Linear(channels, hidden)
+        self.last = nn.Linear(hidden, patch * patch * 3)
         self.calls: list[int] = []  # batch size of every call
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
