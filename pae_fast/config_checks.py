@@ -65,7 +65,7 @@ RULES: tuple[Rule, ...] = tuple(
     _rules("seed", _ge(0), _NONNEG)
     # data
     + _rules("data.image_size data.num_classes data.batch_size data.synthetic_size data.latent_channels "
-             "data.latent_size", _ge(1), _POS)
+             "data.latent_size data.dali_threads data.prefetch", _ge(1), _POS)
     + _rules("data.num_workers", _ge(0), _NONNEG)
     # tokenizer
     + _rules("tokenizer.latent_channels", _ge(1), _POS)
@@ -75,8 +75,11 @@ RULES: tuple[Rule, ...] = tuple(
              _ge(0), _NONNEG)
     + _rules("tokenizer.mcr_angles", lambda v: 0 < v <= 180, "each in (0, 180] degrees")
     + _rules("tokenizer.adaptive_weight_max", _gt(0), "> 0")
+    + _rules("tokenizer.disc_input_size", _ge(1), _POS)
+    + _rules("tokenizer.disc_blocks", _ge(0), "each >= 0 (a block index of the discriminator's backbone)")
     # refine
-    + _rules("refine.latent_dim refine.reconstructor_depth refine.reconstructor_hidden", _ge(1), _POS)
+    + _rules("refine.latent_dim refine.reconstructor_depth refine.reconstructor_hidden refine.projector_heads "
+             "refine.reconstructor_heads", _ge(1), _POS)
     + _rules("refine.lambda_rep refine.lambda_gram", _ge(0), _NONNEG)
     + _rules("refine.lowpass_strength", _closed(0, 1), _PROB)
     # generator

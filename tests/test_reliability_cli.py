@@ -114,7 +114,7 @@ RUN_CASES = [
     ("grid_max", ["sample", "--sample.grid_max", "0"], EXIT_USAGE, ["sample.grid_max", ">= 1"]),
     ("cfg_scale", ["sample", "--sample.cfg_scale", "-3"], EXIT_USAGE, ["sample.cfg_scale", ">= 0"]),
     ("sample_steps", ["sample", "--sample.steps", "0"], EXIT_USAGE, ["sample.steps"]),
-    ("missing_ckpt", ["sample", "--sample.checkpoint", "/nonexistent/run"], EXIT_USAGE,
+    ("missing_ckpt", ["sample", "--sample.checkpoint", "/nonexistent/run"], EXIT_DATA,
      ["sample.checkpoint", "/nonexistent/run"]),
 ]
 if not torch.cuda.is_available():
