@@ -266,28 +266,14 @@ class FIDInceptionV3(nn.Module):
 
 
 def load_state_dict_file(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
-    """A state dict from a local safetensors or ``.pth``/``.pt`` file (``torch.load(weights_only=True)``).
+    """A state dict from a local safetensors or ``.pth``/``.pt`` file, read by :func:`pae_fast.weights.read_state_dict`
+    (``weights_only=True``); a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped."""
+    from pae_fast.weights import read_state_dict
 
-    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped.
-    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {p} does not exist (no download here: pass a local file)")
-    if p.suffix == ".safetensors":
-        from pae_fast.io import load_safetensors
-
-        sd, _ = load_safetensors(p)
-        return sd
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files
-        raise ValueError(f"{what} file {p} could not be read with torch.load(weights_only=True): {e}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{what} file {p} does not hold a state dict (got {type(sd).__name__})")
-    return sd
+    return read_state_dict(p, prefer=("state_dict", "model"), prefixes=(), key=what)[0]
 
 
 def load_inception(
