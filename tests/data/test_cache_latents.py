@@ -39,6 +39,16 @@ class StandInTokenizer(nn.Module):
         return self.proj(F.pad(x, (0, 1, 0, 0), mode="replicate"))  # (B, 4, 8, 8)
 
 
+def _stand_in_factory(pretrained: bool = False, weights=None, vfm_weights=None) -> StandInTokenizer:
+    """The registry's constructor contract (``create_tokenizer(name, pretrained=, weights=, vfm_weights=)``)."""
+    from pae_fast.weights import load_weights
+
+    tok = StandInTokenizer()
+    if weights is not None:
+        load_weights(tok, weights)
+    return tok
+
+
 def _cfg(root) -> DataConfig:
     return DataConfig(root=str(root), num_classes=3, image_size=32, batch_size=5, loader="pil", num_workers=0)
 
@@ -115,7 +125,7 @@ def test_cli_end_to_end_with_skip(tmp_path, image_tree, monkeypatch, capsys):
     from pae_fast.registry import TOKENIZERS
 
     TOKENIZERS.names()  # load the registered modules first
-    monkeypatch.setitem(TOKENIZERS._entries, "test-stand-in", StandInTokenizer)
+    monkeypatch.setitem(TOKENIZERS._entries, "test-stand-in", _stand_in_factory)
     weights = tmp_path / "tok.safetensors"
     save_safetensors(StandInTokenizer().state_dict(), weights)
     bad = sorted(image_tree.rglob("*.jpg"))[4]
