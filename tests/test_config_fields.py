@@ -23,7 +23,7 @@ CONFIG_MODULES = {ROOT / "pae_fast" / f for f in ("config.py", "config_io.py", "
 # Tokenizer / prior-refinement fields whose stages are being written (pae_fast/stages/train_tokenizer.py,
 # refine_priors.py); the lead empties this set when those stages merge. Nothing else may be listed here.
 PENDING = {
-    "tokenizer.vfm_weights", "tokenizer.decoder", "tokenizer.lambda_l1", "tokenizer.lambda_lpips",
+    "tokenizer.decoder", "tokenizer.lambda_l1", "tokenizer.lambda_lpips",
     "tokenizer.lambda_gan", "tokenizer.lambda_ssr", "tokenizer.lambda_mcr", "tokenizer.lambda_scr",
     "tokenizer.mcr_angles", "tokenizer.mcr_mode", "tokenizer.noise_aug_tau", "tokenizer.noise_aug_dist",
     "tokenizer.gan_start_step", "tokenizer.disc_start_step", "tokenizer.adaptive_weight_max",

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="registered tokenizer name (python -m pae_fast info)")
     p.add_argument("--weights", help="the tokenizer's weights: safetensors / .pt file or folder")
     p.add_argument("--random-init", action="store_true",
-                   help="allow a random tokenizer when no --weights is given (seeded by the config seed; pipeline checks only)")
+                   help="allow a random tokenizer when no --weights is given (seeded by the config seed; pipeline "
+                        "checks only)")
     p.add_argument("--out", required=True, help="the cache folder")
     p.add_argument("--shard-size", type=int, default=4096, help="items per shard file")
     p.add_argument("--stats-items", type=int, default=10_000,
