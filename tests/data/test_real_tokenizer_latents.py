@@ -160,3 +160,20 @@ def test_online_encoding_trains_and_samples(tokenizer, tmp_path, image_tree, cap
                  "--sample.device", "cpu"]) == 0
     latents = load_safetensors(run / "samples" / "latents.safetensors")[0]["latents"]
     assert tuple(latents.shape) == (2, *LATENT[tokenizer]) and bool(torch.isfinite(latents).all())
+    # a resumed run standardises with the statistics of the checkpoint it resumes, not recomputed ones
+    assert main([*args[:-1], "5", "--tokenizer.random_init", "true"]) == 0
+    resumed = LatentStats.from_metadata(load_safetensors(run / "checkpoints" / "0000005" / "ema.safetensors")[1])
+    assert torch.equal(resumed.mean, stats.mean) and torch.equal(resumed.std, stats.std)
+    # given statistics (data.latent_stats) are used as they are, after a check of their mode and shape
+    given = tmp_path / "given_stats.safetensors"
+    LatentStats(stats.mode, stats.mean + 1, stats.std * 2).save(given)
+    run2 = tmp_path / "run2"
+    base = [*args[:-1], "1", "--tokenizer.random_init", "true", "--out_dir", str(run2)]
+    assert main([*base, "--data.latent_stats", str(given)]) == 0
+    used = LatentStats.from_metadata(load_safetensors(run2 / "checkpoints" / "0000001" / "ema.safetensors")[1])
+    torch.testing.assert_close(used.mean, stats.mean + 1)
+    wrong = tmp_path / "wrong_stats.safetensors"
+    LatentStats("channel", torch.zeros(3), torch.ones(3)).save(wrong)
+    capsys.readouterr()
+    assert main([*base, "--out_dir", str(tmp_path / "run3"), "--data.latent_stats", str(wrong)]) == EXIT_USAGE
+    assert "data.latent_stats" in one_error_line(capsys) and not (tmp_path / "run3").exists()
