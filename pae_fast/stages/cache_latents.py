@@ -13,6 +13,9 @@ Items are the sample list in order (sorted class folders, sorted files); shard `
 ``W`` writes the shards ``k = r, r + W, ...``, each atomically, so the result does not depend on the world size.
 Re-running resumes: a finished shard whose metadata matches is kept. A folder whose ``cache.json`` names another
 tokenizer, weights or resolution is refused. Rank 0 writes the statistics and the index after all shards exist.
+``run_cache_latents`` (the command) checks everything it can refuse before touching the folder and holds the
+folder's :class:`~pae_fast.engine.lock.RunLock` while writing; the tokenizer comes from
+:mod:`pae_fast.stages.frozen_tokenizer` (random weights only when explicitly allowed, hashed from their tensors).
 ``latents_flip`` is the encoding of the mirrored image (not a flipped latent).
 """
 
