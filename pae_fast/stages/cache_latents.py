@@ -198,14 +198,21 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
     return written
 
 
-def _shard_latents(out: Path, names: list[str]) -> Iterator[torch.Tensor]:
+def _shard_latents(out: Path, names: list[str], stride: int = 1) -> Iterator[torch.Tensor]:
+    """The latents of the shards in order, every ``stride``-th item of the whole sequence."""
+    offset = 0
     for name in names:
-        yield load_safetensors(out / name)[0]["latents"]
+        z = load_safetensors(out / name)[0]["latents"]  # (n, C, h, w)
+        yield z[(-offset) % stride :: stride]
+        offset += z.shape[0]
 
 
 def finalize_cache(out_dir: str | os.PathLike, stats_items: int | None = 10_000) -> Path:
-    """Rank 0, after every shard is written: statistics over the first ``stats_items`` latents (all when None),
-    then ``index.json``.
+    """Rank 0, after every shard is written: statistics over ``stats_items`` latents (all when None), then
+    ``index.json``.
+
+    The items are evenly spaced over the whole cache (every ``ceil(N / stats_items)``-th), not the first ones: the
+    items are in class order, so the first 10k of ImageNet would cover only its first few classes.
 
     Raises:
         CacheError: ``cache.json`` or a shard is missing.
@@ -225,7 +232,9 @@ def finalize_cache(out_dir: str | os.PathLike, stats_items: int | None = 10_000)
         shards.append({"file": path.name, "count": int(tensors["labels"].shape[0])})
         bad_total += int(meta.get("bad_files", 0))
     names = [s["file"] for s in shards if s["count"]]
-    stats = compute_latent_stats(_shard_latents(out, names), mode=ident["stats_mode"], max_items=stats_items,
+    total = sum(s["count"] for s in shards)
+    stride = max(1, -(-total // stats_items)) if stats_items else 1
+    stats = compute_latent_stats(_shard_latents(out, names, stride), mode=ident["stats_mode"], max_items=stats_items,
                                  where=str(out))
     stats.save(out / STATS_FILE)
     c, h, w = ident["latent_shape"]

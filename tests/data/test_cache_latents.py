@@ -190,3 +190,13 @@ def test_two_ranks_under_gloo(tmp_path, image_tree):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     index = json.loads((tmp_path / "dist" / "index.json").read_text())
     assert index == json.loads((tmp_path / "single" / "index.json").read_text())
+
+
+def test_statistics_subset_is_spread_over_the_classes(tmp_path, image_tree):
+    tok = StandInTokenizer()
+    _run(tok, image_tree, tmp_path / "c")
+    finalize_cache(tmp_path / "c", stats_items=4)  # 12 items in class order: every 3rd, from all 3 classes
+    stats = LatentStats.load(tmp_path / "c" / "stats.safetensors")
+    z, y = LatentCache(tmp_path / "c", normalize=False).load_all()
+    assert stats.count == 4 and set(y[::3].tolist()) == {0, 1, 2}
+    torch.testing.assert_close(stats.mean, z[::3].double().mean((0, 2, 3)).float(), atol=1e-6, rtol=0)
