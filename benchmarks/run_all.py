@@ -5,8 +5,11 @@ Without a GPU (the CPU-feasible subset, < 10 minutes on 2 cores):
   2. op benchmarks: references and compiled references, small cases              -> ops_cpu.json
   3. training step: LightningDiT-B/1 batch 8, eager; DiTDH-S batch 8, eager;
      LightningDiT-B/1 batch 8, torch.compile (1 warm-up + 1 timed step each)     -> train_step_*.json
+  4. image loaders: decode + crop + flip, DALI against the PIL DataLoader on the
+     same generated JPEGs and thread count (bench_data.py)                         -> data_cpu.json
 With a GPU the same list at real sizes: fused ops included at model widths, the steps on LightningDiT-XL/1 and
-DiTDH-XL (batch 32, bf16 autocast, 20 timed steps). Each training step runs in its own process (clean peak memory).
+DiTDH-XL (batch 32, bf16 autocast, 20 timed steps), the loaders with the DALI mixed (GPU) decoder too. Each
+training step runs in its own process (clean peak memory).
 A time budget (``--budget-s``; default 570 s on CPU, none on GPU) skips what no longer fits, and says so.
 ``summary.md`` collects the headline numbers with the machine they came from, and the sampling cost (model calls per
 image) of every preset in ``configs/``, counted from its sampling plan.
@@ -80,7 +83,7 @@ def _tail(log: Path, n: int = 15) -> str:
 
 
 def run_all(out_dir: Path, budget_s: float | None, cuda: bool, skip: set[str]) -> dict[str, Any]:
-    """Run everything (minus ``skip``: roofline, ops, steps) and return ``{item: status}``."""
+    """Run everything (minus ``skip``: roofline, ops, steps, data) and return ``{item: status}``."""
     py = sys.executable
     logs = out_dir / "logs"
     budget = Budget(budget_s)
@@ -136,6 +139,14 @@ def run_all(out_dir: Path, budget_s: float | None, cuda: bool, skip: set[str]) -
                 cmd.append("--compile")
             rc, secs = _run(cmd, log, budget.left())
             record(slug, rc, secs, log)
+    if "data" not in skip and fits("data", 60):
+        print(f"[bench] image loaders ({dev}) ...", flush=True)
+        log = logs / f"data_{dev}.log"
+        cmd = [py, str(HERE / "bench_data.py"), "--json", str(out_dir / f"data_{dev}.json")]
+        if not cuda:  # CPU: the 2-core defaults at a smaller size keep it to about a minute
+            cmd += ["--count", "128", "--size", "128", "--epochs", "2"]
+        rc, secs = _run(cmd, log, budget.left())
+        record("data", rc, secs, log)
     return status
 
 
@@ -240,6 +251,18 @@ def summarize(out_dir: Path, status: dict[str, Any] | None = None) -> str:
             gbps = f"{row['gbps']:.0f}" if "gbps" in row else "—"
             lines.append(f"| {op} | {case} | {mode} | {fused} | {ref} | {comp} | {gbps} |")
         lines.append("")
+    for p in sorted(out_dir.glob("data_*.json")):
+        r = _load(p)
+        if not r or "results" not in r:
+            continue
+        lines += [f"## Image loaders ({p.name}: {r['files']} files, {r['image_size']} px, batch {r['batch']}, "
+                  f"{r['threads']} threads/workers)", "", "| loader | images/s | vs PIL |", "|---|---:|---:|"]
+        for k, v in r["results"].items():
+            ratio = r.get("ratio_vs_pil", {}).get(k)
+            lines.append(f"| {k} | {v['images_per_s']:.1f} | {f'{ratio:.2f}x' if ratio else '—'} |")
+        if "dali_unavailable" in r:
+            lines.append(f"\nDALI unavailable: {r['dali_unavailable']}")
+        lines.append("")
     lines += ["## Sampling cost per preset (counted from the sampling plan)", "",
               "| preset | sampler | guidance | NFE per image | generator forwards per image | grid |",
               "|---|---|---|---:|---:|---|"]  # fmt: skip
@@ -266,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--budget-s", type=float, default=None, help="time budget in seconds (default: 570 on CPU)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["roofline", "ops", "steps"], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["roofline", "ops", "steps", "data"],
+                   help="parts to leave out")
     p.add_argument("--summary-only", action="store_true", help="only rebuild summary.md from the result files")
     a = p.parse_args(argv)
     out = Path(a.out_dir)

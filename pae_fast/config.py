@@ -82,6 +82,11 @@ class DataConfig:
     synthetic_size: int = 512  # number of items of the synthetic sources
     latent_channels: int = 32  # synthetic latent sources
     latent_size: int = 16
+    # train-dit: "cache" reads the latent cache at data.root; "online" reads the images at data.root and encodes them
+    # on the fly with the frozen tokenizer (tokenizer.name, tokenizer.checkpoint) on the training device
+    latents: Literal["cache", "online"] = "cache"
+    latent_stats: str | None = None  # online: stats.safetensors to standardise with (else computed, data.stats_items)
+    stats_items: int = 10_000  # online: images (a seeded random subset) the latent statistics are computed from
 
 
 @dataclass
@@ -92,6 +97,7 @@ class TokenizerConfig:
     name: str = "PAE-DINOv2-L-d32"
     vfm_weights: str | None = None  # local safetensors/.pth of the frozen encoder (hub names need a network)
     checkpoint: str | None = None  # trained tokenizer weights (safetensors)
+    random_init: bool = False  # allow a random tokenizer when checkpoint is unset (pipeline checks only; never silent)
     latent_channels: int = 32
     decoder: str = "ViT-L"
     # Loss weights and switches (docs/method.md §Tokenizer losses). A term is computed only when its switch is on

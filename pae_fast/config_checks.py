@@ -65,7 +65,7 @@ RULES: tuple[Rule, ...] = tuple(
     _rules("seed", _ge(0), _NONNEG)
     # data
     + _rules("data.image_size data.num_classes data.batch_size data.synthetic_size data.latent_channels "
-             "data.latent_size data.dali_threads data.prefetch", _ge(1), _POS)
+             "data.latent_size data.dali_threads data.prefetch data.stats_items", _ge(1), _POS)
     + _rules("data.num_workers", _ge(0), _NONNEG)
     # tokenizer
     + _rules("tokenizer.latent_channels", _ge(1), _POS)

@@ -116,6 +116,17 @@ RUN_CASES = [
     ("sample_steps", ["sample", "--sample.steps", "0"], EXIT_USAGE, ["sample.steps"]),
     ("missing_ckpt", ["sample", "--sample.checkpoint", "/nonexistent/run"], EXIT_DATA,
      ["sample.checkpoint", "/nonexistent/run"]),
+    ("stats_items", ["train-dit", "--data.stats_items", "0"], EXIT_USAGE, ["data.stats_items", ">= 1"]),
+    ("online_no_weights", ["train-dit", "--data.latents", "online"], EXIT_USAGE,
+     ["tokenizer.checkpoint", "tokenizer.random_init"]),
+    ("online_unknown_tokenizer", ["train-dit", "--data.latents", "online", "--tokenizer.name", "PAE-tinyy",
+                                  "--tokenizer.random_init", "true"], EXIT_USAGE,
+     ["tokenizer.name='PAE-tinyy'", "Did you mean 'PAE-tiny'"]),
+    ("online_missing_weights", ["train-dit", "--data.latents", "online", "--tokenizer.name", "PAE-tiny",
+                                "--tokenizer.checkpoint", "/nonexistent/tok.safetensors"], EXIT_DATA,
+     ["tokenizer.checkpoint", "/nonexistent/tok.safetensors"]),
+    ("online_dali", ["train-dit", "--data.latents", "online", "--data.loader", "dali"], EXIT_USAGE,
+     ["data.loader=dali", "data.latents=online"]),
 ]
 if not torch.cuda.is_available():
     RUN_CASES.append(("no_cuda", ["sample", "--sample.device", "cuda"], EXIT_USAGE, ["sample.device", "no CUDA"]))
@@ -157,6 +168,87 @@ def test_bad_cache_is_refused_before_the_run_starts(case, tmp_path, capsys):
     for w in words:
         assert w in err[0], (w, err[0])
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Three classes of two small JPEGs (crops of scikit-image photographs)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for k, name in enumerate(("astronaut", "coffee", "chelsea")):
+        img = getattr(skimage.data, name)()[..., :3]
+        (root / f"c{k}").mkdir()
+        for i in range(2):
+            Image.fromarray(np.ascontiguousarray(img[40 * i : 40 * i + 80, 30 : 110])).save(root / f"c{k}" / f"{i}.jpg")
+    return root
+
+
+def _cache_latents_argv(out: Path, root: Path, *extra: str) -> list[str]:
+    return ["cache-latents", "--out", str(out), "--data.root", str(root), "--data.num_classes", "3",
+            "--data.image_size", "64", "--data.loader", "pil", "--data.num_workers", "0", "--data.batch_size", "4",
+            "--train.device", "cpu", "--shard-size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def latent_cache(tmp_path_factory, image_folder) -> Path:
+    """A finished cache-latents folder (PAE-tiny, random weights allowed explicitly)."""
+    out = tmp_path_factory.mktemp("latents") / "cache"
+    assert main(_cache_latents_argv(out, image_folder, "--tokenizer", "PAE-tiny", "--random-init")) == 0
+    return out
+
+
+# (id, arguments after the output/data arguments, expected exit code, words the one error line must hold)
+CACHE_LATENTS_CASES = [
+    ("bad_root", ["--tokenizer", "PAE-tiny", "--random-init", "--data.root", "/nonexistent/images"], EXIT_DATA,
+     ["/nonexistent/images"]),
+    ("unknown_tokenizer", ["--tokenizer", "PAE-tinyy", "--random-init"], EXIT_USAGE,
+     ["--tokenizer='PAE-tinyy'", "Did you mean 'PAE-tiny'"]),
+    ("missing_weights", ["--tokenizer", "PAE-tiny", "--weights", "/nonexistent/tok.safetensors"], EXIT_DATA,
+     ["--weights", "/nonexistent/tok.safetensors", "does not exist"]),
+    ("no_weights", ["--tokenizer", "PAE-tiny"], EXIT_USAGE, ["--weights", "--random-init"]),
+    ("other_tokenizer", ["--tokenizer", "RAE-tiny", "--random-init"], EXIT_DATA,
+     ["another run", "tokenizer: folder has 'PAE-tiny', this run 'RAE-tiny'"]),
+    ("other_resolution", ["--tokenizer", "PAE-tiny", "--random-init", "--data.image_size", "32"], EXIT_DATA,
+     ["data.image_size=32", "64 px"]),
+    ("shard_size", ["--tokenizer", "PAE-tiny", "--random-init", "--shard-size", "0"], EXIT_USAGE,
+     ["--shard-size=0", ">= 1"]),
+    ("range", ["--tokenizer", "PAE-tiny", "--random-init", "--data.num_workers", "-2"], EXIT_USAGE,
+     ["data.num_workers", ">= 0"]),
+]
+
+
+@pytest.mark.parametrize("case", CACHE_LATENTS_CASES, ids=[c[0] for c in CACHE_LATENTS_CASES])
+def test_cache_latents_bad_input_changes_nothing(case, latent_cache, image_folder, capsys):
+    _, args, code, words = case
+    before = snapshot(latent_cache)
+    capsys.readouterr()
+    assert main(_cache_latents_argv(latent_cache, image_folder, *args)) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert snapshot(latent_cache) == before
+
+
+def test_cache_latents_folder_is_locked_while_written(latent_cache, image_folder, capsys):
+    code = ("import sys, time; from pae_fast.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(latent_cache)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(latent_cache)
+        capsys.readouterr()
+        argv = _cache_latents_argv(latent_cache, image_folder, "--tokenizer", "PAE-tiny", "--random-init")
+        assert main(argv) == EXIT_BUSY
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by pid {holder.pid}" in err[0], err
+        assert snapshot(latent_cache) == before
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_debug_flag_shows_the_traceback(run):

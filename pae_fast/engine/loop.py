@@ -327,6 +327,7 @@ class _Trainer:
             rec["mfu"] = rec["tflops"] * 1e12 / peak if peak else None
         rec["skipped"] = int(round(n_bad))
         rec["skipped_total"] = int(round(skipped_total))
+        rec.update(self._counters())
         self.stats.write(rec)
         terms = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k in keys)
         self.log.info(
@@ -337,6 +338,17 @@ class _Trainer:
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4g}", refresh=False)
         self._reset_meters()
+
+    def _counters(self) -> dict[str, int]:
+        """The task's running counters (``TrainTask.counters``), summed over ranks."""
+        if self.task.counters is None:
+            return {}
+        counts = self.task.counters()
+        if self.world > 1 and counts:
+            t = torch.tensor([float(v) for v in counts.values()], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            counts = dict(zip(counts, t.tolist()))
+        return {k: int(v) for k, v in counts.items()}
 
     def _checkpoint(self) -> Path | None:
         self._check_stop_policy()

@@ -40,6 +40,8 @@ class TrainTask:
             (sample grids, reconstructions).
         flops_per_sample: training FLOPs per sample (forward + backward) for MFU; None: not reported.
         num_workers: DataLoader worker processes (0 loads in the training process).
+        counters: optional ``fn() -> {name: count}`` of running totals kept by the task (e.g. ``data/bad_files``,
+            images skipped as undecodable); summed over ranks and written into every ``stats.jsonl`` record.
     """
 
     name: str
@@ -52,3 +54,4 @@ class TrainTask:
     on_checkpoint: Callable[[int, nn.Module, nn.Module, str], None] | None = None
     flops_per_sample: float | None = None
     num_workers: int = 0
+    counters: Callable[[], dict[str, int]] | None = None

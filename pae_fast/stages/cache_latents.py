@@ -13,6 +13,9 @@ Items are the sample list in order (sorted class folders, sorted files); shard `
 ``W`` writes the shards ``k = r, r + W, ...``, each atomically, so the result does not depend on the world size.
 Re-running resumes: a finished shard whose metadata matches is kept. A folder whose ``cache.json`` names another
 tokenizer, weights or resolution is refused. Rank 0 writes the statistics and the index after all shards exist.
+``run_cache_latents`` (the command) checks everything it can refuse before touching the folder and holds the
+folder's :class:`~pae_fast.engine.lock.RunLock` while writing; the tokenizer comes from
+:mod:`pae_fast.stages.frozen_tokenizer` (random weights only when explicitly allowed, hashed from their tensors).
 ``latents_flip`` is the encoding of the mirrored image (not a flipped latent).
 """
 
@@ -33,10 +36,10 @@ from pae_fast.data.images import ImageSamples, find_samples, save_class_mapping
 from pae_fast.data.latent_cache import FORMAT_VERSION, INDEX_FILE, STATS_FILE
 from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
 from pae_fast.data.loaders import build_image_loader
-from pae_fast.errors import DataError
+from pae_fast.errors import ConfigError, DataError
 from pae_fast.io import atomic_write_text, load_safetensors, save_safetensors
 
-__all__ = ["CacheError", "cache_latents", "write_shards", "finalize_cache", "shard_ranges", "file_sha256",
+__all__ = ["CacheError", "cache_latents", "write_shards", "finalize_cache", "shard_ranges", "check_cache_folder",
            "run_cache_latents", "CACHE_FILE"]
 
 log = logging.getLogger("pae_fast.train.cache")
@@ -76,22 +79,36 @@ def _identity(tokenizer: nn.Module, tokenizer_name: str, weights_hash: str, samp
     }
 
 
+def check_cache_folder(out: Path, ident: dict[str, Any]) -> bool:
+    """Read-only: whether ``out`` already holds this cache's ``cache.json``; a folder holding another cache's is a
+    :class:`CacheError` naming each difference."""
+    path = out / CACHE_FILE
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path} is not valid JSON ({e}); delete the folder or choose another --out") from e
+    diff = [f"{k}: folder has {old.get(k)!r}, this run {v!r}" for k, v in ident.items()
+            if k != "pae_fast_version" and old.get(k) != v]
+    if diff:
+        raise CacheError(f"{out} holds a cache written by another run ({'; '.join(diff)}); choose another --out "
+                         "or delete it")
+    return True
+
+
 def _claim_folder(out: Path, ident: dict[str, Any]) -> None:
     """Write ``cache.json``, or check that an existing one describes the same cache (else :class:`CacheError`)."""
-    path = out / CACHE_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{path} is not valid JSON ({e}); delete the folder or choose another --out") from e
-        diff = [f"{k}: folder has {old.get(k)!r}, this run {v!r}" for k, v in ident.items()
-                if k != "pae_fast_version" and old.get(k) != v]
-        if diff:
-            raise CacheError(f"{out} holds a cache written by another run ({'; '.join(diff)}); choose another --out "
-                             "or delete it")
+    if check_cache_folder(out, ident):
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(ident, indent=1) + "\n")
+    atomic_write_text(out / CACHE_FILE, json.dumps(ident, indent=1) + "\n")
+
+
+def _check_resolution(tokenizer: nn.Module, tokenizer_name: str, data_cfg) -> None:
+    if int(data_cfg.image_size) != int(tokenizer.image_size):
+        raise CacheError(f"data.image_size={data_cfg.image_size} but tokenizer {tokenizer_name} encodes "
+                         f"{tokenizer.image_size} px images; set --data.image_size {tokenizer.image_size}")
 
 
 def _shard_done(path: Path, ident: dict[str, Any], start: int, stop: int) -> bool:
@@ -154,9 +171,7 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
     Raises:
         CacheError: another cache in ``out_dir``, a damaged shard, or a resolution mismatch.
     """
-    if int(data_cfg.image_size) != int(tokenizer.image_size):
-        raise CacheError(f"data.image_size={data_cfg.image_size} but tokenizer {tokenizer_name} encodes "
-                         f"{tokenizer.image_size} px images; set --data.image_size {tokenizer.image_size}")
+    _check_resolution(tokenizer, tokenizer_name, data_cfg)
     samples = samples or find_samples(data_cfg.root, data_cfg.file_list, data_cfg.num_classes)
     out, device = Path(out_dir), torch.device(device)
     ident = _identity(tokenizer, tokenizer_name, weights_hash, samples, shard_size)
@@ -183,14 +198,21 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
     return written
 
 
-def _shard_latents(out: Path, names: list[str]) -> Iterator[torch.Tensor]:
+def _shard_latents(out: Path, names: list[str], stride: int = 1) -> Iterator[torch.Tensor]:
+    """The latents of the shards in order, every ``stride``-th item of the whole sequence."""
+    offset = 0
     for name in names:
-        yield load_safetensors(out / name)[0]["latents"]
+        z = load_safetensors(out / name)[0]["latents"]  # (n, C, h, w)
+        yield z[(-offset) % stride :: stride]
+        offset += z.shape[0]
 
 
 def finalize_cache(out_dir: str | os.PathLike, stats_items: int | None = 10_000) -> Path:
-    """Rank 0, after every shard is written: statistics over the first ``stats_items`` latents (all when None),
-    then ``index.json``.
+    """Rank 0, after every shard is written: statistics over ``stats_items`` latents (all when None), then
+    ``index.json``.
+
+    The items are evenly spaced over the whole cache (every ``ceil(N / stats_items)``-th), not the first ones: the
+    items are in class order, so the first 10k of ImageNet would cover only its first few classes.
 
     Raises:
         CacheError: ``cache.json`` or a shard is missing.
@@ -210,7 +232,9 @@ def finalize_cache(out_dir: str | os.PathLike, stats_items: int | None = 10_000)
         shards.append({"file": path.name, "count": int(tensors["labels"].shape[0])})
         bad_total += int(meta.get("bad_files", 0))
     names = [s["file"] for s in shards if s["count"]]
-    stats = compute_latent_stats(_shard_latents(out, names), mode=ident["stats_mode"], max_items=stats_items,
+    total = sum(s["count"] for s in shards)
+    stride = max(1, -(-total // stats_items)) if stats_items else 1
+    stats = compute_latent_stats(_shard_latents(out, names, stride), mode=ident["stats_mode"], max_items=stats_items,
                                  where=str(out))
     stats.save(out / STATS_FILE)
     c, h, w = ident["latent_shape"]
@@ -239,14 +263,15 @@ def _barrier(world_size: int) -> None:
 
 def cache_latents(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, tokenizer_name: str,
                   weights_hash: str, shard_size: int = 4096, rank: int = 0, world_size: int = 1,
-                  device: torch.device | str = "cpu", stats_items: int | None = 10_000) -> LatentStats | None:
+                  device: torch.device | str = "cpu", stats_items: int | None = 10_000,
+                  samples: ImageSamples | None = None) -> LatentStats | None:
     """Write (or finish) a latent cache: this rank's shards, then on rank 0 the statistics and the index.
 
     Arguments as :func:`write_shards` and :func:`finalize_cache`. Under ``torch.distributed`` ranks meet at a barrier
     before rank 0 finalises. Returns the statistics on rank 0, None elsewhere.
     """
     write_shards(tokenizer, data_cfg, out_dir, tokenizer_name=tokenizer_name, weights_hash=weights_hash,
-                 shard_size=shard_size, rank=rank, world_size=world_size, device=device)
+                 shard_size=shard_size, rank=rank, world_size=world_size, device=device, samples=samples)
     _barrier(world_size)
     if rank != 0:
         return None
@@ -254,45 +279,51 @@ def cache_latents(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *,
     return LatentStats.load(Path(out_dir) / STATS_FILE)
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
-    import hashlib
+def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | None, out_dir: str | os.PathLike, *,
+                      shard_size: int = 4096, stats_items: int | None = 10_000, random_init: bool = False) -> Path:
+    """``cache-latents``: build the frozen tokenizer (:func:`~pae_fast.stages.frozen_tokenizer.load_frozen_tokenizer`),
+    start the process group under torchrun, and write the cache (:func:`cache_latents`) on ``cfg.train.device``.
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      shard_size: int = 4096, stats_items: int | None = 10_000) -> Path:
-    """``cache-latents``: build the tokenizer, load its weights (``pae_fast.weights``), start the process group
-    under torchrun, and write the cache (:func:`cache_latents`) on ``cfg.train.device``.
+    Everything that can be refused is checked before the folder is touched (the tokenizer name, the weights file, the
+    image folder, the resolution, a folder holding another cache); the folder is then locked
+    (:class:`~pae_fast.engine.lock.RunLock`, rank 0) while shards are written.
 
     Args:
-        cfg: a :class:`pae_fast.config.Config` (reads ``data`` and ``train.device``).
+        cfg: a :class:`pae_fast.config.Config` (reads ``data``, ``tokenizer.vfm_weights``, ``seed``, ``train.device``).
         tokenizer_name: a registered tokenizer (``pae_fast.registry.TOKENIZERS``).
         weights: its weights (safetensors / .pt, a file or a checkpoint folder); the file's SHA-256 identifies it.
+            None only with ``random_init``.
         out_dir: the cache folder.
+        shard_size: items per shard (>= 1).
+        stats_items: latents the statistics are computed from (None: all).
+        random_init: allow a random tokenizer (seeded by ``cfg.seed``; pipeline checks only).
     Returns:
         The cache folder.
     """
     from pae_fast.engine import distributed as dist_utils
-    from pae_fast.registry import create_tokenizer
-    from pae_fast.weights import load_weights
+    from pae_fast.engine.lock import RunLock
+    from pae_fast.stages.frozen_tokenizer import load_frozen_tokenizer
 
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size={shard_size}: expected >= 1")
+    if stats_items is not None and stats_items < 1:
+        raise ConfigError(f"--stats-items={stats_items}: expected >= 1 (or 0 for all)")
+    tokenizer, weights_hash = load_frozen_tokenizer(tokenizer_name, weights, vfm_weights=cfg.tokenizer.vfm_weights,
+                                                    random_init=random_init, seed=cfg.seed)
+    _check_resolution(tokenizer, tokenizer_name, cfg.data)
+    samples = find_samples(cfg.data.root, cfg.data.file_list, cfg.data.num_classes)
+    out = Path(out_dir)
+    check_cache_folder(out, _identity(tokenizer, tokenizer_name, weights_hash, samples, shard_size))
     device = dist_utils.default_device(cfg.train.device)
     owns_group = dist_utils.init_from_env(device)
     try:
-        tokenizer = create_tokenizer(tokenizer_name)
-        meta = load_weights(tokenizer, weights)
-        tokenizer = tokenizer.to(device).eval().requires_grad_(False)
-        cache_latents(tokenizer, cfg.data, out_dir, tokenizer_name=tokenizer_name,
-                      weights_hash=file_sha256(meta["weights_file"]), shard_size=shard_size,
-                      rank=dist_utils.get_rank(), world_size=dist_utils.get_world_size(), device=device,
-                      stats_items=stats_items)
+        rank = dist_utils.get_rank()
+        with RunLock(out, enabled=rank == 0):
+            cache_latents(tokenizer.to(device), cfg.data, out, tokenizer_name=tokenizer_name,
+                          weights_hash=weights_hash, shard_size=shard_size, rank=rank,
+                          world_size=dist_utils.get_world_size(), device=device, stats_items=stats_items,
+                          samples=samples)
     finally:
         if owns_group:
             dist_utils.cleanup()
-    return Path(out_dir)
+    return out

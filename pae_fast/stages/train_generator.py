@@ -32,7 +32,11 @@ def resolve_train_shift(flow: Any, latent_shape: tuple[int, ...]) -> float:
     return flow.shift
 
 
-def _check_data_fits_model(shape: tuple[int, ...], num_classes: int | None, model_cfg: Any, where: str) -> None:
+def _check_data_fits_model(shape: tuple[int, ...], num_classes: int | None, model_cfg: Any, where: str,
+                           metadata: dict[str, Any] | None = None, tokenizer_cfg: Any = None) -> None:
+    """Refuse latent data that does not fit the generator config (before anything is written), naming each mismatch:
+    channels (``model.in_channels``), latent size (``model.input_size``), class count (``model.num_classes``) and,
+    when the data records the tokenizer that wrote it (``metadata["tokenizer"]``), ``tokenizer.name``."""
     problems = []
     if len(shape) != 3:
         problems.append(f"items must be latents (C, H, W), got shape {shape}")
@@ -44,6 +48,10 @@ def _check_data_fits_model(shape: tuple[int, ...], num_classes: int | None, mode
             problems.append(f"model.input_size is {model_cfg.input_size} but the cache latents are {h}x{w}")
     if num_classes is not None and num_classes > model_cfg.num_classes:
         problems.append(f"model.num_classes is {model_cfg.num_classes} but the cache has {num_classes} classes")
+    recorded = (metadata or {}).get("tokenizer")
+    if recorded and tokenizer_cfg is not None and recorded != tokenizer_cfg.name:
+        problems.append(f"tokenizer.name is {tokenizer_cfg.name!r} but the cache was written by tokenizer {recorded!r} "
+                        f"(set tokenizer.name={recorded} to train on it)")
     if problems:
         raise ConfigError(f"the latent data {where} does not fit the generator: " + "; ".join(problems))
 
@@ -54,30 +62,41 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
     Args:
         cfg: the run config (``model``, ``flow``, ``data``, ``train``).
         dataset: a map-style dataset of ``(latent (C, H, W) standardised, label)``; default
-            :func:`pae_fast.data.latents.open_latent_data`. A dataset passed here exposes ``stats``
-            (:class:`LatentStats`) when its latents are standardised (identity statistics otherwise).
+            :func:`pae_fast.data.latents.open_latent_data`, or with ``data.latents: online`` the images at
+            ``data.root`` encoded on the fly (:mod:`pae_fast.stages.online_latents`). A dataset passed here exposes
+            ``stats`` (:class:`LatentStats`) when its latents are standardised (identity statistics otherwise).
         world_size: processes the run will use (checks ``data.batch_size`` against the engine's micro-batch).
 
     Returns:
         ``(TrainTask, resolved cfg)``; the resolved config holds the training shift actually used.
     """
     from pae_fast.data.latents import identity_stats, latent_loader_workers, open_latent_data
+    from pae_fast.data.pil_loader import _collate as collate_images
     from pae_fast.engine.state import seed_all
     from pae_fast.engine.task import TrainTask
     from pae_fast.models.generator import generator_from_config
     from pae_fast.models.profile import train_flops_per_sample
 
-    num_workers = latent_loader_workers(cfg.data, cfg.train, world_size)
-    ds = open_latent_data(cfg) if dataset is None else dataset
-    if len(ds) == 0:
-        raise ConfigError(f"the latent data {getattr(ds, 'path', type(ds).__name__)} is empty")
-    shape = tuple(ds[0][0].shape)
-    _check_data_fits_model(shape, getattr(ds, "num_classes", None), cfg.model, str(getattr(ds, "path", "")))
+    online = None
+    if dataset is None and cfg.data.latents == "online":  # images encoded on the fly (stages/online_latents.py)
+        from pae_fast.stages.online_latents import OnlineLatentData
+
+        num_workers = latent_loader_workers(dataclasses.replace(cfg.data, loader="auto"), cfg.train, world_size)
+        online = OnlineLatentData.from_config(cfg)
+        ds, shape, stats = online.dataset, online.latent_shape, online.stats
+    else:
+        num_workers = latent_loader_workers(cfg.data, cfg.train, world_size)
+        ds = open_latent_data(cfg) if dataset is None else dataset
+        if len(ds) == 0:
+            raise ConfigError(f"the latent data {getattr(ds, 'path', type(ds).__name__)} is empty")
+        shape = tuple(ds[0][0].shape)
+        stats = getattr(ds, "stats", None) or identity_stats(shape[0])
+    _check_data_fits_model(shape, getattr(ds, "num_classes", None), cfg.model, str(getattr(ds, "path", "")),
+                           getattr(ds, "metadata", None), cfg.tokenizer)
     shift = resolve_train_shift(cfg.flow, shape)
     cfg = dataclasses.replace(cfg, flow=dataclasses.replace(cfg.flow, shift=shift))
     seed_all(cfg.seed)  # before the model is built: the seed sets the initial weights too
     model = generator_from_config(cfg.model)
-    stats = getattr(ds, "stats", None) or identity_stats(shape[0])
     metadata = {
         "generator": cfg.model.name,
         "latent_shape": json.dumps(list(shape)),
@@ -85,15 +104,19 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
         "train_shift": repr(shift),
         "time_convention": "pae",  # weights trained here: t = 1 data, predict v (docs/method.md § Sampling)
         "latent_cache": str(getattr(ds, "path", "")),
+        **(online.metadata() if online is not None else {}),
     }
+    flow_loss = FlowLoss.from_config(cfg.flow)
     task = TrainTask(
         name="generator",
         model=model,
-        loss_fn=FlowLoss.from_config(cfg.flow),
+        loss_fn=online.loss_fn(flow_loss) if online is not None else flow_loss,
         dataset=ds,
+        collate_fn=collate_images if online is not None else None,
         metadata=metadata,
         flops_per_sample=train_flops_per_sample(model),
         num_workers=num_workers,
+        counters=online.counters if online is not None else None,
     )
     return task, cfg
 

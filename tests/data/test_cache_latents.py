@@ -39,6 +39,16 @@ class StandInTokenizer(nn.Module):
         return self.proj(F.pad(x, (0, 1, 0, 0), mode="replicate"))  # (B, 4, 8, 8)
 
 
+def _stand_in_factory(pretrained: bool = False, weights=None, vfm_weights=None) -> StandInTokenizer:
+    """The registry's constructor contract (``create_tokenizer(name, pretrained=, weights=, vfm_weights=)``)."""
+    from pae_fast.weights import load_weights
+
+    tok = StandInTokenizer()
+    if weights is not None:
+        load_weights(tok, weights)
+    return tok
+
+
 def _cfg(root) -> DataConfig:
     return DataConfig(root=str(root), num_classes=3, image_size=32, batch_size=5, loader="pil", num_workers=0)
 
@@ -115,7 +125,7 @@ def test_cli_end_to_end_with_skip(tmp_path, image_tree, monkeypatch, capsys):
     from pae_fast.registry import TOKENIZERS
 
     TOKENIZERS.names()  # load the registered modules first
-    monkeypatch.setitem(TOKENIZERS._entries, "test-stand-in", StandInTokenizer)
+    monkeypatch.setitem(TOKENIZERS._entries, "test-stand-in", _stand_in_factory)
     weights = tmp_path / "tok.safetensors"
     save_safetensors(StandInTokenizer().state_dict(), weights)
     bad = sorted(image_tree.rglob("*.jpg"))[4]
@@ -180,3 +190,13 @@ def test_two_ranks_under_gloo(tmp_path, image_tree):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     index = json.loads((tmp_path / "dist" / "index.json").read_text())
     assert index == json.loads((tmp_path / "single" / "index.json").read_text())
+
+
+def test_statistics_subset_is_spread_over_the_classes(tmp_path, image_tree):
+    tok = StandInTokenizer()
+    _run(tok, image_tree, tmp_path / "c")
+    finalize_cache(tmp_path / "c", stats_items=4)  # 12 items in class order: every 3rd, from all 3 classes
+    stats = LatentStats.load(tmp_path / "c" / "stats.safetensors")
+    z, y = LatentCache(tmp_path / "c", normalize=False).load_all()
+    assert stats.count == 4 and set(y[::3].tolist()) == {0, 1, 2}
+    torch.testing.assert_close(stats.mean, z[::3].double().mean((0, 2, 3)).float(), atol=1e-6, rtol=0)

@@ -1,0 +1,86 @@
+"""A frozen tokenizer for encoding images into latents (``cache-latents``, ``train-dit`` with ``data.latents:
+online``), and the hash that identifies its weights.
+
+Random weights are never used silently: without a weights file the caller must say ``random_init=True`` (the
+``--random-init`` flag of ``cache-latents``, ``tokenizer.random_init`` in a config), which is meant for pipeline
+checks only. A random tokenizer is built under ``torch.manual_seed(seed)`` so that a re-run (a resumed cache, a
+resumed training run) builds the same one, and its weights hash is computed from its tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from pae_fast.errors import ConfigError
+
+__all__ = ["state_sha256", "load_frozen_tokenizer"]
+
+log = logging.getLogger("pae_fast.tokenizer")
+
+
+def state_sha256(module: nn.Module) -> str:
+    """Hex SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_frozen_tokenizer(name: str, weights: str | os.PathLike | None, *, vfm_weights: str | os.PathLike | None = None,
+                          random_init: bool = False, seed: int = 0, key: str = "--weights",
+                          name_key: str = "--tokenizer") -> tuple[nn.Module, str]:
+    """Build a registered tokenizer, load its weights, freeze it (eval, no grad) on the CPU.
+
+    Args:
+        name: a registered tokenizer (``pae_fast.registry.TOKENIZERS``).
+        weights: its weights (a pae_fast tokenizer file, checkpoint or run folder, or the PAE authors' checkpoint;
+            ``pae_fast.weights`` rules), or None together with ``random_init``.
+        vfm_weights: the encoder's own weights file, when ``weights`` holds none.
+        random_init: allow random weights when ``weights`` is None (pipeline checks only).
+        seed: seeds the random initialisation.
+        key, name_key: the argument / config keys named in errors.
+
+    Returns:
+        ``(tokenizer, weights_hash)``: the hash is the SHA-256 of the weights file (combined with the encoder file's
+        when ``vfm_weights`` is given), or ``"random-init:<sha256 of the tensors>"``.
+
+    Raises:
+        ConfigError: unknown name; neither weights nor ``random_init``.
+        WeightsError: a missing, damaged or non-fitting weights file (the message names it; exit code 3).
+    """
+    from pae_fast.engine.checkpoint import file_sha256
+    from pae_fast.registry import TOKENIZERS, create_tokenizer
+    from pae_fast.weights import resolve_weights_file
+
+    if name not in TOKENIZERS:
+        try:
+            TOKENIZERS.get(name)
+        except KeyError as e:
+            raise ConfigError(f"{name_key}={name!r}: {e.args[0]}") from None
+    if weights is None and not random_init:
+        raise ConfigError(f"{key} is not set: the tokenizer {name} needs its trained weights; random weights only "
+                          "with --random-init (cache-latents) / tokenizer.random_init=true (pipeline checks only)")
+    if weights is None:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            tok = create_tokenizer(name, pretrained=False, vfm_weights=vfm_weights)
+        finally:
+            torch.random.set_rng_state(state)  # the caller's RNG stream is left as it was
+        digest = "random-init:" + state_sha256(tok)
+        log.warning("tokenizer %s has RANDOM weights (explicitly allowed; seed %d): its latents are meaningless "
+                    "beyond pipeline checks", name, seed)
+    else:
+        file = resolve_weights_file(weights, key=key)
+        tok = create_tokenizer(name, pretrained=True, weights=file, vfm_weights=vfm_weights)
+        digest = file_sha256(file)
+        if vfm_weights is not None:
+            digest = hashlib.sha256(f"{digest}+{file_sha256(vfm_weights)}".encode()).hexdigest()
+    return tok.eval().requires_grad_(False), digest
