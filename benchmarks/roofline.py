@@ -1,7 +1,7 @@
 """Roofline of one generator training step, counted at op boundaries on the meta device (no GPU, no memory).
 
 For each model, one flow-matching training step (forward + loss + backward, bf16 weights and activations) runs on
-the ``meta`` device under :class:`pae_fast.kernels.traffic.TrafficCounter` twice: with the fused kernels
+the ``meta`` device under :class:`pae_fast.kernels.tools.traffic.TrafficCounter` twice: with the fused kernels
 (``use_backend("triton")``: the custom ops' fake implementations run) and with the PyTorch references
 (``use_backend("torch")``, attention kept on SDPA as in the authors' eager code; attention is charged as one
 flash-style op either way). The counts become a predicted step time:
@@ -126,7 +126,7 @@ def step_traffic(
     Returns:
         The :meth:`TrafficCounter.summary` plus ``params`` and ``input`` (the model's input spec).
     """
-    from pae_fast.kernels.traffic import TrafficCounter
+    from pae_fast.kernels.tools.traffic import TrafficCounter
 
     if backend not in ("fused", "reference"):
         raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")
@@ -139,7 +139,8 @@ def step_traffic(
     x1 = torch.empty(B, C, S, S, device=meta, dtype=dtype)
     y = torch.empty(B, device=meta, dtype=torch.long)
     with _scopes(backend), TrafficCounter() as tc:
-        # x_t = t x1 + (1 - t) x0, v = x1 - x0 (t = 1 data); loss = MSE + mean(1 - cos) in fp32 (SPEC §4)
+        # x_t = t x1 + (1 - t) x0, v = x1 - x0 (t = 1 data); loss = MSE + mean(1 - cos) in fp32
+        # (docs/method.md § Flow matching)
         t = torch.rand(B, device=meta)
         x0 = torch.randn_like(x1)
         tb = t.to(dtype).view(B, 1, 1, 1)
@@ -183,8 +184,8 @@ def op_traffic(spec: Any, dtype: torch.dtype = torch.bfloat16, size: str = "mode
 
 
 def _count_call(fn: Callable[..., Any], args: tuple, kwargs: dict, extra: dict) -> dict[str, Any]:
-    from pae_fast.kernels.testing import flatten_tensors
-    from pae_fast.kernels.traffic import TrafficCounter
+    from pae_fast.kernels.tools.testing import flatten_tensors
+    from pae_fast.kernels.tools.traffic import TrafficCounter
 
     leaves = [t for t in flatten_tensors(list(args)) + flatten_tensors(list(kwargs.values())) if t.requires_grad]
     with TrafficCounter() as tc:

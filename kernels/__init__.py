@@ -6,7 +6,7 @@ implementation, so models trace under ``torch.compile`` and run on the meta devi
 
     python -m pae_fast.kernels.info       # every op, its backends and why any is unavailable
     python -m pae_fast.kernels.validate   # every op against its reference on this device
-    python -m pae_fast.kernels.compile_check --ptxas   # every kernel launch compiled for sm_90, no GPU needed
+    python -m pae_fast.kernels.tools.compile_check --ptxas   # every kernel launch compiled for sm_90, no GPU needed
 """
 
 from ._dispatch import (

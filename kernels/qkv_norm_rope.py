@@ -11,7 +11,8 @@ gradients straight into one packed ``dqkv`` buffer (the strided-output path of t
 ``dv`` with one copy, so the split costs ~8 tensor passes per block instead of ~22 (measured by
 ``benchmarks/roofline.py``). ``v'`` is a contiguous copy (a custom op cannot return a view of its input).
 
-Triton kernels: those of :mod:`pae_fast.kernels.qk_norm_rope` (reused, not copied). Reference: ``qkv_norm_rope_ref``.
+Triton kernels: those of :mod:`pae_fast.kernels.qk_norm_rope` (shared via ``_qk_rope_common``).
+Reference: ``qkv_norm_rope_ref``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
-from .qk_norm_rope import _bwd as _qk_bwd
-from .qk_norm_rope import _check as _qk_check
-from .qk_norm_rope import _fwd as _qk_fwd
+from ._qk_rope_common import qk_bwd as _qk_bwd
+from ._qk_rope_common import qk_check as _qk_check
+from ._qk_rope_common import qk_fwd as _qk_fwd
 from .qk_norm_rope import qk_norm_rope_ref, rope_2d_tables
 
 __all__ = ["qkv_norm_rope", "qkv_norm_rope_ref", "split_heads"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pae_fast import kernels
-from pae_fast.kernels.traffic import TrafficCounter, attention_flops, footprint_bytes, format_summary
+from pae_fast.kernels.tools.traffic import TrafficCounter, attention_flops, footprint_bytes, format_summary
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 META = torch.device("meta")

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from pae_fast.kernels.compile_check import _dedupe
+from pae_fast.kernels.tools.compile_check import _dedupe
 
 
 def _run(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "pae_fast.kernels.compile_check", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "pae_fast.kernels.tools.compile_check", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
 
 

@@ -5,7 +5,7 @@ import torch
 
 from pae_fast.kernels import OPS, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref, use_backend
 from pae_fast.kernels import _adaln_common as common
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["gated_residual_adaln"]
 

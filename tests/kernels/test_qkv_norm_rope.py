@@ -5,7 +5,7 @@ import torch
 
 from pae_fast.kernels import OPS, qk_norm_rope_ref, qkv_norm_rope, qkv_norm_rope_ref, rope_2d_tables, use_backend
 from pae_fast.kernels.qkv_norm_rope import split_heads
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 SPEC = OPS["qkv_norm_rope"]
 

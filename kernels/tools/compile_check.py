@@ -1,4 +1,4 @@
-"""``python -m pae_fast.kernels.compile_check``: compile every Triton kernel launch of every op for a GPU, without one.
+"""``python -m pae_fast.kernels.tools.compile_check``: compile every Triton kernel launch of every op for a GPU.
 
 The interpreter (``TRITON_INTERPRET=1``) checks what a kernel computes, but not that it compiles: it never builds
 Triton IR, so type errors, unsupported bf16 ops, bad ``tl.dot`` shapes or register spills only show on a GPU. This tool
@@ -63,7 +63,7 @@ def record_launches(ops: list[str] | None, sizes: list[str], dtypes: list[str]) 
     from triton.runtime.interpreter import InterpretedFunction
 
     from pae_fast import kernels
-    from pae_fast.kernels.testing import flatten_tensors
+    from pae_fast.kernels.tools.testing import flatten_tensors
 
     launches: list[dict[str, Any]] = []
     current: dict[str, str] = {}
@@ -201,7 +201,7 @@ def _phase(argv: list[str], interpret: bool) -> list[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-m", "pae_fast.kernels.compile_check", *argv], env=env,
+    out = subprocess.run([sys.executable, "-m", "pae_fast.kernels.tools.compile_check", *argv], env=env,
                          capture_output=True, text=True)  # fmt: skip
     if out.returncode != 0:
         raise SystemExit(f"compile_check phase {argv[0]} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
@@ -224,7 +224,7 @@ def run(ops: list[str] | None, sizes: list[str], dtypes: list[str], arch: int, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pae_fast.kernels.compile_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pae_fast.kernels.tools.compile_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--ops", nargs="*", help="ops to check (default: all)")
     p.add_argument("--sizes", nargs="*", default=["small", "model"], choices=["small", "model"])
