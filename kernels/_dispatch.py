@@ -36,6 +36,7 @@ __all__ = [
     "resolve_backend",
     "triton_unavailable_reason",
     "interpreter_enabled",
+    "counting_only",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -49,6 +50,7 @@ class BackendUnavailable(RuntimeError):
 _PROCESS_BACKEND: list[str] = []  # filled once from the environment
 _SCOPE_STACK: list[str] = []
 _TRITON_IMPORT_ERROR: list[str | None] = []  # cached result of the triton import check
+_COUNTING: list[bool] = []  # non-empty inside counting_only()
 
 
 def _check_name(name: str, where: str) -> str:
@@ -77,6 +79,20 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _SCOPE_STACK.pop()
+
+
+@contextlib.contextmanager
+def counting_only() -> Iterator[None]:
+    """Let ``triton`` resolve on any device, for counting under ``FakeTensorMode`` (no kernel ever runs).
+
+    ``benchmarks/roofline.py`` counts a step on fake CPU tensors (CPU autocast stands in for CUDA's, which the meta
+    device lacks); the fused ops' fake implementations then run as they would while tracing a CUDA model.
+    """
+    _COUNTING.append(True)
+    try:
+        yield
+    finally:
+        _COUNTING.pop()
 
 
 def interpreter_enabled() -> bool:
@@ -126,7 +142,7 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor | None) -> str:
         return "torch"
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if name == "triton":
-        reason = triton_unavailable_reason(device)
+        reason = triton_unavailable_reason("meta" if _COUNTING else device)
         if reason is not None:
             raise BackendUnavailable(f"kernel backend 'triton' cannot run on {device}: {reason}")
         return "triton"

@@ -185,10 +185,17 @@ def test_roofline_prediction_math(bench_path):
     hw = roofline.Hardware("X", peak_flops=1000e12, bandwidth=2e12)
     s = {"matmul_flops": 700e12, "attention_flops": 70e12, "attention_model_flops": 60e12,
          "attention_bytes": 2e12, "other_bytes": 4e12}  # fmt: skip
-    p = roofline.predict(s, hw, gemm_efficiency=0.7)
+    p = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=1.0)
     assert p["matmul_s"] == pytest.approx(1.0) and p["bandwidth_s"] == pytest.approx(2.0)
     assert p["attention_s"] == pytest.approx(0.1 + 1.0) and p["step_s"] == pytest.approx(4.1)
     assert p["mfu"] == pytest.approx(760e12 / (4.1 * 1000e12))
+    # HBM at 80 %, the optimizer + EMA bytes, FlashAttention-2's padded FLOPs
+    s.update(update_bytes=1.6e12, attention_padded_flops=140e12)
+    p = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=0.8, attention="fa2")
+    assert p["bandwidth_s"] == pytest.approx(2.5) and p["update_s"] == pytest.approx(1.0)
+    assert p["attention_s"] == pytest.approx(0.2 + 1.25) and p["step_s"] == pytest.approx(1.0 + 1.45 + 2.5 + 1.0)
+    with pytest.raises(ValueError, match="attention"):
+        roofline.predict(s, hw, attention="xformers")
 
 
 def test_roofline_writes_documented_keys(bench_path, tmp_path):
@@ -210,7 +217,20 @@ def test_roofline_writes_documented_keys(bench_path, tmp_path):
     assert m["fused"]["matmul_flops"] == m["reference"]["matmul_flops"] > 0
     assert 0 < m["fused"]["other_bytes"] < m["reference"]["other_bytes"]
     assert m["fused"]["launches"] < m["reference"]["launches"]
-    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met"}
+    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met", "step_gb"}
+    # counted as the engine trains by default: its precision policy, optimizer and EMA
+    from pae_fast.config import TrainConfig
+
+    a = data["assumptions"]
+    assert (a["precision"], a["optimizer"], a["ema"]) == (TrainConfig().precision, TrainConfig().optimizer, True)
+    assert 0.85 <= a["hbm_efficiency"] <= 0.90 and "cuDNN" in a["attention"]
+    n = m["params"]
+    assert m["optimizer_ema_bytes"] == m["fused"]["update_bytes"] >= 36 * n  # >= the fused kernel's floor
+    types = m["fused"]["op_types"]
+    assert types["optimizer + EMA"]["min_bytes"] == 36 * n
+    assert {"fused:adaln_modulate", "fused:gated_residual_adaln", "fused:swiglu"} <= set(types)
+    assert all(t["min_bytes"] is not None and t["min_bytes"] <= t["bytes"] for t in types.values()), types
+    assert "casts" in m["reference"]["op_types"] and "per op type" in md
     row = data["ops"][0]
     assert set(row) >= {"op", "case", "reference_bytes", "fused_bytes", "min_bytes"}, row
     assert row["min_bytes"] <= row["fused_bytes"] < row["reference_bytes"]
@@ -226,11 +246,29 @@ def test_roofline_step_flops_match_profile(bench_path):
 
     with META:
         model = _tiny_generator()
-    step = roofline.step_traffic(_tiny_generator, batch=3, dtype=torch.float32, backend="fused")
+    step = roofline.step_traffic(_tiny_generator, batch=3, precision="fp32", backend="fused")
     gmacs = forward_gmacs(model) * 3
     counted = step["matmul_flops"] + step["attention_model_flops"]
     assert counted == pytest.approx(6 * gmacs * 1e9, rel=0.05)
     assert counted <= 6 * gmacs * 1e9
+
+
+def test_roofline_counts_the_precision_policy(bench_path):
+    """bf16 compute weights: no weight casts in forward/backward; the update writes the bf16 copy instead. Under
+    bf16-autocast every GEMM re-casts its fp32 weight (and the reference pays the same attention as the fused)."""
+    import roofline
+
+    n = sum(p.numel() for p in _tiny_generator().parameters())
+    ac = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16-autocast", backend="fused")
+    bf = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="fused")
+    ref = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="reference")
+    casts = lambda s: s["op_types"].get("casts", {}).get("bytes", 0)  # noqa: E731
+    assert casts(ac) >= 4 * n  # fp32 -> bf16 weight casts (6 B/param) and the gradients back
+    assert casts(bf) < casts(ac) / 4
+    assert ac["update_bytes"] == pytest.approx(40 * n, rel=0.02)  # fused AdamW 28 B/param + EMA 12 B/param
+    assert bf["update_bytes"] == pytest.approx(52 * n, rel=0.02)  # + bf16 grads to fp32 (6) + the bf16 copy (6)
+    assert ref["attention_flops"] == bf["attention_flops"] and ref["attention_bytes"] == bf["attention_bytes"]
+    assert ref["matmul_flops"] == bf["matmul_flops"]
 
 
 def test_roofline_unknown_model_is_reported(bench_path, tmp_path):

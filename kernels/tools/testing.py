@@ -105,8 +105,9 @@ def compare_op(
 
     Floating tensors with ``requires_grad`` become leaves on both sides; gradients of every output (with one shared
     random upstream gradient per output) are compared for each of them. The result fails (``ok`` is False) when
-    nothing was compared: no output tensors, or inputs that require grad but no gradient reached any. ``ref_dtype`` upcasts the reference's
-    floating inputs (e.g. fp64) and the comparison casts the reference back to the fused output's dtype first.
+    nothing was compared: no output tensors, or inputs that require grad but no gradient reached any.
+    ``ref_dtype`` upcasts the reference's floating inputs (e.g. fp64) and the comparison casts the reference back to
+    the fused output's dtype first.
     """
     kwargs = dict(kwargs or {})
     fused_kwargs = dict(fused_kwargs if fused_kwargs is not None else {"backend": "triton"})
