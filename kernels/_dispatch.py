@@ -37,6 +37,7 @@ __all__ = [
     "triton_unavailable_reason",
     "interpreter_enabled",
     "counting_only",
+    "gemm_input_dtype",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -93,6 +94,20 @@ def counting_only() -> Iterator[None]:
         yield
     finally:
         _COUNTING.pop()
+
+
+def gemm_input_dtype(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.dtype:
+    """dtype of a fused op's output that feeds a GEMM: ``out_dtype`` when given, else the autocast dtype when autocast
+    is on for ``x``'s device type (the GEMM would cast to it anyway: the op writes it directly), else ``x.dtype``."""
+    if out_dtype is not None:
+        return out_dtype
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except RuntimeError:  # a device type without autocast (meta)
+        pass
+    return x.dtype
 
 
 def interpreter_enabled() -> bool:

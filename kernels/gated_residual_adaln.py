@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _adaln_common as C
 from ._adaln_common import _load_mod, _row_norm, _row_norm_bwd
-from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
+from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 
 __all__ = ["gated_residual_adaln", "gated_residual_adaln_ref"]
 
@@ -199,10 +199,10 @@ def _flags(norm, gate, shift, scale, weight) -> dict:
     )  # fmt: skip
 
 
-def _fwd(x, y, gate, shift, scale, weight, norm: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(x, y, gate, shift, scale, weight, norm: str, eps: float, h_dtype: torch.dtype):
     B, T, D = x.shape
     r = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    h = torch.empty((B, T, D), dtype=h_dtype, device=x.device)
     if r.numel() == 0:
         return r, h
     x, y, gate, scale = C.unit_cols(x), C.unit_cols(y), C.unit_cols(gate), C.unit_cols(scale)
@@ -267,15 +267,16 @@ def _gated_residual_adaln_op(
     weight: torch.Tensor | None,
     norm: str,
     eps: float,
+    h_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(x, y, gate, shift, scale, weight, norm, eps)
+    return _fwd(x, y, gate, shift, scale, weight, norm, eps, h_dtype)
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, y, gate, shift, scale, weight, norm, eps):
+def _(x, y, gate, shift, scale, weight, norm, eps, h_dtype):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
-        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty(x.shape, dtype=h_dtype, device=x.device),
     )
 
 
@@ -309,7 +310,7 @@ def _(dr, dh, x, y, gate, shift, scale, weight, norm, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, gate, shift, scale, weight, norm, eps = inputs
+    x, y, gate, shift, scale, weight, norm, eps, _ = inputs
     ctx.norm, ctx.eps = norm, eps
     ctx.save_for_backward(x, y, gate, shift, scale, weight)
 
@@ -323,7 +324,7 @@ def _backward(ctx, dr, dh):
     )
     dshift = dshift if shift is not None else None
     dweight = dweight if weight is not None else None
-    return dx, dy, dgate, dshift, dscale, dweight, None, None
+    return dx, dy, dgate, dshift, dscale, dweight, None, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_backward, setup_context=_setup_context)
@@ -361,6 +362,7 @@ def gated_residual_adaln(
     norm: str = "rms",
     eps: float = 1e-6,
     backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + gate * y`` and ``h = norm(r) * (1 + scale) + shift`` in one pass (statistics in fp32).
 
@@ -375,15 +377,18 @@ def gated_residual_adaln(
         norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm without affine).
         eps: added to the mean square / variance.
         backend: ``auto | triton | torch`` (None: the scope / process default).
+        out_dtype: dtype of ``h`` (it feeds a GEMM). None: the autocast dtype when autocast is on for x's device
+            (the residual stream stays in ``x.dtype``, e.g. fp32, while ``h`` leaves in bf16), else ``x.dtype``.
 
     Returns:
-        ``(r, h)``, both ``(B, N, D)`` in ``x.dtype``; ``h`` is computed from the fp32 ``r`` before rounding.
-        Gradients flow from both; each gradient has its input's dtype.
+        ``(r, h)``, both ``(B, N, D)``: ``r`` in ``x.dtype``, ``h`` in ``out_dtype``; ``h`` is computed from the fp32
+        ``r`` before rounding. Gradients flow from both (in any float dtype); each gradient has its input's dtype.
     """
     x3, y3, gate3, shift3, scale3 = _canon(x, y, gate, shift, scale, weight, norm)
+    od = gemm_input_dtype(x, out_dtype)
     if resolve_backend(backend, x) == "torch":
-        return gated_residual_adaln_ref(x, y, gate, shift, scale, weight, norm, eps)
-    r, h = _gated_residual_adaln_op(x3, y3, gate3, shift3, scale3, weight, norm, float(eps))
+        return gated_residual_adaln_ref(x, y, gate, shift, scale, weight, norm, eps, out_dtype=od)
+    r, h = _gated_residual_adaln_op(x3, y3, gate3, shift3, scale3, weight, norm, float(eps), od)
     return r.view(x.shape), h.view(x.shape)
 
 
@@ -401,13 +406,14 @@ def gated_residual_adaln_ref(
     weight: torch.Tensor | None = None,
     norm: str = "rms",
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`gated_residual_adaln` (fp32 math for half inputs; fp64 stays fp64)."""
     x3, y3, gate3, shift3, scale3 = _canon(x, y, gate, shift, scale, weight, norm)
     dt = C.compute_dtype(x, y, gate, shift, scale, weight)
     r = x3.to(dt) + C.mod_ref(gate3, dt) * y3.to(dt)
     h = C.norm_modulate_ref(r, shift3, scale3, weight, norm, eps)
-    return r.to(x.dtype).view(x.shape), h.to(x.dtype).view(x.shape)
+    return r.to(x.dtype).view(x.shape), h.to(gemm_input_dtype(x, out_dtype)).view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,6 +465,10 @@ def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[st
     x, y = rnd(33, 2, 40), rnd(33, 2, 40)
     out.append(("non-contiguous (2,33,40)", (x.transpose(0, 1), y.transpose(0, 1), rnd(2, 40), rnd(2, 40), rnd(2, 40)),
                 {}))  # fmt: skip
+    if dtype in (torch.float16, torch.bfloat16):  # under autocast: fp32 residual, half branch output and h
+        x32 = (torch.randn(2, 17, 72, generator=g) * 2.0).to(device).requires_grad_(True)
+        args = (x32, rnd(2, 17, 72), rnd(2, 72, scale=0.5), rnd(2, 72, scale=0.5), rnd(2, 72, scale=0.5))
+        out.append(("fp32 x -> half h (2,17,72)", args, {"weight": rnd(72, scale=0.1, offset=1.0), "out_dtype": dtype}))
     return out
 
 
