@@ -30,6 +30,7 @@ from pae_fast.engine import parallel as P
 from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to_device
 from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, peak_flops, peak_memory_gb, setup_logger
 from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
+from pae_fast.engine.precision import ComputeWeights, autocast_dtype, compute_weights
 from pae_fast.engine.state import ResumeBundle, find_resume, fork_rng, gather_rng_states, seed_all, set_rng_state
 from pae_fast.engine.task import LossFn, TrainTask
 from pae_fast.io import atomic_write_text
@@ -115,6 +116,11 @@ def _kernel_scope(backend: str) -> contextlib.AbstractContextManager:
     return use_backend(backend)
 
 
+def _trained(raw: nn.Module, compute: ComputeWeights | None) -> nn.Module:
+    """The module forward/backward run on: the bf16 compute copy (``train.precision=bf16``) or ``raw``."""
+    return compute.module if compute is not None else raw
+
+
 @dataclass
 class _Unit:
     """One optimised module: the main model, or an ``extra_optimized`` one (e.g. a discriminator)."""
@@ -145,7 +151,8 @@ class _Trainer:
         self.step = 0
         self.pos = DataPosition()
         self.last_ckpt: Path | None = None
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast_dtype = autocast_dtype(cfg.precision)
+        self.compute: dict[str, ComputeWeights | None] = {}  # per unit: the bf16 compute copy (train.precision=bf16)
         mode = {"off": None, "default": "default", "max-autotune": "max-autotune"}.get(cfg.compile, cfg.compile)
         if mode == "reduce-overhead" and device.type != "cuda":
             log.warning("train.compile=reduce-overhead (CUDA graphs) needs CUDA; compiling with mode=default on %s",
@@ -171,7 +178,8 @@ class _Trainer:
         ema = make_ema(raw)
         if bundle is not None:
             _load_into(ema, bundle.ema, bundle.path / "ema.safetensors")
-        wrapped = P.wrap_model(raw, cfg.distributed, dev, cfg.find_unused_parameters)
+        self.compute["model"] = compute_weights(raw, cfg.precision, cfg.distributed, self.world)
+        wrapped = P.wrap_model(_trained(raw, self.compute["model"]), cfg.distributed, dev, cfg.find_unused_parameters)
         self.ema = P.shard_like(ema, raw)
         self.units = [self._unit("model", raw, wrapped, task.loss_fn)]
         for name, (module, loss_fn) in task.extra_optimized.items():
@@ -179,7 +187,8 @@ class _Trainer:
             if bundle is not None:
                 _load_into(module, bundle.extras[name], bundle.path / f"{name}.safetensors")
             P.broadcast_module(module)
-            wrapped_x = P.wrap_model(module, cfg.distributed, dev, cfg.find_unused_parameters)
+            self.compute[name] = cw = compute_weights(module, cfg.precision, cfg.distributed, self.world)
+            wrapped_x = P.wrap_model(_trained(module, cw), cfg.distributed, dev, cfg.find_unused_parameters)
             self.units.append(self._unit(name, module, wrapped_x, loss_fn))
         self._compile_blocks()
 
@@ -194,6 +203,8 @@ class _Trainer:
 
     def _unit(self, name: str, raw: nn.Module, wrapped: nn.Module, loss_fn: LossFn) -> _Unit:
         opt = build_optimizer(raw, self.cfg, self.device)
+        if self.compute.get(name) is not None:
+            self.compute[name].attach(opt)  # the optimizer step writes the bf16 compute copy
         sched = build_scheduler(opt, self.cfg)
         scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
 
@@ -208,7 +219,7 @@ class _Trainer:
         if self.compile_mode is None or self.cfg.compile_scope != "block":
             return
         for unit in self.units:
-            blocks = P.find_blocks(unit.raw)
+            blocks = P.find_blocks(_trained(unit.raw, self.compute.get(unit.name)))
             if not blocks:
                 raise ValueError(
                     f"train.compile_scope=block but {type(unit.raw).__name__} ({unit.name}) has no `blocks` or "
@@ -303,6 +314,8 @@ class _Trainer:
                 v = v.detach().float() / accum
                 terms_sum[name] = terms_sum[name] + v if name in terms_sum else v
         assert loss_sum is not None
+        if self.compute.get(unit.name) is not None:
+            self.compute[unit.name].grads_to_master()  # bf16 gradients -> the fp32 masters' .grad
         loss_mean = loss_sum / accum
         bad = ~torch.isfinite(loss_mean)
         if self.world > 1:  # every rank must take (or skip) the same step; a device collective, no host sync
