@@ -335,9 +335,10 @@ def adaln_modulate_ref(
 def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
     a = C.bound(adaln_modulate, args, kwargs)
     x, shift, scale, weight = a["x"], a["shift"], a["scale"], a["weight"]
-    fwd = 2 * tensor_bytes(x) + tensor_bytes(shift, scale, weight)  # read x and the modulation, write y
+    y = x.numel() * (a["out_dtype"] or x.dtype).itemsize  # the output (and its gradient) in the GEMM dtype
+    fwd = tensor_bytes(x) + y + tensor_bytes(shift, scale, weight)  # read x and the modulation, write y
     # backward: read dy, x, scale, weight; write dx and the shift / scale / weight gradients
-    bwd = 3 * tensor_bytes(x) + tensor_bytes(scale, weight) + tensor_bytes(shift, scale, weight)
+    bwd = 2 * tensor_bytes(x) + y + tensor_bytes(scale, weight) + tensor_bytes(shift, scale, weight)
     return fwd + (bwd if backward else 0)
 
 

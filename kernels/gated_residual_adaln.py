@@ -267,16 +267,16 @@ def _gated_residual_adaln_op(
     weight: torch.Tensor | None,
     norm: str,
     eps: float,
-    h_dtype: torch.dtype,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(x, y, gate, shift, scale, weight, norm, eps, h_dtype)
+    return _fwd(x, y, gate, shift, scale, weight, norm, eps, out_dtype)
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, y, gate, shift, scale, weight, norm, eps, h_dtype):
+def _(x, y, gate, shift, scale, weight, norm, eps, out_dtype):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
-        torch.empty(x.shape, dtype=h_dtype, device=x.device),
+        torch.empty(x.shape, dtype=out_dtype, device=x.device),
     )
 
 
@@ -424,10 +424,11 @@ def gated_residual_adaln_ref(
 def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
     a = C.bound(gated_residual_adaln, args, kwargs)
     x, y, gate, shift, scale, weight = (a[k] for k in ("x", "y", "gate", "shift", "scale", "weight"))
+    h = x.numel() * (a["out_dtype"] or x.dtype).itemsize  # h (and dh) in the GEMM dtype
     # forward: read x, y and the modulation, write r and h
-    fwd = 2 * tensor_bytes(x) + tensor_bytes(y, gate, shift, scale, weight)
+    fwd = tensor_bytes(x) + h + tensor_bytes(y, gate, shift, scale, weight)
     # backward: read dr, dh, x, y, gate, scale, weight; write dx, dy and the gate / shift / scale / weight gradients
-    bwd = 3 * tensor_bytes(x) + 2 * tensor_bytes(y) + tensor_bytes(gate, scale, weight)
+    bwd = 2 * tensor_bytes(x) + h + 2 * tensor_bytes(y) + tensor_bytes(gate, scale, weight)
     bwd += tensor_bytes(gate, shift, scale, weight)
     return fwd + (bwd if backward else 0)
 
