@@ -23,6 +23,7 @@ from ._dispatch import (
 )
 from .adaln_modulate import adaln_modulate, adaln_modulate_ref
 from .attention import attention, attention_ref, use_attention_backend
+from .fused_adamw_ema import fused_adamw_ema, fused_adamw_ema_ref
 from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
 from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
@@ -62,4 +63,6 @@ __all__ = [
     "sphere_perturb_ref",
     "gram_loss",
     "gram_loss_ref",
+    "fused_adamw_ema",
+    "fused_adamw_ema_ref",
 ]

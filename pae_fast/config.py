@@ -170,7 +170,7 @@ class TrainConfig:
     tf32: bool = True
     compile: Literal["off", "default", "max-autotune", "reduce-overhead"] = "off"
     compile_scope: Literal["step", "block"] = "step"
-    optimizer: Literal["adamw", "apex_fused_adam"] = "adamw"
+    optimizer: Literal["adamw", "apex_fused_adam", "fused_adamw_ema"] = "adamw"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = 100
     ckpt_every: int = 5000

@@ -205,6 +205,8 @@ class _Trainer:
         opt = build_optimizer(raw, self.cfg, self.device)
         if self.compute.get(name) is not None:
             self.compute[name].attach(opt)  # the optimizer step writes the bf16 compute copy
+        if name == "model" and hasattr(opt, "set_ema"):  # fused_adamw_ema updates the EMA in its kernel
+            opt.set_ema(self.ema, raw, self.cfg.ema_decay)
         sched = build_scheduler(opt, self.cfg)
         scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
 
@@ -379,7 +381,7 @@ class _Trainer:
 
         self.lr_used = main.optimizer.param_groups[0]["lr"]
         ok, norm = self._phase(main, batches(), step, want_norm)
-        ema_update(self.ema, main.raw, self.cfg.ema_decay, ok)
+        ema_update(self.ema, main.raw, self.cfg.ema_decay, ok, params=not getattr(main.optimizer, "updates_ema", False))
         bad = ~ok
         self.skipped_total += bad.to(torch.int64)
         for unit in self.units[1:]:  # extras: their non-finite steps are skipped too and feed nonfinite=stop
