@@ -145,8 +145,8 @@ def count_step(
         if compute is not None:
             compute.attach(opt)
         ema = make_ema(master)
-        if getattr(opt, "writes_compute_copy", False):
-            opt.set_ema(ema, ema_decay)  # type: ignore[attr-defined]
+        if hasattr(opt, "set_ema"):  # fused_adamw_ema updates the EMA's parameters in its kernel (as the engine wires)
+            opt.set_ema(ema, master, ema_decay)
         for p in master.parameters():  # one uncounted step first: the optimizer state exists (steady state)
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         opt.step()
@@ -172,8 +172,7 @@ def count_step(
                     compute.grads_to_master()
                 opt.grad_scale, opt.found_inf = None, (~ok).float()
                 opt.step()
-                if not getattr(opt, "writes_compute_copy", False):
-                    ema_update(ema, master, ema_decay, ok)
+                ema_update(ema, master, ema_decay, ok, params=not getattr(opt, "updates_ema", False))
         params = sum(p.numel() for p in master.parameters())
     return {"step": tc_step.summary(), "update": tc_update.summary(), "params": params, "input": spec,
             "fused_min_bytes": floor.bytes, "fused_min_unknown": sorted(floor.unknown)}  # fmt: skip

@@ -67,6 +67,8 @@ _PARTIAL_WRITE_OPS = {
     "_fused_adamw_": ("self", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
     "_fused_adam_": ("self", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
 }
+# Mutable arguments an op overwrites without reading them (not charged as read).
+_WRITE_ONLY_ARGS = {"fused_adamw_ema_": ("copy",)}
 _GEMM_OPS = {
     "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear", "matmul", "addmv", "mv", "convolution",
     "_convolution", "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward",
@@ -328,7 +330,8 @@ class TrafficCounter(TorchDispatchMode):
         row.written_bytes += sum(footprint_bytes(t) for t in outs)
         if not (name.endswith("_like") or name.startswith("new_")):  # factories only use the input's metadata
             # arguments that are only overwritten: ``out=`` and the destination of copy_/fill_/zero_/...
-            skip = {id(v) for i, a, v in written if a.kwarg_only or (i == 0 and name in _OVERWRITE_OPS)}
+            skip = {id(v) for i, a, v in written if a.kwarg_only or (i == 0 and name in _OVERWRITE_OPS)
+                    or a.name in _WRITE_ONLY_ARGS.get(name, ())}  # fmt: skip
             row.read_bytes += sum(footprint_bytes(t) for v in values if id(v) not in skip for t in _tensors(v))
         if category != "other":
             flops, model = self._flops(func, packet, name, args, kwargs, out, category)

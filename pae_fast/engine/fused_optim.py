@@ -91,7 +91,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             elif st["step"].device != p.device or st["step"].dtype != torch.float32:  # loaded from a checkpoint
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
             steps.append(st["step"])
-        torch._foreach_add_(steps, 1.0 - skip)  # a skipped step does not count (as in torch's fused AdamW)
+        torch._foreach_add_(steps, [1.0 - skip] * len(steps))  # a skipped step does not count (as in torch)
         for group, p in todo:
             st = self.state[p]
             b1, b2 = group["betas"]
