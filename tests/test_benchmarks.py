@@ -304,6 +304,7 @@ def test_train_step_writes_documented_keys(bench_path, tmp_path):
     assert set(data["environment"]) >= {"machine", "versions", "git"}
     assert data["environment"]["versions"]["torch"] == torch.__version__
     assert (data["precision"], data["backend"], data["compile"]) == ("fp32", "auto", False)
+    assert data["predicted"] is None and data["optimizer"] == "adamw"  # the roofline prediction is a CUDA column
     assert "images/s" in bench_train_step.format_record(rec)
     text = run_all.summarize(tmp_path)
     assert "## Training step" in text and "| tiny | 2 | cpu |" in text and "Machine:" in text
@@ -332,6 +333,24 @@ def test_op_benchmark_suite_writes_results(tmp_path):
         assert set(b["extra_info"]) >= {"op", "case", "impl", "mode", "device", "dtype", "min_bytes", "floor_GBps"}
         assert b["stats"]["median"] > 0
     assert "Triton timing needs CUDA" in proc.stdout
+
+
+def test_train_step_bf16_policy_fused_optimizer_and_prediction(bench_path, monkeypatch):
+    """bf16 compute weights + the one-kernel optimizer run on CPU; on an H100 the record carries the roofline's
+    prediction for the same step beside the measurement."""
+    import bench_train_step
+
+    rec = bench_train_step.run("tiny", batch=2, device="cpu", steps=1, warmup=1, build=_tiny_generator,
+                               precision="bf16", optimizer="fused_adamw_ema")  # fmt: skip
+    assert rec["precision"] == "bf16" and rec["optimizer"] == "fused_adamw_ema" and rec["images_per_s"] > 0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    pred = bench_train_step._predicted(_tiny_generator, 2, "bf16", "auto", "adamw")
+    assert pred["hardware"] == "H100 SXM" and pred["step_seconds"] > 0 and 0 < pred["mfu"] < 1
+    rec.update(predicted=pred, step_seconds=2 * pred["step_seconds"])
+    assert "roofline on H100 SXM" in bench_train_step.format_record(rec) and "predicted time 2.00" in (
+        bench_train_step.format_record(rec))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert bench_train_step._predicted(_tiny_generator, 2, "bf16", "auto", "adamw") is None
 
 
 def test_train_step_cli_rejects_bad_input(bench_path, capsys):
