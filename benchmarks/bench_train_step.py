@@ -175,7 +175,7 @@ def run(
             loss, _ = loss_fn(fwd, (x1, y))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if compute is not None:
-            compute.grads_to_master()
+            compute.grads_to_master(needed=False)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

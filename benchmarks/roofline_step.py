@@ -168,8 +168,8 @@ def count_step(
                 loss.float().backward()
             with TrafficCounter() as tc_update:
                 ok = torch.isfinite(loss.detach())
-                if compute is not None:
-                    compute.grads_to_master()
+                if compute is not None:  # a steady-state step: no clipping (engine default), no norm logged
+                    compute.grads_to_master(needed=cfg.grad_clip > 0)
                 opt.grad_scale, opt.found_inf = None, (~ok).float()
                 opt.step()
                 ema_update(ema, master, ema_decay, ok, params=not getattr(opt, "updates_ema", False))

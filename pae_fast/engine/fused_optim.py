@@ -32,6 +32,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     """
 
     writes_compute_copy = True
+    reads_compute_grads = True  # a master without .grad takes its compute copy's (bf16) gradient directly
     supports_found_inf = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -62,6 +63,17 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         """Write each master's low-precision copy (``compute.pairs``: ``(master, copy)``) in each step."""
         self._copy = {id(m): c for m, c in compute.pairs}
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for c in self._copy.values():  # gradients left on the compute copy for this optimizer to read
+            c.grad = None
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        if p.grad is not None:
+            return p.grad
+        c = self._copy.get(id(p))
+        return c.grad if c is not None else None
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         from pae_fast.kernels import fused_adamw_ema
@@ -72,7 +84,7 @@ class FusedAdamWEMA(torch.optim.Optimizer):
                 loss = closure()
         if self.grad_scale is not None:
             raise ValueError("FusedAdamWEMA does not unscale gradients (grad_scale); use train.precision=bf16/fp32")
-        todo = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        todo = [(g, p) for g in self.param_groups for p in g["params"] if self._grad(p) is not None]
         if not todo:
             return loss
         if any(hasattr(p, "device_mesh") for _, p in todo):
@@ -96,8 +108,11 @@ class FusedAdamWEMA(torch.optim.Optimizer):
             st = self.state[p]
             b1, b2 = group["betas"]
             fused_adamw_ema(
-                p, p.grad, st["exp_avg"], st["exp_avg_sq"], self._ema.get(id(p)), self._copy.get(id(p)), st["step"],
+                p, self._grad(p), st["exp_avg"], st["exp_avg_sq"], self._ema.get(id(p)), self._copy.get(id(p)),
+                st["step"],
                 lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
                 ema_decay=self.ema_decay, skip=skip,
             )  # fmt: skip
+            if p.grad is None:  # read from the compute copy: consumed
+                self._copy[id(p)].grad = None
         return loss

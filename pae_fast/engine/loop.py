@@ -317,7 +317,8 @@ class _Trainer:
                 terms_sum[name] = terms_sum[name] + v if name in terms_sum else v
         assert loss_sum is not None
         if self.compute.get(unit.name) is not None:
-            self.compute[unit.name].grads_to_master()  # bf16 gradients -> the fp32 masters' .grad
+            # bf16 gradients -> the fp32 masters' .grad (left in place for fused_adamw_ema when nothing reads them)
+            self.compute[unit.name].grads_to_master(needed=self.cfg.grad_clip > 0 or want_norm)
         loss_mean = loss_sum / accum
         bad = ~torch.isfinite(loss_mean)
         if self.world > 1:  # every rank must take (or skip) the same step; a device collective, no host sync

@@ -146,3 +146,27 @@ def test_fused_adamw_ema_resumes_exactly(tiny, tmp_path):
     assert done.step == 8
     assert _equal(tiny.state_of(done.model), tiny.state_of(ref.model))
     assert _equal(tiny.state_of(done.ema), tiny.state_of(ref.ema))
+
+
+def test_fused_optimizer_reads_the_bf16_gradients_in_place():
+    """With fused_adamw_ema and nothing reading master gradients, the bf16 gradients stay on the compute copy and
+    the optimizer consumes them: the same update as after the fp32 cast."""
+    from pae_fast.engine.fused_optim import FusedAdamWEMA
+
+    torch.manual_seed(0)
+    nets = [_Net(), _Net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(4, 6)
+    for needed, net in zip((True, False), nets):
+        cw = compute_weights(net, "bf16")
+        opt = FusedAdamWEMA([net.lin.weight, net.lin.bias], lr=0.1)
+        cw.attach(opt)
+        assert cw.direct_grads
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cw.module(x).float().sum().backward()
+        cw.grads_to_master(needed=needed)
+        assert (net.lin.weight.grad is not None) == needed and (cw.module.lin.weight.grad is None) == needed
+        opt.step()
+        assert cw.module.lin.weight.grad is None  # consumed
+        assert torch.equal(cw.module.lin.weight, net.lin.weight.detach().to(torch.bfloat16))
+    assert _equal(nets[0].state_dict(), nets[1].state_dict())
