@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod, _row_norm, _row_norm_bwd
+from ._adaln_common import _load_mod, _row_norm
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
+from ._gated_residual_adaln_bwd import _gated_residual_adaln_bwd_kernel, bwd_blocks
 
 __all__ = ["gated_residual_adaln", "gated_residual_adaln_ref"]
 
@@ -87,106 +88,6 @@ def _gated_residual_adaln_fwd_kernel(
     tl.store(H + out_off, h.to(H.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _gated_residual_adaln_bwd_kernel(
-    DR,  # (B, T, D) upstream gradient of r, contiguous (read only when HAS_DR)
-    DH,  # (B, T, D) upstream gradient of h, contiguous
-    X,  # (B, T, D) forward residual input, strides (sxb, sxt, 1)
-    YIN,  # (B, T, D) forward sub-block output, strides (syb, syt, 1)
-    GATE,  # (B, D) | (B, T, D), strides (s_gb, s_gt, 1)
-    SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
-    W,  # (D,) RMSNorm weight (HAS_WEIGHT)
-    DX,  # (B, T, D) gradient of x, contiguous
-    DYIN,  # (B, T, D) gradient of y, contiguous
-    DGATE,  # (B, T, D) gradient per token | (B, P, D) fp32 per-program partial sums per sample
-    DSHIFT,  # (B, T, D) | (B, P, D) fp32 partials (HAS_SHIFT)
-    DSCALE,  # (B, T, D) | (B, P, D) fp32 partials
-    DW,  # (B, P, D) fp32 partial sums of the weight gradient (HAS_WEIGHT)
-    T,
-    D,
-    P,
-    ITERS,
-    sxb,
-    sxt,
-    syb,
-    syt,
-    s_gb,
-    s_gt,
-    s_scb,
-    s_sct,
-    eps,
-    IS_RMS: tl.constexpr,
-    HAS_DR: tl.constexpr,
-    GATE_PT: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SHIFT_PT: tl.constexpr,
-    SCALE_PT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # program (pid_t, b) handles row blocks pid_t*ITERS .. pid_t*ITERS + ITERS - 1 of sample b
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < D
-    acc_gate = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    for it in range(ITERS):
-        t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = (t < T)[:, None] & cmask[None, :]
-        out_off = (b * T + t[:, None]) * D + cols[None, :]
-        # recompute the forward: r = x + gate * y, n = norm(r)
-        x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(YIN + b * syb + t[:, None] * syt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = _load_mod(GATE, b, t, cols, s_gb, s_gt, mask, cmask, GATE_PT)
-        n, rstd = _row_norm(x + gate * y, mask, D, eps, IS_RMS)
-        # h = xh * (1 + scale) + shift
-        gh = tl.load(DH + out_off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            xh = n * w[None, :]
-        else:
-            xh = n
-        if HAS_SHIFT:
-            if SHIFT_PT:
-                tl.store(DSHIFT + out_off, gh.to(DSHIFT.dtype.element_ty), mask=mask)
-            else:
-                acc_shift += tl.sum(gh, axis=0)
-        dscale = gh * xh
-        if SCALE_PT:
-            tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
-        else:
-            acc_scale += tl.sum(dscale, axis=0)
-        dn = gh * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-        if HAS_WEIGHT:
-            acc_w += tl.sum(dn * n, axis=0)
-            dn = dn * w[None, :]
-        dr = _row_norm_bwd(dn, n, rstd, D, IS_RMS)
-        if HAS_DR:
-            dr += tl.load(DR + out_off, mask=mask, other=0.0).to(tl.float32)
-        # r = x + gate * y
-        tl.store(DX + out_off, dr.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DYIN + out_off, (dr * gate).to(DYIN.dtype.element_ty), mask=mask)
-        dgate = dr * y
-        if GATE_PT:
-            tl.store(DGATE + out_off, dgate.to(DGATE.dtype.element_ty), mask=mask)
-        else:
-            acc_gate += tl.sum(dgate, axis=0)
-    part = (b * P + pid_t) * D + cols
-    if not GATE_PT:
-        tl.store(DGATE + part, acc_gate, mask=cmask)
-    if HAS_SHIFT and not SHIFT_PT:
-        tl.store(DSHIFT + part, acc_shift, mask=cmask)
-    if not SCALE_PT:
-        tl.store(DSCALE + part, acc_scale, mask=cmask)
-    if HAS_WEIGHT:
-        tl.store(DW + part, acc_w, mask=cmask)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers (x, y are (B, T, D); gate / shift / scale canonical (B, D) or (B, T, D))
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,7 +122,7 @@ def _bwd(dr, dh, x, y, gate, shift, scale, weight, norm: str, eps: float):
     B, T, D = x.shape
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
-    BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D, backward=True)
+    BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = bwd_blocks(T, D)
     P, iters = C.bwd_programs(B, triton.cdiv(T, BLOCK_R), x.device)
     dg = C.mod_grad_buffer(gate, B, P, D, x)
     dsh = C.mod_grad_buffer(shift, B, P, D, x)
@@ -236,7 +137,7 @@ def _bwd(dr, dh, x, y, gate, shift, scale, weight, norm: str, eps: float):
             dx, dy, dg, dsh, dsc, dw,
             T, D, P, iters, x.stride(0), x.stride(1), y.stride(0), y.stride(1), s_gb, s_gt, s_scb, s_sct, float(eps),
             HAS_DR=dr is not None, **_flags(norm, gate, shift, scale, weight),
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_C2=BLOCK_C2, num_warps=num_warps,
         )  # fmt: skip
     else:  # nothing to reduce: zero gradients of the right shapes
         for buf in (dg, dsh, dsc, dw):
