@@ -11,7 +11,7 @@ import triton.language as tl
 from ._dispatch import interpreter_enabled
 from ._utils import row_block
 
-__all__ = ["qk_fwd", "qk_bwd", "qk_check"]
+__all__ = ["qk_fwd", "qk_bwd", "qk_check", "token_major"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -22,7 +22,7 @@ __all__ = ["qk_fwd", "qk_bwd", "qk_check"]
 def _norm_rope_tile(
     X,  # (B, H, N, D) input (q or k), strides sb, sh, sn, unit d stride; already offset to (b, h)
     W,  # (D,) norm weight (read only when HAS_W)
-    O,  # (B, H, N, D) output, contiguous; already offset to (b, h)
+    O,  # (B, H, N, D) output, strides (.., .., stride_on, 1); already offset to (b, h)
     n,
     d,
     pd,
@@ -31,6 +31,7 @@ def _norm_rope_tile(
     s,
     sign,
     stride_n,
+    stride_on,
     D,
     eps,
     NORMALIZE: tl.constexpr,
@@ -47,7 +48,7 @@ def _norm_rope_tile(
             x = x * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
             xp = xp * tl.load(W + pd, mask=dmask, other=0.0).to(tl.float32)[None, :]
     out = x * c + sign[None, :] * xp * s
-    tl.store(O + n[:, None] * D + d[None, :], out.to(O.dtype.element_ty), mask=mask)
+    tl.store(O + n[:, None] * stride_on + d[None, :], out.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -58,8 +59,8 @@ def _qk_norm_rope_fwd_kernel(
     SIN,  # (N, D) contiguous
     QW,  # (D,) q norm weight (HAS_QW)
     KW,  # (D,) k norm weight (HAS_KW)
-    QO,  # (B, H, N, D) contiguous output
-    KO,  # (B, H, N, D) contiguous output
+    QO,  # (B, H, N, D) output, strides sob, soh, son, unit d stride (contiguous, or token-major (B, N, H, D))
+    KO,  # (B, H, N, D) output, the same strides as QO
     H,
     N,
     D,
@@ -69,6 +70,9 @@ def _qk_norm_rope_fwd_kernel(
     skb,
     skh,
     skn,
+    sob,
+    soh,
+    son,
     eps,
     NORMALIZE: tl.constexpr,
     HAS_QW: tl.constexpr,
@@ -86,20 +90,20 @@ def _qk_norm_rope_fwd_kernel(
     mask = (n < N)[:, None] & (d < D)[None, :]
     c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(SIN + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    out_off = pid_bh.to(tl.int64) * N * D
+    out_off = bi.to(tl.int64) * sob + hi.to(tl.int64) * soh
     _norm_rope_tile(
-        Q + bi.to(tl.int64) * sqb + hi.to(tl.int64) * sqh, QW, QO + out_off, n, d, pd, mask, c, s, sign, sqn, D, eps,
-        NORMALIZE, HAS_QW,
+        Q + bi.to(tl.int64) * sqb + hi.to(tl.int64) * sqh, QW, QO + out_off, n, d, pd, mask, c, s, sign, sqn, son, D,
+        eps, NORMALIZE, HAS_QW,
     )  # fmt: skip
     _norm_rope_tile(
-        K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh, KW, KO + out_off, n, d, pd, mask, c, s, sign, skn, D, eps,
-        NORMALIZE, HAS_KW,
+        K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh, KW, KO + out_off, n, d, pd, mask, c, s, sign, skn, son, D,
+        eps, NORMALIZE, HAS_KW,
     )  # fmt: skip
 
 
 @triton.jit
 def _norm_rope_tile_bwd(
-    G,  # (B, H, N, D) upstream gradient, contiguous; already offset to (b, h)
+    G,  # (B, H, N, D) upstream gradient, strides (.., .., stride_gn, 1); already offset to (b, h)
     X,  # (B, H, N, D) forward input, strides (.., .., stride_n, 1); already offset to (b, h)
     W,  # (D,) norm weight (HAS_W)
     DX,  # (B, H, N, D) gradient of x, strides (.., .., stride_dn, 1); already offset to (b, h)
@@ -111,6 +115,7 @@ def _norm_rope_tile_bwd(
     c,
     sp,
     sign,
+    stride_gn,
     stride_n,
     stride_dn,
     D,
@@ -118,8 +123,8 @@ def _norm_rope_tile_bwd(
     NORMALIZE: tl.constexpr,
     HAS_W: tl.constexpr,
 ):
-    g = tl.load(G + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    gp = tl.load(G + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + n[:, None] * stride_gn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    gp = tl.load(G + n[:, None] * stride_gn + pd[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = g * c - sign[None, :] * gp * sp  # g * cos - rot(g * sin)
     if NORMALIZE:
         x = tl.load(X + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -136,8 +141,8 @@ def _norm_rope_tile_bwd(
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
-    DQO,  # (B, H, N, D) gradient of q', contiguous
-    DKO,  # (B, H, N, D) gradient of k', contiguous
+    DQO,  # (B, H, N, D) gradient of q', strides gqb, gqh, gqn, unit d stride (as attention's backward wrote it)
+    DKO,  # (B, H, N, D) gradient of k', strides gkb, gkh, gkn, unit d stride
     Q,  # (B, H, N, D) strides sqb, sqh, sqn, unit d stride
     K,  # (B, H, N, D) strides skb, skh, skn, unit d stride
     COS,  # (N, D) contiguous
@@ -163,6 +168,12 @@ def _qk_norm_rope_bwd_kernel(
     dkb,
     dkh,
     dkn,
+    gqb,
+    gqh,
+    gqn,
+    gkb,
+    gkh,
+    gkn,
     eps,
     NORMALIZE: tl.constexpr,
     HAS_QW: tl.constexpr,
@@ -183,15 +194,14 @@ def _qk_norm_rope_bwd_kernel(
     sp = tl.load(SIN + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # sin of the partner
     b64 = bi.to(tl.int64)
     h64 = hi.to(tl.int64)
-    off = pid_bh.to(tl.int64) * N * D
     part = (pid_bh * tl.num_programs(1) + pid_n).to(tl.int64) * D
     _norm_rope_tile_bwd(
-        DQO + off, Q + b64 * sqb + h64 * sqh, QW, DQ + b64 * dqb + h64 * dqh, DQW_PART + part,
-        n, d, pd, mask, c, sp, sign, sqn, dqn, D, eps, NORMALIZE, HAS_QW,
+        DQO + b64 * gqb + h64 * gqh, Q + b64 * sqb + h64 * sqh, QW, DQ + b64 * dqb + h64 * dqh, DQW_PART + part,
+        n, d, pd, mask, c, sp, sign, gqn, sqn, dqn, D, eps, NORMALIZE, HAS_QW,
     )  # fmt: skip
     _norm_rope_tile_bwd(
-        DKO + off, K + b64 * skb + h64 * skh, KW, DK + b64 * dkb + h64 * dkh, DKW_PART + part,
-        n, d, pd, mask, c, sp, sign, skn, dkn, D, eps, NORMALIZE, HAS_KW,
+        DKO + b64 * gkb + h64 * gkh, K + b64 * skb + h64 * skh, KW, DK + b64 * dkb + h64 * dkh, DKW_PART + part,
+        n, d, pd, mask, c, sp, sign, gkn, skn, dkn, D, eps, NORMALIZE, HAS_KW,
     )  # fmt: skip
 
 
@@ -215,12 +225,22 @@ def _blocks(N: int, D: int) -> tuple[int, int]:
     return row_block(N, D, None if interpreter_enabled() else 2048)
 
 
-def qk_fwd(q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool):
+def token_major(B: int, H: int, N: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty ``(B, H, N, D)`` tensor laid out as ``(B, N, H, D)`` memory: the layout in which attention's output
+    ``o.transpose(1, 2).reshape(B, N, H * D)`` is a view (FlashAttention / cuDNN allocate the output like q)."""
+    return torch.empty((B, N, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def qk_fwd(q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, token_major_out: bool = False):
+    """q', k' ``(B, H, N, D)``: contiguous, or token-major (:func:`token_major`) with ``token_major_out``."""
     B, H, N, D = q.shape
     q, k = _unit_d(q), _unit_d(k)
     c, s = _table(cos, N, D), _table(sin, N, D)
-    qo = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device)
+    if token_major_out:
+        qo, ko = token_major(B, H, N, D, q), token_major(B, H, N, D, k)
+    else:
+        qo = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        ko = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device)
     if qo.numel():
         BLOCK_N, BLOCK_D = _blocks(N, D)
         grid = (B * H, triton.cdiv(N, BLOCK_N))
@@ -228,7 +248,8 @@ def qk_fwd(q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool):
             q, k, c, s,
             q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
             qo, ko, H, N, D,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(eps),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            qo.stride(0), qo.stride(1), qo.stride(2), float(eps),
             NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
@@ -241,7 +262,7 @@ def qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: 
     B, H, N, D = q.shape
     q, k = _unit_d(q), _unit_d(k)
     c, s = _table(cos, N, D), _table(sin, N, D)
-    dqo, dko = dqo.contiguous(), dko.contiguous()
+    dqo, dko = _unit_d(dqo), _unit_d(dko)  # any b/h/n strides: read where attention's backward wrote them
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device) if dk is None else dk
     BLOCK_N, BLOCK_D = _blocks(N, D)
@@ -255,7 +276,8 @@ def qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: 
             q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
             dq, dk, dqw_p, dkw_p, H, N, D,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), float(eps),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1), dko.stride(2), float(eps),
             NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
@@ -265,8 +287,6 @@ def qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: 
     dqw = dqw_p.sum(0).to(q_weight.dtype) if q_weight is not None else q.new_empty(0)
     dkw = dkw_p.sum(0).to(k_weight.dtype) if k_weight is not None else q.new_empty(0)
     return dq, dk, dqw, dkw
-
-
 
 
 def qk_check(q, k, cos, sin, q_weight, k_weight, normalize) -> None:
