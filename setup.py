@@ -9,7 +9,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 _packages = find_packages(include=["pae_fast", "pae_fast.*"])
-_packages += ["pae_fast.kernels", "pae_fast.configs"]
+_packages += ["pae_fast.kernels", "pae_fast.kernels.tools", "pae_fast.configs"]
 
 setup(
     name="pae_fast",
@@ -19,7 +19,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=_packages,
-    package_dir={"pae_fast": "pae_fast", "pae_fast.kernels": "kernels", "pae_fast.configs": "configs"},
+    package_dir={
+        "pae_fast": "pae_fast",
+        "pae_fast.kernels": "kernels",
+        "pae_fast.kernels.tools": "kernels/tools",
+        "pae_fast.configs": "configs",
+    },
     package_data={"pae_fast.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.5",

@@ -68,7 +68,7 @@ def collect_cases(
 
 
 def leaves_of(case: OpCase) -> list[torch.Tensor]:
-    from pae_fast.kernels.testing import flatten_tensors
+    from pae_fast.kernels.tools.testing import flatten_tensors
 
     tensors = flatten_tensors(list(case.args)) + flatten_tensors(list(case.kwargs.values()))
     return [t for t in tensors if t.requires_grad]

@@ -3,8 +3,14 @@
 The step is the engine's: flow-matching loss (``pae_fast.flow.loss.FlowLoss``: logit-normal t with shift 0.7,
 ``x_t = t·x1 + (1−t)·x0``, MSE + cosine in fp32), backward, AdamW from ``pae_fast.engine.optim.build_optimizer``
 (fused on CUDA, foreach on CPU; lr 2e-4, betas (0.9, 0.95)), ``optimizer.zero_grad(set_to_none=True)`` and the EMA
-update ``ema_update`` (decay 0.9999, foreach lerp). Data are random latents already on the device (data loading
-is not timed). bf16 autocast on CUDA, fp32 on CPU (``--precision``).
+update ``ema_update`` (decay 0.9999, foreach lerp) — or ``--optimizer fused_adamw_ema`` (one kernel for AdamW + EMA +
+compute copy). Precision is the engine's policy (:mod:`pae_fast.engine.precision`): ``auto`` = the engine default
+(``train.precision``, bf16 compute weights with fp32 masters) on CUDA, fp32 on CPU. Data are random latents already
+on the device (data loading is not timed).
+
+On CUDA the record also holds the roofline's prediction for the same step (``benchmarks/roofline.py``, counted on
+fake tensors, H100/H200 by device name): ``predicted_step_seconds`` and ``predicted_mfu`` beside the measured
+``step_seconds`` and ``mfu``, so the first GPU run calibrates the model.
 
     python benchmarks/bench_train_step.py --model LightningDiT-B/1 --batch 8 --device cpu [--compile]
         [--backend auto|torch|triton] [--steps N] [--warmup N] [--json OUT]
@@ -30,7 +36,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
+OPTIMIZERS = ("adamw", "fused_adamw_ema")
 
 
 def _rss_peak_bytes() -> int | None:
@@ -94,6 +101,7 @@ def run(
     precision: str = "auto",
     build: Callable[[], Any] | None = None,
     json_out: str | Path | None = None,
+    optimizer: str = "adamw",
 ) -> dict[str, Any]:
     """Time ``steps`` training steps after ``warmup`` untimed ones and return the result record.
 
@@ -105,14 +113,16 @@ def run(
         backend: kernel backend scope (``auto | torch | triton``).
         steps: timed steps (the median is reported).
         warmup: untimed steps first (default 1, or 2 with ``compile``).
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.
+        precision: ``auto`` (the engine default on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-autocast | fp16.
         build: optional factory used instead of the registry (tests).
         json_out: write the record there (atomically) as JSON.
+        optimizer: ``adamw`` (torch fused AdamW + foreach EMA) or ``fused_adamw_ema``.
 
     Returns:
         ``images_per_s``, ``step_seconds`` (median), ``step_seconds_all``, ``warmup_seconds``, ``peak_memory_bytes``,
         ``peak_memory_method``, ``train_flops_per_image``, ``achieved_tflops``, ``mfu`` (None off CUDA / unknown
-        GPU), the settings, ``params`` and ``environment``.
+        GPU), ``predicted`` (CUDA: the roofline's step seconds and MFU on this GPU type; else None), the settings,
+        ``params`` and ``environment``.
     """
     import torch
 
@@ -120,6 +130,7 @@ def run(
     from pae_fast.config import TrainConfig
     from pae_fast.engine.monitor import peak_flops
     from pae_fast.engine.optim import build_optimizer, ema_update, make_ema
+    from pae_fast.engine.precision import autocast_dtype, compute_weights
     from pae_fast.flow.loss import FlowLoss
     from pae_fast.registry import create_generator
 
@@ -127,14 +138,16 @@ def run(
         raise ValueError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if backend not in kernels.BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(kernels.BACKENDS)}, got {backend!r}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is available")
     warmup = (2 if compile else 1) if warmup is None else warmup
-    amp = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "fp32": None,
-           "bf16": torch.bfloat16, "fp16": torch.float16}[precision]  # fmt: skip
+    policy = precision if precision != "auto" else (TrainConfig().precision if dev.type == "cuda" else "fp32")
+    amp = autocast_dtype(policy)
     rss_before = _rss_peak_bytes()
 
     build = build or (lambda: create_generator(model))
@@ -142,10 +155,17 @@ def run(
     net = build().to(dev).train()
     spec = _input_spec(net)
     ema = make_ema(net)
-    cfg = TrainConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, ema_decay=0.9999, optimizer="adamw")
+    cfg = TrainConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, ema_decay=0.9999, optimizer=optimizer)
     opt = build_optimizer(net, cfg, dev)
+    compute = compute_weights(net, policy)  # bf16: the bf16 copy forward/backward run on, written by opt.step()
+    if compute is not None:
+        compute.attach(opt)
+    if hasattr(opt, "set_ema"):
+        opt.set_ema(ema, net, cfg.ema_decay)
+    scaler = torch.amp.GradScaler(dev.type) if policy == "fp16" else None
     loss_fn = FlowLoss(shift=0.7)
-    fwd = torch.compile(net) if compile else net
+    trained = compute.module if compute is not None else net
+    fwd = torch.compile(trained) if compile else trained
     C, S = spec["in_channels"], spec["input_size"]
     x1 = torch.randn(batch, C, S, S, device=dev)
     y = torch.randint(0, spec["num_classes"], (batch,), device=dev)
@@ -153,10 +173,16 @@ def run(
     def step() -> None:
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, _ = loss_fn(fwd, (x1, y))
-        loss.backward()
-        opt.step()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if compute is not None:
+            compute.grads_to_master(needed=False)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, net, cfg.ema_decay)
+        ema_update(ema, net, cfg.ema_decay, params=not getattr(opt, "updates_ema", False))
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -187,7 +213,8 @@ def run(
         "device": str(dev),
         "compile": compile,
         "backend": backend,
-        "precision": precision if precision != "auto" else ("bf16" if amp is not None else "fp32"),
+        "precision": policy,
+        "optimizer": optimizer,
         "steps": steps,
         "warmup": warmup,
         "params": sum(p.numel() for p in net.parameters()),
@@ -205,6 +232,7 @@ def run(
         "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_dev / 1e12 if peak_dev else None,
         "mfu": achieved / peak_dev if peak_dev else None,
+        "predicted": _predicted(build, batch, policy, backend, optimizer) if dev.type == "cuda" else None,
         "environment": environment(),
     }
     if json_out is not None:
@@ -214,8 +242,27 @@ def run(
     return record
 
 
+def _predicted(build: Callable[[], Any], batch: int, precision: str, backend: str, optimizer: str) -> dict | None:
+    """The roofline's prediction of this step on this GPU type (H100 / H200 by name; None for others or fp16)."""
+    import roofline
+    import torch
+
+    name = torch.cuda.get_device_name()
+    hw = next((h for k, h in roofline.HARDWARE.items() if k in name), None)
+    if hw is None or precision == "fp16":
+        return None
+    s = roofline.step_traffic(build, batch, precision, "reference" if backend == "torch" else "fused", optimizer)
+    p = roofline.predict(s, hw)
+    return {"hardware": hw.name, "step_seconds": p["step_s"], "mfu": p["mfu"], "images_per_s": batch / p["step_s"],
+            "assumptions": {"gemm_efficiency": roofline.GEMM_EFFICIENCY, "hbm_efficiency": roofline.HBM_EFFICIENCY}}
+
+
 def format_record(r: dict[str, Any]) -> str:
     mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+    pred = r.get("predicted")
+    if pred:
+        mfu += (f" (roofline on {pred['hardware']}: {pred['step_seconds'] * 1e3:.0f} ms/step, MFU {pred['mfu']:.1%}; "
+                f"measured / predicted time {r['step_seconds'] / pred['step_seconds']:.2f})")
     return (
         f"{r['model']} batch {r['batch']} on {r['device']} ({r['precision']}, backend {r['backend']}"
         f"{', compiled' if r['compile'] else ''}): {r['images_per_s']:.2f} images/s, "
@@ -235,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1, 2 with --compile)")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
+    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     p.add_argument("--json", dest="json_out", default=None, help="write the result record here")
     a = p.parse_args(argv)
     from pae_fast.registry import GENERATORS
@@ -243,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         GENERATORS.get(a.model)
     except KeyError as e:  # the message lists the valid names
         p.error(str(e.args[0]))
-    rec = run(a.model, a.batch, a.device, a.compile, a.backend, a.steps, a.warmup, a.precision, json_out=a.json_out)
+    rec = run(a.model, a.batch, a.device, a.compile, a.backend, a.steps, a.warmup, a.precision, json_out=a.json_out,
+              optimizer=a.optimizer)
     print(format_record(rec))
     if a.json_out:
         print(f"wrote {a.json_out}")

@@ -1,21 +1,25 @@
-"""Roofline of one generator training step, counted at op boundaries on the meta device (no GPU, no memory).
+"""Roofline of one generator training step as the engine runs it, counted on fake tensors (no GPU, no memory).
 
-For each model, one flow-matching training step (forward + loss + backward, bf16 weights and activations) runs on
-the ``meta`` device under :class:`pae_fast.kernels.traffic.TrafficCounter` twice: with the fused kernels
-(``use_backend("triton")``: the custom ops' fake implementations run) and with the PyTorch references
-(``use_backend("torch")``, attention kept on SDPA as in the authors' eager code; attention is charged as one
-flash-style op either way). The counts become a predicted step time:
+The step (:mod:`roofline_step`) is the engine's at its defaults (``TrainConfig``: ``train.precision``,
+``train.optimizer``, the EMA): forward + loss + backward under the precision policy, then the optimizer and EMA
+update. It is counted twice, with the fused kernels selected explicitly (``use_backend("triton")``) and with the
+PyTorch references (``use_backend("torch")``); attention is SDPA on both sides, charged flash-style. The counts
+become a predicted step time. Assumptions (stated in every report):
 
-    matmul     = GEMM FLOPs / (70% x 989 TFLOP/s)
-    attention  = attention FLOPs / (70% x 989 TFLOP/s) + attention bytes / bandwidth
-    bandwidth  = bytes of every other op / bandwidth          (H100 3.35 TB/s, H200 4.8 TB/s)
-    step = matmul + attention + bandwidth;   MFU = model FLOPs / (step x 989 TFLOP/s)
+    matmul     = GEMM FLOPs / (GEMM efficiency 70% x 989 TFLOP/s dense bf16)
+    attention  = attention FLOPs / (the same rate) + attention bytes / (HBM efficiency x bandwidth);
+                 cuDNN attention on sm_90 runs head_dim 72 unpadded (the default); FlashAttention-2 pads it to 96
+                 (``--attention fa2`` charges the padded FLOPs)
+    bandwidth  = (bandwidth-bound bytes of the step + optimizer/EMA bytes) / (HBM efficiency 87.5% x bandwidth)
+                 (H100 SXM 3.35 TB/s, H200 4.8 TB/s; 85-90% of peak is what streaming kernels reach)
+    step = matmul + attention + bandwidth (kernels run one after another: no overlap);
+    MFU = model FLOPs (6 x forward MACs x 2, attention backward = 2 x forward) / (step x peak)
 
-Kernels run one after another, so the parts add (no overlap is assumed). Also per fused op (its "model" cases):
-reference bytes / fused bytes / minimum bytes (``OpSpec.min_bytes``) for forward + backward.
+Also per op type (fused / reference / minimum bytes, :func:`roofline_step.by_op_type`) and per fused op on its
+"model" cases (reference / fused / ``OpSpec.min_bytes`` for forward + backward, on the meta device).
 
-    python benchmarks/roofline.py                       # LightningDiT-XL/1 and DiTDH-XL, batch 32, bf16
-    python benchmarks/roofline.py --models DiTDH-S --batch 8 --out-dir /tmp/r
+    python benchmarks/roofline.py                       # LightningDiT-XL/1 and DiTDH-XL, batch 32, engine defaults
+    python benchmarks/roofline.py --precision bf16-autocast --models DiTDH-S --batch 8 --out-dir /tmp/r
 
 Writes ``roofline.md`` and ``roofline.json`` to ``--out-dir`` (default ``benchmarks/results``).
 """
@@ -39,10 +43,15 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from bench_env import RESULTS_DIR, environment  # noqa: E402
 
 DEFAULT_MODELS = ("LightningDiT-XL/1", "DiTDH-XL")
-GEMM_EFFICIENCY = 0.70
-TARGET_BANDWIDTH_RATIO = 0.20  # fused bandwidth-bound bytes <= 20% of the reference's
-TARGET_MFU = 0.45  # predicted H100 MFU
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GEMM_EFFICIENCY = 0.70  # of dense bf16 peak, for the large GEMMs of these models
+HBM_EFFICIENCY = 0.875  # of peak HBM bandwidth (streaming kernels reach 85-90%)
+ATTENTION_KERNELS = ("cudnn", "fa2")  # cuDNN: head_dim 72 unpadded on sm_90; FlashAttention-2: padded to 96
+TARGET_BANDWIDTH_RATIO = 0.20  # fused bandwidth-bound bytes (forward + backward) <= 20% of the reference's
+TARGET_STEP_GB = {"LightningDiT-XL/1": 44.0}  # fused bandwidth-bound GB (forward + backward) at batch 32
+TARGET_MFU = 0.45  # predicted H100 MFU of the whole step (optimizer and EMA included)
+FUSED_OPTIMIZER = "fused_adamw_ema"  # train.optimizer of the one-kernel AdamW + EMA + compute copy
+FUSED_VARIANT = "fused + fused_adamw_ema"  # the extra row: fused ops and that optimizer
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # per-op table dtypes
 
 
 @dataclass(frozen=True)
@@ -63,18 +72,36 @@ HARDWARE = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def predict(summary: dict[str, Any], hw: Hardware, gemm_efficiency: float = GEMM_EFFICIENCY) -> dict[str, float]:
-    """Predicted seconds per part of the step and the implied MFU on ``hw`` (see the module docstring)."""
+def predict(
+    summary: dict[str, Any],
+    hw: Hardware,
+    gemm_efficiency: float = GEMM_EFFICIENCY,
+    hbm_efficiency: float = HBM_EFFICIENCY,
+    attention: str = "cudnn",
+) -> dict[str, float]:
+    """Predicted seconds per part of the step and the implied MFU on ``hw`` (see the module docstring).
+
+    ``summary`` holds ``matmul_flops``, ``attention_flops`` (``attention_padded_flops`` for ``fa2``),
+    ``attention_model_flops``, ``attention_bytes``, ``other_bytes`` and optionally ``update_bytes`` (optimizer +
+    EMA).
+    """
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     rate = gemm_efficiency * hw.peak_flops
+    bw = hbm_efficiency * hw.bandwidth
+    attn_flops = summary.get("attention_padded_flops", summary["attention_flops"]) if attention == "fa2" else (
+        summary["attention_flops"])  # fmt: skip
     matmul_s = summary["matmul_flops"] / rate
-    attention_s = summary["attention_flops"] / rate + summary["attention_bytes"] / hw.bandwidth
-    bandwidth_s = summary["other_bytes"] / hw.bandwidth
-    step_s = matmul_s + attention_s + bandwidth_s
+    attention_s = attn_flops / rate + summary["attention_bytes"] / bw
+    bandwidth_s = summary["other_bytes"] / bw
+    update_s = summary.get("update_bytes", 0) / bw
+    step_s = matmul_s + attention_s + bandwidth_s + update_s
     model_flops = summary["matmul_flops"] + summary["attention_model_flops"]
     return {
         "matmul_s": matmul_s,
         "attention_s": attention_s,
         "bandwidth_s": bandwidth_s,
+        "update_s": update_s,
         "step_s": step_s,
         "model_flops": model_flops,
         "mfu": model_flops / (step_s * hw.peak_flops) if step_s > 0 else 0.0,
@@ -86,73 +113,37 @@ def predict(summary: dict[str, Any], hw: Hardware, gemm_efficiency: float = GEMM
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def model_input_spec(model: nn.Module) -> dict[str, int]:
-    """``in_channels``, ``input_size`` and ``num_classes`` of a generator (its attributes, else the
-    :class:`pae_fast.config.GeneratorConfig` defaults)."""
-    from pae_fast.config import GeneratorConfig
-
-    d = GeneratorConfig()
-    return {
-        "in_channels": int(getattr(model, "in_channels", d.in_channels)),
-        "input_size": int(getattr(model, "input_size", d.input_size)),
-        "num_classes": int(getattr(model, "num_classes", d.num_classes)),
-    }
-
-
-def _scopes(backend: str):
-    """Kernel scope for ``backend`` ("fused" or "reference"); the reference keeps attention on SDPA."""
-    import contextlib
-
-    from pae_fast import kernels
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(kernels.use_backend("triton" if backend == "fused" else "torch"))
-    if backend == "reference" and hasattr(kernels, "use_attention_backend"):
-        stack.enter_context(kernels.use_attention_backend("sdpa"))
-    return stack
-
-
 def step_traffic(
-    build: Callable[[], nn.Module], batch: int, dtype: torch.dtype = torch.bfloat16, backend: str = "fused"
+    build: Callable[[], nn.Module],
+    batch: int,
+    precision: str | None = None,
+    backend: str = "fused",
+    optimizer: str | None = None,
 ) -> dict[str, Any]:
-    """Count one training step (flow-matching forward, loss, backward) of ``build()`` on the meta device.
+    """Count one training step of ``build()`` as the engine runs it (:func:`roofline_step.count_step`).
 
     Args:
-        build: constructs the generator (called under ``torch.device("meta")``).
+        build: constructs the generator (fp32, as the engine receives it).
         batch: batch size.
-        dtype: weights and activations (the step is not autocast: a bf16 model, fp32 time and loss).
+        precision: ``train.precision`` (None: the engine default, ``TrainConfig().precision``).
         backend: ``"fused"`` (``use_backend("triton")``) or ``"reference"`` (``use_backend("torch")``).
+        optimizer: ``train.optimizer`` (None: the engine default).
 
     Returns:
-        The :meth:`TrafficCounter.summary` plus ``params`` and ``input`` (the model's input spec).
+        The forward + backward :meth:`TrafficCounter.summary` plus ``update_bytes`` / ``update_launches`` (the
+        optimizer and EMA), ``op_types`` (:func:`roofline_step.by_op_type`), ``params`` and ``input``.
     """
-    from pae_fast.kernels.traffic import TrafficCounter
+    from roofline_step import by_op_type, count_step
 
-    if backend not in ("fused", "reference"):
-        raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")
-    meta = torch.device("meta")
-    with meta:
-        model = build()
-    model = model.to(device=meta, dtype=dtype).train()
-    spec = model_input_spec(model)
-    B, C, S = batch, spec["in_channels"], spec["input_size"]
-    x1 = torch.empty(B, C, S, S, device=meta, dtype=dtype)
-    y = torch.empty(B, device=meta, dtype=torch.long)
-    with _scopes(backend), TrafficCounter() as tc:
-        # x_t = t x1 + (1 - t) x0, v = x1 - x0 (t = 1 data); loss = MSE + mean(1 - cos) in fp32 (SPEC §4)
-        t = torch.rand(B, device=meta)
-        x0 = torch.randn_like(x1)
-        tb = t.to(dtype).view(B, 1, 1, 1)
-        x_t = tb * x1 + (1 - tb) * x0
-        v = x1 - x0
-        v_hat = model(x_t, t, y).float()
-        vf = v.float()
-        loss = torch.nn.functional.mse_loss(v_hat, vf)
-        loss = loss + (1 - torch.nn.functional.cosine_similarity(v_hat, vf, dim=1)).mean()
-        loss.backward()
-    out = tc.summary()
-    out["params"] = sum(p.numel() for p in model.parameters())
-    out["input"] = spec
+    from pae_fast.config import TrainConfig
+
+    d = TrainConfig()
+    counted = count_step(build, batch, backend, precision or d.precision, optimizer or d.optimizer, d.ema_decay)
+    out = counted["step"]
+    out["update_bytes"] = counted["update"]["other_bytes"] + counted["update"]["matmul_bytes"]
+    out["update_launches"] = counted["update"]["launches"]
+    out["op_types"] = by_op_type(counted)
+    out["params"], out["input"] = counted["params"], counted["input"]
     return out
 
 
@@ -183,8 +174,8 @@ def op_traffic(spec: Any, dtype: torch.dtype = torch.bfloat16, size: str = "mode
 
 
 def _count_call(fn: Callable[..., Any], args: tuple, kwargs: dict, extra: dict) -> dict[str, Any]:
-    from pae_fast.kernels.testing import flatten_tensors
-    from pae_fast.kernels.traffic import TrafficCounter
+    from pae_fast.kernels.tools.testing import flatten_tensors
+    from pae_fast.kernels.tools.traffic import TrafficCounter
 
     leaves = [t for t in flatten_tensors(list(args)) + flatten_tensors(list(kwargs.values())) if t.requires_grad]
     with TrafficCounter() as tc:
@@ -201,15 +192,30 @@ def _count_call(fn: Callable[..., Any], args: tuple, kwargs: dict, extra: dict) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def analyse_model(build: Callable[[], nn.Module], batch: int, dtype: torch.dtype, top: int = 10) -> dict[str, Any]:
+def analyse_model(
+    build: Callable[[], nn.Module],
+    batch: int,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    top: int = 10,
+    target_gb: float | None = None,
+) -> dict[str, Any]:
     """Fused and reference step counts, predictions on every :data:`HARDWARE` and the targets."""
+    from pae_fast.config import TrainConfig
+
     res: dict[str, Any] = {}
-    for backend in ("fused", "reference"):
-        s = step_traffic(build, batch, dtype, backend)
+    optimizer = optimizer or TrainConfig().optimizer
+    variants = [("fused", "fused", optimizer), ("reference", "reference", optimizer)]
+    if optimizer != FUSED_OPTIMIZER:  # what the one-kernel optimizer + EMA would give
+        variants.append((FUSED_VARIANT, "fused", FUSED_OPTIMIZER))
+    for key, backend, opt in variants:
+        s = step_traffic(build, batch, precision, backend, opt)
         res["params"], res["input"] = s.pop("params"), s.pop("input")
         s["top_rows"] = [r for r in s.pop("rows") if r["category"] == "other"][:top]
         s["predicted"] = {k: predict(s, hw) for k, hw in HARDWARE.items()}
-        res[backend] = s
+        s["predicted_fa2"] = {k: predict(s, hw, attention="fa2") for k, hw in HARDWARE.items()}
+        s["optimizer"] = opt
+        res[key] = s
     f, r = res["fused"], res["reference"]
     ratio = f["other_bytes"] / r["other_bytes"] if r["other_bytes"] else float("nan")
     mfu = f["predicted"]["H100"]["mfu"]
@@ -217,81 +223,103 @@ def analyse_model(build: Callable[[], nn.Module], batch: int, dtype: torch.dtype
         "bandwidth_ratio": ratio,
         "bandwidth_ratio_target": TARGET_BANDWIDTH_RATIO,
         "bandwidth_ratio_met": bool(ratio <= TARGET_BANDWIDTH_RATIO),
+        "step_gb": f["other_bytes"] / 1e9,
+        "step_gb_target": target_gb,
+        "step_gb_met": None if target_gb is None else bool(f["other_bytes"] / 1e9 <= target_gb),
         "h100_mfu": mfu,
         "h100_mfu_target": TARGET_MFU,
         "h100_mfu_met": bool(mfu >= TARGET_MFU),
     }
-    # optimizer + EMA traffic per step, outside the counted forward + backward: fused AdamW on fp32 master
-    # weights reads param, grad, m, v and writes param, m, v (28 B/param); EMA reads ema + param, writes ema (12 B)
-    n = res["params"]
-    res["optimizer_ema_bytes"] = 40 * n
-    res["optimizer_ema_h100_s"] = 40 * n / HARDWARE["H100"].bandwidth
+    res["optimizer_ema_bytes"] = f["update_bytes"]
+    res["optimizer_ema_h100_s"] = f["predicted"]["H100"]["update_s"]
     return res
 
 
-def _target_text(t: dict[str, Any]) -> tuple[str, str]:
-    r, m = t["bandwidth_ratio"], t["h100_mfu"]
-    rt, mt = t["bandwidth_ratio_target"], t["h100_mfu_target"]
-    bw = (
-        f"met ({r:.1%} <= {rt:.0%})"
-        if t["bandwidth_ratio_met"]
-        else f"missed: {r:.1%} of the reference ({(r - rt) * 100:.1f} points over {rt:.0%})"
-    )
+def _target_text(t: dict[str, Any]) -> tuple[str, str, str]:
+    r, m, gb = t["bandwidth_ratio"], t["h100_mfu"], t["step_gb"]
+    rt, mt, gt = t["bandwidth_ratio_target"], t["h100_mfu_target"], t.get("step_gb_target")
+    ratio = f"met ({r:.1%} <= {rt:.0%})" if t["bandwidth_ratio_met"] else (
+        f"missed: {r:.1%} of the reference ({(r - rt) * 100:.1f} points over {rt:.0%})")  # fmt: skip
+    if gt is None:
+        gbs = f"{gb:.1f} GB (no target)"
+    else:
+        over = f"missed: {gb:.1f} GB ({gb - gt:.1f} GB over {gt:.0f})"
+        gbs = f"met ({gb:.1f} <= {gt:.0f} GB)" if t["step_gb_met"] else over
     mfu = f"met ({m:.1%} >= {mt:.0%})" if t["h100_mfu_met"] else f"missed: {m:.1%} ({(mt - m) * 100:.1f} points short)"
-    return bw, mfu
+    return ratio, gbs, mfu
+
+
+def _assumption_text(a: dict[str, Any]) -> str:
+    hw = ", ".join(f"{k} {v['bandwidth_tbps']} TB/s" for k, v in a["hardware"].items())
+    return (
+        f"batch {a['batch']}; train.precision={a['precision']}, train.optimizer={a['optimizer']}, EMA on. "
+        f"GEMMs at {a['gemm_efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s (dense bf16); bandwidth-bound ops and "
+        f"the optimizer/EMA at {a['hbm_efficiency']:.1%} of peak HBM bandwidth ({hw}); attention: FLOPs at the GEMM "
+        "rate + flash-style bytes at that bandwidth, cuDNN attention (head_dim 72 unpadded on sm_90; the "
+        "FlashAttention-2 column pads it to 96); no overlap between kernels. Fused = `use_backend(\"triton\")` "
+        "(selected explicitly), reference = `use_backend(\"torch\")`; attention is SDPA on both sides."
+    )
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     env, a = result["environment"], result["assumptions"]
     lines = [
-        "# Roofline: one training step (forward + backward), counted on the meta device",
+        "# Roofline: one training step as the engine runs it (forward, backward, optimizer, EMA)",
         "",
         f"Counted {result['date']} on {env['machine']['node']} (torch {env['versions']['torch']}, git "
-        f"{(env['git'].get('commit') or 'uncommitted')[:12]}); batch {a['batch']}, {a['dtype']}; GEMMs at "
-        f"{a['gemm_efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s, other ops at "
-        + ", ".join(f"{k} {v['bandwidth_tbps']} TB/s" for k, v in a["hardware"].items())
-        + "; attention: FLOPs at the GEMM rate + bytes at bandwidth. Reference = PyTorch references "
-        '(`use_backend("torch")`, attention on SDPA), fused = `use_backend("triton")`.',
+        f"{(env['git'].get('commit') or 'uncommitted')[:12]}) on fake tensors. " + _assumption_text(a),
         "",
-        "## Predicted step time (H100: matmul / attention / bandwidth-bound parts)",
+        "## Predicted step time (H100: matmul / attention / bandwidth-bound / optimizer + EMA)",
         "",
-        "| model | backend | GEMM TFLOP | attn TFLOP | attn GB | bandwidth-bound GB | launches "
-        "| H100 matmul ms | H100 attn ms | H100 bw ms | H100 step ms | H100 MFU | H200 step ms | H200 MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | backend | GEMM TFLOP | attn TFLOP | attn GB | fwd+bwd bandwidth-bound GB | optimizer + EMA GB "
+        "| launches | H100 matmul ms | H100 attn ms | H100 bw ms | H100 update ms | H100 step ms | H100 MFU "
+        "| H100 MFU (FA2) | H200 step ms | H200 MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in result["models"].items():
         if "error" in m:
-            lines.append(f"| {name} | — | {m['error']} |" + " |" * 12)
+            lines.append(f"| {name} | — | {m['error']} |" + " |" * 14)
             continue
-        for backend in ("fused", "reference"):
+        for backend in [b for b in ("fused", FUSED_VARIANT, "reference") if b in m]:
             s = m[backend]
-            h, h2 = s["predicted"]["H100"], s["predicted"]["H200"]
+            h, h2, fa = s["predicted"]["H100"], s["predicted"]["H200"], s["predicted_fa2"]["H100"]
             lines.append(
                 f"| {name} | {backend} | {s['matmul_flops'] / 1e12:.2f} | {s['attention_flops'] / 1e12:.2f} | "
-                f"{s['attention_bytes'] / 1e9:.1f} | {s['other_bytes'] / 1e9:.1f} | {s['launches']} | "
-                f"{h['matmul_s'] * 1e3:.1f} | {h['attention_s'] * 1e3:.1f} | {h['bandwidth_s'] * 1e3:.1f} | "
-                f"{h['step_s'] * 1e3:.1f} | {h['mfu']:.1%} | {h2['step_s'] * 1e3:.1f} | {h2['mfu']:.1%} |"
+                f"{s['attention_bytes'] / 1e9:.1f} | {s['other_bytes'] / 1e9:.1f} | {s['update_bytes'] / 1e9:.1f} | "
+                f"{s['launches'] + s['update_launches']} | {h['matmul_s'] * 1e3:.1f} | {h['attention_s'] * 1e3:.1f} | "
+                f"{h['bandwidth_s'] * 1e3:.1f} | {h['update_s'] * 1e3:.1f} | {h['step_s'] * 1e3:.1f} | "
+                f"{h['mfu']:.1%} | {fa['mfu']:.1%} | {h2['step_s'] * 1e3:.1f} | {h2['mfu']:.1%} |"
             )
     lines += [
         "",
         "## Targets (fused)",
         "",
-        "| model | params | bandwidth-bound bytes vs reference (target <= 20%) | predicted H100 MFU (target >= 45%) "
-        "| optimizer + EMA, not in the step |",
-        "|---|---:|---|---|---|",
+        "| model | params | fwd+bwd bytes vs reference (<= 20%) | fwd+bwd bandwidth-bound GB "
+        "| predicted H100 MFU, whole step (>= 45%) | with train.optimizer=fused_adamw_ema |",
+        "|---|---:|---|---|---|---|",
     ]
     for name, m in result["models"].items():
         if "error" in m:
             continue
-        bw, mfu = _target_text(m["targets"])
-        lines.append(
-            f"| {name} | {m['params'] / 1e6:.2f}M | {bw} | {mfu} | {m['optimizer_ema_bytes'] / 1e9:.1f} GB "
-            f"= {m['optimizer_ema_h100_s'] * 1e3:.1f} ms on H100 |"
-        )
+        ratio, gb, mfu = _target_text(m["targets"])
+        alt = m.get(FUSED_VARIANT)
+        alt_s = f"{alt['predicted']['H100']['mfu']:.1%} ({alt['update_bytes'] / 1e9:.1f} GB update)" if alt else "—"
+        lines.append(f"| {name} | {m['params'] / 1e6:.2f}M | {ratio} | {gb} | {mfu} | {alt_s} |")
     for name, m in result["models"].items():
         if "error" in m:
             continue
-        lines += ["", f"### {name}: largest bandwidth-bound ops (GB per step)", ""]
+        lines += ["", f"### {name}: bandwidth-bound bytes per op type (GB per step)", "",
+                  "| op type | fused GB | reference GB | minimum GB | fused launches |", "|---|---:|---:|---:|---:|"]
+        f, r = m["fused"]["op_types"], m["reference"]["op_types"]
+        sizes = {k: max(f.get(k, {}).get("bytes", 0), r.get(k, {}).get("bytes", 0)) for k in set(f) | set(r)}
+        for t in sorted(sizes, key=lambda k: -sizes[k]):
+            fb, rb = f.get(t, {}), r.get(t, {})
+            mn = fb.get("min_bytes", rb.get("min_bytes"))
+            lines.append(
+                f"| {t} | {fb.get('bytes', 0) / 1e9:.2f} | {rb.get('bytes', 0) / 1e9:.2f} | "
+                f"{'—' if mn is None else f'{mn / 1e9:.2f}'} | {fb.get('launches', 0)} |"
+            )
+        lines += ["", f"### {name}: largest bandwidth-bound ops of forward + backward (GB per step)", ""]
         lines += ["| backend | phase | op | calls | GB |", "|---|---|---|---:|---:|"]
         for backend in ("fused", "reference"):
             for r in m[backend]["top_rows"]:
@@ -299,7 +327,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     if result["ops"]:
         lines += [
             "",
-            f"## Fused ops: bytes of forward + backward on their model cases ({a['dtype']})",
+            f"## Fused ops: bytes of forward + backward on their model cases ({a['op_dtype']}, meta device)",
             "",
             "| op | case | reference MB | fused MB | minimum MB | reference / fused | fused / minimum "
             "| launches ref → fused |",
@@ -321,33 +349,42 @@ def to_markdown(result: dict[str, Any]) -> str:
 def run(
     models: dict[str, Callable[[], nn.Module]] | list[str] | tuple[str, ...] = DEFAULT_MODELS,
     batch: int = 32,
-    dtype: str = "bf16",
+    precision: str | None = None,
+    optimizer: str | None = None,
     ops: bool | list[str] = True,
     out_dir: str | Path | None = RESULTS_DIR,
     top: int = 10,
     op_size: str = "model",
+    op_dtype: str = "bf16",
 ) -> dict[str, Any]:
     """Count, predict, and write ``roofline.md`` / ``roofline.json`` (when ``out_dir`` is set).
 
     Args:
         models: generator names (built at their default options) or ``{label: factory}``.
         batch: batch size of the step.
-        dtype: ``bf16 | fp16 | fp32``.
+        precision: ``train.precision`` of the counted step (None: the engine default).
+        optimizer: ``train.optimizer`` (None: the engine default).
         ops: also measure every op of ``pae_fast.kernels.OPS`` (True) or the listed ones on their cases.
         out_dir: where the files go (None: return only).
         top: largest bandwidth-bound ops listed per model and backend.
         op_size: which ``OpSpec.cases`` size the op table uses ("model": real widths; "small": tests).
+        op_dtype: ``bf16 | fp16 | fp32`` of the per-op table.
 
     Returns:
         ``{"environment", "date", "assumptions", "models": {name: {...}}, "ops": [...]}``.
     """
     from pae_fast import kernels
+    from pae_fast.config import TrainConfig
+    from pae_fast.engine.precision import PRECISIONS
     from pae_fast.io import atomic_write_text
     from pae_fast.registry import GENERATORS
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    dt = _DTYPES[dtype]
+    d = TrainConfig()
+    precision, optimizer = precision or d.precision, optimizer or d.optimizer
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if op_dtype not in _DTYPES:
+        raise ValueError(f"op_dtype must be one of {', '.join(_DTYPES)}, got {op_dtype!r}")
     op_names = sorted(kernels.OPS) if ops is True else list(ops or [])
     bad = [o for o in op_names if o not in kernels.OPS]
     if bad:
@@ -363,14 +400,19 @@ def run(
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "assumptions": {
             "batch": batch,
-            "dtype": dtype,
+            "precision": precision,
+            "optimizer": optimizer,
+            "ema": True,
+            "op_dtype": op_dtype,
             "gemm_efficiency": GEMM_EFFICIENCY,
+            "hbm_efficiency": HBM_EFFICIENCY,
+            "attention": "cuDNN (head_dim 72 unpadded on sm_90); FA2 column: head_dim rounded up to 32",
             "peak_tflops": HARDWARE["H100"].peak_flops / 1e12,
             "hardware": {
                 k: {"peak_tflops": h.peak_flops / 1e12, "bandwidth_tbps": h.bandwidth / 1e12}
                 for k, h in HARDWARE.items()
             },
-            "targets": {"bandwidth_ratio": TARGET_BANDWIDTH_RATIO, "h100_mfu": TARGET_MFU},
+            "targets": {"bandwidth_ratio": TARGET_BANDWIDTH_RATIO, "h100_mfu": TARGET_MFU, "step_gb": TARGET_STEP_GB},
         },  # fmt: skip
         "models": {},
         "ops": [],
@@ -380,10 +422,11 @@ def run(
         if build is None:
             result["models"][name] = {"error": f"generator {name!r} is not registered (have: {GENERATORS.names()})"}
             continue
-        result["models"][name] = analyse_model(build, batch, dt, top)
+        target = TARGET_STEP_GB.get(name) if batch == 32 else None
+        result["models"][name] = analyse_model(build, batch, precision, optimizer, top, target)
         result["models"][name]["count_seconds"] = time.perf_counter() - t0
     for op_name in op_names:
-        result["ops"] += op_traffic(kernels.OPS[op_name], dt, op_size)
+        result["ops"] += op_traffic(kernels.OPS[op_name], _DTYPES[op_dtype], op_size)
     if out_dir is not None:
         out = Path(out_dir)
         atomic_write_text(out / "roofline.json", json.dumps(result, indent=1, default=_json_default))
@@ -401,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="registered generator names")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--precision", default=None, help="train.precision of the step (default: the engine's)")
+    p.add_argument("--optimizer", default=None, help="train.optimizer (default: the engine's)")
+    p.add_argument("--op-dtype", default="bf16", choices=sorted(_DTYPES), help="dtype of the per-op table")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     p.add_argument("--ops", nargs="*", default=None, help="ops of the per-op table (default: all)")
     p.add_argument("--top", type=int, default=10, help="largest bandwidth-bound ops listed per model")
@@ -411,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch must be >= 1, got {a.batch}")
     ops = False if a.no_ops else (a.ops if a.ops else True)
     try:
-        res = run(a.models, a.batch, a.dtype, ops=ops, out_dir=a.out_dir, top=a.top)
-    except ValueError as e:  # unknown op names
+        res = run(a.models, a.batch, a.precision, a.optimizer, ops=ops, out_dir=a.out_dir, top=a.top,
+                  op_dtype=a.op_dtype)
+    except ValueError as e:  # unknown op names, precision
         p.error(str(e))
     print(to_markdown(res))
     print(f"wrote {Path(a.out_dir) / 'roofline.md'} and roofline.json")

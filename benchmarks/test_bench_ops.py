@@ -26,7 +26,7 @@ INTERPRETER_SKIP = (
 
 def test_op(benchmark, op_case: OpCase, impl: str, mode: str) -> None:
     from pae_fast import kernels
-    from pae_fast.kernels.testing import flatten_tensors
+    from pae_fast.kernels.tools.testing import flatten_tensors
 
     if impl == "fused" and op_case.device.type != "cuda":
         pytest.skip(INTERPRETER_SKIP)

@@ -6,7 +6,7 @@ implementation, so models trace under ``torch.compile`` and run on the meta devi
 
     python -m pae_fast.kernels.info       # every op, its backends and why any is unavailable
     python -m pae_fast.kernels.validate   # every op against its reference on this device
-    python -m pae_fast.kernels.compile_check --ptxas   # every kernel launch compiled for sm_90, no GPU needed
+    python -m pae_fast.kernels.tools.compile_check --ptxas   # every kernel launch compiled for sm_90, no GPU needed
 """
 
 from ._dispatch import (
@@ -23,6 +23,7 @@ from ._dispatch import (
 )
 from .adaln_modulate import adaln_modulate, adaln_modulate_ref
 from .attention import attention, attention_ref, use_attention_backend
+from .fused_adamw_ema import fused_adamw_ema, fused_adamw_ema_ref
 from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
 from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
@@ -62,4 +63,6 @@ __all__ = [
     "sphere_perturb_ref",
     "gram_loss",
     "gram_loss_ref",
+    "fused_adamw_ema",
+    "fused_adamw_ema_ref",
 ]

@@ -36,6 +36,8 @@ __all__ = [
     "resolve_backend",
     "triton_unavailable_reason",
     "interpreter_enabled",
+    "counting_only",
+    "gemm_input_dtype",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -49,6 +51,7 @@ class BackendUnavailable(RuntimeError):
 _PROCESS_BACKEND: list[str] = []  # filled once from the environment
 _SCOPE_STACK: list[str] = []
 _TRITON_IMPORT_ERROR: list[str | None] = []  # cached result of the triton import check
+_COUNTING: list[bool] = []  # non-empty inside counting_only()
 
 
 def _check_name(name: str, where: str) -> str:
@@ -77,6 +80,34 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _SCOPE_STACK.pop()
+
+
+@contextlib.contextmanager
+def counting_only() -> Iterator[None]:
+    """Let ``triton`` resolve on any device, for counting under ``FakeTensorMode`` (no kernel ever runs).
+
+    ``benchmarks/roofline.py`` counts a step on fake CPU tensors (CPU autocast stands in for CUDA's, which the meta
+    device lacks); the fused ops' fake implementations then run as they would while tracing a CUDA model.
+    """
+    _COUNTING.append(True)
+    try:
+        yield
+    finally:
+        _COUNTING.pop()
+
+
+def gemm_input_dtype(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.dtype:
+    """dtype of a fused op's output that feeds a GEMM: ``out_dtype`` when given, else the autocast dtype when autocast
+    is on for ``x``'s device type (the GEMM would cast to it anyway: the op writes it directly), else ``x.dtype``."""
+    if out_dtype is not None:
+        return out_dtype
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except RuntimeError:  # a device type without autocast (meta)
+        pass
+    return x.dtype
 
 
 def interpreter_enabled() -> bool:
@@ -126,7 +157,7 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor | None) -> str:
         return "torch"
     device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     if name == "triton":
-        reason = triton_unavailable_reason(device)
+        reason = triton_unavailable_reason("meta" if _COUNTING else device)
         if reason is not None:
             raise BackendUnavailable(f"kernel backend 'triton' cannot run on {device}: {reason}")
         return "triton"

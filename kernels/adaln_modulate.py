@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import _adaln_common as C
 from ._adaln_common import _load_mod, _row_norm, _row_norm_bwd
-from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
+from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref"]
 
@@ -151,9 +151,9 @@ def _adaln_modulate_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fwd(x, shift, scale, weight, norm: str, eps: float) -> torch.Tensor:
+def _fwd(x, shift, scale, weight, norm: str, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     B, T, D = x.shape
-    out = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    out = torch.empty((B, T, D), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
     x, scale = C.unit_cols(x), C.unit_cols(scale)
@@ -202,14 +202,20 @@ def _bwd(dy, x, shift, scale, weight, norm: str, eps: float):
 
 @torch.library.custom_op("pae_fast::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(
-    x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, weight: torch.Tensor | None, norm: str, eps: float
+    x: torch.Tensor,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor,
+    weight: torch.Tensor | None,
+    norm: str,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return _fwd(x, shift, scale, weight, norm, eps)
+    return _fwd(x, shift, scale, weight, norm, eps, out_dtype)
 
 
 @_adaln_modulate_op.register_fake
-def _(x, shift, scale, weight, norm, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _(x, shift, scale, weight, norm, eps, out_dtype):
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
 @torch.library.custom_op("pae_fast::adaln_modulate_backward", mutates_args=())
@@ -237,7 +243,7 @@ def _(dy, x, shift, scale, weight, norm, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, shift, scale, weight, norm, eps = inputs
+    x, shift, scale, weight, norm, eps, _ = inputs
     ctx.norm, ctx.eps = norm, eps
     ctx.save_for_backward(x, shift, scale, weight)
 
@@ -245,7 +251,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, shift, scale, weight = ctx.saved_tensors
     dx, dshift, dscale, dweight = _adaln_modulate_backward_op(dy, x, shift, scale, weight, ctx.norm, ctx.eps)
-    return dx, dshift if shift is not None else None, dscale, dweight if weight is not None else None, None, None
+    return dx, dshift if shift is not None else None, dscale, dweight if weight is not None else None, None, None, None
 
 
 _adaln_modulate_op.register_autograd(_backward, setup_context=_setup_context)
@@ -274,6 +280,7 @@ def adaln_modulate(
     norm: str = "rms",
     eps: float = 1e-6,
     backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` in one pass (statistics in fp32).
 
@@ -285,14 +292,18 @@ def adaln_modulate(
         norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm without affine).
         eps: added to the mean square / variance.
         backend: ``auto | triton | torch`` (None: the scope / process default).
+        out_dtype: dtype of the output (it feeds a GEMM). None: the autocast dtype when autocast is on for x's
+            device (an fp32 residual stream under bf16 autocast gives a bf16 output, no cast op), else ``x.dtype``.
 
     Returns:
-        ``(B, N, D)`` in ``x.dtype`` (the other inputs may have other float dtypes; each gradient has its input's).
+        ``(B, N, D)`` in ``out_dtype`` (the other inputs may have other float dtypes; each gradient has its input's;
+        the incoming gradient may be in any float dtype).
     """
     x3, shift3, scale3 = _canon(x, shift, scale, weight, norm)
+    od = gemm_input_dtype(x, out_dtype)
     if resolve_backend(backend, x) == "torch":
-        return adaln_modulate_ref(x, shift, scale, weight, norm, eps)
-    return _adaln_modulate_op(x3, shift3, scale3, weight, norm, float(eps)).view(x.shape)
+        return adaln_modulate_ref(x, shift, scale, weight, norm, eps, out_dtype=od)
+    return _adaln_modulate_op(x3, shift3, scale3, weight, norm, float(eps), od).view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,12 +318,13 @@ def adaln_modulate_ref(
     weight: torch.Tensor | None = None,
     norm: str = "rms",
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`adaln_modulate` (fp32 statistics for half inputs; fp64 stays fp64)."""
     x3, shift3, scale3 = _canon(x, shift, scale, weight, norm)
     dt = C.compute_dtype(x, shift, scale, weight)
     out = C.norm_modulate_ref(x3.to(dt), shift3, scale3, weight, norm, eps)
-    return out.to(x.dtype).view(x.shape)
+    return out.to(gemm_input_dtype(x, out_dtype)).view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,9 +335,10 @@ def adaln_modulate_ref(
 def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
     a = C.bound(adaln_modulate, args, kwargs)
     x, shift, scale, weight = a["x"], a["shift"], a["scale"], a["weight"]
-    fwd = 2 * tensor_bytes(x) + tensor_bytes(shift, scale, weight)  # read x and the modulation, write y
+    y = x.numel() * (a["out_dtype"] or x.dtype).itemsize  # the output (and its gradient) in the GEMM dtype
+    fwd = tensor_bytes(x) + y + tensor_bytes(shift, scale, weight)  # read x and the modulation, write y
     # backward: read dy, x, scale, weight; write dx and the shift / scale / weight gradients
-    bwd = 3 * tensor_bytes(x) + tensor_bytes(scale, weight) + tensor_bytes(shift, scale, weight)
+    bwd = 2 * tensor_bytes(x) + y + tensor_bytes(scale, weight) + tensor_bytes(shift, scale, weight)
     return fwd + (bwd if backward else 0)
 
 
@@ -361,6 +374,10 @@ def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[st
     # non-contiguous input: a transposed view whose rows are strided
     x = rnd(33, 2, 40)
     out.append(("non-contiguous (2,33,40)", (x.transpose(0, 1), rnd(2, 40), rnd(2, 40)), {}))
+    if dtype in (torch.float16, torch.bfloat16):  # under autocast: fp32 residual stream in, GEMM-dtype output
+        x32 = (torch.randn(2, 17, 72, generator=g) * 2.0).to(device).requires_grad_(True)
+        kw = {"weight": rnd(72, scale=0.1, offset=1.0), "out_dtype": dtype}
+        out.append(("fp32 x -> half out (2,17,72)", (x32, rnd(2, 72, scale=0.5), rnd(2, 72, scale=0.5)), kw))
     return out
 
 

@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod, _row_norm, _row_norm_bwd
-from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
+from ._adaln_common import _load_mod, _row_norm
+from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
+from ._gated_residual_adaln_bwd import _gated_residual_adaln_bwd_kernel, bwd_blocks
 
 __all__ = ["gated_residual_adaln", "gated_residual_adaln_ref"]
 
@@ -87,106 +88,6 @@ def _gated_residual_adaln_fwd_kernel(
     tl.store(H + out_off, h.to(H.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _gated_residual_adaln_bwd_kernel(
-    DR,  # (B, T, D) upstream gradient of r, contiguous (read only when HAS_DR)
-    DH,  # (B, T, D) upstream gradient of h, contiguous
-    X,  # (B, T, D) forward residual input, strides (sxb, sxt, 1)
-    YIN,  # (B, T, D) forward sub-block output, strides (syb, syt, 1)
-    GATE,  # (B, D) | (B, T, D), strides (s_gb, s_gt, 1)
-    SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
-    W,  # (D,) RMSNorm weight (HAS_WEIGHT)
-    DX,  # (B, T, D) gradient of x, contiguous
-    DYIN,  # (B, T, D) gradient of y, contiguous
-    DGATE,  # (B, T, D) gradient per token | (B, P, D) fp32 per-program partial sums per sample
-    DSHIFT,  # (B, T, D) | (B, P, D) fp32 partials (HAS_SHIFT)
-    DSCALE,  # (B, T, D) | (B, P, D) fp32 partials
-    DW,  # (B, P, D) fp32 partial sums of the weight gradient (HAS_WEIGHT)
-    T,
-    D,
-    P,
-    ITERS,
-    sxb,
-    sxt,
-    syb,
-    syt,
-    s_gb,
-    s_gt,
-    s_scb,
-    s_sct,
-    eps,
-    IS_RMS: tl.constexpr,
-    HAS_DR: tl.constexpr,
-    GATE_PT: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SHIFT_PT: tl.constexpr,
-    SCALE_PT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # program (pid_t, b) handles row blocks pid_t*ITERS .. pid_t*ITERS + ITERS - 1 of sample b
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < D
-    acc_gate = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    for it in range(ITERS):
-        t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = (t < T)[:, None] & cmask[None, :]
-        out_off = (b * T + t[:, None]) * D + cols[None, :]
-        # recompute the forward: r = x + gate * y, n = norm(r)
-        x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(YIN + b * syb + t[:, None] * syt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = _load_mod(GATE, b, t, cols, s_gb, s_gt, mask, cmask, GATE_PT)
-        n, rstd = _row_norm(x + gate * y, mask, D, eps, IS_RMS)
-        # h = xh * (1 + scale) + shift
-        gh = tl.load(DH + out_off, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            xh = n * w[None, :]
-        else:
-            xh = n
-        if HAS_SHIFT:
-            if SHIFT_PT:
-                tl.store(DSHIFT + out_off, gh.to(DSHIFT.dtype.element_ty), mask=mask)
-            else:
-                acc_shift += tl.sum(gh, axis=0)
-        dscale = gh * xh
-        if SCALE_PT:
-            tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
-        else:
-            acc_scale += tl.sum(dscale, axis=0)
-        dn = gh * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-        if HAS_WEIGHT:
-            acc_w += tl.sum(dn * n, axis=0)
-            dn = dn * w[None, :]
-        dr = _row_norm_bwd(dn, n, rstd, D, IS_RMS)
-        if HAS_DR:
-            dr += tl.load(DR + out_off, mask=mask, other=0.0).to(tl.float32)
-        # r = x + gate * y
-        tl.store(DX + out_off, dr.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DYIN + out_off, (dr * gate).to(DYIN.dtype.element_ty), mask=mask)
-        dgate = dr * y
-        if GATE_PT:
-            tl.store(DGATE + out_off, dgate.to(DGATE.dtype.element_ty), mask=mask)
-        else:
-            acc_gate += tl.sum(dgate, axis=0)
-    part = (b * P + pid_t) * D + cols
-    if not GATE_PT:
-        tl.store(DGATE + part, acc_gate, mask=cmask)
-    if HAS_SHIFT and not SHIFT_PT:
-        tl.store(DSHIFT + part, acc_shift, mask=cmask)
-    if not SCALE_PT:
-        tl.store(DSCALE + part, acc_scale, mask=cmask)
-    if HAS_WEIGHT:
-        tl.store(DW + part, acc_w, mask=cmask)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers (x, y are (B, T, D); gate / shift / scale canonical (B, D) or (B, T, D))
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,10 +100,10 @@ def _flags(norm, gate, shift, scale, weight) -> dict:
     )  # fmt: skip
 
 
-def _fwd(x, y, gate, shift, scale, weight, norm: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(x, y, gate, shift, scale, weight, norm: str, eps: float, h_dtype: torch.dtype):
     B, T, D = x.shape
     r = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    h = torch.empty((B, T, D), dtype=h_dtype, device=x.device)
     if r.numel() == 0:
         return r, h
     x, y, gate, scale = C.unit_cols(x), C.unit_cols(y), C.unit_cols(gate), C.unit_cols(scale)
@@ -221,7 +122,7 @@ def _bwd(dr, dh, x, y, gate, shift, scale, weight, norm: str, eps: float):
     B, T, D = x.shape
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
-    BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D, backward=True)
+    BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = bwd_blocks(T, D)
     P, iters = C.bwd_programs(B, triton.cdiv(T, BLOCK_R), x.device)
     dg = C.mod_grad_buffer(gate, B, P, D, x)
     dsh = C.mod_grad_buffer(shift, B, P, D, x)
@@ -236,7 +137,7 @@ def _bwd(dr, dh, x, y, gate, shift, scale, weight, norm: str, eps: float):
             dx, dy, dg, dsh, dsc, dw,
             T, D, P, iters, x.stride(0), x.stride(1), y.stride(0), y.stride(1), s_gb, s_gt, s_scb, s_sct, float(eps),
             HAS_DR=dr is not None, **_flags(norm, gate, shift, scale, weight),
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_C2=BLOCK_C2, num_warps=num_warps,
         )  # fmt: skip
     else:  # nothing to reduce: zero gradients of the right shapes
         for buf in (dg, dsh, dsc, dw):
@@ -267,15 +168,16 @@ def _gated_residual_adaln_op(
     weight: torch.Tensor | None,
     norm: str,
     eps: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(x, y, gate, shift, scale, weight, norm, eps)
+    return _fwd(x, y, gate, shift, scale, weight, norm, eps, out_dtype)
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, y, gate, shift, scale, weight, norm, eps):
+def _(x, y, gate, shift, scale, weight, norm, eps, out_dtype):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
-        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty(x.shape, dtype=out_dtype, device=x.device),
     )
 
 
@@ -309,7 +211,7 @@ def _(dr, dh, x, y, gate, shift, scale, weight, norm, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, gate, shift, scale, weight, norm, eps = inputs
+    x, y, gate, shift, scale, weight, norm, eps, _ = inputs
     ctx.norm, ctx.eps = norm, eps
     ctx.save_for_backward(x, y, gate, shift, scale, weight)
 
@@ -323,7 +225,7 @@ def _backward(ctx, dr, dh):
     )
     dshift = dshift if shift is not None else None
     dweight = dweight if weight is not None else None
-    return dx, dy, dgate, dshift, dscale, dweight, None, None
+    return dx, dy, dgate, dshift, dscale, dweight, None, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_backward, setup_context=_setup_context)
@@ -361,6 +263,7 @@ def gated_residual_adaln(
     norm: str = "rms",
     eps: float = 1e-6,
     backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + gate * y`` and ``h = norm(r) * (1 + scale) + shift`` in one pass (statistics in fp32).
 
@@ -375,15 +278,18 @@ def gated_residual_adaln(
         norm: ``"rms"`` (RMSNorm) or ``"layer"`` (LayerNorm without affine).
         eps: added to the mean square / variance.
         backend: ``auto | triton | torch`` (None: the scope / process default).
+        out_dtype: dtype of ``h`` (it feeds a GEMM). None: the autocast dtype when autocast is on for x's device
+            (the residual stream stays in ``x.dtype``, e.g. fp32, while ``h`` leaves in bf16), else ``x.dtype``.
 
     Returns:
-        ``(r, h)``, both ``(B, N, D)`` in ``x.dtype``; ``h`` is computed from the fp32 ``r`` before rounding.
-        Gradients flow from both; each gradient has its input's dtype.
+        ``(r, h)``, both ``(B, N, D)``: ``r`` in ``x.dtype``, ``h`` in ``out_dtype``; ``h`` is computed from the fp32
+        ``r`` before rounding. Gradients flow from both (in any float dtype); each gradient has its input's dtype.
     """
     x3, y3, gate3, shift3, scale3 = _canon(x, y, gate, shift, scale, weight, norm)
+    od = gemm_input_dtype(x, out_dtype)
     if resolve_backend(backend, x) == "torch":
-        return gated_residual_adaln_ref(x, y, gate, shift, scale, weight, norm, eps)
-    r, h = _gated_residual_adaln_op(x3, y3, gate3, shift3, scale3, weight, norm, float(eps))
+        return gated_residual_adaln_ref(x, y, gate, shift, scale, weight, norm, eps, out_dtype=od)
+    r, h = _gated_residual_adaln_op(x3, y3, gate3, shift3, scale3, weight, norm, float(eps), od)
     return r.view(x.shape), h.view(x.shape)
 
 
@@ -401,13 +307,14 @@ def gated_residual_adaln_ref(
     weight: torch.Tensor | None = None,
     norm: str = "rms",
     eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`gated_residual_adaln` (fp32 math for half inputs; fp64 stays fp64)."""
     x3, y3, gate3, shift3, scale3 = _canon(x, y, gate, shift, scale, weight, norm)
     dt = C.compute_dtype(x, y, gate, shift, scale, weight)
     r = x3.to(dt) + C.mod_ref(gate3, dt) * y3.to(dt)
     h = C.norm_modulate_ref(r, shift3, scale3, weight, norm, eps)
-    return r.to(x.dtype).view(x.shape), h.to(x.dtype).view(x.shape)
+    return r.to(x.dtype).view(x.shape), h.to(gemm_input_dtype(x, out_dtype)).view(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,10 +325,11 @@ def gated_residual_adaln_ref(
 def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
     a = C.bound(gated_residual_adaln, args, kwargs)
     x, y, gate, shift, scale, weight = (a[k] for k in ("x", "y", "gate", "shift", "scale", "weight"))
+    h = x.numel() * (a["out_dtype"] or x.dtype).itemsize  # h (and dh) in the GEMM dtype
     # forward: read x, y and the modulation, write r and h
-    fwd = 2 * tensor_bytes(x) + tensor_bytes(y, gate, shift, scale, weight)
+    fwd = tensor_bytes(x) + h + tensor_bytes(y, gate, shift, scale, weight)
     # backward: read dr, dh, x, y, gate, scale, weight; write dx, dy and the gate / shift / scale / weight gradients
-    bwd = 3 * tensor_bytes(x) + 2 * tensor_bytes(y) + tensor_bytes(gate, scale, weight)
+    bwd = 2 * tensor_bytes(x) + h + 2 * tensor_bytes(y) + tensor_bytes(gate, scale, weight)
     bwd += tensor_bytes(gate, shift, scale, weight)
     return fwd + (bwd if backward else 0)
 
@@ -459,6 +367,10 @@ def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[st
     x, y = rnd(33, 2, 40), rnd(33, 2, 40)
     out.append(("non-contiguous (2,33,40)", (x.transpose(0, 1), y.transpose(0, 1), rnd(2, 40), rnd(2, 40), rnd(2, 40)),
                 {}))  # fmt: skip
+    if dtype in (torch.float16, torch.bfloat16):  # under autocast: fp32 residual, half branch output and h
+        x32 = (torch.randn(2, 17, 72, generator=g) * 2.0).to(device).requires_grad_(True)
+        args = (x32, rnd(2, 17, 72), rnd(2, 72, scale=0.5), rnd(2, 72, scale=0.5), rnd(2, 72, scale=0.5))
+        out.append(("fp32 x -> half h (2,17,72)", args, {"weight": rnd(72, scale=0.1, offset=1.0), "out_dtype": dtype}))
     return out
 
 

@@ -237,7 +237,7 @@ def _normalize_bwd_kernel(
 
 
 # 8 warps: with 4, the 64x64 fp32 Gram-difference tile plus the operand tiles spill registers on sm_90 (up to ~3 KB per
-# thread in the backward, measured with `python -m pae_fast.kernels.compile_check --ops gram_loss --ptxas`).
+# thread in the backward, measured with `python -m pae_fast.kernels.tools.compile_check --ops gram_loss --ptxas`).
 _NUM_WARPS = 8
 
 

@@ -22,267 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from ._dispatch import OpSpec, interpreter_enabled, register_op, resolve_backend, tensor_bytes
-from ._utils import row_block
+from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
+from ._qk_rope_common import qk_bwd, qk_check, qk_fwd
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref", "rope_2d_tables"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _norm_rope_tile(
-    X,  # (B, H, N, D) input (q or k), strides sb, sh, sn, unit d stride; already offset to (b, h)
-    W,  # (D,) norm weight (read only when HAS_W)
-    O,  # (B, H, N, D) output, contiguous; already offset to (b, h)
-    n,
-    d,
-    pd,
-    mask,
-    c,
-    s,
-    sign,
-    stride_n,
-    D,
-    eps,
-    NORMALIZE: tl.constexpr,
-    HAS_W: tl.constexpr,
-):
-    x = tl.load(X + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(X + n[:, None] * stride_n + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # pair partner
-    if NORMALIZE:
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        x = x * r[:, None]
-        xp = xp * r[:, None]
-        if HAS_W:
-            dmask = d < D
-            x = x * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-            xp = xp * tl.load(W + pd, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    out = x * c + sign[None, :] * xp * s
-    tl.store(O + n[:, None] * D + d[None, :], out.to(O.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _qk_norm_rope_fwd_kernel(
-    Q,  # (B, H, N, D) strides sqb, sqh, sqn, unit d stride
-    K,  # (B, H, N, D) strides skb, skh, skn, unit d stride
-    COS,  # (N, D) contiguous
-    SIN,  # (N, D) contiguous
-    QW,  # (D,) q norm weight (HAS_QW)
-    KW,  # (D,) k norm weight (HAS_KW)
-    QO,  # (B, H, N, D) contiguous output
-    KO,  # (B, H, N, D) contiguous output
-    H,
-    N,
-    D,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    eps,
-    NORMALIZE: tl.constexpr,
-    HAS_QW: tl.constexpr,
-    HAS_KW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    bi = pid_bh // H
-    hi = pid_bh % H
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    pd = d ^ 1  # the other member of the pair (2i, 2i+1); D is even so pd < D wherever d < D
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)
-    mask = (n < N)[:, None] & (d < D)[None, :]
-    c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    out_off = pid_bh.to(tl.int64) * N * D
-    _norm_rope_tile(
-        Q + bi.to(tl.int64) * sqb + hi.to(tl.int64) * sqh, QW, QO + out_off, n, d, pd, mask, c, s, sign, sqn, D, eps,
-        NORMALIZE, HAS_QW,
-    )  # fmt: skip
-    _norm_rope_tile(
-        K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh, KW, KO + out_off, n, d, pd, mask, c, s, sign, skn, D, eps,
-        NORMALIZE, HAS_KW,
-    )  # fmt: skip
-
-
-@triton.jit
-def _norm_rope_tile_bwd(
-    G,  # (B, H, N, D) upstream gradient, contiguous; already offset to (b, h)
-    X,  # (B, H, N, D) forward input, strides (.., .., stride_n, 1); already offset to (b, h)
-    W,  # (D,) norm weight (HAS_W)
-    DX,  # (B, H, N, D) gradient of x, strides (.., .., stride_dn, 1); already offset to (b, h)
-    DW_PART,  # (P, D) fp32 per-program partial sums of dL/dw; already offset to this program's row (HAS_W)
-    n,
-    d,
-    pd,
-    mask,
-    c,
-    sp,
-    sign,
-    stride_n,
-    stride_dn,
-    D,
-    eps,
-    NORMALIZE: tl.constexpr,
-    HAS_W: tl.constexpr,
-):
-    g = tl.load(G + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    gp = tl.load(G + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = g * c - sign[None, :] * gp * sp  # g * cos - rot(g * sin)
-    if NORMALIZE:
-        x = tl.load(X + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        xn = x * r[:, None]
-        if HAS_W:
-            dmask = d < D
-            tl.store(DW_PART + d, tl.sum(dy * xn, axis=0), mask=dmask)
-            dy = dy * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        dot = tl.sum(dy * xn, axis=1) / D
-        dy = r[:, None] * (dy - xn * dot[:, None])
-    tl.store(DX + n[:, None] * stride_dn + d[None, :], dy.to(DX.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _qk_norm_rope_bwd_kernel(
-    DQO,  # (B, H, N, D) gradient of q', contiguous
-    DKO,  # (B, H, N, D) gradient of k', contiguous
-    Q,  # (B, H, N, D) strides sqb, sqh, sqn, unit d stride
-    K,  # (B, H, N, D) strides skb, skh, skn, unit d stride
-    COS,  # (N, D) contiguous
-    SIN,  # (N, D) contiguous
-    QW,  # (D,) (HAS_QW)
-    KW,  # (D,) (HAS_KW)
-    DQ,  # (B, H, N, D) gradient of q, strides dqb, dqh, dqn, unit d stride (e.g. a slice of a packed dqkv)
-    DK,  # (B, H, N, D) gradient of k, strides dkb, dkh, dkn, unit d stride
-    DQW_PART,  # (P, D) fp32 partial sums of dL/dq_weight, P = B * H * cdiv(N, BLOCK_N) (HAS_QW)
-    DKW_PART,  # (P, D) fp32 partial sums of dL/dk_weight (HAS_KW)
-    H,
-    N,
-    D,
-    sqb,
-    sqh,
-    sqn,
-    skb,
-    skh,
-    skn,
-    dqb,
-    dqh,
-    dqn,
-    dkb,
-    dkh,
-    dkn,
-    eps,
-    NORMALIZE: tl.constexpr,
-    HAS_QW: tl.constexpr,
-    HAS_KW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bi = pid_bh // H
-    hi = pid_bh % H
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    pd = d ^ 1
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)
-    mask = (n < N)[:, None] & (d < D)[None, :]
-    c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    sp = tl.load(SIN + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # sin of the partner
-    b64 = bi.to(tl.int64)
-    h64 = hi.to(tl.int64)
-    off = pid_bh.to(tl.int64) * N * D
-    part = (pid_bh * tl.num_programs(1) + pid_n).to(tl.int64) * D
-    _norm_rope_tile_bwd(
-        DQO + off, Q + b64 * sqb + h64 * sqh, QW, DQ + b64 * dqb + h64 * dqh, DQW_PART + part,
-        n, d, pd, mask, c, sp, sign, sqn, dqn, D, eps, NORMALIZE, HAS_QW,
-    )  # fmt: skip
-    _norm_rope_tile_bwd(
-        DKO + off, K + b64 * skb + h64 * skh, KW, DK + b64 * dkb + h64 * dkh, DKW_PART + part,
-        n, d, pd, mask, c, sp, sign, skn, dkn, D, eps, NORMALIZE, HAS_KW,
-    )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _unit_d(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when head_dim has unit stride (any b/h/n strides are fine), else a contiguous copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _table(t: torch.Tensor, N: int, D: int) -> torch.Tensor:
-    return t.reshape(N, D).contiguous()
-
-
-def _blocks(N: int, D: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D): whole heads; 2048-element tiles on GPU (each program holds ~6 tiles of q and k live in
-    registers), the interpreter's large blocks otherwise."""
-    return row_block(N, D, None if interpreter_enabled() else 2048)
-
-
-def _fwd(q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool):
-    B, H, N, D = q.shape
-    q, k = _unit_d(q), _unit_d(k)
-    c, s = _table(cos, N, D), _table(sin, N, D)
-    qo = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device)
-    if qo.numel():
-        BLOCK_N, BLOCK_D = _blocks(N, D)
-        grid = (B * H, triton.cdiv(N, BLOCK_N))
-        _qk_norm_rope_fwd_kernel[grid](
-            q, k, c, s,
-            q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
-            qo, ko, H, N, D,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(eps),
-            NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        )  # fmt: skip
-    return qo, ko
-
-
-def _bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, dq=None, dk=None):
-    """Gradients of q, k (written into ``dq``/``dk`` when given: any b/h/n strides, unit head_dim stride) and of the
-    norm weights."""
-    B, H, N, D = q.shape
-    q, k = _unit_d(q), _unit_d(k)
-    c, s = _table(cos, N, D), _table(sin, N, D)
-    dqo, dko = dqo.contiguous(), dko.contiguous()
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device) if dk is None else dk
-    BLOCK_N, BLOCK_D = _blocks(N, D)
-    grid = (B * H, triton.cdiv(N, BLOCK_N))
-    P = grid[0] * grid[1]
-    dqw_p = torch.empty((P, D) if q_weight is not None else (1,), dtype=torch.float32, device=q.device)
-    dkw_p = torch.empty((P, D) if k_weight is not None else (1,), dtype=torch.float32, device=q.device)
-    if dq.numel():
-        _qk_norm_rope_bwd_kernel[grid](
-            dqo, dko, q, k, c, s,
-            q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
-            dq, dk, dqw_p, dkw_p, H, N, D,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), float(eps),
-            NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        )  # fmt: skip
-    else:
-        dqw_p.zero_()
-        dkw_p.zero_()
-    dqw = dqw_p.sum(0).to(q_weight.dtype) if q_weight is not None else q.new_empty(0)
-    dkw = dkw_p.sum(0).to(k_weight.dtype) if k_weight is not None else q.new_empty(0)
-    return dq, dk, dqw, dkw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,7 +45,7 @@ def _qk_norm_rope_op(
     eps: float,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, cos, sin, q_weight, k_weight, eps, normalize)
+    return qk_fwd(q, k, cos, sin, q_weight, k_weight, eps, normalize)
 
 
 @_qk_norm_rope_op.register_fake
@@ -322,7 +66,7 @@ def _qk_norm_rope_backward_op(
     eps: float,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps, normalize)
+    return qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps, normalize)
 
 
 @_qk_norm_rope_backward_op.register_fake
@@ -360,40 +104,6 @@ _qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _check(q, k, cos, sin, q_weight, k_weight, normalize) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"qk_norm_rope: q must be (B, H, N, head_dim), got shape {tuple(q.shape)}")
-    if k.shape != q.shape:
-        raise ValueError(f"qk_norm_rope: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if k.dtype != q.dtype or k.device != q.device:
-        raise ValueError(
-            f"qk_norm_rope: q and k must share dtype/device, got {q.dtype}/{q.device} and {k.dtype}/{k.device}"
-        )
-    N, D = q.shape[2], q.shape[3]
-    if D % 2:
-        raise ValueError(f"qk_norm_rope: head_dim must be even (RoPE rotates pairs), got {D}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() < 2 or tuple(t.shape[-2:]) != (N, D) or t.numel() != N * D:
-            raise ValueError(
-                f"qk_norm_rope: {name} must have shape (N, head_dim) = ({N}, {D}) (leading 1-dims allowed), "
-                f"got {tuple(t.shape)}"
-            )
-        if not t.is_floating_point() or t.device != q.device:
-            raise ValueError(f"qk_norm_rope: {name} must be a floating tensor on {q.device}, got {t.dtype}/{t.device}")
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        if w is None:
-            continue
-        if not normalize:
-            raise ValueError(f"qk_norm_rope: {name} is an RMSNorm weight but normalize=False; pass None or normalize")
-        if w.shape != (D,) or w.device != q.device:
-            raise ValueError(
-                f"qk_norm_rope: {name} must have shape ({D},) = (head_dim,) on {q.device}, "
-                f"got {tuple(w.shape)} on {w.device}"
-            )
-
-
 def qk_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -418,7 +128,7 @@ def qk_norm_rope(
     Returns:
         ``(q', k')``, each ``(B, H, N, hd)`` contiguous in the input dtype (statistics in fp32).
     """
-    _check(q, k, cos, sin, q_weight, k_weight, normalize)
+    qk_check(q, k, cos, sin, q_weight, k_weight, normalize)
     if resolve_backend(backend, q) == "torch":
         return qk_norm_rope_ref(q, k, cos, sin, q_weight, k_weight, eps, normalize)
     return _qk_norm_rope_op(q, k, cos, sin, q_weight, k_weight, float(eps), bool(normalize))

@@ -9,9 +9,12 @@ Autograd then assembles ``d qkv`` from ``dq, dk, dv`` with a ``stack`` and a lay
 write of the 3 tensors). This op returns ``(q', k', v')`` from the packed input and its backward writes the q/k
 gradients straight into one packed ``dqkv`` buffer (the strided-output path of the qk_norm_rope backward kernel) and
 ``dv`` with one copy, so the split costs ~8 tensor passes per block instead of ~22 (measured by
-``benchmarks/roofline.py``). ``v'`` is a contiguous copy (a custom op cannot return a view of its input).
+``benchmarks/roofline.py``). ``q', k', v'`` are written token-major (``(B, N, H, hd)`` memory): attention's output
+then follows q's layout and ``o.transpose(1, 2).reshape(B, N, D)`` is a view, not a copy; ``v'`` is a copy of the v
+third (a custom op cannot return a view of its input).
 
-Triton kernels: those of :mod:`pae_fast.kernels.qk_norm_rope` (reused, not copied). Reference: ``qkv_norm_rope_ref``.
+Triton kernels: those of :mod:`pae_fast.kernels.qk_norm_rope` (shared via ``_qk_rope_common``).
+Reference: ``qkv_norm_rope_ref``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
-from .qk_norm_rope import _bwd as _qk_bwd
-from .qk_norm_rope import _check as _qk_check
-from .qk_norm_rope import _fwd as _qk_fwd
+from ._qk_rope_common import qk_bwd as _qk_bwd
+from ._qk_rope_common import qk_check as _qk_check
+from ._qk_rope_common import qk_fwd as _qk_fwd
+from ._qk_rope_common import token_major
 from .qk_norm_rope import qk_norm_rope_ref, rope_2d_tables
 
 __all__ = ["qkv_norm_rope", "qkv_norm_rope_ref", "split_heads"]
@@ -55,15 +59,17 @@ def _qkv_norm_rope_op(
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = split_heads(qkv, num_heads)
-    qo, ko = _qk_fwd(q, k, cos, sin, q_weight, k_weight, eps, normalize)
-    return qo, ko, v.clone(memory_format=torch.contiguous_format)
+    qo, ko = _qk_fwd(q, k, cos, sin, q_weight, k_weight, eps, normalize, token_major_out=True)
+    vo = token_major(*v.shape, v)
+    vo.copy_(v)
+    return qo, ko, vo
 
 
 @_qkv_norm_rope_op.register_fake
 def _(qkv, num_heads, cos, sin, q_weight, k_weight, eps, normalize):
     B, N, D3 = qkv.shape
     shape = (B, num_heads, N, D3 // (3 * num_heads))
-    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+    return token_major(*shape, qkv), token_major(*shape, qkv), token_major(*shape, qkv)
 
 
 @torch.library.custom_op("pae_fast::qkv_norm_rope_backward", mutates_args=())

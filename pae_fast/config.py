@@ -202,11 +202,12 @@ class TrainConfig:
     decay_start: int = 0  # linear schedule: constant lr until this step, then linear to min_lr
     grad_clip: float = 0.0  # 0 = off
     ema_decay: float = 0.9999
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # bf16: bf16 compute weights + fp32 masters; bf16-autocast: fp32 weights under autocast (pae_fast/engine/precision)
+    precision: Literal["fp32", "bf16", "bf16-autocast", "fp16"] = "bf16"
     tf32: bool = True
     compile: Literal["off", "default", "max-autotune", "reduce-overhead"] = "off"
     compile_scope: Literal["step", "block"] = "step"
-    optimizer: Literal["adamw", "apex_fused_adam"] = "adamw"
+    optimizer: Literal["adamw", "apex_fused_adam", "fused_adamw_ema"] = "adamw"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = 100
     ckpt_every: int = 5000

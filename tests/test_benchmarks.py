@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pae_fast import kernels
-from pae_fast.kernels.traffic import TrafficCounter, attention_flops, footprint_bytes, format_summary
+from pae_fast.kernels.tools.traffic import TrafficCounter, attention_flops, footprint_bytes, format_summary
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 META = torch.device("meta")
@@ -188,10 +188,17 @@ def test_roofline_prediction_math(bench_path):
     hw = roofline.Hardware("X", peak_flops=1000e12, bandwidth=2e12)
     s = {"matmul_flops": 700e12, "attention_flops": 70e12, "attention_model_flops": 60e12,
          "attention_bytes": 2e12, "other_bytes": 4e12}  # fmt: skip
-    p = roofline.predict(s, hw, gemm_efficiency=0.7)
+    p = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=1.0)
     assert p["matmul_s"] == pytest.approx(1.0) and p["bandwidth_s"] == pytest.approx(2.0)
     assert p["attention_s"] == pytest.approx(0.1 + 1.0) and p["step_s"] == pytest.approx(4.1)
     assert p["mfu"] == pytest.approx(760e12 / (4.1 * 1000e12))
+    # HBM at 80 %, the optimizer + EMA bytes, FlashAttention-2's padded FLOPs
+    s.update(update_bytes=1.6e12, attention_padded_flops=140e12)
+    p = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=0.8, attention="fa2")
+    assert p["bandwidth_s"] == pytest.approx(2.5) and p["update_s"] == pytest.approx(1.0)
+    assert p["attention_s"] == pytest.approx(0.2 + 1.25) and p["step_s"] == pytest.approx(1.0 + 1.45 + 2.5 + 1.0)
+    with pytest.raises(ValueError, match="attention"):
+        roofline.predict(s, hw, attention="xformers")
 
 
 def test_roofline_writes_documented_keys(bench_path, tmp_path):
@@ -213,7 +220,26 @@ def test_roofline_writes_documented_keys(bench_path, tmp_path):
     assert m["fused"]["matmul_flops"] == m["reference"]["matmul_flops"] > 0
     assert 0 < m["fused"]["other_bytes"] < m["reference"]["other_bytes"]
     assert m["fused"]["launches"] < m["reference"]["launches"]
-    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met"}
+    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met", "step_gb"}
+    # counted as the engine trains by default: its precision policy, optimizer and EMA
+    from pae_fast.config import TrainConfig
+
+    a = data["assumptions"]
+    assert (a["precision"], a["optimizer"], a["ema"]) == (TrainConfig().precision, TrainConfig().optimizer, True)
+    assert 0.85 <= a["hbm_efficiency"] <= 0.90 and "cuDNN" in a["attention"]
+    n = m["params"]
+    assert m["optimizer_ema_bytes"] == m["fused"]["update_bytes"] >= 36 * n  # >= the fused kernel's floor
+    types = m["fused"]["op_types"]
+    assert types["optimizer + EMA"]["min_bytes"] == 36 * n
+    assert {"fused:adaln_modulate", "fused:gated_residual_adaln", "fused:swiglu"} <= set(types)
+    assert all(t["min_bytes"] is not None and t["min_bytes"] <= t["bytes"] for t in types.values()), types
+    assert "casts" in m["reference"]["op_types"] and "per op type" in md
+    # the one-kernel optimizer + EMA: 36 B/param (bf16 gradients read in place, bf16 copy written; or fp32 gradients
+    # and no copy under bf16-autocast)
+    alt = m["fused + fused_adamw_ema"]
+    assert alt["optimizer"] == "fused_adamw_ema" and alt["update_bytes"] < m["fused"]["update_bytes"]
+    assert alt["update_bytes"] == pytest.approx(36 * n, rel=0.02)
+    assert alt["other_bytes"] == m["fused"]["other_bytes"]
     row = data["ops"][0]
     assert set(row) >= {"op", "case", "reference_bytes", "fused_bytes", "min_bytes"}, row
     assert row["min_bytes"] <= row["fused_bytes"] < row["reference_bytes"]
@@ -229,11 +255,29 @@ def test_roofline_step_flops_match_profile(bench_path):
 
     with META:
         model = _tiny_generator()
-    step = roofline.step_traffic(_tiny_generator, batch=3, dtype=torch.float32, backend="fused")
+    step = roofline.step_traffic(_tiny_generator, batch=3, precision="fp32", backend="fused")
     gmacs = forward_gmacs(model) * 3
     counted = step["matmul_flops"] + step["attention_model_flops"]
     assert counted == pytest.approx(6 * gmacs * 1e9, rel=0.05)
     assert counted <= 6 * gmacs * 1e9
+
+
+def test_roofline_counts_the_precision_policy(bench_path):
+    """bf16 compute weights: no weight casts in forward/backward; the update writes the bf16 copy instead. Under
+    bf16-autocast every GEMM re-casts its fp32 weight (and the reference pays the same attention as the fused)."""
+    import roofline
+
+    n = sum(p.numel() for p in _tiny_generator().parameters())
+    ac = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16-autocast", backend="fused")
+    bf = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="fused")
+    ref = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="reference")
+    casts = lambda s: s["op_types"].get("casts", {}).get("bytes", 0)  # noqa: E731
+    assert casts(ac) >= 4 * n  # fp32 -> bf16 weight casts (6 B/param) and the gradients back
+    assert casts(bf) < casts(ac) / 4
+    assert ac["update_bytes"] == pytest.approx(40 * n, rel=0.02)  # fused AdamW 28 B/param + EMA 12 B/param
+    assert bf["update_bytes"] == pytest.approx(52 * n, rel=0.02)  # + bf16 grads to fp32 (6) + the bf16 copy (6)
+    assert ref["attention_flops"] == bf["attention_flops"] and ref["attention_bytes"] == bf["attention_bytes"]
+    assert ref["matmul_flops"] == bf["matmul_flops"]
 
 
 def test_roofline_unknown_model_is_reported(bench_path, tmp_path):
@@ -264,6 +308,7 @@ def test_train_step_writes_documented_keys(bench_path, tmp_path):
     assert set(data["environment"]) >= {"machine", "versions", "git"}
     assert data["environment"]["versions"]["torch"] == torch.__version__
     assert (data["precision"], data["backend"], data["compile"]) == ("fp32", "auto", False)
+    assert data["predicted"] is None and data["optimizer"] == "adamw"  # the roofline prediction is a CUDA column
     assert "images/s" in bench_train_step.format_record(rec)
     text = run_all.summarize(tmp_path)
     assert "## Training step" in text and "| tiny | 2 | cpu |" in text and "Machine:" in text
@@ -292,6 +337,24 @@ def test_op_benchmark_suite_writes_results(tmp_path):
         assert set(b["extra_info"]) >= {"op", "case", "impl", "mode", "device", "dtype", "min_bytes", "floor_GBps"}
         assert b["stats"]["median"] > 0
     assert "Triton timing needs CUDA" in proc.stdout
+
+
+def test_train_step_bf16_policy_fused_optimizer_and_prediction(bench_path, monkeypatch):
+    """bf16 compute weights + the one-kernel optimizer run on CPU; on an H100 the record carries the roofline's
+    prediction for the same step beside the measurement."""
+    import bench_train_step
+
+    rec = bench_train_step.run("tiny", batch=2, device="cpu", steps=1, warmup=1, build=_tiny_generator,
+                               precision="bf16", optimizer="fused_adamw_ema")  # fmt: skip
+    assert rec["precision"] == "bf16" and rec["optimizer"] == "fused_adamw_ema" and rec["images_per_s"] > 0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    pred = bench_train_step._predicted(_tiny_generator, 2, "bf16", "auto", "adamw")
+    assert pred["hardware"] == "H100 SXM" and pred["step_seconds"] > 0 and 0 < pred["mfu"] < 1
+    rec.update(predicted=pred, step_seconds=2 * pred["step_seconds"])
+    assert "roofline on H100 SXM" in bench_train_step.format_record(rec) and "predicted time 2.00" in (
+        bench_train_step.format_record(rec))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert bench_train_step._predicted(_tiny_generator, 2, "bf16", "auto", "adamw") is None
 
 
 def test_train_step_cli_rejects_bad_input(bench_path, capsys):

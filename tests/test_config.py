@@ -53,7 +53,8 @@ def test_int_accepted_for_float_but_not_str_for_int():
     [
         ({"train": {"stepz": 3}}, r"unknown config key 'train.stepz'.*Did you mean 'steps'.*Valid keys here:"),
         ({"bogus": 1}, r"unknown config key 'bogus'.*Valid keys here:.*train"),
-        ({"train": {"precision": "fp8"}}, r"train.precision: expected one of 'fp32' \| 'bf16' \| 'fp16', got 'fp8'"),
+        ({"train": {"precision": "fp8"}},
+         r"train.precision: expected one of 'fp32' \| 'bf16' \| 'bf16-autocast' \| 'fp16', got 'fp8'"),
         ({"train": {"tf32": "yes"}}, r"train.tf32: expected bool"),
         ({"train": 5}, r"train: expected a mapping"),
         ({"train": {"betas": [0.9]}}, r"train.betas: expected a list of 2 items"),

@@ -30,6 +30,7 @@ from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to
 from pae_fast.engine.lock import RunLock
 from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, peak_flops, peak_memory_gb, setup_logger
 from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
+from pae_fast.engine.precision import ComputeWeights, autocast_dtype, compute_weights
 from pae_fast.engine.runtime import (
     NonFiniteLossError,
     TrainResult,
@@ -56,6 +57,11 @@ from pae_fast.progress import is_terminal
 from pae_fast.weights import load_into
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "micro_batch_size", "check_train_config"]
+
+
+def _trained(raw: nn.Module, compute: ComputeWeights | None) -> nn.Module:
+    """The module forward/backward run on: the bf16 compute copy (``train.precision=bf16``) or ``raw``."""
+    return compute.module if compute is not None else raw
 
 
 @dataclass
@@ -88,7 +94,8 @@ class _Trainer:
         self.step = 0
         self.pos = DataPosition()
         self.last_ckpt: Path | None = None
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast_dtype = autocast_dtype(cfg.precision)
+        self.compute: dict[str, ComputeWeights | None] = {}  # per unit: the bf16 compute copy (train.precision=bf16)
         mode = {"off": None, "default": "default", "max-autotune": "max-autotune"}.get(cfg.compile, cfg.compile)
         if mode == "reduce-overhead" and device.type != "cuda":
             log.warning("train.compile=reduce-overhead (CUDA graphs) needs CUDA; compiling with mode=default on %s",
@@ -114,7 +121,8 @@ class _Trainer:
         ema = make_ema(raw)
         if bundle is not None:
             load_into(ema, bundle.ema, what=str(bundle.path / "ema.safetensors"))
-        wrapped = P.wrap_model(raw, cfg.distributed, dev, cfg.find_unused_parameters)
+        self.compute["model"] = compute_weights(raw, cfg.precision, cfg.distributed, self.world)
+        wrapped = P.wrap_model(_trained(raw, self.compute["model"]), cfg.distributed, dev, cfg.find_unused_parameters)
         self.ema = P.shard_like(ema, raw)
         self.units = [self._unit("model", raw, wrapped, task.loss_fn)]
         for name, (module, loss_fn) in task.extra_optimized.items():
@@ -122,7 +130,8 @@ class _Trainer:
             if bundle is not None:
                 load_into(module, bundle.extras[name], what=str(bundle.path / f"{name}.safetensors"))
             P.broadcast_module(module)
-            wrapped_x = P.wrap_model(module, cfg.distributed, dev, cfg.find_unused_parameters)
+            self.compute[name] = cw = compute_weights(module, cfg.precision, cfg.distributed, self.world)
+            wrapped_x = P.wrap_model(_trained(module, cw), cfg.distributed, dev, cfg.find_unused_parameters)
             self.units.append(self._unit(name, module, wrapped_x, loss_fn))
         self._compile_blocks()
 
@@ -140,6 +149,10 @@ class _Trainer:
 
     def _unit(self, name: str, raw: nn.Module, wrapped: nn.Module, loss_fn: LossFn) -> _Unit:
         opt = build_optimizer(raw, self.cfg, self.device)
+        if self.compute.get(name) is not None:
+            self.compute[name].attach(opt)  # the optimizer step writes the bf16 compute copy
+        if name == "model" and hasattr(opt, "set_ema"):  # fused_adamw_ema updates the EMA in its kernel
+            opt.set_ema(self.ema, raw, self.cfg.ema_decay)
         sched = build_scheduler(opt, self.cfg)
         scaler = torch.amp.GradScaler(self.device.type) if self.cfg.precision == "fp16" else None
 
@@ -154,7 +167,7 @@ class _Trainer:
         if self.compile_mode is None or self.cfg.compile_scope != "block":
             return
         for unit in self.units:
-            blocks = P.find_blocks(unit.raw)
+            blocks = P.find_blocks(_trained(unit.raw, self.compute.get(unit.name)))
             if not blocks:
                 raise ValueError(
                     f"train.compile_scope=block but {type(unit.raw).__name__} ({unit.name}) has no `blocks` or "
@@ -208,6 +221,9 @@ class _Trainer:
                 v = v.detach().float() / accum
                 terms_sum[name] = terms_sum[name] + v if name in terms_sum else v
         assert loss_sum is not None
+        if self.compute.get(unit.name) is not None:
+            # bf16 gradients -> the fp32 masters' .grad (left in place for fused_adamw_ema when nothing reads them)
+            self.compute[unit.name].grads_to_master(needed=self.cfg.grad_clip > 0 or want_norm)
         loss_mean = loss_sum / accum
         bad = ~torch.isfinite(loss_mean)
         if self.world > 1:  # every rank must take (or skip) the same step; a device collective, no host sync
@@ -271,7 +287,7 @@ class _Trainer:
 
         self.lr_used = main.optimizer.param_groups[0]["lr"]
         ok, norm = self._phase(main, batches(), step, want_norm)
-        ema_update(self.ema, main.raw, self.cfg.ema_decay, ok)
+        ema_update(self.ema, main.raw, self.cfg.ema_decay, ok, params=not getattr(main.optimizer, "updates_ema", False))
         bad = ~ok
         self.skipped_total += bad.to(torch.int64)
         for unit in self.units[1:]:  # extras: their non-finite steps are skipped too and feed nonfinite=stop

@@ -120,12 +120,18 @@ def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim
         if device.type != "cuda":
             raise ValueError("train.optimizer='apex_fused_adam' runs on CUDA only; use train.optimizer=adamw on CPU")
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    raise ValueError(f"train.optimizer={cfg.optimizer!r}: expected adamw or apex_fused_adam")
+    if cfg.optimizer == "fused_adamw_ema":  # one Triton kernel: AdamW + EMA + bf16 compute copy (engine/fused_optim)
+        from pae_fast.engine.fused_optim import FusedAdamWEMA
+
+        return FusedAdamWEMA(groups, **kwargs)
+    raise ValueError(f"train.optimizer={cfg.optimizer!r}: expected adamw, apex_fused_adam or fused_adamw_ema")
 
 
 def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """True when ``optimizer.step()`` honours ``optimizer.found_inf`` (torch's fused Adam/AdamW): a skipped step
     then needs no host sync."""
+    if getattr(optimizer, "supports_found_inf", False):  # FusedAdamWEMA
+        return True
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and isinstance(optimizer, torch.optim.Adam)
 
 
@@ -148,7 +154,8 @@ def _float_pairs(ema: Iterable[torch.Tensor], src: Iterable[torch.Tensor]) -> tu
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor | None = None) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor | None = None,
+               params: bool = True) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied.
 
     Args:
@@ -157,12 +164,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: torch.Tensor 
         decay: EMA decay in [0, 1].
         ok: optional 0-dim bool tensor on the model's device; where False the update is a no-op (skipped step),
             decided on the device without a host sync.
+        params: False when the optimizer already updated the EMA's parameters (``fused_adamw_ema``): only the
+            buffers are copied.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
     # FSDP2: both modules are sharded alike; the update runs on the local shards
     pe, pm, _, _ = _float_pairs(local_tensors(ema.parameters()), local_tensors(model.parameters()))
-    if pe:
+    if pe and params:
         pm = [p.detach() for p in pm]
         if ok is None:
             torch._foreach_lerp_(pe, pm, 1.0 - decay)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pae_fast.kernels import OPS, adaln_modulate, adaln_modulate_ref, use_backend
 from pae_fast.kernels import _adaln_common as common
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["adaln_modulate"]
 

@@ -7,7 +7,7 @@ import torch
 
 from pae_fast.kernels import OPS, BackendUnavailable, attention, attention_ref, use_attention_backend, use_backend
 from pae_fast.kernels.attention import DEFAULT_SDPA_ORDER, attention_backend_reasons, resolve_attention_backend
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["attention"]
 _MOD = importlib.import_module("pae_fast.kernels.attention")

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from pae_fast.kernels.compile_check import _dedupe
+from pae_fast.kernels.tools.compile_check import _dedupe
 
 
 def _run(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "pae_fast.kernels.compile_check", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "pae_fast.kernels.tools.compile_check", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
 
 
@@ -44,3 +44,15 @@ def test_dedupe_keeps_distinct_constexprs():
 def test_every_op_compiles_for_sm90(tmp_path):
     out = _run(["--ptxas"], tmp_path)
     assert out.returncode == 0, out.stdout[-6000:]
+
+
+def test_occupancy_and_lane_waste_columns():
+    from pae_fast.kernels.tools.compile_check import blocks_per_sm, row_lane_waste
+
+    assert blocks_per_sm(128, 16) == 1 and blocks_per_sm(164, 4) == 3 and blocks_per_sm(118, 8) == 2
+    assert blocks_per_sm(32, 4) == 16 and blocks_per_sm(64, 4, shared_bytes=100 * 1024) == 2
+    rec = {"args": {"D": {"kind": "int", "value": 1152}, "BLOCK_C": {"kind": "int", "value": 2048}}}
+    assert row_lane_waste(rec) == pytest.approx(1 - 1152 / 2048)
+    rec["args"]["BLOCK_C"]["value"], rec["args"]["BLOCK_C2"] = 1024, {"kind": "int", "value": 128}
+    assert row_lane_waste(rec) == 0.0
+    assert row_lane_waste({"args": {"N": {"kind": "int", "value": 3}}}) is None

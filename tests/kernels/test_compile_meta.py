@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS
-from pae_fast.kernels.testing import assert_op_matches, flatten_tensors
+from pae_fast.kernels.tools.testing import assert_op_matches, flatten_tensors
 
 NAMES = sorted(OPS)
 

@@ -5,7 +5,7 @@ import torch
 
 from pae_fast.kernels import OPS, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref, use_backend
 from pae_fast.kernels import _adaln_common as common
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["gated_residual_adaln"]
 
@@ -182,3 +182,21 @@ def test_gradients_for_any_subset_of_inputs(needs):
     with torch.no_grad():
         for a, b in zip(gated_residual_adaln(*ts, backend="triton"), gated_residual_adaln_ref(*ts)):
             torch.testing.assert_close(a, b)
+
+
+def test_backward_splits_the_row_into_two_power_of_two_tiles():
+    """1152 = 1024 + 128 and 2048 = 2048 + 0: no padding lane at the model widths (a single 2048-wide tile padded
+    1152 by 44 %); about 2048 elements per program at 4-8 warps, so two or more blocks fit an SM (the registers
+    ptxas reports for these launches are in benchmarks/results/compile_check_sm90.json)."""
+    from unittest import mock
+
+    from pae_fast.kernels import _gated_residual_adaln_bwd as bwd
+
+    with mock.patch.object(bwd, "interpreter_enabled", return_value=False):
+        assert bwd.bwd_blocks(256, 1152) == (1, 1024, 128, 4)
+        assert bwd.bwd_blocks(256, 2048) == (1, 2048, 0, 8)
+        assert bwd.bwd_blocks(256, 768) == (2, 512, 256, 4)
+        assert bwd.bwd_blocks(5, 33)[1:3] == (32, 16)
+    for D in (1152, 2048, 768, 1024):
+        _, c, c2, _ = bwd.bwd_blocks(256, D)
+        assert c + c2 >= D and 1 - D / (c + c2) <= 0.25

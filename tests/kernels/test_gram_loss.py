@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, gram_loss, gram_loss_ref, use_backend
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["gram_loss"]
 # the package exports the function under the module's name: fetch the module itself for monkeypatching

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, latent_norm, latent_norm_ref, use_backend
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["latent_norm"]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, qk_norm_rope, qk_norm_rope_ref, rope_2d_tables, use_backend
-from pae_fast.kernels.qk_norm_rope import _unit_d
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels._qk_rope_common import _unit_d
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["qk_norm_rope"]
 

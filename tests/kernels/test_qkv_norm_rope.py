@@ -5,7 +5,7 @@ import torch
 
 from pae_fast.kernels import OPS, qk_norm_rope_ref, qkv_norm_rope, qkv_norm_rope_ref, rope_2d_tables, use_backend
 from pae_fast.kernels.qkv_norm_rope import split_heads
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["qkv_norm_rope"]
 
@@ -34,7 +34,26 @@ def test_equals_split_then_qk_norm_rope():
     rq, rk = qk_norm_rope_ref(q, k, cos, sin)
     torch.testing.assert_close(qo, rq, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ko, rk, atol=1e-6, rtol=1e-6)
-    assert torch.equal(vo, v) and vo.is_contiguous()
+    assert torch.equal(vo, v)
+    # token-major: (B, N, H, hd) memory, the layout in which attention's output needs no transpose copy
+    assert all(t.transpose(1, 2).is_contiguous() for t in (qo, ko, vo))
+
+
+def test_token_major_gradients_are_read_in_place():
+    """Incoming gradients laid out as attention's backward writes them (like q: token-major) or contiguous give
+    the same packed gradient."""
+    B, N, H, hd = 2, 7, 2, 16
+    qkv = torch.randn(B, N, 3 * H * hd, requires_grad=True)
+    cos, sin = rope_2d_tables(1, N, hd)
+    w = torch.rand(hd).add(0.5)
+    grads = [torch.randn(B, H, N, hd) for _ in range(3)]
+    token_major = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads]
+    outs = qkv_norm_rope(qkv, H, cos, sin, q_weight=w, k_weight=w, backend="triton")
+    (a,) = torch.autograd.grad(outs, qkv, grads, retain_graph=True)
+    (b,) = torch.autograd.grad(outs, qkv, token_major)
+    (ref,) = torch.autograd.grad(qkv_norm_rope_ref(qkv, H, cos, sin, w, w), qkv, grads)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_gradient_layout_matches_autograd_of_views():
@@ -56,6 +75,7 @@ def test_meta_device_and_scope():
     cos, sin = torch.empty(257, 72, device="meta"), torch.empty(257, 72, device="meta")
     q, k, v = qkv_norm_rope(qkv, 16, cos, sin, backend="triton")
     assert q.shape == k.shape == v.shape == (2, 16, 257, 72)
+    assert q.stride() == k.stride() == v.stride() == (257 * 16 * 72, 72, 16 * 72, 1)  # fake impl: token-major
     (q.sum() + k.sum() + v.sum()).backward()
     assert qkv.grad.shape == qkv.shape
     x = torch.randn(1, 4, 3 * 2 * 8)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pae_fast.kernels import OPS, swiglu, swiglu_ref, use_backend
-from pae_fast.kernels.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["swiglu"]
 

@@ -1,4 +1,4 @@
-"""``python -m pae_fast.kernels.compile_check``: compile every Triton kernel launch of every op for a GPU, without one.
+"""``python -m pae_fast.kernels.tools.compile_check``: compile every Triton kernel launch of every op for a GPU.
 
 The interpreter (``TRITON_INTERPRET=1``) checks what a kernel computes, but not that it compiles: it never builds
 Triton IR, so type errors, unsupported bf16 ops, bad ``tl.dot`` shapes or register spills only show on a GPU. This tool
@@ -63,7 +63,7 @@ def record_launches(ops: list[str] | None, sizes: list[str], dtypes: list[str]) 
     from triton.runtime.interpreter import InterpretedFunction
 
     from pae_fast import kernels
-    from pae_fast.kernels.testing import flatten_tensors
+    from pae_fast.kernels.tools.testing import flatten_tensors
 
     launches: list[dict[str, Any]] = []
     current: dict[str, str] = {}
@@ -175,8 +175,37 @@ def compile_launches(launches: list[dict[str, Any]], arch: int, ptxas: bool) -> 
         except Exception as e:  # a compile failure is this tool's finding, reported per launch
             row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         row["seconds"] = time.perf_counter() - t0
+        row["row_lane_waste"] = row_lane_waste(rec)
+        if row.get("registers", -1) > 0:
+            row["blocks_per_sm"] = blocks_per_sm(row["registers"], int(rec["options"].get("num_warps", 4)),
+                                                 int(row.get("shared_bytes") or 0))  # fmt: skip
         results.append(row)
     return results
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
+    """Resident blocks per SM on sm_90: 64K registers (allocated per warp in units of 256, i.e. 8 per thread),
+    64 warps, 32 blocks and 227 KB of shared memory per SM."""
+    regs_per_warp = -(-registers // 8) * 8 * 32
+    by_regs = 65536 // (regs_per_warp * num_warps)
+    by_warps = 64 // num_warps
+    by_smem = (227 * 1024) // shared_bytes if shared_bytes else 32
+    return max(0, min(by_regs, by_warps, by_smem, 32))
+
+
+def row_lane_waste(rec: dict[str, Any]) -> float | None:
+    """Share of padding lanes in a row kernel's column tiles: ``1 - D / (BLOCK_C + BLOCK_C2)`` for kernels that
+    hold whole rows of width ``D`` (None for other kernels)."""
+    args = rec.get("args", {})
+
+    def val(name: str) -> int | None:
+        a = args.get(name)
+        return a.get("value") if a and a.get("kind") == "int" else None
+
+    d, c, c2 = val("D"), val("BLOCK_C"), val("BLOCK_C2") or 0
+    if not d or not c:
+        return None
+    return max(0.0, 1.0 - d / (c + c2))
 
 
 def _ptxas_stats(ptxas_bin: str, ptx: str, arch: int) -> dict[str, int]:
@@ -201,7 +230,7 @@ def _phase(argv: list[str], interpret: bool) -> list[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-m", "pae_fast.kernels.compile_check", *argv], env=env,
+    out = subprocess.run([sys.executable, "-m", "pae_fast.kernels.tools.compile_check", *argv], env=env,
                          capture_output=True, text=True)  # fmt: skip
     if out.returncode != 0:
         raise SystemExit(f"compile_check phase {argv[0]} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
@@ -224,7 +253,7 @@ def run(ops: list[str] | None, sizes: list[str], dtypes: list[str], arch: int, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pae_fast.kernels.compile_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pae_fast.kernels.tools.compile_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--ops", nargs="*", help="ops to check (default: all)")
     p.add_argument("--sizes", nargs="*", default=["small", "model"], choices=["small", "model"])
@@ -249,11 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(compile_launches(json.load(f), a.arch, a.ptxas)))
         return 0
     rows = run(a.ops, a.sizes, a.dtypes, a.arch, a.ptxas, a.max_launches)
-    print(f"{'kernel':<40} {'op case':<58} {'warps':>5} {'regs':>5} {'spill':>6}  result")
+    print(f"{'kernel':<40} {'op case':<58} {'warps':>5} {'regs':>5} {'spill':>6} {'blk/SM':>6} {'waste':>6}  result")
     for r in rows:
         warps, regs, spill = r["options"].get("num_warps", "-"), r.get("registers", "-"), r.get("spill_bytes", "-")
+        waste = "-" if r.get("row_lane_waste") is None else f"{r['row_lane_waste']:.0%}"
         print(f"{r['kernel'][:40]:<40} {(str(r['op']) + ' ' + str(r['case']))[:58]:<58} {warps!s:>5} {regs!s:>5} "
-              f"{spill!s:>6}  {'ok' if r['ok'] else 'FAIL ' + str(r['error'])}")  # fmt: skip
+              f"{spill!s:>6} {r.get('blocks_per_sm', '-')!s:>6} {waste:>6}  "
+              f"{'ok' if r['ok'] else 'FAIL ' + str(r['error'])}")  # fmt: skip
     bad = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(bad)} passed, {len(bad)} failed (sm_{a.arch}, distinct launches)")
     if a.json:

@@ -45,7 +45,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["TrafficCounter", "OpRow", "format_summary", "footprint_bytes", "attention_flops"]
+__all__ = ["TrafficCounter", "OpRow", "format_summary", "footprint_bytes", "attention_flops", "FA2_HEAD_DIM_MULTIPLE"]
+
+FA2_HEAD_DIM_MULTIPLE = 32  # FlashAttention-2 compiles head dims 32, 64, 96, ...: head_dim 72 runs as 96
 
 # Ops that move no data and launch nothing (beyond what ``OpOverload.is_view`` already says).
 _FREE_OPS = {
@@ -59,6 +61,14 @@ _OVERWRITE_OPS = {
     "copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "exponential_", "bernoulli_", "geometric_",
     "log_normal_", "cauchy_", "_foreach_copy_", "_foreach_zero_",
 }  # fmt: skip
+# Ops returning nothing that write only some of their mutable arguments (the rest are read): fused Adam(W) writes the
+# parameters and both moments; its gradients are marked mutable (unscaled in place) but only written with grad_scale.
+_PARTIAL_WRITE_OPS = {
+    "_fused_adamw_": ("self", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+    "_fused_adam_": ("self", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+}
+# Mutable arguments an op overwrites without reading them (not charged as read).
+_WRITE_ONLY_ARGS = {"fused_adamw_ema_": ("copy",)}
 _GEMM_OPS = {
     "mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear", "matmul", "addmv", "mv", "convolution",
     "_convolution", "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward",
@@ -104,6 +114,7 @@ class OpRow:
     written_bytes: int = 0
     flops: int = 0  # executed FLOPs (GEMMs and attention)
     model_flops: int = 0  # FLOPs under the MFU convention (attention backward = 2 x forward)
+    padded_flops: int = 0  # attention FLOPs with head_dim rounded up to a multiple of 32 (FlashAttention-2's tiles)
     launches: int = 0
 
     @property
@@ -147,6 +158,7 @@ def _counted_sdpa(counter: TrafficCounter, query, key, value, attn_mask=None, *r
         return _CountedAttention.apply(counter, call, attn_mask, query, key, value)
     with counter._suppressed():
         out = call(query, key, value)
+        out = _like(out, query) if out.shape == query.shape else out
     counter._record_attention("forward", query, key, value, out, attn_mask)
     return out
 
@@ -159,9 +171,13 @@ class _CountedAttention(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
         with counter._suppressed(), torch.enable_grad():
             out = call(*leaves)
+            # FlashAttention allocates its output like q (``empty_like(q)``): q laid out token-major, (B, N, H, hd)
+            # memory seen as (B, H, N, hd), gives an output that ``transpose(1, 2).reshape(B, N, D)`` views without a
+            # copy. The decomposition underneath may lay it out otherwise; it is re-laid out like q, uncounted.
+            res = _like(out.detach(), q) if out.shape == q.shape else out.detach()
         ctx.counter, ctx.inner, ctx.mask = counter, (leaves, out), attn_mask
         counter._record_attention("forward", q, k, v, out, attn_mask)
-        return out.detach()
+        return res
 
     @staticmethod
     def backward(ctx, dout):
@@ -248,6 +264,8 @@ class TrafficCounter(TorchDispatchMode):
             return
         lse = q.numel() // q.shape[-1] * 4  # fp32 logsumexp per query row
         fwd_flops = attention_flops(q.shape, k.shape, v.shape)
+        hd = int(q.shape[-1])
+        pad = -(-hd // FA2_HEAD_DIM_MULTIPLE) * FA2_HEAD_DIM_MULTIPLE
         qkv = footprint_bytes(q) + footprint_bytes(k) + footprint_bytes(v)
         mask_b = footprint_bytes(mask) if isinstance(mask, torch.Tensor) else 0
         name = "attention" if kind == "forward" else "attention_backward"
@@ -259,11 +277,13 @@ class TrafficCounter(TorchDispatchMode):
             row.written_bytes += footprint_bytes(out) + lse
             row.flops += fwd_flops
             row.model_flops += fwd_flops
+            row.padded_flops += fwd_flops * pad // hd
         else:
             row.read_bytes += footprint_bytes(dout) + qkv + footprint_bytes(out) + lse + mask_b
             row.written_bytes += qkv
             row.flops += fwd_flops * 5 // 2  # QKᵀ recomputed, dP, dV, dQ, dK
             row.model_flops += fwd_flops * 2
+            row.padded_flops += fwd_flops * 5 // 2 * pad // hd
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -290,6 +310,9 @@ class TrafficCounter(TorchDispatchMode):
                    if a.alias_info is not None and a.alias_info.is_write]  # fmt: skip
         outs = _tensors(out)
         if not outs:  # in-place ops returning nothing (``_foreach_*_``) write their mutated arguments
+            only = _PARTIAL_WRITE_OPS.get(name)
+            if only is not None and kwargs.get("grad_scale") is None:
+                written = [(i, a, v) for i, a, v in written if a.name in only]
             outs = _tensors([v for _, _, v in written])
             if not outs:
                 return  # a metadata query
@@ -307,7 +330,8 @@ class TrafficCounter(TorchDispatchMode):
         row.written_bytes += sum(footprint_bytes(t) for t in outs)
         if not (name.endswith("_like") or name.startswith("new_")):  # factories only use the input's metadata
             # arguments that are only overwritten: ``out=`` and the destination of copy_/fill_/zero_/...
-            skip = {id(v) for i, a, v in written if a.kwarg_only or (i == 0 and name in _OVERWRITE_OPS)}
+            skip = {id(v) for i, a, v in written if a.kwarg_only or (i == 0 and name in _OVERWRITE_OPS)
+                    or a.name in _WRITE_ONLY_ARGS.get(name, ())}  # fmt: skip
             row.read_bytes += sum(footprint_bytes(t) for v in values if id(v) not in skip for t in _tensors(v))
         if category != "other":
             flops, model = self._flops(func, packet, name, args, kwargs, out, category)
@@ -361,8 +385,8 @@ class TrafficCounter(TorchDispatchMode):
 
 def _totals(rows) -> dict[str, int]:
     t = dict.fromkeys(
-        ("matmul_flops", "matmul_bytes", "attention_flops", "attention_model_flops", "attention_bytes",
-         "other_bytes", "total_bytes", "launches"), 0,
+        ("matmul_flops", "matmul_bytes", "attention_flops", "attention_model_flops", "attention_padded_flops",
+         "attention_bytes", "other_bytes", "total_bytes", "launches"), 0,
     )  # fmt: skip
     for r in rows:
         if r.category == "matmul":
@@ -371,6 +395,7 @@ def _totals(rows) -> dict[str, int]:
         elif r.category == "attention":
             t["attention_flops"] += r.flops
             t["attention_model_flops"] += r.model_flops
+            t["attention_padded_flops"] += r.padded_flops or r.flops
             t["attention_bytes"] += r.bytes
         else:
             t["other_bytes"] += r.bytes

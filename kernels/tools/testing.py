@@ -34,10 +34,13 @@ class CompareResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.rows)
+        """Every compared tensor within tolerance, and at least one tensor compared (an empty comparison fails)."""
+        return bool(self.rows) and all(r.ok for r in self.rows)
 
     def report(self) -> str:
         lines = [f"{self.name}: {'OK' if self.ok else 'MISMATCH'}"]
+        if not self.rows:
+            lines.append("  [BAD] nothing was compared (neither side returned a tensor)")
         for r in self.rows:
             flag = "ok " if r.ok else "BAD"
             lines.append(
@@ -101,8 +104,10 @@ def compare_op(
     """Run ``fn(*args, **kwargs, **fused_kwargs)`` and ``ref(*args, **kwargs)`` on independent copies of the inputs.
 
     Floating tensors with ``requires_grad`` become leaves on both sides; gradients of every output (with one shared
-    random upstream gradient per output) are compared for each of them. ``ref_dtype`` upcasts the reference's
-    floating inputs (e.g. fp64) and the comparison casts the reference back to the fused output's dtype first.
+    random upstream gradient per output) are compared for each of them. The result fails (``ok`` is False) when
+    nothing was compared: no output tensors, or inputs that require grad but no gradient reached any.
+    ``ref_dtype`` upcasts the reference's floating inputs (e.g. fp64) and the comparison casts the reference back to
+    the fused output's dtype first.
     """
     kwargs = dict(kwargs or {})
     fused_kwargs = dict(fused_kwargs if fused_kwargs is not None else {"backend": "triton"})
@@ -123,7 +128,9 @@ def compare_op(
     b_args, b_kw = copy(list(args), ref_dtype), {k: copy(v, ref_dtype) for k, v in kwargs.items()}
     a_out = flatten_tensors(fn(*a_args, **a_kw, **fused_kwargs))
     b_out = flatten_tensors(ref(*b_args, **b_kw))
-    rows = []
+    rows: list[Mismatch] = []
+    if not a_out and not b_out:
+        return CompareResult(name, [Mismatch("outputs", 0, 0, atol, rtol, False, "neither side returned a tensor")])
     if len(a_out) != len(b_out):
         return CompareResult(name, [Mismatch("outputs", 0, 0, atol, rtol, False, f"{len(a_out)} vs {len(b_out)}")])
     for i, (a, b) in enumerate(zip(a_out, b_out)):
@@ -137,6 +144,9 @@ def compare_op(
         # a custom op's outputs all require grad when any input does; the reference's may not (e.g. an output that
         # depends only on inputs without grad): compare gradients through outputs that carry one on both sides
         outs = [(a, b) for a, b in zip(a_out, b_out) if a.requires_grad and b.requires_grad and a.is_floating_point()]
+        if a_leaves and not outs:
+            detail = "inputs require grad but no output carries a gradient on both sides: nothing was compared"
+            rows.append(Mismatch("gradients", 0.0, 0.0, grad_atol, grad_rtol, False, detail))
         if a_leaves and outs:
             g = torch.Generator(device="cpu").manual_seed(seed)
             # the upstream gradient is rounded to the fused output's dtype first, so both sides see the same values
@@ -152,6 +162,9 @@ def compare_op(
             for n, x, y, leaf in zip(names, ga, gb, a_leaves):
                 y = y.to(leaf.dtype) if (y is not None and ref_dtype is not None) else y
                 rows.append(_compare(f"grad {n}", x, y, grad_atol, grad_rtol))
+            if all(x is None and y is None for x, y in zip(ga, gb)):
+                detail = "inputs require grad but every gradient is None on both sides: nothing was compared"
+                rows.append(Mismatch("gradients", 0.0, 0.0, grad_atol, grad_rtol, False, detail))
     return CompareResult(name, rows)
 
 
