@@ -3,7 +3,8 @@ checkpoint callback), and the non-finite stop policy checked before both.
 
 :class:`TrainerOutputs` is a mixin of :class:`pae_fast.engine.loop._Trainer`; its methods read the trainer's state
 (``cfg``, ``task``, ``units``, ``ema``, ``stats``, the device-side meters and non-finite counters, ``step``, ``pos``,
-``out``, ``ckpt_root``, ``template``, ``pbar``) and write no state beyond ``last_ckpt`` and the reset meters.
+``out``, ``ckpt_root``, ``template``, ``pbar``) and write no state beyond ``last_ckpt`` and the meters (reset through
+the trainer's ``_reset_meters`` after each log line).
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ __all__ = ["TrainerOutputs"]
 
 class TrainerOutputs:
     """The trainer's logging, checkpoint writing and non-finite stop policy (a mixin: see the module docstring)."""
+
+    # set by the trainer (pae_fast.engine.loop._Trainer); listed here as the contract these methods read
+    task: Any
+    cfg: Any
+    out: Path
+    ckpt_root: Path
+    device: torch.device
+    units: list[Any]
+    ema: nn.Module
+    template: nn.Module | None
+    last_ckpt: Path | None
 
     def _check_stop_policy(self) -> None:
         if self.cfg.nonfinite == "stop":
