@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.metadata as md
 import platform
+from collections.abc import Callable
 
 from pae_fast.cli.common import list_presets, no_extra
 
@@ -61,26 +62,27 @@ def _is_nvidia_apex() -> bool:
         return False
 
 
+def _describe(option: str, name: str, describe: Callable[[str], str]) -> int:
+    """Print ``describe(name)`` (built on the meta device: no memory, no weights); an unknown name is a config error."""
+    from pae_fast.config import ConfigError
+
+    try:
+        print(describe(name))
+    except KeyError as e:  # unknown name: the registry's message lists the valid ones
+        raise ConfigError(f"{option}: {e.args[0]}") from None
+    return 0
+
+
 def main(args: argparse.Namespace, extra: list[str]) -> int:
     no_extra(extra, "info")
-    if args.model:  # built on the meta device: no memory, no weights
-        from pae_fast.config import ConfigError
+    if args.model:
         from pae_fast.models.profile import describe_generator
 
-        try:
-            print(describe_generator(args.model))
-        except KeyError as e:  # unknown name: the registry's message lists the valid ones
-            raise ConfigError(f"--model: {e.args[0]}") from None
-        return 0
-    if args.tokenizer:  # built on the meta device: no memory, no weights
-        from pae_fast.config import ConfigError
+        return _describe("--model", args.model, describe_generator)
+    if args.tokenizer:
         from pae_fast.models.tokenizer import describe_tokenizer
 
-        try:
-            print(describe_tokenizer(args.tokenizer))
-        except KeyError as e:  # unknown name: the registry's message lists the valid ones
-            raise ConfigError(f"--tokenizer: {e.args[0]}") from None
-        return 0
+        return _describe("--tokenizer", args.tokenizer, describe_tokenizer)
     import torch
 
     import pae_fast

@@ -1,6 +1,7 @@
 """The shared training engine (all stages): ``train(task, cfg, out_dir, seed, config_yaml) -> TrainResult``.
 
-See :mod:`pae_fast.engine.loop` for the step, :mod:`pae_fast.engine.checkpoint` for the checkpoint layout and
+See :mod:`pae_fast.engine.loop` for the step, :mod:`pae_fast.engine.outputs` for the log line and checkpoint
+writing, :mod:`pae_fast.engine.checkpoint` for the checkpoint layout and
 :mod:`pae_fast.engine.distributed` for the process-group helpers. Trained weights are loaded back through
 :mod:`pae_fast.weights`.
 """

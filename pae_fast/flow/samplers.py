@@ -100,6 +100,23 @@ def _steps(ts: list[float], progress: bool, desc: str):
     return pairs
 
 
+# one solver step: (x at t0, t0, t1, step index k) -> (x at t1, the step's effective velocity (x1 - x0) / h)
+_Step = Callable[[Tensor, float, float, int], tuple[Tensor, Tensor]]
+
+
+def _integrate(step: _Step, x: Tensor, ts: list[float], trajectory: Trajectory | None, progress: bool,
+               desc: str) -> Tensor:
+    """Run ``step`` over consecutive grid times ``ts``, recording each state and velocity in ``trajectory``."""
+    if trajectory is not None:
+        trajectory.add_state(ts[0], x)
+    for k, (t0, t1) in enumerate(_steps(ts, progress, desc)):
+        x, v = step(x, t0, t1, k)
+        if trajectory is not None:
+            trajectory.add_velocity(v)
+            trajectory.add_state(t1, x)
+    return x
+
+
 @torch.no_grad()
 def euler(
     fn: VelocityFn, x: Tensor, grid: Tensor, *, trajectory: Trajectory | None = None, progress: bool = False
@@ -116,16 +133,12 @@ def euler(
     Returns:
         the state at ``grid[-1]``, shaped like ``x``.
     """
-    ts = _times(grid)
-    if trajectory is not None:
-        trajectory.add_state(ts[0], x)
-    for t0, t1 in _steps(ts, progress, "euler"):
+
+    def step(x: Tensor, t0: float, t1: float, k: int) -> tuple[Tensor, Tensor]:
         v = fn(x, _tvec(t0, x))
-        x = x + (t1 - t0) * v
-        if trajectory is not None:
-            trajectory.add_velocity(v)
-            trajectory.add_state(t1, x)
-    return x
+        return x + (t1 - t0) * v, v
+
+    return _integrate(step, x, _times(grid), trajectory, progress, "euler")
 
 
 @torch.no_grad()
@@ -136,19 +149,15 @@ def heun(
 
     Args and returns as :func:`euler`.
     """
-    ts = _times(grid)
-    if trajectory is not None:
-        trajectory.add_state(ts[0], x)
-    for t0, t1 in _steps(ts, progress, "heun"):
+
+    def step(x: Tensor, t0: float, t1: float, k: int) -> tuple[Tensor, Tensor]:
         h = t1 - t0
         v0 = fn(x, _tvec(t0, x))
         v1 = fn(x + h * v0, _tvec(t1, x))
         slope = 0.5 * (v0 + v1)
-        x = x + h * slope
-        if trajectory is not None:
-            trajectory.add_velocity(slope)
-            trajectory.add_state(t1, x)
-    return x
+        return x + h * slope, slope
+
+    return _integrate(step, x, _times(grid), trajectory, progress, "heun")
 
 
 @torch.no_grad()
@@ -165,13 +174,10 @@ def euler_maruyama(
     """Euler–Maruyama for ``dx = [v + η(t·v − x)] dt + sqrt(2η(1 − t)) dW`` (module docstring).
 
     Args:
-        fn: velocity function.
-        x: the noise at ``grid[0]``, ``(B, C, H, W)``.
-        grid: increasing times ``(K + 1,)``.
+        fn, x, grid, progress: as :func:`euler`.
         noise_scale: η ≥ 0 (SiT's ``diffusion_norm``; 0 gives the Euler ODE).
         generator: RNG for the Brownian increments.
         trajectory: optional recorder (velocities = drifts).
-        progress: show a step progress bar.
 
     Returns:
         the sample at ``grid[-1]``; the last step adds no noise.
@@ -179,10 +185,9 @@ def euler_maruyama(
     if noise_scale < 0:
         raise ValueError(f"the SDE noise scale must be >= 0, got {noise_scale}")
     ts = _times(grid)
-    if trajectory is not None:
-        trajectory.add_state(ts[0], x)
     last = len(ts) - 2
-    for k, (t0, t1) in enumerate(_steps(ts, progress, "euler-maruyama")):
+
+    def step(x: Tensor, t0: float, t1: float, k: int) -> tuple[Tensor, Tensor]:
         h = t1 - t0
         v = fn(x, _tvec(t0, x))
         # ½g²·score = η(1 − t)·(t·v − x)/(1 − t) = η(t·v − x): finite everywhere on [0, 1].
@@ -191,10 +196,9 @@ def euler_maruyama(
         if k < last and noise_scale > 0:
             dw = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             x = x + math.sqrt(2.0 * noise_scale * (1.0 - t0) * h) * dw
-        if trajectory is not None:
-            trajectory.add_velocity(drift)
-            trajectory.add_state(t1, x)
-    return x
+        return x, drift
+
+    return _integrate(step, x, ts, trajectory, progress, "euler-maruyama")
 
 
 @torch.no_grad()
@@ -215,13 +219,11 @@ def sde_sbdm(
     ``score = (T·v − x)/(1 − T)``. Model calls: ``len(grid) − 1`` steps + 1.
 
     Args:
-        fn: velocity function.
-        x: the noise at ``grid[0]``, ``(B, ...)``.
+        fn, x, progress: as :func:`euler`.
         grid: increasing times ``(K + 1,)`` inside (0, 1).
         final_time: T of the posterior-mean step, in (0, 1) (PAE: the unshifted end of the grid, 0.996).
         generator: RNG for the Brownian increments.
         trajectory: optional recorder (velocities = drifts; the final step is recorded at ``final_time``).
-        progress: show a step progress bar.
 
     Returns:
         the sample (the posterior mean of the data given the last state).
@@ -232,17 +234,15 @@ def sde_sbdm(
             f"sde_sbdm needs grid times and final_time inside (0, 1) (D(t) = (1 - t)/t is singular at 0, the score "
             f"at 1), got grid [{ts[0]}, {ts[-1]}], final_time {final_time}; set sample.t_start > 0, sample.t_end < 1"
         )
-    if trajectory is not None:
-        trajectory.add_state(ts[0], x)
-    for t0, t1 in _steps(ts, progress, "sde-sbdm"):
+
+    def step(x: Tensor, t0: float, t1: float, k: int) -> tuple[Tensor, Tensor]:
         h = t1 - t0
         v = fn(x, _tvec(t0, x))
         drift = 2.0 * v - x / t0  # v + D·score with D = (1 − t)/t, score = (t·v − x)/(1 − t)
         dw = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x = x + h * drift + math.sqrt(2.0 * h * (1.0 - t0) / t0) * dw
-        if trajectory is not None:
-            trajectory.add_velocity(drift)
-            trajectory.add_state(t1, x)
+        return x + h * drift + math.sqrt(2.0 * h * (1.0 - t0) / t0) * dw, drift
+
+    x = _integrate(step, x, ts, trajectory, progress, "sde-sbdm")
     t = final_time
     v = fn(x, _tvec(t, x))
     score = (t * v - x) / (1.0 - t)

@@ -1,4 +1,5 @@
-"""Transformer pieces of the tokenizers: self/cross attention on the kernel registry, the ViT pixel decoder.
+"""Transformer pieces of the tokenizers: cross attention on the kernel registry, the ViT pixel decoder (self-attention
+is :class:`pae_fast.models.layers.Attention`).
 
 The ViT decoder is the ViT-MAE-style decoder PAE and RAE use (docs/method.md §PAE tokenizer): ``Linear(D_in ->
 hidden)`` on the latent tokens, a learnable CLS prepended (dropped at the end), a fixed 2-D sin-cos position table
@@ -14,9 +15,9 @@ from timm.layers import Mlp
 from torch import nn
 
 from pae_fast.kernels.attention import attention
-from pae_fast.models.layers import sincos_pos_embed_2d, unpatchify
+from pae_fast.models.layers import Attention, head_dim_of, sincos_pos_embed_2d, unpatchify
 
-__all__ = ["SelfAttention", "CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES"]
+__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES"]
 
 # name -> (hidden, depth, heads, mlp hidden)
 DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -26,34 +27,13 @@ DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention ``(B, N, D) -> (B, N, D)``: fused ``qkv`` (rows [q; k; v], heads contiguous), the
-    registry's attention, output ``proj``. Layout of timm's ``Attention`` (so the authors' keys map 1:1)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"SelfAttention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
-
-
 class CrossAttention(nn.Module):
     """Multi-head cross-attention: queries from ``x (B, Nq, D)``, keys/values from ``ctx (B, Nk, D)``."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim_of("CrossAttention", dim, num_heads)
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -74,7 +54,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-12) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = SelfAttention(dim, num_heads, qkv_bias=True)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden, act_layer=nn.GELU)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pae_fast.models.generator import ClassConditionalGenerator, build_variant, check_inputs, register_variants
+from pae_fast.models.generator import ClassConditionalGenerator, build_named, check_inputs, register_variants
 from pae_fast.models.layers import (
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -171,6 +171,4 @@ def ditdh(name: str, **overrides: Any) -> DiTDH:
 
     Example: ``ditdh("DiTDH-XL")`` (768 input channels, 838.68M parameters).
     """
-    if name not in VARIANTS:
-        raise KeyError(f"unknown DiT^DH variant {name!r}; valid: {', '.join(VARIANTS)}")
-    return build_variant(DiTDH, name, VARIANTS[name], overrides)
+    return build_named(DiTDH, "DiT^DH", VARIANTS, name, overrides)

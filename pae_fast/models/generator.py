@@ -22,6 +22,7 @@ __all__ = [
     "check_inputs",
     "ClassConditionalGenerator",
     "build_variant",
+    "build_named",
     "register_variant",
     "register_variants",
     "CONFIG_FIELDS",
@@ -104,6 +105,18 @@ def build_variant(cls: type, name: str, variant: Mapping[str, Any], overrides: M
     model = cls(**kwargs)
     model.variant = name
     return model
+
+
+def build_named(cls: type, family: str, variants: Mapping[str, Mapping[str, Any]], name: str,
+                overrides: Mapping[str, Any]) -> Any:
+    """The variant ``name`` of an architecture's ``VARIANTS`` table, built by :func:`build_variant`.
+
+    Raises:
+        KeyError: ``name`` is not in ``variants`` (the message lists the ``family``'s valid names).
+    """
+    if name not in variants:
+        raise KeyError(f"unknown {family} variant {name!r}; valid: {', '.join(variants)}")
+    return build_variant(cls, name, variants[name], overrides)
 
 
 def register_variant(name: str, cls: type, variant: Mapping[str, Any]) -> None:

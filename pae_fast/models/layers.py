@@ -30,6 +30,7 @@ __all__ = [
     "NextNorm",
     "modulate",
     "gated_residual",
+    "head_dim_of",
     "Attention",
     "SwiGLU",
     "swiglu_hidden",
@@ -178,8 +179,18 @@ class RoPE2D(nn.Module):
         return f"grid={self.grid_h}x{self.grid_w}, head_dim={self.head_dim}, theta={self.theta}"
 
 
+def head_dim_of(owner: str, dim: int, num_heads: int) -> int:
+    """``dim / num_heads`` of a multi-head layer; a ValueError naming ``owner`` when the heads do not divide ``dim``."""
+    if dim % num_heads:
+        raise ValueError(f"{owner}: dim {dim} is not divisible by num_heads {num_heads}")
+    return dim // num_heads
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: packed qkv (with bias), optional qk RMSNorm over ``head_dim``, 2-D RoPE.
+
+    Without RoPE and qk-norm it is plain self-attention in timm's ``Attention`` layout (``qkv`` rows [q; k; v],
+    heads contiguous, output ``proj``): the tokenizers' DAM, projector, decompressor and ViT decoder use it so.
 
     Args:
         dim: width ``D``; num_heads: ``H`` (``head_dim = D / H``).
@@ -189,10 +200,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim_of("Attention", dim, num_heads)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pae_fast.models.generator import ClassConditionalGenerator, build_variant, check_inputs, register_variants
+from pae_fast.models.generator import ClassConditionalGenerator, build_named, check_inputs, register_variants
 from pae_fast.models.layers import (
     Attention,
     LabelEmbedder,
@@ -288,6 +288,4 @@ def lightningdit(name: str, **overrides: Any) -> LightningDiT:
 
     Example: ``lightningdit("LightningDiT-XL/1", in_channels=32)`` (675.26M parameters).
     """
-    if name not in VARIANTS:
-        raise KeyError(f"unknown LightningDiT variant {name!r}; valid: {', '.join(VARIANTS)}")
-    return build_variant(LightningDiT, name, VARIANTS[name], overrides)
+    return build_named(LightningDiT, "LightningDiT", VARIANTS, name, overrides)

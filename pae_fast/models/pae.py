@@ -10,7 +10,6 @@ Module and parameter names follow the authors' released checkpoint where they ca
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -18,11 +17,10 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
 from pae_fast.kernels.latent_norm import latent_norm
-from pae_fast.models.decoder import DECODER_SIZES, CrossAttention, SelfAttention, ViTDecoder
-from pae_fast.models.layers import sincos_pos_embed_2d
-from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, load_tokenizer_weights
+from pae_fast.models.decoder import DECODER_SIZES, CrossAttention, ViTDecoder
+from pae_fast.models.layers import Attention, sincos_pos_embed_2d
+from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, register_tokenizer_variants
 from pae_fast.models.vfm import FrozenVFM, build_vfm
-from pae_fast.registry import register_tokenizer
 
 __all__ = ["DAMBlock", "DAM", "Projector", "Decompressor", "PAETokenizer", "PAE_VARIANTS", "LATENT_EPS"]
 
@@ -35,7 +33,7 @@ class DAMBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = SelfAttention(dim, num_heads, qkv_bias=True)
+        self.self_attn = Attention(dim, num_heads, qkv_bias=True)
         self.norm2_q = nn.LayerNorm(dim)
         self.norm2_kv = nn.LayerNorm(dim)
         self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=True)
@@ -95,7 +93,7 @@ class Projector(nn.Module):
     def __init__(self, dim: int, num_heads: int, channels: int, grid_size: int) -> None:
         super().__init__()
         self.grid_size = grid_size
-        self.attn = SelfAttention(dim, num_heads, qkv_bias=False)
+        self.attn = Attention(dim, num_heads, qkv_bias=False)
         self.conv = nn.Conv2d(dim, channels, kernel_size=3, padding=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -112,7 +110,7 @@ class Decompressor(nn.Module):
     def __init__(self, dim: int, num_heads: int, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, dim, kernel_size=3, padding=1)
-        self.attn = SelfAttention(dim, num_heads, qkv_bias=False)
+        self.attn = Attention(dim, num_heads, qkv_bias=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn(self.conv(z).flatten(2).transpose(1, 2))
@@ -189,15 +187,4 @@ PAE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(variant: str, defaults: dict[str, Any]) -> None:
-    def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
-             vfm_weights: str | os.PathLike | None = None, **overrides: Any) -> PAETokenizer:
-        tok = PAETokenizer(**{**defaults, **overrides, "variant": variant})
-        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights)
-
-    make.__name__ = f"tokenizer_{variant}"
-    register_tokenizer(variant, make)
-
-
-for _name, _defaults in PAE_VARIANTS.items():
-    _register(_name, _defaults)
+register_tokenizer_variants(PAETokenizer, PAE_VARIANTS)

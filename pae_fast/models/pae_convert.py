@@ -38,6 +38,24 @@ __all__ = [
 
 Tensors = dict[str, torch.Tensor]
 
+# A transformers ViT / ViT-MAE layer's parts -> timm ``Block`` parts (the MAE encoder and the authors' decoder);
+# the layer index is group 1 of the layer prefix, so the parts' own groups count from 2.
+_HF_VIT_LAYER: list[tuple[str, str]] = [
+    (r"layernorm_before\.(.*)", r"norm1.\2"),
+    (r"layernorm_after\.(.*)", r"norm2.\2"),
+    (r"attention\.output\.dense\.(.*)", r"attn.proj.\2"),
+    (r"intermediate\.dense\.(.*)", r"mlp.fc1.\2"),
+    (r"output\.dense\.(.*)", r"mlp.fc2.\2"),
+]
+
+
+def _layer_rules(layer: str, parts: list[tuple[str, str]], block: str = r"blocks.\1.") -> list[tuple[str, str]]:
+    """Rules for every part of a numbered layer: ``layer`` regex (index = group 1) + part -> ``block`` + template."""
+    return [(layer + pattern, block + template) for pattern, template in parts]
+
+
+_DECODER_LAYER = r"decoder\.decoder_layers\.(\d+)\."
+
 # trainable part: (authors' regex, our template); applied to keys that are not encoder keys
 _REST_RULES: list[tuple[str, str]] = [
     (r"delta_encoder\.(.*)", r"dam.\1"),
@@ -50,48 +68,46 @@ _REST_RULES: list[tuple[str, str]] = [
     (r"decoder\.decoder_embed\.(.*)", r"decoder.embed.\1"),
     (r"decoder\.decoder_norm\.(.*)", r"decoder.norm.\1"),
     (r"decoder\.decoder_pred\.(.*)", r"decoder.pred.\1"),
-    (r"decoder\.decoder_layers\.(\d+)\.attention\.output\.dense\.(.*)", r"decoder.blocks.\1.attn.proj.\2"),
-    (r"decoder\.decoder_layers\.(\d+)\.intermediate\.dense\.(.*)", r"decoder.blocks.\1.mlp.fc1.\2"),
-    (r"decoder\.decoder_layers\.(\d+)\.output\.dense\.(.*)", r"decoder.blocks.\1.mlp.fc2.\2"),
-    (r"decoder\.decoder_layers\.(\d+)\.layernorm_before\.(.*)", r"decoder.blocks.\1.norm1.\2"),
-    (r"decoder\.decoder_layers\.(\d+)\.layernorm_after\.(.*)", r"decoder.blocks.\1.norm2.\2"),
+    *_layer_rules(_DECODER_LAYER, _HF_VIT_LAYER, r"decoder.blocks.\1."),
 ]
-_DECODER_QKV = r"decoder\.decoder_layers\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)"
+_DECODER_QKV = _DECODER_LAYER + r"attention\.attention\.(query|key|value)\.(weight|bias)"
 
 # encoder part, relative to the encoder prefix -> relative to vfm.model.; q/k/v handled by _QKV below
 _ENCODER_RULES: dict[str, list[tuple[str, str]]] = {
     "dinov2": [
         (r"embeddings\.register_tokens", r"reg_token"),
         (r"embeddings\.patch_embeddings\.projection\.(.*)", r"patch_embed.proj.\1"),
-        (r"encoder\.layer\.(\d+)\.norm([12])\.(.*)", r"blocks.\1.norm\2.\3"),
-        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(.*)", r"blocks.\1.attn.proj.\2"),
-        (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
-        (r"encoder\.layer\.(\d+)\.mlp\.(fc[12])\.(.*)", r"blocks.\1.mlp.\2.\3"),
+        *_layer_rules(r"encoder\.layer\.(\d+)\.", [
+            (r"norm([12])\.(.*)", r"norm\2.\3"),
+            (r"attention\.output\.dense\.(.*)", r"attn.proj.\2"),
+            (r"layer_scale([12])\.lambda1", r"ls\2.gamma"),
+            (r"mlp\.(fc[12])\.(.*)", r"mlp.\2.\3"),
+        ]),
     ],
     "dinov3": [
         (r"embeddings\.cls_token", r"cls_token"),
         (r"embeddings\.register_tokens", r"reg_token"),
         (r"embeddings\.patch_embeddings\.(.*)", r"patch_embed.proj.\1"),
-        (r"layer\.(\d+)\.norm([12])\.(.*)", r"blocks.\1.norm\2.\3"),
-        (r"layer\.(\d+)\.attention\.o_proj\.(.*)", r"blocks.\1.attn.proj.\2"),
-        (r"layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.gamma_\2"),
-        (r"layer\.(\d+)\.mlp\.up_proj\.(.*)", r"blocks.\1.mlp.fc1.\2"),
-        (r"layer\.(\d+)\.mlp\.down_proj\.(.*)", r"blocks.\1.mlp.fc2.\2"),
+        *_layer_rules(r"layer\.(\d+)\.", [
+            (r"norm([12])\.(.*)", r"norm\2.\3"),
+            (r"attention\.o_proj\.(.*)", r"attn.proj.\2"),
+            (r"layer_scale([12])\.lambda1", r"gamma_\2"),
+            (r"mlp\.up_proj\.(.*)", r"mlp.fc1.\2"),
+            (r"mlp\.down_proj\.(.*)", r"mlp.fc2.\2"),
+        ]),
     ],
     "siglip": [
         (r"embeddings\.patch_embedding\.(.*)", r"patch_embed.proj.\1"),
-        (r"encoder\.layers\.(\d+)\.layer_norm([12])\.(.*)", r"blocks.\1.norm\2.\3"),
-        (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.*)", r"blocks.\1.attn.proj.\2"),
-        (r"encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(.*)", r"blocks.\1.mlp.\2.\3"),
+        *_layer_rules(r"encoder\.layers\.(\d+)\.", [
+            (r"layer_norm([12])\.(.*)", r"norm\2.\3"),
+            (r"self_attn\.out_proj\.(.*)", r"attn.proj.\2"),
+            (r"mlp\.(fc[12])\.(.*)", r"mlp.\2.\3"),
+        ]),
     ],
     "mae": [
         (r"embeddings\.cls_token", r"cls_token"),
         (r"embeddings\.patch_embeddings\.projection\.(.*)", r"patch_embed.proj.\1"),
-        (r"encoder\.layer\.(\d+)\.layernorm_before\.(.*)", r"blocks.\1.norm1.\2"),
-        (r"encoder\.layer\.(\d+)\.layernorm_after\.(.*)", r"blocks.\1.norm2.\2"),
-        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(.*)", r"blocks.\1.attn.proj.\2"),
-        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(.*)", r"blocks.\1.mlp.fc1.\2"),
-        (r"encoder\.layer\.(\d+)\.output\.dense\.(.*)", r"blocks.\1.mlp.fc2.\2"),
+        *_layer_rules(r"encoder\.layer\.(\d+)\.", _HF_VIT_LAYER),
     ],
 }
 # (regex with groups layer, part, kind) per family; part names map to q/k/v

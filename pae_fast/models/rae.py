@@ -8,15 +8,13 @@ never in the model.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from pae_fast.models.pae import decoder_for
-from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, load_tokenizer_weights
+from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, register_tokenizer_variants
 from pae_fast.models.vfm import build_vfm
-from pae_fast.registry import register_tokenizer
 
 __all__ = ["RAETokenizer", "RAE_VARIANTS"]
 
@@ -64,15 +62,4 @@ RAE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(variant: str, defaults: dict[str, Any]) -> None:
-    def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
-             vfm_weights: str | os.PathLike | None = None, **overrides: Any) -> RAETokenizer:
-        tok = RAETokenizer(**{**defaults, **overrides, "variant": variant})
-        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights)
-
-    make.__name__ = f"tokenizer_{variant}"
-    register_tokenizer(variant, make)
-
-
-for _name, _defaults in RAE_VARIANTS.items():
-    _register(_name, _defaults)
+register_tokenizer_variants(RAETokenizer, RAE_VARIANTS)

@@ -18,15 +18,24 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from pae_fast.models.vfm import FrozenVFM
+from pae_fast.registry import register_tokenizer
 from pae_fast.weights import WeightsError, load_into, read_state_dict
 
-__all__ = ["TokenizerFeatures", "Tokenizer", "to_image_range", "load_tokenizer_weights", "describe_tokenizer"]
+__all__ = [
+    "TokenizerFeatures",
+    "Tokenizer",
+    "to_image_range",
+    "load_tokenizer_weights",
+    "register_tokenizer_variants",
+    "describe_tokenizer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +172,26 @@ def load_tokenizer_weights(
     tok.vfm.freeze()
     log.info("tokenizer %s: weights loaded from %s", name, weights)
     return tok
+
+
+def register_tokenizer_variants(cls: type[Tokenizer], variants: Mapping[str, Mapping[str, Any]]) -> None:
+    """Register every entry of a tokenizer family's variant table (name -> constructor defaults).
+
+    Each name becomes ``create_tokenizer(name, pretrained=False, weights=None, vfm_weights=None, **overrides)``:
+    ``cls(**defaults, **overrides, variant=name)`` filled by :func:`load_tokenizer_weights`.
+    """
+    for variant, defaults in variants.items():
+        register_tokenizer(variant, _variant_builder(cls, variant, dict(defaults)))
+
+
+def _variant_builder(cls: type[Tokenizer], variant: str, defaults: dict[str, Any]) -> Any:
+    def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
+             vfm_weights: str | os.PathLike | None = None, **overrides: Any) -> Tokenizer:
+        tok = cls(**{**defaults, **overrides, "variant": variant})
+        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights)
+
+    make.__name__ = f"tokenizer_{variant}"
+    return make
 
 
 def describe_tokenizer(name: str, **overrides) -> str:
