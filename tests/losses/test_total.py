@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pae_fast.kernels as kernels
-from pae_fast.kernels.traffic import TrafficCounter
+from pae_fast.kernels.tools.traffic import TrafficCounter
 from pae_fast.losses.refine import build_prior_targets
 from pae_fast.losses.total import PriorTargets, TokenizerLoss
 from pae_fast.models.refine import PriorProjector
