@@ -223,7 +223,8 @@ def sde_sbdm(
         grid: increasing times ``(K + 1,)`` inside (0, 1).
         final_time: T of the posterior-mean step, in (0, 1) (PAE: the unshifted end of the grid, 0.996).
         generator: RNG for the Brownian increments.
-        trajectory: optional recorder (velocities = drifts; the posterior mean, an estimate of the data, is recorded at t = 1).
+        trajectory: optional recorder (velocities = drifts; the posterior mean, an estimate of the data, is
+            recorded at t = 1).
 
     Returns:
         the sample (the posterior mean of the data given the last state).
