@@ -28,7 +28,8 @@ from pae_fast.data.pil_loader import PILImageLoader
 needs_dali = pytest.mark.skipif(not dali_available()[0], reason=f"DALI unavailable: {dali_available()[1]}")
 
 # Mean absolute difference DALI vs PIL in 0..255 units (measured: 0.10-0.43 without box halving; 1.0-3.3 with
-# 1-3 halvings at 64 px, where DALI's single antialiased bicubic replaces ADM's box halvings; docs/method.md § DALI against PIL).
+# 1-3 halvings at 64 px, where DALI's single antialiased bicubic replaces ADM's box halvings;
+# docs/method.md § DALI against PIL).
 TOL_NO_HALVING = 1.0
 TOL_HALVING = 4.0
 
