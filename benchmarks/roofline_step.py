@@ -1,4 +1,5 @@
-"""One generator training step counted as the engine runs it, on fake tensors (no GPU, no memory).
+"""One generator training step counted as the engine runs it, on fake tensors (no GPU, no memory); and the per-op
+table's counts (:func:`op_traffic`: one fused op vs its reference on its cases, meta device).
 
 The step is the engine's (``pae_fast/engine/loop.py``): the flow-matching loss of the training task
 (:class:`pae_fast.flow.loss.FlowLoss`, docs/method.md § Flow matching) under the precision policy
@@ -209,3 +210,43 @@ def by_op_type(counted: dict[str, Any]) -> dict[str, dict[str, Any]]:
         else:
             t["min_bytes"] = 0
     return out
+
+
+def op_traffic(spec: Any, dtype: torch.dtype = torch.bfloat16, size: str = "model") -> list[dict[str, Any]]:
+    """Fused vs reference vs minimum bytes of one :class:`OpSpec` on its ``size`` cases (meta device).
+
+    Each case runs forward and backward (upstream gradients of ones, not counted) once per side.
+    """
+    meta = torch.device("meta")
+    rows = []
+    for label, args, kwargs in spec.cases(size, meta, dtype):
+        row: dict[str, Any] = {"op": spec.name, "case": label}
+        try:
+            fused = _count_call(spec.fn, args, kwargs, {"backend": "triton"})
+            ref = _count_call(spec.ref, args, kwargs, {})
+            row.update(
+                fused_bytes=fused["total_bytes"], fused_fwd_bytes=fused["phases"]["forward"]["total_bytes"],
+                fused_launches=fused["launches"],
+                reference_bytes=ref["total_bytes"], reference_fwd_bytes=ref["phases"]["forward"]["total_bytes"],
+                reference_launches=ref["launches"],
+                min_bytes=int(spec.min_bytes(args, kwargs, True)),
+                min_fwd_bytes=int(spec.min_bytes(args, kwargs, False)),
+            )  # fmt: skip
+        except Exception as e:  # one broken op must not hide the others: the row says what failed
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    return rows
+
+
+def _count_call(fn: Callable[..., Any], args: tuple, kwargs: dict, extra: dict) -> dict[str, Any]:
+    from pae_fast.kernels.tools.testing import flatten_tensors
+    from pae_fast.kernels.tools.traffic import TrafficCounter
+
+    leaves = [t for t in flatten_tensors(list(args)) + flatten_tensors(list(kwargs.values())) if t.requires_grad]
+    with TrafficCounter() as tc:
+        outs = [o for o in flatten_tensors(fn(*args, **kwargs, **extra)) if o.requires_grad]
+        if outs and leaves:
+            with tc.paused():
+                grads = [torch.ones_like(o) for o in outs]
+            torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+    return tc.summary()

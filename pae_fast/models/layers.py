@@ -250,7 +250,10 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        return self.w3(kernels.swiglu(self.w12(x)))
+        # w12's bias is added inside the fused gate, whose backward also sums its gradient (no separate bias-grad
+        # reduction over the (B, N, 2 * hidden) gradient)
+        h = F.linear(x, self.w12.weight)
+        return self.w3(kernels.swiglu(h, bias=self.w12.bias))
 
 
 class Mlp(nn.Module):

@@ -170,3 +170,26 @@ def test_fused_optimizer_reads_the_bf16_gradients_in_place():
         assert cw.module.lin.weight.grad is None  # consumed
         assert torch.equal(cw.module.lin.weight, net.lin.weight.detach().to(torch.bfloat16))
     assert _equal(nets[0].state_dict(), nets[1].state_dict())
+
+
+@pytest.mark.slow
+def test_bf16_policy_with_fused_optimizer_under_ddp(tiny, tiny_script, tmp_path):
+    """Two gloo ranks (DDP wraps the bf16 compute copy; its bf16 gradients are all-reduced) follow one process with the
+    same global batch, within bf16 rounding of the gradient average."""
+    import subprocess
+    import sys
+
+    from pae_fast.engine import load_checkpoint_weights
+
+    overrides = dict(steps=4, ckpt_every=4, log_every=2, global_batch_size=8, precision="bf16",
+                     optimizer="fused_adamw_ema", distributed="ddp")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tiny_script),
+           "--out", str(tmp_path / "ddp"), "--cfg", json.dumps(overrides), "--init-seed-by-rank"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    single = train(tiny.make_task(), tiny.tiny_cfg(**overrides), tmp_path / "one")
+    for which, ref in (("model", single.model), ("ema", single.ema)):
+        got = tiny.TinyMLP()
+        load_checkpoint_weights(tmp_path / "ddp", got, which=which)
+        for k, v in tiny.state_of(ref).items():
+            torch.testing.assert_close(tiny.state_of(got)[k], v, rtol=2e-2, atol=2e-2, msg=f"{which}.{k}")

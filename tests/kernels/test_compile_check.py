@@ -56,3 +56,16 @@ def test_occupancy_and_lane_waste_columns():
     rec["args"]["BLOCK_C"]["value"], rec["args"]["BLOCK_C2"] = 1024, {"kind": "int", "value": 128}
     assert row_lane_waste(rec) == 0.0
     assert row_lane_waste({"args": {"N": {"kind": "int", "value": 3}}}) is None
+
+
+def test_recorded_sm90_results_gated_residual_backward_occupancy():
+    """The committed ``compile_check --ptxas`` results (benchmarks/results/compile_check_sm90.json): every launch
+    compiled, and the gated_residual_adaln backward at model widths runs >= 2 blocks per SM with <= 25 % padding."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compile_check_sm90.json"
+    rows = json.loads(path.read_text())
+    assert rows and all(r["ok"] for r in rows)
+    gated = [r for r in rows if r["kernel"] == "_gated_residual_adaln_bwd_kernel" and "(32,256," in r["case"]]
+    assert len(gated) == 6  # 2 model cases x fp32 / fp16 / bf16
+    assert all(r["blocks_per_sm"] >= 2 and r["row_lane_waste"] <= 0.25 and r["spill_bytes"] == 0 for r in gated)

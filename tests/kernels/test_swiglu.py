@@ -85,3 +85,35 @@ def test_shape_errors_are_clear():
         swiglu(torch.randn(2, 8), torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"share dtype"):
         swiglu(torch.randn(2, 8), torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_bias_is_folded_in_and_its_gradient_summed_by_the_kernel():
+    """swiglu(x, bias=b) == swiglu(x + b): the Linear's bias taken out of the GEMM; its gradient comes from the
+    backward kernel's partial column sums (several row blocks per program, two programs under the interpreter)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 2 * 48, requires_grad=True)
+    bias = torch.randn(96, requires_grad=True)
+    y = swiglu(x, bias=bias, backend="triton")
+    torch.testing.assert_close(y, swiglu_ref(x + bias), atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, (x, bias), g)
+    rx, rb = torch.autograd.grad(swiglu_ref(x + bias), (x, bias), g)
+    torch.testing.assert_close(dx, rx, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(db, rb, atol=1e-5, rtol=1e-5)
+    # only the bias needs a gradient
+    (db2,) = torch.autograd.grad(swiglu(x.detach(), bias=bias, backend="triton"), (bias,), g)
+    torch.testing.assert_close(db2, rb, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_errors_and_meta():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
+        swiglu(x, bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="with b given"):
+        swiglu(x, x, bias=torch.zeros(8))
+    xm = torch.empty(4, 16, 2 * 24, device="meta", requires_grad=True)
+    bm = torch.empty(48, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = swiglu(xm, bias=bm, backend="triton")
+    assert y.shape == (4, 16, 24)
+    y.sum().backward()
+    assert xm.grad.shape == xm.shape and bm.grad.shape == bm.shape and bm.grad.dtype == torch.bfloat16
