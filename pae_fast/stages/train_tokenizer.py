@@ -52,7 +52,7 @@ def _check_config(cfg: Config, tok: Any) -> None:
         raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
 
 
-def _raw_projection(cfg: Config, tok: Any, dataset: Any) -> Any:
+def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -> Any:
     from pae_fast.losses.refine import RawProjection
 
     t = cfg.tokenizer
@@ -61,9 +61,9 @@ def _raw_projection(cfg: Config, tok: Any, dataset: Any) -> Any:
     proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
     if t.raw_prior_projection == "pca":
         n = min(RAW_FIT_IMAGES, len(dataset))
-        x = torch.stack([dataset[i][0].float() for i in range(n)])
-        with torch.no_grad():
-            proj.fit(tok.vfm.tokens(tok.vfm.preprocess(x)))
+        x = torch.stack([dataset[i][0].float() for i in range(n)]).to(device)
+        with torch.no_grad():  # on the training device (the engine moves the VFM there anyway)
+            proj.fit(tok.vfm.to(device).tokens(tok.vfm.preprocess(x)))
     return proj
 
 
@@ -120,7 +120,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
                 log.warning("the refined projector used %s heads, the tokenizer's projector %d: the initialisation "
                             "copies the weights only", priors_meta.get("projector_heads"), tok.vfm.num_heads)
     elif loss.needs_targets:
-        raw_projection = _raw_projection(cfg, tok, dataset)
+        raw_projection = _raw_projection(cfg, tok, dataset, device)
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
         if m is not None:
             m.to(device)
