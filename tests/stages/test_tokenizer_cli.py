@@ -122,3 +122,18 @@ def test_ablation_presets_change_only_their_switches(name):
     diff = {k: v for k, v in vars(cfg.tokenizer).items() if getattr(base.tokenizer, k) != v}
     assert diff == ABLATIONS[name]
     assert cfg.train == base.train and cfg.refine == base.refine and cfg.data == base.data
+
+
+def test_same_seed_same_weights(runs, tmp_path):
+    """A second CLI run with the same seed and settings writes bitwise-identical weights."""
+    import torch
+
+    from pae_fast.io import load_safetensors
+
+    again = tmp_path / "again"
+    assert main(["train-tokenizer", "--config", TINY, "--out_dir", str(again), *FAST, "--tokenizer.priors", "refined",
+                 "--tokenizer.priors_file", str(runs["priors"] / "priors.safetensors")]) == 0
+    for name in ("model", "ema"):
+        a = load_safetensors(runs["tok"] / "checkpoints" / "0000002" / f"{name}.safetensors")[0]
+        b = load_safetensors(again / "checkpoints" / "0000002" / f"{name}.safetensors")[0]
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name

@@ -139,3 +139,25 @@ def test_rae_with_ssr_is_refused_before_anything_is_written(tmp_path, photos):
     with pytest.raises(ConfigError, match="tokenizer.ssr"):
         train_tokenizer(cfg, photos[0], photos[1])
     assert not out.exists()
+
+
+def test_gan_with_gradient_accumulation_pairs_each_micro_batch(tmp_path, photos):
+    """The discriminator's loss reads the reconstructions of the same micro-batches, in order (grad_accum 2)."""
+    out = tmp_path / "accum"
+    cfg = tiny_cfg(out, **{**GAN, "train.steps": 2, "train.ckpt_every": 2, "train.grad_accum": 2,
+                           "tokenizer.gan_start_step": 0, "tokenizer.disc_start_step": 0, "tokenizer.mcr": False})
+    task, _ = build_tokenizer_task(cfg, photos[0], photos[1])
+    seen = []
+    disc_fn = task.extra_optimized["disc"][1]
+    recons = task.model.shared.recons
+
+    def spy(model, batch, step):
+        seen.append(recons[0].shape[0] if recons else 0)
+        return disc_fn(model, batch, step)
+
+    task.extra_optimized["disc"] = (task.extra_optimized["disc"][0], spy)
+    from pae_fast.engine import train
+
+    train(task, cfg.train, out, seed=cfg.seed)
+    assert seen == [4, 4, 4, 4] and not recons  # 2 steps x 2 micro-batches of 4, nothing left behind
+    assert "disc/loss" in rows(out / "stats.jsonl")[-1]
