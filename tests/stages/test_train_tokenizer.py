@@ -161,3 +161,19 @@ def test_gan_with_gradient_accumulation_pairs_each_micro_batch(tmp_path, photos)
     train(task, cfg.train, out, seed=cfg.seed)
     assert seen == [4, 4, 4, 4] and not recons  # 2 steps x 2 micro-batches of 4, nothing left behind
     assert "disc/loss" in rows(out / "stats.jsonl")[-1]
+
+
+def test_heldout_metrics_add_lpips_and_rfid_when_their_networks_are_given(tmp_path):
+    from pae_fast.eval.inception import FIDInceptionV3
+    from pae_fast.eval.recon import LPIPS
+    from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
+
+    tok = create_tokenizer("PAE-tiny")
+    g = torch.Generator().manual_seed(0)
+    ds = TensorImageDataset(torch.rand(4, 3, 64, 64, generator=g), torch.zeros(4, dtype=torch.long))
+    plain = HeldoutEvaluator(ds, 4, 2).evaluate(tok, 0, tmp_path)
+    full = HeldoutEvaluator(ds, 4, 2, LPIPS("vgg"), FIDInceptionV3(input_size=75).eval()).evaluate(tok, 3, tmp_path)
+    assert set(plain) == {"step", "weights", "psnr", "ssim", "num_images"}
+    assert {"lpips", "rfid"} <= set(full) and full["psnr"] == pytest.approx(plain["psnr"])
+    assert [r["step"] for r in rows(tmp_path / "eval.jsonl")] == [0, 3]
+    assert (tmp_path / "grids" / "step_0000003.png").is_file()
