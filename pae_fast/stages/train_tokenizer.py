@@ -35,21 +35,24 @@ log = logging.getLogger("pae_fast.train.tokenizer")
 RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted on the tokens of this many images
 
 
-def _check_config(cfg: Config, tok: Any) -> None:
+def _check_config(cfg: Config, tok: Any = None) -> None:
+    """Settings that cannot work together; without ``tok`` only those that need no model (run before building)."""
     t = cfg.tokenizer
     ssr_on = t.ssr and t.lambda_ssr > 0
     scr_on = t.scr and t.lambda_scr > 0
+    if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
+        raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
+    if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
+        raise ConfigError("tokenizer.priors=refined needs tokenizer.priors_file (the priors.safetensors written by "
+                          "`python -m pae_fast refine-priors`), or set tokenizer.priors: raw")
+    if tok is None:
+        return
     if tok.kind == "rae" and (ssr_on or scr_on):
         raise ConfigError(f"tokenizer {t.name!r} is an RAE (its latent is the frozen VFM's tokens): SSR / SCR cannot "
                           "train it; set tokenizer.ssr: false and tokenizer.scr: false")
     if tok.kind == "pae" and t.latent_channels != tok.latent_shape[0]:
         raise ConfigError(f"tokenizer.latent_channels={t.latent_channels} but {t.name!r} has {tok.latent_shape[0]} "
                           "latent channels")
-    if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
-        raise ConfigError("tokenizer.priors=refined needs tokenizer.priors_file (the priors.safetensors written by "
-                          "`python -m pae_fast refine-priors`), or set tokenizer.priors: raw")
-    if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
-        raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
 
 
 def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -> Any:
@@ -97,6 +100,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     )
 
     t = cfg.tokenizer
+    _check_config(cfg)
     device = default_device(cfg.train.device)
     seed_all(cfg.seed)  # before any module is built: the seed sets the initial weights
     tok = create_tokenizer(t.name, weights=t.checkpoint, vfm_weights=t.vfm_weights)
