@@ -31,6 +31,7 @@ import torch
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import environment  # noqa: E402
 from roofline import HARDWARE, _scopes, predict  # noqa: E402
 
 TARGET_BANDWIDTH_RATIO = 0.35  # issue 13: fused bandwidth-bound bytes <= 35% of the reference's
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     res = analyse_tokenizer(a.model, a.batch, dtype)
+    res["dtype"] = a.dtype
+    res["environment"] = environment()
     print(format_rows(res))
     if a.json_out:
         from pae_fast.io import atomic_write_text
