@@ -137,3 +137,38 @@ def test_same_seed_same_weights(runs, tmp_path):
         a = load_safetensors(runs["tok"] / "checkpoints" / "0000002" / f"{name}.safetensors")[0]
         b = load_safetensors(again / "checkpoints" / "0000002" / f"{name}.safetensors")[0]
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sigterm_checkpoints_with_the_disc_and_exits_preempted(tmp_path):
+    """SIGTERM mid-run: exit code 4, one checkpoint holding model, EMA and discriminator; a rerun resumes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pae_fast.errors import EXIT_PREEMPTED
+
+    out = tmp_path / "run"
+    common = ["train-tokenizer", "--config", TINY, "--out_dir", str(out), "--train.progress", "false",
+              "--train.ckpt_every", "100000", "--train.log_every", "1", "--train.global_batch_size", "4",
+              "--data.synthetic_size", "8", "--data.num_classes", "4", "--tokenizer.heldout_items", "4",
+              "--tokenizer.lambda_gan", "0.5", "--tokenizer.disc_weights", "random", "--tokenizer.mcr", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pae_fast", *common, "--train.steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        for line in proc.stdout:
+            if "step 2/" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, stderr
+    assert "tokenizer run:" not in stdout
+    (ckpt,) = list((out / "checkpoints").iterdir())
+    assert {"model.safetensors", "ema.safetensors", "disc.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    step = int(ckpt.name)
+    assert main([*common, "--train.steps", str(step + 1)]) == 0  # resumes (same identity), one step more
+    assert (out / "checkpoints" / f"{step + 1:07d}").is_dir()
