@@ -139,6 +139,7 @@ def test_same_seed_same_weights(runs, tmp_path):
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow  # a subprocess run (~20 s on a loaded 2-core machine)
 def test_sigterm_checkpoints_with_the_disc_and_exits_preempted(tmp_path):
     """SIGTERM mid-run: exit code 4, one checkpoint holding model, EMA and discriminator; a rerun resumes it."""
     import os
