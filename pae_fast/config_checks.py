@@ -77,6 +77,7 @@ RULES: tuple[Rule, ...] = tuple(
     + _rules("tokenizer.adaptive_weight_max", _gt(0), "> 0")
     + _rules("tokenizer.disc_input_size", _ge(1), _POS)
     + _rules("tokenizer.disc_blocks", _ge(0), "each >= 0 (a block index of the discriminator's backbone)")
+    + _rules("tokenizer.heldout_items tokenizer.grid_items", _ge(0), _NONNEG)
     # refine
     + _rules("refine.latent_dim refine.reconstructor_depth refine.reconstructor_hidden refine.projector_heads "
              "refine.reconstructor_heads", _ge(1), _POS)
