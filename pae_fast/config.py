@@ -111,6 +111,7 @@ class TokenizerConfig:
     mcr_cascade: Literal["cascaded", "medium", "large"] = "cascaded"  # medium->sg(recon), large->sg(medium)
     scr_terms: Literal["pooled", "patch", "both"] = "both"
     priors: Literal["refined", "raw"] = "refined"  # SSR/SCR targets from the refined projector or raw VFM tokens
+    priors_file: str | None = None  # priors=refined: the priors.safetensors written by refine-priors
     raw_prior_projection: Literal["pca", "random"] = "pca"  # priors=raw: VFM D -> latent_channels for SCR
     noise_aug_tau: float = 0.0  # RAE noise-augmented decoding (0 = off; RAE uses 0.8)
     noise_aug_dist: Literal["uniform", "half_normal"] = "uniform"  # code: U(0, tau); paper: |N(0, tau^2)|
@@ -124,6 +125,8 @@ class TokenizerConfig:
     disc_aug: str = "color,translation,cutout"  # DiffAug policy (comma-separated; "" = none)
     lpips_weights: str | None = None  # LPIPS heads (official v0.1) or a whole pae_fast LPIPS file; "none": LPIPS off
     lpips_backbone_weights: str | None = None  # torchvision vgg16 state dict (not needed for a whole LPIPS file)
+    heldout_items: int = 64  # train-tokenizer: held-out images for PSNR / SSIM (/ LPIPS / rFID) at each checkpoint
+    grid_items: int = 8  # train-tokenizer: held-out images shown as input | reconstruction at each checkpoint
 
 
 @dataclass

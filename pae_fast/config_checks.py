@@ -75,6 +75,7 @@ RULES: tuple[Rule, ...] = tuple(
              _ge(0), _NONNEG)
     + _rules("tokenizer.mcr_angles", lambda v: 0 < v <= 180, "each in (0, 180] degrees")
     + _rules("tokenizer.adaptive_weight_max", _gt(0), "> 0")
+    + _rules("tokenizer.heldout_items tokenizer.grid_items", _ge(0), _NONNEG)
     # refine
     + _rules("refine.latent_dim refine.reconstructor_depth refine.reconstructor_hidden", _ge(1), _POS)
     + _rules("refine.lambda_rep refine.lambda_gram", _ge(0), _NONNEG)

@@ -1,0 +1,131 @@
+"""The tokenizer training task for the shared engine (docs/method.md § Tokenizer training).
+
+- :class:`TokenizerTrainModule` is what the engine optimises, wraps (DDP) and averages (EMA): it registers the
+  tokenizer's own sub-modules under their own names, so its ``state_dict`` IS the tokenizer's and every checkpoint's
+  ``model`` / ``ema.safetensors`` loads with ``create_tokenizer(name, weights=<run folder>)``. Its ``forward`` runs
+  the whole generator-side loss (frozen VFM, DAM, projector, the concatenated decoder passes, LPIPS, the GAN's
+  generator term, SSR / MCR / SCR), so DDP sees one forward per micro-batch. The frozen helpers (loss modules,
+  prior projector, raw projection) live in a :class:`~pae_fast.stages.refine_priors.Shared` holder: not in the
+  state dict, not copied by the EMA.
+- The discriminator is the engine's ``extra_optimized["disc"]`` (own optimizer and schedule): its loss reads the
+  detached reconstructions the generator pass of the same micro-batches left in the holder.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from pae_fast.stages.refine_priors import Shared
+
+log = logging.getLogger("pae_fast.train.tokenizer")
+
+__all__ = ["TokenizerTrainModule", "tokenizer_loss_fn", "discriminator_loss_fn", "init_projector_from_priors"]
+
+
+class TokenizerTrainModule(nn.Module):
+    """The trained tokenizer plus its loss, with the tokenizer's exact state-dict keys.
+
+    Args:
+        tok: the tokenizer (its VFM frozen).
+        shared: holder with ``loss`` (:class:`~pae_fast.losses.total.TokenizerLoss`), ``cfg`` (the tokenizer config),
+            ``projector`` (frozen ``P_t`` or None), ``raw_projection`` (or None), ``seed`` (int), ``recons`` (list).
+    """
+
+    def __init__(self, tok: nn.Module, shared: Shared) -> None:
+        super().__init__()
+        own = [n for n, _ in tok.named_parameters(recurse=False)] + [n for n, _ in tok.named_buffers(recurse=False)]
+        if own:
+            raise ValueError(f"TokenizerTrainModule: {type(tok).__name__} holds tensors outside sub-modules: {own}")
+        for name, child in tok.named_children():
+            self.add_module(name, child)
+        self.__dict__["tok"] = tok  # not a registered child: the keys stay the tokenizer's
+        self.shared = shared
+
+    def train(self, mode: bool = True) -> TokenizerTrainModule:
+        self.training = mode
+        self.tok.train(mode)  # keeps the VFM frozen and in eval mode
+        return self
+
+    def forward(self, images: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                          torch.Tensor]:
+        """Generator-side loss of ``images (B, 3, S, S)`` in [0, 1].
+
+        Returns:
+            ``(total loss, {term: value}, reconstruction (B, 3, S, S) detached)``.
+        """
+        from pae_fast.losses.refine import build_prior_targets
+
+        sh = self.shared
+        feats = self.tok.encode_features(images)
+        targets = None
+        if sh.loss.needs_targets:
+            targets = build_prior_targets(feats.vfm_tokens, sh.cfg, sh.projector, sh.raw_projection)
+        out = sh.loss.generator_loss(images, feats.z, self.tok.decode, step, seed=seed,
+                                     last_layer=self.tok.last_decoder_layer.weight, targets=targets)
+        return out.total, out.terms, out.recon.detach()
+
+
+def tokenizer_loss_fn(shared: Shared, rank: int = 0):
+    """The engine's ``loss_fn`` of the tokenizer: the generator-side loss; stashes the reconstructions for the
+    discriminator's step when there is one."""
+
+    def loss_fn(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not shared.announced:  # inside the engine: the lines reach its log.txt
+            shared.announced = True
+            for term, line in shared.status.items():
+                log.info("loss %-9s %s", term, line)
+        images = batch[0].float()
+        seed = (shared.seed * 1_000_003 + step) * 64 + rank  # MCR noise: new per step and per rank
+        total, terms, recon = model(images, step, seed)
+        if shared.has_disc:
+            shared.recons.append(recon)
+        return total, terms
+
+    return loss_fn
+
+
+def discriminator_loss_fn(shared: Shared):
+    """The engine's ``loss_fn`` of the discriminator unit: hinge loss on DiffAug'd real images vs the detached
+    reconstructions of the same micro-batch (two passes: the heads' batch-norm statistics stay per source). Before
+    ``tokenizer.disc_start_step`` it returns a zero loss that touches no parameter (AdamW skips them)."""
+    from pae_fast.losses.diffaug import diff_augment
+    from pae_fast.losses.gan import disc_active, hinge_d_loss
+
+    def loss_fn(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = batch[0].float()
+        recon = shared.recons.pop(0)
+        c = shared.cfg
+        if not disc_active(step, float(c.lambda_gan), c.disc_start_step):
+            return torch.zeros((), device=images.device, requires_grad=True), {}
+        policy = shared.loss.aug_policy
+        real = model(diff_augment(images, policy))
+        fake = model(diff_augment(recon.to(images.dtype), policy))
+        loss = hinge_d_loss(real, fake)
+        return loss, {"logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def init_projector_from_priors(tok: nn.Module, priors_projector: nn.Module) -> list[str]:
+    """Copy the refined projector ``P_t`` into the PAE tokenizer's projector (same layout; ``P_t``'s qkv bias has
+    no counterpart, since the tokenizer's projector attention has none, and is dropped).
+
+    Returns:
+        the names copied.
+    """
+    src = priors_projector.state_dict()
+    dst = tok.projector.state_dict()
+    copied = []
+    for k, v in src.items():
+        if k in dst and dst[k].shape == v.shape:
+            dst[k].copy_(v)
+            copied.append(k)
+    missing = [k for k in dst if k not in copied]
+    if missing:
+        raise ValueError(f"the refined projector does not cover the tokenizer's projector: missing {missing}")
+    return copied

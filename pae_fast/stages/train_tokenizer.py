@@ -1,0 +1,192 @@
+"""Stage: train a PAE or RAE tokenizer (``train-tokenizer``), docs/method.md § Tokenizer training.
+
+``train_tokenizer(cfg)`` builds a :class:`~pae_fast.engine.task.TrainTask` and runs the shared engine:
+
+- main unit: :class:`~pae_fast.stages.tokenizer_task.TokenizerTrainModule` (the tokenizer's trainable parts: DAM,
+  projector, decompressor, decoder; the VFM frozen) with the generator-side loss of
+  :class:`~pae_fast.losses.total.TokenizerLoss` (L1, LPIPS, GAN, SSR, MCR, SCR, RAE noise augmentation), EMA,
+  exact resume, SIGTERM, bf16 and DDP from the engine;
+- ``extra_optimized["disc"]``: the DINO discriminator's heads with their own AdamW and schedule (hinge loss);
+- ``on_checkpoint``: held-out PSNR / SSIM (/ LPIPS / rFID) and input | reconstruction grids of the EMA weights
+  (:mod:`pae_fast.stages.tokenizer_eval`).
+
+SSR / SCR targets come from the refined projector ``P_t`` of ``refine-priors`` (``tokenizer.priors: refined``,
+``tokenizer.priors_file``; it also initialises the PAE projector) or from the raw VFM tokens (``priors: raw``).
+LPIPS and the GAN need local weights; ``tokenizer.lpips_weights: none`` / ``tokenizer.lambda_gan: 0`` turn them off
+and ``tokenizer.disc_weights: random`` asks for random frozen discriminator features; whichever is used is logged
+and written into every checkpoint's metadata (``losses``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pae_fast.config import Config, ConfigError, dump_yaml
+
+__all__ = ["build_tokenizer_task", "train_tokenizer", "RAW_FIT_IMAGES"]
+
+log = logging.getLogger("pae_fast.train.tokenizer")
+
+RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted on the tokens of this many images
+
+
+def _check_config(cfg: Config, tok: Any) -> None:
+    t = cfg.tokenizer
+    ssr_on = t.ssr and t.lambda_ssr > 0
+    scr_on = t.scr and t.lambda_scr > 0
+    if tok.kind == "rae" and (ssr_on or scr_on):
+        raise ConfigError(f"tokenizer {t.name!r} is an RAE (its latent is the frozen VFM's tokens): SSR / SCR cannot "
+                          "train it; set tokenizer.ssr: false and tokenizer.scr: false")
+    if tok.kind == "pae" and t.latent_channels != tok.latent_shape[0]:
+        raise ConfigError(f"tokenizer.latent_channels={t.latent_channels} but {t.name!r} has {tok.latent_shape[0]} "
+                          "latent channels")
+    if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
+        raise ConfigError("tokenizer.priors=refined needs tokenizer.priors_file (the priors.safetensors written by "
+                          "`python -m pae_fast refine-priors`), or set tokenizer.priors: raw")
+    if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
+        raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
+
+
+def _raw_projection(cfg: Config, tok: Any, dataset: Any) -> Any:
+    from pae_fast.losses.refine import RawProjection
+
+    t = cfg.tokenizer
+    if not (t.scr and t.lambda_scr > 0):
+        return None
+    proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
+    if t.raw_prior_projection == "pca":
+        n = min(RAW_FIT_IMAGES, len(dataset))
+        x = torch.stack([dataset[i][0].float() for i in range(n)])
+        with torch.no_grad():
+            proj.fit(tok.vfm.tokens(tok.vfm.preprocess(x)))
+    return proj
+
+
+def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None = None,
+                         heldout: torch.utils.data.Dataset | None = None, world_size: int = 1, rank: int = 0,
+                         allow_random_disc: bool = False) -> tuple[Any, Any]:
+    """Everything :func:`pae_fast.engine.train` needs to train the tokenizer; reads only, writes nothing.
+
+    Args:
+        cfg: the run config (``tokenizer``, ``data``, ``train``, ``eval``, ``seed``).
+        dataset: map-style ``(image (3, S, S) float in [0, 1], label, ...)``; default ``cfg.data``.
+        heldout: held-out images of the same form; default the ``tokenizer.heldout_items`` of ``cfg.data``.
+        world_size, rank: the process layout (MCR noise per rank, data workers).
+        allow_random_disc: permit random frozen discriminator features with ``disc_weights`` unset (tests).
+    Returns:
+        ``(TrainTask, HeldoutEvaluator)``.
+    """
+    from pae_fast.engine.distributed import default_device
+    from pae_fast.engine.state import seed_all
+    from pae_fast.engine.task import TrainTask
+    from pae_fast.losses.total import TokenizerLoss
+    from pae_fast.registry import create_tokenizer
+    from pae_fast.stages.image_data import check_image_size, open_image_data
+    from pae_fast.stages.refine_priors import Shared, load_priors
+    from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
+    from pae_fast.stages.tokenizer_task import (
+        TokenizerTrainModule,
+        discriminator_loss_fn,
+        init_projector_from_priors,
+        tokenizer_loss_fn,
+    )
+
+    t = cfg.tokenizer
+    device = default_device(cfg.train.device)
+    seed_all(cfg.seed)  # before any module is built: the seed sets the initial weights
+    tok = create_tokenizer(t.name, weights=t.checkpoint, vfm_weights=t.vfm_weights)
+    if t.vfm_weights is None and t.checkpoint is None:
+        log.warning("tokenizer.vfm_weights is unset: the frozen VFM has RANDOM weights (tests / demos only)")
+    _check_config(cfg, tok)
+    check_image_size(cfg, tok.image_size)
+    if dataset is None:
+        dataset, held_default = open_image_data(cfg, t.heldout_items)
+        heldout = heldout if heldout is not None else held_default
+    if len(dataset) == 0:
+        raise ConfigError(f"the image data {getattr(dataset, 'path', type(dataset).__name__)} is empty")
+
+    loss = TokenizerLoss.from_config(t, device=None, allow_random_disc=allow_random_disc)
+    projector, raw_projection, priors_meta = None, None, {}
+    if loss.needs_targets and t.priors == "refined":
+        projector, priors_meta = load_priors(t.priors_file, cfg, tok)
+        if tok.kind == "pae" and t.checkpoint is None:
+            init_projector_from_priors(tok, projector)
+            if int(priors_meta.get("projector_heads", tok.vfm.num_heads)) != tok.vfm.num_heads:
+                log.warning("the refined projector used %s heads, the tokenizer's projector %d: the initialisation "
+                            "copies the weights only", priors_meta.get("projector_heads"), tok.vfm.num_heads)
+    elif loss.needs_targets:
+        raw_projection = _raw_projection(cfg, tok, dataset)
+    for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
+        if m is not None:
+            m.to(device)
+    status = loss.status()
+    for term, line in status.items():  # before the engine's log exists: what is off or random shows as a warning
+        if line.startswith("off") or "RANDOM" in line:
+            log.warning("loss %s: %s", term, line)
+    shared = Shared(loss=loss, cfg=t, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
+                    has_disc=loss.discriminator is not None, status=status, announced=False)
+    model = TokenizerTrainModule(tok, shared)
+    extras = {}
+    if loss.discriminator is not None:
+        extras["disc"] = (loss.discriminator, discriminator_loss_fn(shared))
+    inception = None
+    if cfg.eval.inception_weights is not None and heldout is not None:
+        from pae_fast.eval.inception import load_inception
+
+        inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_size, device)
+    evaluator = HeldoutEvaluator(heldout, cfg.eval.batch_size, t.grid_items, loss.lpips, inception)
+    metadata = {
+        "tokenizer": t.name,
+        "kind": tok.kind,
+        "latent_shape": json.dumps(list(tok.latent_shape)),
+        "stats_mode": tok.stats_mode,
+        "losses": json.dumps(status, sort_keys=True),
+        "priors": t.priors,
+        "priors_file": str(t.priors_file or ""),
+        "priors_recipe": priors_meta.get("recipe", ""),
+        "vfm_weights": str(t.vfm_weights or ""),
+    }
+
+    def on_checkpoint(step: int, model_: Any, ema: Any, out_dir: str) -> None:
+        evaluator.evaluate(ema.tok, step, out_dir)
+
+    task = TrainTask(name="tokenizer", model=model, loss_fn=tokenizer_loss_fn(shared, rank), dataset=dataset,
+                     metadata=metadata, extra_optimized=extras, on_checkpoint=on_checkpoint,
+                     num_workers=cfg.data.num_workers if getattr(dataset, "samples", None) is not None else 0)
+    return task, evaluator
+
+
+def train_tokenizer(cfg: Config, dataset: torch.utils.data.Dataset | None = None,
+                    heldout: torch.utils.data.Dataset | None = None) -> Path:
+    """Train a tokenizer with the shared engine (``train-tokenizer``).
+
+    Args:
+        cfg: the run config.
+        dataset: optional training images (map-style ``(image (3, S, S) float in [0, 1], label)``); default
+            ``cfg.data``.
+        heldout: optional held-out images of the same form; default ``tokenizer.heldout_items`` of ``cfg.data``.
+    Returns:
+        the run folder; its weights load with ``create_tokenizer(cfg.tokenizer.name, weights=<run folder>)``
+        (the newest checkpoint's ``ema.safetensors``, the tokenizer's full state dict).
+    """
+    from pae_fast.engine import train
+    from pae_fast.engine.checkpoint import latest_checkpoint
+    from pae_fast.engine.distributed import default_device, get_rank, get_world_size, is_main
+    from pae_fast.run_identity import open_run, run_identity
+
+    task, evaluator = build_tokenizer_task(cfg, dataset, heldout, get_world_size(), get_rank())
+    identity = run_identity(cfg, ("data", "tokenizer"))
+    if dataset is not None:
+        identity["data.dataset"] = f"{type(dataset).__name__}:{len(dataset)}"
+    out = Path(cfg.out_dir)
+    with open_run(out, identity, cfg.train.resume, main=is_main()):
+        fresh = cfg.train.resume == "none" or (cfg.train.resume == "auto" and latest_checkpoint(out) is None)
+        if fresh and is_main():  # the held-out row of the initial weights (step 0)
+            evaluator.evaluate(task.model.tok.to(default_device(cfg.train.device)), 0, out)
+        train(task, cfg.train, out, seed=cfg.seed, config_yaml=dump_yaml(cfg))
+    return out
