@@ -86,7 +86,8 @@ def _tokenizer_train(cfg: Config, steps: int, batch: int) -> Any:
 def tokenizer_config(cfg: Config, model: str, out: Path, vfm: str, priors: str | None) -> Config:
     """The ``train-tokenizer`` config of ``model`` (``"pae"``: ``tokenizer`` as given, refined priors;
     ``"rae"``: ``demo.baseline`` with every prior regularizer off, same decoder, same steps)."""
-    t = dataclasses.replace(cfg.tokenizer, vfm_weights=vfm, checkpoint=None, heldout_items=8 * cfg.demo.heldout_per_class)
+    t = dataclasses.replace(cfg.tokenizer, vfm_weights=vfm, checkpoint=None,
+                            heldout_items=8 * cfg.demo.heldout_per_class)
     if model == "pae":
         t = dataclasses.replace(t, priors="refined", priors_file=priors)
     else:

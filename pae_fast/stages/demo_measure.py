@@ -74,7 +74,7 @@ def validation_loss(model: nn.Module, latents: torch.Tensor, labels: torch.Tenso
         labels: ``(N,)``.
         flow_cfg: the run's ``flow`` section (time sampling, cosine term); ``shift`` the training shift used.
     """
-    from pae_fast.flow.loss import FlowLoss
+    from pae_fast.flow.loss import FlowLoss, flow_matching_loss
 
     loss_fn = FlowLoss.from_config(flow_cfg, shift=shift)
     g = torch.Generator().manual_seed(seed)
@@ -85,8 +85,6 @@ def validation_loss(model: nn.Module, latents: torch.Tensor, labels: torch.Tenso
         for s in range(0, len(latents), batch_size):
             x1, y = latents[s : s + batch_size], labels[s : s + batch_size]
             t, xt, v = loss_fn.sample_path(x1, generator=g)
-            from pae_fast.flow.loss import flow_matching_loss
-
             loss, _ = flow_matching_loss(model(xt, t, y).float(), v, cosine=loss_fn.cosine)
             total += float(loss) * len(x1)
             count += len(x1)
