@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # Without a CUDA device the Triton kernels run under the interpreter (must be set before triton is imported).
 KERNEL_ENV := $(shell [ -e /dev/nvidia0 ] || echo TRITON_INTERPRET=1)
 JOBS ?= 2
-# The demo's models are tiny: one intra-op thread per process is as fast on an idle CPU and far faster on a busy one.
+# The demo's models are tiny: one intra-op thread per process (two were up to 10x slower on a busy CPU here).
 DEMO_THREADS ?= 1
 
 .PHONY: install test test-all demo bench lint clean
