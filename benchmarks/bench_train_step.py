@@ -8,6 +8,7 @@ is not timed). bf16 autocast on CUDA, fp32 on CPU (``--precision``).
 
     python benchmarks/bench_train_step.py --model LightningDiT-B/1 --batch 8 --device cpu [--compile]
         [--backend auto|torch|triton] [--steps N] [--warmup N] [--json OUT]
+    python benchmarks/bench_train_step.py --model PAE-tiny --batch 8    # a tokenizer step: bench_tokenizer_step.py
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated``; CPU the process's peak resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the whole process, Python and libraries included; run one
@@ -227,7 +228,8 @@ def format_record(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="LightningDiT-B/1", help="registered generator name")
+    p.add_argument("--model", default="LightningDiT-B/1",
+                   help="registered generator name, or a tokenizer (e.g. PAE-tiny: one train-tokenizer step)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -237,8 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
     p.add_argument("--json", dest="json_out", default=None, help="write the result record here")
     a = p.parse_args(argv)
-    from pae_fast.registry import GENERATORS
+    from pae_fast.registry import GENERATORS, TOKENIZERS
 
+    if a.model in TOKENIZERS.names():  # a tokenizer step: bench_tokenizer_step.py (no --compile)
+        import bench_tokenizer_step
+
+        rec = bench_tokenizer_step.run(a.model, a.batch, a.device, a.backend, a.steps, a.warmup, a.precision,
+                                       json_out=a.json_out)
+        print(format_record(rec))
+        return 0
     try:
         GENERATORS.get(a.model)
     except KeyError as e:  # the message lists the valid names

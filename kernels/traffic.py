@@ -168,13 +168,12 @@ class _CountedAttention(torch.autograd.Function):
         counter = ctx.counter
         leaves, out = ctx.inner
         need = [t for t in leaves if t.requires_grad]
-        with counter._suppressed():
-            got = iter(torch.autograd.grad(out, need, dout, allow_unused=True))
+        with counter._suppressed():  # retain: a graph may be differentiated twice (e.g. an adaptive loss weight)
+            got = iter(torch.autograd.grad(out, need, dout, allow_unused=True, retain_graph=True))
             # a fused kernel writes dq, dk, dv in the inputs' layout; the decomposition underneath may not, and
             # autograd would then charge a re-layout copy that no attention kernel makes
             grads = [_like(next(got), t) if t.requires_grad else None for t in leaves]
         counter._record_attention("backward", *leaves, out, ctx.mask, dout=dout)
-        ctx.inner = None
         return (None, None, None, *grads)
 
 

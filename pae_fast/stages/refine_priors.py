@@ -144,7 +144,9 @@ def refine_priors(cfg: Config, dataset: torch.utils.data.Dataset | None = None) 
     from pae_fast.weights import read_state_dict
 
     task = build_refine_task(cfg, dataset)  # validates everything before the folder is touched
-    identity = run_identity(cfg, ("data", "tokenizer", "refine"))
+    # what defines the priors: the data, the encoder (tokenizer name + VFM weights) and the refine section
+    identity = {k: v for k, v in run_identity(cfg, ("data", "tokenizer", "refine")).items()
+                if not k.startswith("tokenizer.") or k in ("tokenizer.name", "tokenizer.vfm_weights")}
     if dataset is not None:
         identity["data.dataset"] = f"{type(dataset).__name__}:{len(dataset)}"
     out = Path(cfg.out_dir)

@@ -46,9 +46,10 @@ class HeldoutEvaluator:
         self._images: torch.Tensor | None = None
 
     def images(self) -> torch.Tensor:
-        """All held-out images ``(N, 3, S, S)`` (read once)."""
+        """All held-out images ``(N, 3, S, S)`` uint8 (read once; 8-bit levels as the image files hold them)."""
         if self._images is None:
-            self._images = torch.stack([self.heldout[i][0].float() for i in range(len(self.heldout))])
+            x = torch.stack([self.heldout[i][0] for i in range(len(self.heldout))])
+            self._images = x if x.dtype == torch.uint8 else (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
         return self._images
 
     @torch.no_grad()
@@ -71,7 +72,7 @@ class HeldoutEvaluator:
             if self.grid_items > 0:
                 from pae_fast.io_images import save_image_grid
 
-                g = x[: self.grid_items].to(device)
+                g = x[: self.grid_items].to(device).float() / 255.0
                 rec = to_image_range(tok(g).float())
                 path = Path(out_dir) / "grids" / f"step_{step:07d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)

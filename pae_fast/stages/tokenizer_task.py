@@ -69,6 +69,11 @@ class TokenizerTrainModule(nn.Module):
         return out.total, out.terms, out.recon.detach()
 
 
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [0, 1] (uint8 items scaled; a floating dtype is kept, e.g. a bf16 roofline count)."""
+    return images if images.is_floating_point() else images.float() / 255.0
+
+
 def tokenizer_loss_fn(shared: Shared, rank: int = 0):
     """The engine's ``loss_fn`` of the tokenizer: the generator-side loss; stashes the reconstructions for the
     discriminator's step when there is one."""
@@ -78,7 +83,7 @@ def tokenizer_loss_fn(shared: Shared, rank: int = 0):
             shared.announced = True
             for term, line in shared.status.items():
                 log.info("loss %-9s %s", term, line)
-        images = batch[0].float()
+        images = _as_float(batch[0])
         seed = (shared.seed * 1_000_003 + step) * 64 + rank  # MCR noise: new per step and per rank
         total, terms, recon = model(images, step, seed)
         if shared.has_disc:
@@ -96,7 +101,7 @@ def discriminator_loss_fn(shared: Shared):
     from pae_fast.losses.gan import disc_active, hinge_d_loss
 
     def loss_fn(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        images = batch[0].float()
+        images = _as_float(batch[0])
         recon = shared.recons.pop(0)
         c = shared.cfg
         if not disc_active(step, float(c.lambda_gan), c.disc_start_step):

@@ -35,24 +35,27 @@ log = logging.getLogger("pae_fast.train.tokenizer")
 RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted on the tokens of this many images
 
 
-def _check_config(cfg: Config, tok: Any) -> None:
+def _check_config(cfg: Config, tok: Any = None) -> None:
+    """Settings that cannot work together; without ``tok`` only those that need no model (run before building)."""
     t = cfg.tokenizer
     ssr_on = t.ssr and t.lambda_ssr > 0
     scr_on = t.scr and t.lambda_scr > 0
+    if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
+        raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
+    if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
+        raise ConfigError("tokenizer.priors=refined needs tokenizer.priors_file (the priors.safetensors written by "
+                          "`python -m pae_fast refine-priors`), or set tokenizer.priors: raw")
+    if tok is None:
+        return
     if tok.kind == "rae" and (ssr_on or scr_on):
         raise ConfigError(f"tokenizer {t.name!r} is an RAE (its latent is the frozen VFM's tokens): SSR / SCR cannot "
                           "train it; set tokenizer.ssr: false and tokenizer.scr: false")
     if tok.kind == "pae" and t.latent_channels != tok.latent_shape[0]:
         raise ConfigError(f"tokenizer.latent_channels={t.latent_channels} but {t.name!r} has {tok.latent_shape[0]} "
                           "latent channels")
-    if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
-        raise ConfigError("tokenizer.priors=refined needs tokenizer.priors_file (the priors.safetensors written by "
-                          "`python -m pae_fast refine-priors`), or set tokenizer.priors: raw")
-    if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
-        raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
 
 
-def _raw_projection(cfg: Config, tok: Any, dataset: Any) -> Any:
+def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -> Any:
     from pae_fast.losses.refine import RawProjection
 
     t = cfg.tokenizer
@@ -61,9 +64,9 @@ def _raw_projection(cfg: Config, tok: Any, dataset: Any) -> Any:
     proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
     if t.raw_prior_projection == "pca":
         n = min(RAW_FIT_IMAGES, len(dataset))
-        x = torch.stack([dataset[i][0].float() for i in range(n)])
-        with torch.no_grad():
-            proj.fit(tok.vfm.tokens(tok.vfm.preprocess(x)))
+        x = torch.stack([dataset[i][0].float() for i in range(n)]).to(device)
+        with torch.no_grad():  # on the training device (the engine moves the VFM there anyway)
+            proj.fit(tok.vfm.to(device).tokens(tok.vfm.preprocess(x)))
     return proj
 
 
@@ -97,6 +100,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     )
 
     t = cfg.tokenizer
+    _check_config(cfg)
     device = default_device(cfg.train.device)
     seed_all(cfg.seed)  # before any module is built: the seed sets the initial weights
     tok = create_tokenizer(t.name, weights=t.checkpoint, vfm_weights=t.vfm_weights)
@@ -120,7 +124,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
                 log.warning("the refined projector used %s heads, the tokenizer's projector %d: the initialisation "
                             "copies the weights only", priors_meta.get("projector_heads"), tok.vfm.num_heads)
     elif loss.needs_targets:
-        raw_projection = _raw_projection(cfg, tok, dataset)
+        raw_projection = _raw_projection(cfg, tok, dataset, device)
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
         if m is not None:
             m.to(device)

@@ -1,0 +1,179 @@
+"""train-tokenizer: a tiny PAE and a tiny RAE learn on real photographs (loss falls, held-out PSNR rises), resume is
+bitwise exact with the GAN on, no gradient reaches the VFM or the prior targets, each regularizer off removes its term,
+the saved weights load with create_tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pae_fast.config import ConfigError, load_config
+from pae_fast.data.demo_images import build_demo_images
+from pae_fast.io import load_safetensors
+from pae_fast.registry import create_tokenizer
+from pae_fast.stages.image_data import TensorImageDataset
+from pae_fast.stages.train_tokenizer import build_tokenizer_task, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESET = ROOT / "configs" / "tokenizer_tiny_cpu.yaml"
+# a random-feature discriminator is allowed in tests only (explicitly: disc_weights=random)
+GAN = {"tokenizer.lambda_gan": 0.5, "tokenizer.disc_weights": "random", "tokenizer.gan_start_step": 2,
+       "tokenizer.disc_start_step": 1}
+
+
+@pytest.fixture(scope="module")
+def photos() -> tuple[TensorImageDataset, TensorImageDataset]:
+    d = build_demo_images(train_per_class=4, heldout_per_class=2, num_classes=4, image_size=64, seed=0)
+    return (TensorImageDataset(d.train.images, d.train.labels, "demo train"),
+            TensorImageDataset(d.heldout.images, d.heldout.labels, "demo held-out"))
+
+
+def tiny_cfg(out: Path, **overrides):
+    base = {"out_dir": str(out), "train.progress": False, "train.log_every": 5, "train.global_batch_size": 8,
+            "eval.batch_size": 8, "tokenizer.grid_items": 4}
+    return load_config(PRESET, {**base, **overrides})
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_learns(run: Path, min_gain_db: float) -> None:
+    stats = [r for r in rows(run / "stats.jsonl") if "loss" in r]
+    assert stats[-1]["loss"] < 0.8 * stats[0]["loss"], (stats[0]["loss"], stats[-1]["loss"])
+    ev = rows(run / "eval.jsonl")
+    assert ev[0]["step"] == 0 and ev[-1]["step"] > 0
+    assert ev[-1]["psnr"] > ev[0]["psnr"] + min_gain_db, [(r["step"], r["psnr"]) for r in ev]
+    assert (run / "grids" / f"step_{ev[-1]['step']:07d}.png").is_file()
+
+
+def test_tiny_pae_learns_on_photographs(tmp_path, photos):
+    out = tmp_path / "pae"
+    cfg = tiny_cfg(out, **{"train.steps": 24, "train.ckpt_every": 12, "train.lr": 2e-3, "train.ema_decay": 0.5})
+    assert train_tokenizer(cfg, photos[0], photos[1]) == out
+    assert_learns(out, 1.0)
+    keys = set(rows(out / "stats.jsonl")[-1])
+    assert {"l1", "ssr", "mcr", "mcr_medium", "mcr_large", "scr", "scr_pooled", "scr_patch"} <= keys
+    # the run folder loads strictly with create_tokenizer (the newest checkpoint's EMA = the tokenizer's state dict)
+    tok = create_tokenizer("PAE-tiny", weights=out)
+    ema, meta = load_safetensors(out / "checkpoints" / "0000024" / "ema.safetensors")
+    assert set(ema) == set(tok.state_dict())
+    assert torch.equal(tok.decoder.pred.weight, ema["decoder.pred.weight"])
+    assert json.loads(meta["losses"])["lpips"].startswith("off")
+    assert meta["tokenizer"] == "PAE-tiny" and meta["kind"] == "pae"
+
+
+def test_tiny_rae_learns_with_noise_augmentation(tmp_path, photos):
+    out = tmp_path / "rae"
+    cfg = tiny_cfg(out, **{"tokenizer.name": "RAE-tiny", "tokenizer.ssr": False, "tokenizer.scr": False,
+                           "tokenizer.mcr": False, "tokenizer.noise_aug_tau": 0.8, "train.steps": 24,
+                           "train.ckpt_every": 12, "train.lr": 2e-3, "train.ema_decay": 0.5})
+    train_tokenizer(cfg, photos[0], photos[1])
+    assert_learns(out, 1.0)
+    assert set(rows(out / "stats.jsonl")[-1]) & {"ssr", "mcr", "scr"} == set()
+    tok = create_tokenizer("RAE-tiny", weights=out)
+    assert tok.kind == "rae"
+
+
+def _tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_safetensors(ckpt / f"{name}.safetensors")[0]
+
+
+def test_resume_is_bitwise_exact_with_the_gan(tmp_path, photos):
+    over = {**GAN, "train.ckpt_every": 2, "train.lr": 1e-3, "train.ema_decay": 0.9}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_tokenizer(tiny_cfg(straight, **over, **{"train.steps": 4}), photos[0], photos[1])
+    train_tokenizer(tiny_cfg(split, **over, **{"train.steps": 2}), photos[0], photos[1])
+    train_tokenizer(tiny_cfg(split, **over, **{"train.steps": 4}), photos[0], photos[1])  # resumes from step 2
+    a, b = straight / "checkpoints" / "0000004", split / "checkpoints" / "0000004"
+    for name in ("model", "ema", "disc"):
+        ta, tb = _tensors(a, name), _tensors(b, name)
+        assert set(ta) == set(tb)
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)
+    last = rows(straight / "stats.jsonl")[-1]
+    assert {"gan", "gan_weight", "disc/loss", "disc/logits_real"} <= set(last)  # the GAN phase ran
+
+
+def _one_step(cfg, photos, disc_step: int | None = None):
+    task, _ = build_tokenizer_task(cfg, photos[0], photos[1])
+    batch = (photos[0].images[:4], photos[0].labels[:4])
+    loss, terms = task.loss_fn(task.model, batch, 5)
+    loss.backward()
+    return task, terms
+
+
+def test_no_gradient_reaches_the_vfm_or_the_targets(tmp_path, photos):
+    cfg = tiny_cfg(tmp_path / "g", **GAN)
+    task, terms = _one_step(cfg, photos)
+    tok = task.model.tok
+    assert all(p.grad is None for p in tok.vfm.parameters())
+    assert all(not p.requires_grad for p in tok.vfm.parameters())
+    sh = task.model.shared
+    assert sh.raw_projection is not None and not any(b.requires_grad for b in sh.raw_projection.buffers())
+    disc = task.extra_optimized["disc"][0]
+    assert all(p.grad is None for p in disc.parameters())  # the generator's GAN term writes no D gradient
+    assert tok.dam.fusion_proj.weight.grad is not None and tok.decoder.pred.weight.grad is not None
+    assert "gan" in terms and "ssr" in terms
+
+
+@pytest.mark.parametrize("switch,gone", [
+    ("ssr", {"ssr"}),
+    ("mcr", {"mcr", "mcr_medium", "mcr_large"}),
+    ("scr", {"scr", "scr_pooled", "scr_patch"}),
+])
+def test_each_regularizer_off_removes_its_term(tmp_path, photos, switch, gone):
+    on = _one_step(tiny_cfg(tmp_path / "on"), photos)[1]
+    off = _one_step(tiny_cfg(tmp_path / "off", **{f"tokenizer.{switch}": False}), photos)[1]
+    assert gone <= set(on)
+    assert not gone & set(off)
+    assert set(on) - gone == set(off)
+
+
+def test_rae_with_ssr_is_refused_before_anything_is_written(tmp_path, photos):
+    out = tmp_path / "bad"
+    cfg = tiny_cfg(out, **{"tokenizer.name": "RAE-tiny"})
+    with pytest.raises(ConfigError, match="tokenizer.ssr"):
+        train_tokenizer(cfg, photos[0], photos[1])
+    assert not out.exists()
+
+
+def test_gan_with_gradient_accumulation_pairs_each_micro_batch(tmp_path, photos):
+    """The discriminator's loss reads the reconstructions of the same micro-batches, in order (grad_accum 2)."""
+    out = tmp_path / "accum"
+    cfg = tiny_cfg(out, **{**GAN, "train.steps": 2, "train.ckpt_every": 2, "train.grad_accum": 2,
+                           "tokenizer.gan_start_step": 0, "tokenizer.disc_start_step": 0, "tokenizer.mcr": False})
+    task, _ = build_tokenizer_task(cfg, photos[0], photos[1])
+    seen = []
+    disc_fn = task.extra_optimized["disc"][1]
+    recons = task.model.shared.recons
+
+    def spy(model, batch, step):
+        seen.append(recons[0].shape[0] if recons else 0)
+        return disc_fn(model, batch, step)
+
+    task.extra_optimized["disc"] = (task.extra_optimized["disc"][0], spy)
+    from pae_fast.engine import train
+
+    train(task, cfg.train, out, seed=cfg.seed)
+    assert seen == [4, 4, 4, 4] and not recons  # 2 steps x 2 micro-batches of 4, nothing left behind
+    assert "disc/loss" in rows(out / "stats.jsonl")[-1]
+
+
+def test_heldout_metrics_add_lpips_and_rfid_when_their_networks_are_given(tmp_path):
+    from pae_fast.eval.inception import FIDInceptionV3
+    from pae_fast.eval.recon import LPIPS
+    from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
+
+    tok = create_tokenizer("PAE-tiny")
+    g = torch.Generator().manual_seed(0)
+    ds = TensorImageDataset(torch.rand(4, 3, 64, 64, generator=g), torch.zeros(4, dtype=torch.long))
+    plain = HeldoutEvaluator(ds, 4, 2).evaluate(tok, 0, tmp_path)
+    full = HeldoutEvaluator(ds, 4, 2, LPIPS("vgg"), FIDInceptionV3(input_size=75).eval()).evaluate(tok, 3, tmp_path)
+    assert set(plain) == {"step", "weights", "psnr", "ssim", "num_images"}
+    assert {"lpips", "rfid"} <= set(full) and full["psnr"] == pytest.approx(plain["psnr"])
+    assert [r["step"] for r in rows(tmp_path / "eval.jsonl")] == [0, 3]
+    assert (tmp_path / "grids" / "step_0000003.png").is_file()
