@@ -125,10 +125,13 @@ def _stage_images(cfg: Config, demo: Any, folder: Path) -> dict[str, Any]:
 
 def _stage_vfm(cfg: Config, demo: Any, folder: Path) -> dict[str, Any]:
     if cfg.tokenizer.vfm_weights:
-        from pae_fast.stages.demo_measure import load_vfm
+        from pae_fast.stages.demo_measure import load_vfm, vfm_features
+        from pae_fast.stages.pretrain_vfm import probe_accuracy
 
-        load_vfm(cfg.tokenizer.vfm_weights)  # fails here, naming the file, if it is not a ViT-tiny encoder
-        return {"source": "local", "path": str(cfg.tokenizer.vfm_weights)}
+        vfm = load_vfm(cfg.tokenizer.vfm_weights)  # fails here, naming the file, if it is not a ViT-tiny encoder
+        acc = probe_accuracy(vfm_features(vfm, demo.train.images), demo.train.labels,
+                             vfm_features(vfm, demo.heldout.images), demo.heldout.labels)
+        return {"source": "local", "path": str(cfg.tokenizer.vfm_weights), "probe_accuracy": acc}
     from pae_fast.stages.pretrain_vfm import MAEConfig, pretrain_vfm
 
     mae = MAEConfig(steps=cfg.demo.mae_steps, batch_size=cfg.demo.mae_batch_size, seed=cfg.seed)

@@ -184,7 +184,8 @@ def summary_markdown(s: dict[str, Any], cfg: Any) -> str:
                     f"{_f(v['final_loss'])} (held-out {_f(v['heldout_loss'])}); linear probe on held-out crops "
                     f"{_f(v['probe_accuracy'])} (random init {_f(v['probe_accuracy_init'])}).")
     else:
-        vfm_line = f"local pretrained weights `{v['path']}` (given by tokenizer.vfm_weights)."
+        vfm_line = (f"local pretrained weights `{v['path']}` (given by tokenizer.vfm_weights); linear probe on "
+                    f"held-out crops {_f(v['probe_accuracy'])}.")
     m = s["machine"]
     lines = [
         "# pae_fast demo: PAE vs an RAE-style baseline", "",

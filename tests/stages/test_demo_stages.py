@@ -80,3 +80,26 @@ def test_eta_scales_the_remaining_estimate_by_measured_speed():
 def test_a_stage_needs_its_upstream_to_have_run(tmp_path):
     with pytest.raises(RuntimeError, match="have not run"):
         StageRunner(tmp_path).run("b", {}, lambda f: {}, upstream=("a",))
+
+
+def test_user_vfm_weights_are_used_and_probed_instead_of_pretraining(tmp_path):
+    import torch
+
+    from pae_fast.config import Config
+    from pae_fast.data.demo_images import build_demo_images
+    from pae_fast.io import save_safetensors
+    from pae_fast.stages.demo import _stage_vfm
+    from pae_fast.stages.pretrain_vfm import build_vit_tiny
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit.safetensors"
+    save_safetensors(build_vit_tiny().state_dict(), path)
+    cfg = Config()
+    cfg.tokenizer.vfm_weights = str(path)
+    demo = build_demo_images(train_per_class=4, heldout_per_class=2, num_classes=3)
+    r = _stage_vfm(cfg, demo, tmp_path / "vfm")
+    assert r["source"] == "local" and r["path"] == str(path) and 0.0 <= r["probe_accuracy"] <= 1.0
+    assert not (tmp_path / "vfm").exists()  # nothing was pre-trained
+    cfg.tokenizer.vfm_weights = str(tmp_path / "missing.safetensors")
+    with pytest.raises(Exception, match="missing.safetensors"):
+        _stage_vfm(cfg, demo, tmp_path / "vfm")
