@@ -88,7 +88,7 @@ def test_fast_preset_scales_the_demo_down_and_dry_run_prints_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pae_fast", "demo", "--fast", "--dry-run"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "tokenizer_steps: 30" in r.stdout and "out_dir: runs/demo_fast" in r.stdout
+    assert "tokenizer_steps: 40" in r.stdout and "out_dir: runs/demo_fast" in r.stdout
 
 
 def test_a_bad_demo_setting_is_one_line_exit_2_and_writes_nothing(tmp_path):
