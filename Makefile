@@ -8,6 +8,8 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 # Without a CUDA device the Triton kernels run under the interpreter (must be set before triton is imported).
 KERNEL_ENV := $(shell [ -e /dev/nvidia0 ] || echo TRITON_INTERPRET=1)
 JOBS ?= 2
+# The demo's models are tiny: one intra-op thread per process (two were up to 10x slower on a busy CPU here).
+DEMO_THREADS ?= 1
 
 .PHONY: install test test-all demo bench lint clean
 
@@ -27,7 +29,7 @@ test-all: install
 	$(KERNEL_ENV) $(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not benchmark" tests
 
 demo: install
-	$(KERNEL_ENV) $(PY) -m pae_fast demo --config configs/demo_cpu.yaml
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(KERNEL_ENV) $(PY) -m pae_fast demo --config configs/demo_cpu.yaml
 
 bench: install
 	$(KERNEL_ENV) $(PY) benchmarks/run_all.py

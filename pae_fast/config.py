@@ -42,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "EvalConfig",
+    "DemoConfig",
     "Config",
     "load_config",
     "apply_overrides",
@@ -287,6 +288,27 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    """``demo`` (pae_fast/stages/demo.py, docs/method.md § Demo): the sizes of the stages before the generator.
+
+    The generators use ``model`` / ``flow`` / ``train`` / ``sample`` (both PAE and the baseline: same steps); the
+    tokenizers use ``tokenizer`` / ``refine`` with the steps below; ``tokenizer.vfm_weights`` names local ViT-tiny
+    weights (unset: a ViT-tiny is pre-trained as an MAE on the demo images in the run)."""
+
+    train_per_class: int = 128  # demo image crops per class (8 classes = 8 photographs)
+    heldout_per_class: int = 32  # pixel-disjoint held-out crops per class (PSNR, validation loss, FD reference)
+    mae_steps: int = 300  # MAE pre-training of the ViT-tiny VFM (unless tokenizer.vfm_weights is given)
+    mae_batch_size: int = 64
+    refine_steps: int = 100  # refine-priors
+    refine_batch_size: int = 32
+    tokenizer_steps: int = 400  # train-tokenizer, the same for PAE and the baseline
+    tokenizer_batch_size: int = 16
+    tokenizer_lr: float = 1e-3
+    baseline: str = "RAE-tiny"  # the RAE-style tokenizer on the same VFM (no priors, same decoder)
+    val_draws: int = 4  # (time, noise) draws per held-out latent for the generator validation loss
+
+
+@dataclass
 class Config:
     """A whole run; each command reads the sections it needs."""
 
@@ -300,6 +322,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def finalize(self) -> None:
         """Conversions done once at load (never inside model code)."""

@@ -112,6 +112,11 @@ RULES: tuple[Rule, ...] = tuple(
     + _rules("eval.batch_size eval.knn_k eval.lnc_k eval.viv_iters eval.max_per_class eval.inception_size "
              "eval.is_splits", _ge(1), _POS)
     + _rules("eval.sec_rho", _closed(0, 1), _PROB)
+    # demo
+    + _rules("demo.train_per_class demo.heldout_per_class", _ge(2), ">= 2")
+    + _rules("demo.mae_steps demo.mae_batch_size demo.refine_steps demo.refine_batch_size demo.tokenizer_steps "
+             "demo.tokenizer_batch_size demo.val_draws", _ge(1), _POS)
+    + _rules("demo.tokenizer_lr", _gt(0), "> 0")
     + _rules("eval.ssc_sigma", _gt(0), "> 0")
 )
 

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "BASE_KEY",
     "config_from_dict",
+    "merge_config_data",
     "config_to_dict",
     "dump_yaml",
     "list_presets",
@@ -208,6 +209,12 @@ def preset_path(name: str | os.PathLike, relative_to: Path | None = None) -> Pat
         pass
     raise ConfigError(f"config {str(name)!r} is neither a file nor a bundled preset; presets: "
                       f"{', '.join(list_presets())}")
+
+
+def merge_config_data(base: dict, over: dict) -> dict:
+    """Preset data ``over`` laid onto ``base`` (sections merge key by key, values replace), e.g. a variant preset
+    applied on top of another."""
+    return _merge(base, over)
 
 
 def _merge(base: dict, over: dict) -> dict:
