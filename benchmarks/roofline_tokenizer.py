@@ -22,6 +22,7 @@ MFU counts every executed FLOP as work, the frozen VFM's and the frozen discrimi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -32,10 +33,24 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
-from roofline import HARDWARE, _scopes, predict  # noqa: E402
+from roofline import HARDWARE, predict  # noqa: E402
 
 TARGET_BANDWIDTH_RATIO = 0.35  # issue 13: fused bandwidth-bound bytes <= 35% of the reference's
 TARGET_MFU = 0.40  # issue 13: predicted H100 MFU with the frozen forward counted as work
+
+
+def _scopes(backend: str) -> contextlib.ExitStack:
+    """The kernel scope of ``backend``, as ``roofline_step.count_step`` sets it: fused = the Triton ops selected
+    explicitly (counted, not run: ``counting_only``), reference = the PyTorch references; attention is SDPA on both."""
+    from pae_fast import kernels
+    from pae_fast.kernels._dispatch import counting_only
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(kernels.use_backend("triton" if backend == "fused" else "torch"))
+    stack.enter_context(kernels.use_attention_backend("sdpa"))
+    if backend == "fused":
+        stack.enter_context(counting_only())
+    return stack
 
 
 def tokenizer_step_traffic(name: str = "PAE-DINOv2-L-d32", batch: int = 32, dtype: torch.dtype = torch.bfloat16,

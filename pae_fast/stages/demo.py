@@ -101,12 +101,14 @@ def _image_data(cfg: Config, root: str) -> Any:
                                num_workers=0, hflip=False, drop_last=False, batch_size=64)
 
 
-def generator_config(cfg: Config, out: Path, cache: str, latent_shape: list[int]) -> Config:
-    """The ``train-dit`` config on one latent cache (channels / size from the tokenizer's latent shape)."""
+def generator_config(cfg: Config, out: Path, cache: str, latent_shape: list[int], tokenizer: str) -> Config:
+    """The ``train-dit`` config on one latent cache (channels / size from the tokenizer's latent shape; the
+    tokenizer that wrote the cache, which ``train-dit`` checks against the cache's metadata)."""
     c, h, _ = latent_shape
     model = dataclasses.replace(cfg.model, in_channels=c, input_size=h, num_classes=8, checkpoint=None)
     data = dataclasses.replace(cfg.data, source="latent_cache", root=cache, num_workers=0, file_list=None)
-    return dataclasses.replace(cfg, out_dir=str(out), model=model, data=data)
+    tok = dataclasses.replace(cfg.tokenizer, name=tokenizer)
+    return dataclasses.replace(cfg, out_dir=str(out), model=model, data=data, tokenizer=tok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def _stage_generator(cfg: Config, cache: dict[str, str], tok: dict[str, Any], fo
     from pae_fast.stages.sample import load_generator
     from pae_fast.stages.train_generator import train_generator
 
-    gcfg = generator_config(cfg, folder / "run", cache["train"], tok["latent_shape"])
+    gcfg = generator_config(cfg, folder / "run", cache["train"], tok["latent_shape"], tok["name"])
     untrained = save_untrained_generator(gcfg, folder / "untrained.safetensors")
     run = train_generator(gcfg)
     train_stats = LatentCache(cache["train"], normalize=False, hflip=False).stats
