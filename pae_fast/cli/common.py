@@ -17,7 +17,7 @@ from pae_fast.config import (
 )
 from pae_fast.config_checks import check_command_devices
 
-__all__ = ["add_config_arguments", "resolve_config", "preset_path", "list_presets", "no_extra"]
+__all__ = ["add_config_arguments", "resolve_config", "run_training_stage", "preset_path", "list_presets", "no_extra"]
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,3 +56,24 @@ def write_run_config(cfg: Config, out_dir: str | Path | None = None) -> Path:
 def no_extra(extra: list[str], command: str) -> None:
     if extra:
         raise ConfigError(f"`{command}` takes no config overrides; unexpected arguments: {' '.join(extra)}")
+
+
+def run_training_stage(args: argparse.Namespace, extra: list[str], stage: str, label: str) -> int:
+    """The body of a training command: resolve the config (``--dry-run`` prints it), run the stage function
+    ``stage`` (``"module:function"`` under ``pae_fast.stages``, imported only now), exit 4 when SIGTERM stopped it
+    after a checkpoint, else print ``<label>: <result path>``.
+
+    The stage seeds before it builds its model and checks the run identity before it writes anything.
+    """
+    import importlib
+
+    from pae_fast.errors import raise_if_preempted
+
+    cfg = resolve_config(args, extra)
+    if cfg is None:  # --dry-run printed the config
+        return 0
+    module, func = stage.split(":")
+    out = getattr(importlib.import_module(f"pae_fast.stages.{module}"), func)(cfg)
+    raise_if_preempted()  # SIGTERM: checkpoint written, exit code 4 instead of the success line
+    print(f"{label}: {out}")
+    return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from pae_fast.cli.common import add_config_arguments, resolve_config
+from pae_fast.cli.common import add_config_arguments, run_training_stage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,13 +27,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = resolve_config(args, extra)
-    if cfg is None:  # --dry-run printed the config
-        return 0
-    from pae_fast.errors import raise_if_preempted
-    from pae_fast.stages.refine_priors import refine_priors
-
-    path = refine_priors(cfg)
-    raise_if_preempted()
-    print(f"refined priors: {path}")
-    return 0
+    return run_training_stage(args, extra, "refine_priors:refine_priors", "refined priors")

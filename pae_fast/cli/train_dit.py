@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from pae_fast.cli.common import add_config_arguments, resolve_config
+from pae_fast.cli.common import add_config_arguments, run_training_stage
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,13 +30,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
-    cfg = resolve_config(args, extra)
-    if cfg is None:  # --dry-run printed the config
-        return 0
-    from pae_fast.errors import raise_if_preempted
-    from pae_fast.stages.train_generator import train_generator
-
-    out = train_generator(cfg)  # seeds before building the model; checks the run identity before writing
-    raise_if_preempted()  # SIGTERM: checkpoint written, exit code 4 instead of the success line
-    print(f"generator run: {out}")
-    return 0
+    return run_training_stage(args, extra, "train_generator:train_generator", "generator run")
