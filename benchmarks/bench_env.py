@@ -76,3 +76,35 @@ def device_label() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_steps(step: Any, device: Any, backend: str, warmup: int, steps: int) -> tuple[list[float], list[float], Any]:
+    """Run ``step()`` ``warmup + steps`` times under ``pae_fast.kernels.use_backend(backend)``, synchronising a CUDA
+    ``device`` around each call (peak-memory statistics reset first).
+
+    Returns:
+        ``(timed seconds, warm-up seconds, the last call's result)``.
+    """
+    import time
+
+    import torch
+
+    from pae_fast import kernels
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    warm: list[float] = []
+    result = None
+    with kernels.use_backend(backend):
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            result = step()
+            sync()
+            (warm if i < warmup else times).append(time.perf_counter() - t0)
+    return times, warm, result

@@ -12,7 +12,6 @@ interpreter under ``TRITON_INTERPRET=1``: correctness only, not speed).
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,10 @@ def run(model: str = "PAE-tiny", batch: int = 8, device: str = "auto", backend: 
     import json
 
     import torch
-    from bench_env import environment
+    from bench_env import environment, time_steps
     from bench_train_step import PRECISIONS, _rss_peak_bytes
     from tokenizer_step import build_step, step_losses
 
-    from pae_fast import kernels
     from pae_fast.config import TrainConfig
     from pae_fast.engine.optim import build_optimizer, ema_update, make_ema
 
@@ -61,21 +59,7 @@ def run(model: str = "PAE-tiny", batch: int = 8, device: str = "auto", backend: 
             opt_d.zero_grad(set_to_none=True)
         return terms
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times: list[float] = []
-    warm: list[float] = []
-    with kernels.use_backend(backend):
-        for i in range(warmup + steps):
-            sync()
-            t0 = time.perf_counter()
-            terms = step()
-            sync()
-            (warm if i < warmup else times).append(time.perf_counter() - t0)
+    times, warm, terms = time_steps(step, dev, backend, warmup, steps)
     step_s = statistics.median(times)
     if dev.type == "cuda":
         peak, method = torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated"

@@ -28,14 +28,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import environment  # noqa: E402
+from bench_env import environment, time_steps  # noqa: E402
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
 OPTIMIZERS = ("adamw", "fused_adamw_ema")
@@ -185,21 +184,7 @@ def run(
         opt.zero_grad(set_to_none=True)
         ema_update(ema, net, cfg.ema_decay, params=not getattr(opt, "updates_ema", False))
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times: list[float] = []
-    warm: list[float] = []
-    with kernels.use_backend(backend):
-        for i in range(warmup + steps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            (warm if i < warmup else times).append(time.perf_counter() - t0)
+    times, warm, _ = time_steps(step, dev, backend, warmup, steps)
     step_s = statistics.median(times)
     if dev.type == "cuda":
         peak, method = torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated"
