@@ -16,6 +16,7 @@ Every tokenizer is an ``nn.Module`` with:
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Mapping
@@ -61,7 +62,7 @@ def to_image_range(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(0.0, 1.0)
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(nn.Module, abc.ABC):
     """Base of PAE and RAE: the frozen VFM, pixel (de)normalisation, freezing and the parameter split."""
 
     kind: str = ""
@@ -112,11 +113,13 @@ class Tokenizer(nn.Module):
 
     # -- the API -----------------------------------------------------------------------------------------------------
 
-    def encode_features(self, images: torch.Tensor) -> TokenizerFeatures:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode_features(self, images: torch.Tensor) -> TokenizerFeatures:
+        """``(B, 3, S, S)`` images in [0, 1] -> the latent and the intermediate features (each tokenizer's own)."""
 
-    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, C, H, W)`` -> decoder output in the encoder-normalised pixel space (each tokenizer's own)."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` images in [0, 1] -> latent ``(B, C, H, W)``."""
