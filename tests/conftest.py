@@ -16,3 +16,32 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def run_until_sigterm():
+    """``run(args, at_step=2) -> (returncode, stdout, stderr)``: runs ``python -m pae_fast *args`` from the repository
+    root (one thread) and sends it SIGTERM as soon as it logs ``step <at_step>/`` (a preemption mid-run)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(args: list[str], at_step: int = 2, timeout: float = 120) -> tuple[int, str, str]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "pae_fast", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+        try:
+            for line in proc.stdout:
+                if f"step {at_step}/" in line:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc.returncode, stdout, stderr
+
+    return run

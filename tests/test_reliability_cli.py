@@ -5,8 +5,6 @@ seed gives the same weights."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -284,23 +282,12 @@ def test_other_cache_contents_refused_on_resume(tmp_path, capsys):
     assert main([*args, "--train.steps", "4"]) == 0  # the same cache (moved or not) resumes
 
 
-def test_sigterm_exits_with_the_preempted_code(tmp_path):
+def test_sigterm_exits_with_the_preempted_code(tmp_path, run_until_sigterm):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pae_fast", "train-dit", "--config", TINY, "--out_dir", str(out),
-           "--train.steps", "100000", "--train.progress", "false", "--train.log_every", "1",
-           "--train.ckpt_every", "100000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        for line in proc.stdout:
-            if "step 2/" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_PREEMPTED, stderr
+    code, stdout, stderr = run_until_sigterm([
+        "train-dit", "--config", TINY, "--out_dir", str(out), "--train.steps", "100000", "--train.progress", "false",
+        "--train.log_every", "1", "--train.ckpt_every", "100000"])
+    assert code == EXIT_PREEMPTED, stderr
     assert "generator run:" not in stdout
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "stopped at step" in last and "resume" in last, last

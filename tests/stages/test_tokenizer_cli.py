@@ -140,13 +140,8 @@ def test_same_seed_same_weights(runs, tmp_path):
 
 
 @pytest.mark.slow  # a subprocess run (~20 s on a loaded 2-core machine)
-def test_sigterm_checkpoints_with_the_disc_and_exits_preempted(tmp_path):
+def test_sigterm_checkpoints_with_the_disc_and_exits_preempted(tmp_path, run_until_sigterm):
     """SIGTERM mid-run: exit code 4, one checkpoint holding model, EMA and discriminator; a rerun resumes it."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     from pae_fast.errors import EXIT_PREEMPTED
 
     out = tmp_path / "run"
@@ -154,19 +149,8 @@ def test_sigterm_checkpoints_with_the_disc_and_exits_preempted(tmp_path):
               "--train.ckpt_every", "100000", "--train.log_every", "1", "--train.global_batch_size", "4",
               "--data.synthetic_size", "8", "--data.num_classes", "4", "--tokenizer.heldout_items", "4",
               "--tokenizer.lambda_gan", "0.5", "--tokenizer.disc_weights", "random", "--tokenizer.mcr", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pae_fast", *common, "--train.steps", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        for line in proc.stdout:
-            if "step 2/" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == EXIT_PREEMPTED, stderr
+    code, stdout, stderr = run_until_sigterm([*common, "--train.steps", "100000"])
+    assert code == EXIT_PREEMPTED, stderr
     assert "tokenizer run:" not in stdout
     (ckpt,) = list((out / "checkpoints").iterdir())
     assert {"model.safetensors", "ema.safetensors", "disc.safetensors"} <= {p.name for p in ckpt.iterdir()}
