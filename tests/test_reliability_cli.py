@@ -4,6 +4,7 @@ seed gives the same weights."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,6 +27,20 @@ CACHE_OPEN_CODE = EXIT_DATA
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path):
+    """Another process holding ``folder``'s run lock while the block runs; yields that process."""
+    code = ("import sys, time; from pae_fast.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
 
 
 @pytest.fixture(scope="module")
@@ -232,11 +247,7 @@ def test_cache_latents_bad_input_changes_nothing(case, latent_cache, image_folde
 
 
 def test_cache_latents_folder_is_locked_while_written(latent_cache, image_folder, capsys):
-    code = ("import sys, time; from pae_fast.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(latent_cache)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(latent_cache) as holder:
         before = snapshot(latent_cache)
         capsys.readouterr()
         argv = _cache_latents_argv(latent_cache, image_folder, "--tokenizer", "PAE-tiny", "--random-init")
@@ -244,9 +255,6 @@ def test_cache_latents_folder_is_locked_while_written(latent_cache, image_folder
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"in use by pid {holder.pid}" in err[0], err
         assert snapshot(latent_cache) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_debug_flag_shows_the_traceback(run):
@@ -295,16 +303,9 @@ def test_sigterm_exits_with_the_preempted_code(tmp_path, run_until_sigterm):
 
 
 def test_second_process_on_a_run_folder_exits_busy(run, capsys):
-    code = ("import sys, time; from pae_fast.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(run) as holder:
         before = snapshot(run)
         assert main(["train-dit", "--config", TINY, "--out_dir", str(run), *FAST, "--train.steps", "6"]) == EXIT_BUSY
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"in use by pid {holder.pid}" in err[0] and str(run) in err[0], err
         assert snapshot(run) == before
-    finally:
-        holder.kill()
-        holder.wait()
