@@ -19,8 +19,21 @@ __all__ = ["qk_fwd", "qk_bwd", "qk_check", "token_major"]
 
 
 @triton.jit
+def _load_biased(X, BIAS, n, d, pd, mask, stride_n, D, HAS_B: tl.constexpr):
+    """fp32 tile x and its pair partners x[.., d ^ 1], plus the per-column bias (HAS_B; 0 outside ``mask``)."""
+    x = tl.load(X + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(X + n[:, None] * stride_n + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # pair partner
+    if HAS_B:
+        dmask = d < D
+        x += tl.where(mask, tl.load(BIAS + d, mask=dmask, other=0.0).to(tl.float32)[None, :], 0.0)
+        xp += tl.where(mask, tl.load(BIAS + pd, mask=dmask, other=0.0).to(tl.float32)[None, :], 0.0)
+    return x, xp
+
+
+@triton.jit
 def _norm_rope_tile(
     X,  # (B, H, N, D) input (q or k), strides sb, sh, sn, unit d stride; already offset to (b, h)
+    BIAS,  # (D,) bias added to x first (read only when HAS_B); already offset to head h
     W,  # (D,) norm weight (read only when HAS_W)
     O,  # (B, H, N, D) output, strides (.., .., stride_on, 1); already offset to (b, h)
     n,
@@ -36,9 +49,9 @@ def _norm_rope_tile(
     eps,
     NORMALIZE: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
 ):
-    x = tl.load(X + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(X + n[:, None] * stride_n + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # pair partner
+    x, xp = _load_biased(X, BIAS, n, d, pd, mask, stride_n, D, HAS_B)
     if NORMALIZE:
         r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         x = x * r[:, None]
@@ -59,8 +72,13 @@ def _qk_norm_rope_fwd_kernel(
     SIN,  # (N, D) contiguous
     QW,  # (D,) q norm weight (HAS_QW)
     KW,  # (D,) k norm weight (HAS_KW)
+    QB,  # (H * D,) bias added to q before the norm, head h at h * D (HAS_BIAS)
+    KB,  # (H * D,) bias added to k (HAS_BIAS)
+    V,  # (B, H, N, D) strides svb, svh, svn, unit d stride (WRITE_V)
+    VB,  # (H * D,) bias added to v (WRITE_V and HAS_BIAS)
     QO,  # (B, H, N, D) output, strides sob, soh, son, unit d stride (contiguous, or token-major (B, N, H, D))
     KO,  # (B, H, N, D) output, the same strides as QO
+    VO,  # (B, H, N, D) output v (+ bias), the same strides as QO (WRITE_V)
     H,
     N,
     D,
@@ -70,6 +88,9 @@ def _qk_norm_rope_fwd_kernel(
     skb,
     skh,
     skn,
+    svb,
+    svh,
+    svn,
     sob,
     soh,
     son,
@@ -77,6 +98,8 @@ def _qk_norm_rope_fwd_kernel(
     NORMALIZE: tl.constexpr,
     HAS_QW: tl.constexpr,
     HAS_KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -90,24 +113,31 @@ def _qk_norm_rope_fwd_kernel(
     mask = (n < N)[:, None] & (d < D)[None, :]
     c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(SIN + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    out_off = bi.to(tl.int64) * sob + hi.to(tl.int64) * soh
+    b64 = bi.to(tl.int64)
+    h64 = hi.to(tl.int64)
+    out_off = b64 * sob + h64 * soh
     _norm_rope_tile(
-        Q + bi.to(tl.int64) * sqb + hi.to(tl.int64) * sqh, QW, QO + out_off, n, d, pd, mask, c, s, sign, sqn, son, D,
-        eps, NORMALIZE, HAS_QW,
+        Q + b64 * sqb + h64 * sqh, QB + hi * D, QW, QO + out_off, n, d, pd, mask, c, s, sign, sqn, son, D,
+        eps, NORMALIZE, HAS_QW, HAS_BIAS,
     )  # fmt: skip
     _norm_rope_tile(
-        K + bi.to(tl.int64) * skb + hi.to(tl.int64) * skh, KW, KO + out_off, n, d, pd, mask, c, s, sign, skn, son, D,
-        eps, NORMALIZE, HAS_KW,
+        K + b64 * skb + h64 * skh, KB + hi * D, KW, KO + out_off, n, d, pd, mask, c, s, sign, skn, son, D,
+        eps, NORMALIZE, HAS_KW, HAS_BIAS,
     )  # fmt: skip
+    if WRITE_V:  # v (+ bias) into its (token-major) output: the only pass over v in the forward
+        v, _ = _load_biased(V + b64 * svb + h64 * svh, VB + hi * D, n, d, pd, mask, svn, D, HAS_BIAS)
+        tl.store(VO + out_off + n[:, None] * son + d[None, :], v.to(VO.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_rope_tile_bwd(
     G,  # (B, H, N, D) upstream gradient, strides (.., .., stride_gn, 1); already offset to (b, h)
     X,  # (B, H, N, D) forward input, strides (.., .., stride_n, 1); already offset to (b, h)
+    BIAS,  # (D,) bias added to x in the forward (HAS_B); already offset to head h
     W,  # (D,) norm weight (HAS_W)
     DX,  # (B, H, N, D) gradient of x, strides (.., .., stride_dn, 1); already offset to (b, h)
     DW_PART,  # (P, D) fp32 per-program partial sums of dL/dw; already offset to this program's row (HAS_W)
+    DB_PART,  # (D,) fp32 this program's column sums of dx (= its part of dL/dbias); already offset (HAS_B)
     n,
     d,
     pd,
@@ -122,12 +152,13 @@ def _norm_rope_tile_bwd(
     eps,
     NORMALIZE: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
 ):
     g = tl.load(G + n[:, None] * stride_gn + d[None, :], mask=mask, other=0.0).to(tl.float32)
     gp = tl.load(G + n[:, None] * stride_gn + pd[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = g * c - sign[None, :] * gp * sp  # g * cos - rot(g * sin)
     if NORMALIZE:
-        x = tl.load(X + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, _ = _load_biased(X, BIAS, n, d, pd, mask, stride_n, D, HAS_B)  # the forward's pre-norm x + bias
         r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
         xn = x * r[:, None]
         if HAS_W:
@@ -136,6 +167,8 @@ def _norm_rope_tile_bwd(
             dy = dy * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         dot = tl.sum(dy * xn, axis=1) / D
         dy = r[:, None] * (dy - xn * dot[:, None])
+    if HAS_B:  # rows outside the mask have g = 0, hence dy = 0
+        tl.store(DB_PART + d, tl.sum(dy, axis=0), mask=d < D)
     tl.store(DX + n[:, None] * stride_dn + d[None, :], dy.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -153,6 +186,11 @@ def _qk_norm_rope_bwd_kernel(
     DK,  # (B, H, N, D) gradient of k, strides dkb, dkh, dkn, unit d stride
     DQW_PART,  # (P, D) fp32 partial sums of dL/dq_weight, P = B * H * cdiv(N, BLOCK_N) (HAS_QW)
     DKW_PART,  # (P, D) fp32 partial sums of dL/dk_weight (HAS_KW)
+    QB,  # (H * D,) q bias, head h at h * D (HAS_BIAS)
+    KB,  # (H * D,) k bias (HAS_BIAS)
+    DB_PART,  # (B * cdiv(N, BLOCK_N), 3 * H * D) fp32 column sums of dq | dk | dv per (b, token block) (HAS_BIAS)
+    DVO,  # (B, H, N, D) gradient of v', strides gvb, gvh, gvn, unit d stride (WRITE_DV)
+    DV,  # (B, H, N, D) gradient of v, strides dvb, dvh, dvn, unit d stride (WRITE_DV)
     H,
     N,
     D,
@@ -174,10 +212,18 @@ def _qk_norm_rope_bwd_kernel(
     gkb,
     gkh,
     gkn,
+    gvb,
+    gvh,
+    gvn,
+    dvb,
+    dvh,
+    dvn,
     eps,
     NORMALIZE: tl.constexpr,
     HAS_QW: tl.constexpr,
     HAS_KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WRITE_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -195,14 +241,22 @@ def _qk_norm_rope_bwd_kernel(
     b64 = bi.to(tl.int64)
     h64 = hi.to(tl.int64)
     part = (pid_bh * tl.num_programs(1) + pid_n).to(tl.int64) * D
+    HD = H * D
+    db = (bi * tl.num_programs(1) + pid_n).to(tl.int64) * 3 * HD + hi * D  # this program's row, head h columns
     _norm_rope_tile_bwd(
-        DQO + b64 * gqb + h64 * gqh, Q + b64 * sqb + h64 * sqh, QW, DQ + b64 * dqb + h64 * dqh, DQW_PART + part,
-        n, d, pd, mask, c, sp, sign, gqn, sqn, dqn, D, eps, NORMALIZE, HAS_QW,
+        DQO + b64 * gqb + h64 * gqh, Q + b64 * sqb + h64 * sqh, QB + hi * D, QW, DQ + b64 * dqb + h64 * dqh,
+        DQW_PART + part, DB_PART + db, n, d, pd, mask, c, sp, sign, gqn, sqn, dqn, D, eps, NORMALIZE, HAS_QW, HAS_BIAS,
     )  # fmt: skip
     _norm_rope_tile_bwd(
-        DKO + b64 * gkb + h64 * gkh, K + b64 * skb + h64 * skh, KW, DK + b64 * dkb + h64 * dkh, DKW_PART + part,
-        n, d, pd, mask, c, sp, sign, gkn, skn, dkn, D, eps, NORMALIZE, HAS_KW,
+        DKO + b64 * gkb + h64 * gkh, K + b64 * skb + h64 * skh, KB + hi * D, KW, DK + b64 * dkb + h64 * dkh,
+        DKW_PART + part, DB_PART + db + HD, n, d, pd, mask, c, sp, sign, gkn, skn, dkn, D, eps, NORMALIZE, HAS_KW,
+        HAS_BIAS,
     )  # fmt: skip
+    if WRITE_DV:  # dv passes through into the packed gradient; its column sums are v's bias gradient
+        g = tl.load(DVO + b64 * gvb + h64 * gvh + n[:, None] * gvn + d[None, :], mask=mask, other=0.0)
+        tl.store(DV + b64 * dvb + h64 * dvh + n[:, None] * dvn + d[None, :], g.to(DV.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            tl.store(DB_PART + db + 2 * HD + d, tl.sum(g.to(tl.float32), axis=0), mask=d < D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,62 +285,99 @@ def token_major(B: int, H: int, N: int, D: int, like: torch.Tensor) -> torch.Ten
     return torch.empty((B, N, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def qk_fwd(q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, token_major_out: bool = False):
-    """q', k' ``(B, H, N, D)``: contiguous, or token-major (:func:`token_major`) with ``token_major_out``."""
+def qk_fwd(
+    q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, token_major_out: bool = False,
+    bias=None, v=None,
+):  # fmt: skip
+    """q', k' ``(B, H, N, D)`` and v' (None unless ``v`` is given): contiguous, or token-major
+    (:func:`token_major`) with ``token_major_out``.
+
+    ``bias`` ``(3 * H * D,)`` (q | k | v parts, heads inside; packed form only, needs ``v``) is added to q, k, v before
+    the norm; v' = v + bias_v is written only when ``v`` is given.
+    """
     B, H, N, D = q.shape
     q, k = _unit_d(q), _unit_d(k)
+    v = _unit_d(v) if v is not None else None
+    if bias is not None and v is None:
+        raise ValueError("qk_fwd: a bias needs v (the packed form: the bias covers q | k | v)")
     c, s = _table(cos, N, D), _table(sin, N, D)
-    if token_major_out:
-        qo, ko = token_major(B, H, N, D, q), token_major(B, H, N, D, k)
-    else:
-        qo = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-        ko = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device)
+
+    def new(x: torch.Tensor) -> torch.Tensor:
+        if token_major_out:
+            return token_major(B, H, N, D, x)
+        return torch.empty((B, H, N, D), dtype=x.dtype, device=x.device)
+
+    qo, ko = new(q), new(k)
+    vo = new(v) if v is not None else None
     if qo.numel():
         BLOCK_N, BLOCK_D = _blocks(N, D)
         grid = (B * H, triton.cdiv(N, BLOCK_N))
+        HD = H * D
+        qb, kb, vb = (bias[:HD], bias[HD : 2 * HD], bias[2 * HD :]) if bias is not None else (c, c, c)
+        vv = v if v is not None else q
         _qk_norm_rope_fwd_kernel[grid](
             q, k, c, s,
             q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
-            qo, ko, H, N, D,
+            qb, kb, vv, vb, qo, ko, vo if vo is not None else qo, H, N, D,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            qo.stride(0), qo.stride(1), qo.stride(2), float(eps),
+            vv.stride(0), vv.stride(1), vv.stride(2), qo.stride(0), qo.stride(1), qo.stride(2), float(eps),
             NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            HAS_BIAS=bias is not None, WRITE_V=v is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
-    return qo, ko
+    return qo, ko, vo
 
 
-def qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, dq=None, dk=None):
-    """Gradients of q, k (written into ``dq``/``dk`` when given: any b/h/n strides, unit head_dim stride) and of the
-    norm weights."""
+def qk_bwd(
+    dqo, dko, q, k, cos, sin, q_weight, k_weight, eps: float, normalize: bool, dq=None, dk=None,
+    bias=None, dvo=None, dv=None,
+):  # fmt: skip
+    """Gradients of q, k (written into ``dq``/``dk`` when given: any b/h/n strides, unit head_dim stride), of the
+    norm weights and of ``bias`` (None without it).
+
+    With ``dvo`` and ``dv`` (packed form), v's gradient ``dvo`` is copied into ``dv`` by the same kernel; with
+    ``bias`` ``(3 * H * D,)`` (needs ``dvo``/``dv``) q and k are recomputed as q + bias_q, k + bias_k and the bias
+    gradient is the column sums of dq | dk | dv: per-(batch, token-block) fp32 partial rows written without atomics,
+    summed here (deterministic).
+    """
     B, H, N, D = q.shape
     q, k = _unit_d(q), _unit_d(k)
     c, s = _table(cos, N, D), _table(sin, N, D)
     dqo, dko = _unit_d(dqo), _unit_d(dko)  # any b/h/n strides: read where attention's backward wrote them
+    if (dvo is None) != (dv is None) or (bias is not None and dv is None):
+        raise ValueError("qk_bwd: dvo and dv come together, and a bias needs them (the packed form)")
+    dvo = _unit_d(dvo) if dvo is not None else None
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device) if dk is None else dk
     BLOCK_N, BLOCK_D = _blocks(N, D)
     grid = (B * H, triton.cdiv(N, BLOCK_N))
     P = grid[0] * grid[1]
-    dqw_p = torch.empty((P, D) if q_weight is not None else (1,), dtype=torch.float32, device=q.device)
-    dkw_p = torch.empty((P, D) if k_weight is not None else (1,), dtype=torch.float32, device=q.device)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    dqw_p = torch.empty((P, D) if q_weight is not None else (1,), **f32)
+    dkw_p = torch.empty((P, D) if k_weight is not None else (1,), **f32)
+    db_p = torch.empty((B * grid[1], 3 * H * D) if bias is not None else (1,), **f32)
     if dq.numel():
+        HD = H * D
+        qb, kb = (bias[:HD], bias[HD : 2 * HD]) if bias is not None else (c, c)
+        gv, dvv = (dvo, dv) if dv is not None else (dqo, dq)
         _qk_norm_rope_bwd_kernel[grid](
             dqo, dko, q, k, c, s,
             q_weight if q_weight is not None else c, k_weight if k_weight is not None else c,
-            dq, dk, dqw_p, dkw_p, H, N, D,
+            dq, dk, dqw_p, dkw_p, qb, kb, db_p, gv, dvv, H, N, D,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1), dko.stride(2), float(eps),
+            dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1), dko.stride(2),
+            gv.stride(0), gv.stride(1), gv.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2), float(eps),
             NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            HAS_BIAS=bias is not None, WRITE_DV=dv is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
     else:
         dqw_p.zero_()
         dkw_p.zero_()
+        db_p.zero_()
     dqw = dqw_p.sum(0).to(q_weight.dtype) if q_weight is not None else q.new_empty(0)
     dkw = dkw_p.sum(0).to(k_weight.dtype) if k_weight is not None else q.new_empty(0)
-    return dq, dk, dqw, dkw
+    db = db_p.sum(0).to(bias.dtype) if bias is not None else None
+    return dq, dk, dqw, dkw, db
 
 
 def qk_check(q, k, cos, sin, q_weight, k_weight, normalize) -> None:

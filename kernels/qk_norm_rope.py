@@ -45,7 +45,7 @@ def _qk_norm_rope_op(
     eps: float,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return qk_fwd(q, k, cos, sin, q_weight, k_weight, eps, normalize)
+    return qk_fwd(q, k, cos, sin, q_weight, k_weight, eps, normalize)[:2]
 
 
 @_qk_norm_rope_op.register_fake
@@ -66,7 +66,7 @@ def _qk_norm_rope_backward_op(
     eps: float,
     normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps, normalize)
+    return qk_bwd(dqo, dko, q, k, cos, sin, q_weight, k_weight, eps, normalize)[:4]
 
 
 @_qk_norm_rope_backward_op.register_fake

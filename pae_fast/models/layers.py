@@ -210,13 +210,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Args: x ``(B, N, D)``; rope ``(cos, sin)`` each ``(N, head_dim)`` or None. Returns ``(B, N, D)``."""
         B, N, D = x.shape
-        qkv = self.qkv(x)  # (B, N, 3D): q | k | v, heads inside
         if rope is not None or self.q_norm is not None:
             if rope is None:  # qk-norm without RoPE: the identity rotation
                 rope = (x.new_ones(N, self.head_dim), x.new_zeros(N, self.head_dim))
-            # split into heads + qk-norm + RoPE in one op whose backward writes the packed dqkv directly
+            # bias + split into heads + qk-norm + RoPE in one op whose backward writes the packed dqkv and the bias
+            # gradient directly (no separate bias add, no sum over dqkv)
             q, k, v = kernels.qkv_norm_rope(
-                qkv,
+                F.linear(x, self.qkv.weight),  # (B, N, 3D) without the bias: q | k | v, heads inside
                 self.num_heads,
                 rope[0],
                 rope[1],
@@ -224,8 +224,10 @@ class Attention(nn.Module):
                 k_weight=self.k_norm.weight if self.k_norm is not None else None,
                 eps=self.q_norm.eps if self.q_norm is not None else 1e-6,
                 normalize=self.q_norm is not None,
+                bias=self.qkv.bias,
             )
         else:
+            qkv = self.qkv(x)  # (B, N, 3D): q | k | v, heads inside
             q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         o = kernels.attention(q, k, v)  # (B, H, N, hd)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))

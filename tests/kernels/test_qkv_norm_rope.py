@@ -1,4 +1,5 @@
-"""qkv_norm_rope: the packed-qkv op against its reference, forward and every gradient; packed gradient layout."""
+"""qkv_norm_rope: the packed-qkv op (+ bias) against its reference, forward and every gradient; packed gradient
+layout, the v view, torch.compile."""
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_model_head_dims_and_odd_tokens(H, hd, N):
 
 
 def test_equals_split_then_qk_norm_rope():
-    """The packed op is exactly the unpacked one on views (and v is passed through)."""
+    """The packed op is exactly the unpacked one on views; without a bias v is a view of qkv (no copy)."""
     B, N, H, hd = 2, 6, 2, 8
     qkv = torch.randn(B, N, 3 * H * hd)
     cos, sin = rope_2d_tables(2, 3, hd)
@@ -35,8 +36,93 @@ def test_equals_split_then_qk_norm_rope():
     torch.testing.assert_close(qo, rq, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ko, rk, atol=1e-6, rtol=1e-6)
     assert torch.equal(vo, v)
+    assert vo.data_ptr() == v.data_ptr() and vo.stride() == v.stride() == (N * 3 * H * hd, hd, 3 * H * hd, 1)
     # token-major: (B, N, H, hd) memory, the layout in which attention's output needs no transpose copy
+    assert all(t.transpose(1, 2).is_contiguous() for t in (qo, ko))
+
+
+def test_bias_is_added_before_norm_and_v_is_written_token_major():
+    B, N, H, hd = 2, 5, 3, 8
+    qkv, bias = torch.randn(B, N, 3 * H * hd), torch.randn(3 * H * hd)
+    cos, sin = rope_2d_tables(1, N, hd)
+    qo, ko, vo = qkv_norm_rope(qkv, H, cos, sin, bias=bias, backend="triton")
+    q, k, v = split_heads(qkv + bias, H)
+    rq, rk = qk_norm_rope_ref(q, k, cos, sin)
+    torch.testing.assert_close(qo, rq, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ko, rk, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(vo, v, atol=0, rtol=0)
     assert all(t.transpose(1, 2).is_contiguous() for t in (qo, ko, vo))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bias_and_every_gradient_odd_shape(dtype, normalize):
+    """x W^T through the op with ``bias=b`` equals the reference on the biased Linear: outputs and the gradients of
+    qkv, the bias and the norm weights (odd token count, 3 heads of 72)."""
+    B, N, H, hd = 2, 7, 3, 72
+    qkv = torch.randn(B, N, 3 * H * hd).to(dtype).requires_grad_()
+    cos, sin = rope_2d_tables(1, N, hd)
+    kw = {"bias": (torch.randn(3 * H * hd) * 0.5).to(dtype).requires_grad_(), "normalize": normalize}
+    if normalize:
+        kw.update(q_weight=torch.rand(hd).add(0.5).to(dtype).requires_grad_(),
+                  k_weight=torch.rand(hd).add(0.5).to(dtype).requires_grad_())  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert_op_matches(qkv_norm_rope, qkv_norm_rope_ref, (qkv, H, cos, sin), kw, atol=tol, rtol=tol,
+                      ref_dtype=torch.float64)  # fmt: skip
+
+
+def test_bias_gradient_is_deterministic_and_mixed_dtype():
+    """The bias gradient (partial column sums, no atomics) is bitwise reproducible; a fp32 bias on a half qkv (the
+    bf16-autocast policy) gets a fp32 gradient."""
+    B, N, H, hd = 3, 33, 2, 16
+    qkv = torch.randn(B, N, 3 * H * hd, dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(3 * H * hd, requires_grad=True)
+    cos, sin = rope_2d_tables(3, 11, hd)
+    grads = [torch.randn(B, H, N, hd, dtype=torch.float16) for _ in range(3)]
+    runs = [torch.autograd.grad(qkv_norm_rope(qkv, H, cos, sin, bias=bias, backend="triton"), (qkv, bias), grads)
+            for _ in range(2)]  # fmt: skip
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][1].dtype == torch.float32
+    ref = torch.autograd.grad(qkv_norm_rope_ref(qkv.double(), H, cos, sin, bias=bias.double()), bias,
+                              [g.double() for g in grads])[0]  # fmt: skip
+    torch.testing.assert_close(runs[0][1], ref, atol=2e-2, rtol=2e-3)  # fp16 dqkv vs an fp64 reference
+
+
+def test_v_view_gradient_accumulates_with_other_uses_of_qkv():
+    """Autograd through the v view: v used non-linearly and qkv used again elsewhere; the grad of qkv sums both."""
+    B, N, H, hd = 1, 6, 2, 8
+    qkv = torch.randn(B, N, 3 * H * hd, requires_grad=True)
+    cos, sin = rope_2d_tables(2, 3, hd)
+
+    def loss(fn):
+        q, k, v = fn(qkv, H, cos, sin)
+        return (q * k).sum() + (v.sin() * q).sum() + qkv.pow(2).sum()
+
+    (a,) = torch.autograd.grad(loss(lambda *x: qkv_norm_rope(*x, backend="triton")), qkv)
+    (b,) = torch.autograd.grad(loss(qkv_norm_rope_ref), qkv)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compile_fullgraph_v_view(with_bias):
+    """torch.compile(fullgraph) traces the autograd.Function (v as a view without a bias) in one graph and matches
+    eager, forward and gradients."""
+    B, N, H, hd = 1, 5, 2, 8
+    cos, sin = rope_2d_tables(1, N, hd)
+    bias = torch.randn(3 * H * hd, requires_grad=True) if with_bias else None
+
+    def f(qkv):
+        q, k, v = qkv_norm_rope(qkv, H, cos, sin, bias=bias, backend="triton")
+        return (q * v).sum() + (k * v).pow(2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    qkv = torch.randn(B, N, 3 * H * hd, requires_grad=True)
+    leaves = (qkv, bias) if with_bias else (qkv,)
+    ga = torch.autograd.grad(compiled(qkv), leaves)
+    gb = torch.autograd.grad(f(qkv), leaves)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
 
 
 def test_token_major_gradients_are_read_in_place():
@@ -75,14 +161,20 @@ def test_meta_device_and_scope():
     cos, sin = torch.empty(257, 72, device="meta"), torch.empty(257, 72, device="meta")
     q, k, v = qkv_norm_rope(qkv, 16, cos, sin, backend="triton")
     assert q.shape == k.shape == v.shape == (2, 16, 257, 72)
-    assert q.stride() == k.stride() == v.stride() == (257 * 16 * 72, 72, 16 * 72, 1)  # fake impl: token-major
+    assert q.stride() == k.stride() == (257 * 16 * 72, 72, 16 * 72, 1)  # fake impl: token-major
+    assert v.stride() == (257 * 3 * 16 * 72, 72, 3 * 16 * 72, 1)  # a view of qkv
     (q.sum() + k.sum() + v.sum()).backward()
     assert qkv.grad.shape == qkv.shape
-    x = torch.randn(1, 4, 3 * 2 * 8)
+    bias = torch.empty(3 * 16 * 72, device="meta", requires_grad=True)
+    q, k, v = qkv_norm_rope(qkv, 16, cos, sin, bias=bias, backend="triton")
+    assert v.stride() == q.stride() == (257 * 16 * 72, 72, 16 * 72, 1)
+    (q.sum() + k.sum() + v.sum()).backward()
+    assert bias.grad.shape == bias.shape and bias.grad.device.type == "meta"
+    x, b = torch.randn(1, 4, 3 * 2 * 8), torch.randn(3 * 2 * 8)
     c, s = rope_2d_tables(2, 2, 8)
     with use_backend("torch"):
-        for a, b in zip(qkv_norm_rope(x, 2, c, s), qkv_norm_rope_ref(x, 2, c, s)):
-            assert torch.equal(a, b)
+        for a, r in zip(qkv_norm_rope(x, 2, c, s, bias=b), qkv_norm_rope_ref(x, 2, c, s, bias=b)):
+            assert torch.equal(a, r)
 
 
 def test_bad_shapes_are_clear_errors():
@@ -90,3 +182,5 @@ def test_bad_shapes_are_clear_errors():
         qkv_norm_rope(torch.randn(1, 4, 50), 2, *rope_2d_tables(2, 2, 8))
     with pytest.raises(ValueError, match="cos must have shape"):
         qkv_norm_rope(torch.randn(1, 4, 48), 2, *rope_2d_tables(1, 3, 8))
+    with pytest.raises(ValueError, match=r"bias must be a floating \(48,\) tensor"):
+        qkv_norm_rope(torch.randn(1, 4, 48), 2, *rope_2d_tables(2, 2, 8), bias=torch.randn(16))
