@@ -136,8 +136,6 @@ def _norm_rope_tile_bwd(
     BIAS,  # (D,) bias added to x in the forward (HAS_B); already offset to head h
     W,  # (D,) norm weight (HAS_W)
     DX,  # (B, H, N, D) gradient of x, strides (.., .., stride_dn, 1); already offset to (b, h)
-    DW_PART,  # (P, D) fp32 per-program partial sums of dL/dw; already offset to this program's row (HAS_W)
-    DB_PART,  # (D,) fp32 this program's column sums of dx (= its part of dL/dbias); already offset (HAS_B)
     n,
     d,
     pd,
@@ -153,7 +151,11 @@ def _norm_rope_tile_bwd(
     NORMALIZE: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """Stores dx; returns this tile's fp32 column sums ``(dw, db)`` over tokens (zeros without HAS_W / HAS_B)."""
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
     g = tl.load(G + n[:, None] * stride_gn + d[None, :], mask=mask, other=0.0).to(tl.float32)
     gp = tl.load(G + n[:, None] * stride_gn + pd[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = g * c - sign[None, :] * gp * sp  # g * cos - rot(g * sin)
@@ -163,13 +165,14 @@ def _norm_rope_tile_bwd(
         xn = x * r[:, None]
         if HAS_W:
             dmask = d < D
-            tl.store(DW_PART + d, tl.sum(dy * xn, axis=0), mask=dmask)
+            dw = tl.sum(dy * xn, axis=0)
             dy = dy * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         dot = tl.sum(dy * xn, axis=1) / D
         dy = r[:, None] * (dy - xn * dot[:, None])
     if HAS_B:  # rows outside the mask have g = 0, hence dy = 0
-        tl.store(DB_PART + d, tl.sum(dy, axis=0), mask=d < D)
+        db = tl.sum(dy, axis=0)
     tl.store(DX + n[:, None] * stride_dn + d[None, :], dy.to(DX.dtype.element_ty), mask=mask)
+    return dw, db
 
 
 @triton.jit
@@ -184,11 +187,11 @@ def _qk_norm_rope_bwd_kernel(
     KW,  # (D,) (HAS_KW)
     DQ,  # (B, H, N, D) gradient of q, strides dqb, dqh, dqn, unit d stride (e.g. a slice of a packed dqkv)
     DK,  # (B, H, N, D) gradient of k, strides dkb, dkh, dkn, unit d stride
-    DQW_PART,  # (P, D) fp32 partial sums of dL/dq_weight, P = B * H * cdiv(N, BLOCK_N) (HAS_QW)
+    DQW_PART,  # (P, D) fp32 partial sums of dL/dq_weight, P = B * H * cdiv(N, TILES * BLOCK_N) (HAS_QW)
     DKW_PART,  # (P, D) fp32 partial sums of dL/dk_weight (HAS_KW)
     QB,  # (H * D,) q bias, head h at h * D (HAS_BIAS)
     KB,  # (H * D,) k bias (HAS_BIAS)
-    DB_PART,  # (B * cdiv(N, BLOCK_N), 3 * H * D) fp32 column sums of dq | dk | dv per (b, token block) (HAS_BIAS)
+    DB_PART,  # (B * cdiv(N, TILES * BLOCK_N), 3 * H * D) fp32 column sums of dq | dk | dv per program row (HAS_BIAS)
     DVO,  # (B, H, N, D) gradient of v', strides gvb, gvh, gvn, unit d stride (WRITE_DV)
     DV,  # (B, H, N, D) gradient of v, strides dvb, dvh, dvn, unit d stride (WRITE_DV)
     H,
@@ -224,39 +227,61 @@ def _qk_norm_rope_bwd_kernel(
     HAS_KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_DV: tl.constexpr,
+    TILES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # program (b * H + h, j) covers tokens [j * TILES * BLOCK_N, (j + 1) * TILES * BLOCK_N) of head h in sample b,
+    # TILES tiles of BLOCK_N tokens; the column sums (weight / bias gradients) accumulate in registers across them
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     bi = pid_bh // H
     hi = pid_bh % H
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     pd = d ^ 1
+    dmask = d < D
     sign = tl.where(d % 2 == 0, -1.0, 1.0)
-    mask = (n < N)[:, None] & (d < D)[None, :]
-    c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    sp = tl.load(SIN + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # sin of the partner
     b64 = bi.to(tl.int64)
     h64 = hi.to(tl.int64)
+    acc_qw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_kw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_qb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_kb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_vb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t in range(TILES):
+        n = (pid_n * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (n < N)[:, None] & dmask[None, :]
+        c = tl.load(COS + n[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        sp = tl.load(SIN + n[:, None] * D + pd[None, :], mask=mask, other=0.0).to(tl.float32)  # sin of the partner
+        qw, qb = _norm_rope_tile_bwd(
+            DQO + b64 * gqb + h64 * gqh, Q + b64 * sqb + h64 * sqh, QB + hi * D, QW, DQ + b64 * dqb + h64 * dqh,
+            n, d, pd, mask, c, sp, sign, gqn, sqn, dqn, D, eps, NORMALIZE, HAS_QW, HAS_BIAS, BLOCK_D,
+        )  # fmt: skip
+        kw, kb = _norm_rope_tile_bwd(
+            DKO + b64 * gkb + h64 * gkh, K + b64 * skb + h64 * skh, KB + hi * D, KW, DK + b64 * dkb + h64 * dkh,
+            n, d, pd, mask, c, sp, sign, gkn, skn, dkn, D, eps, NORMALIZE, HAS_KW, HAS_BIAS, BLOCK_D,
+        )  # fmt: skip
+        acc_qw += qw
+        acc_kw += kw
+        acc_qb += qb
+        acc_kb += kb
+        if WRITE_DV:  # dv passes through into the packed gradient; its column sums are v's bias gradient
+            g = tl.load(DVO + b64 * gvb + h64 * gvh + n[:, None] * gvn + d[None, :], mask=mask, other=0.0)
+            tl.store(DV + b64 * dvb + h64 * dvh + n[:, None] * dvn + d[None, :], g.to(DV.dtype.element_ty), mask=mask)
+            if HAS_BIAS:
+                acc_vb += tl.sum(g.to(tl.float32), axis=0)
     part = (pid_bh * tl.num_programs(1) + pid_n).to(tl.int64) * D
-    HD = H * D
-    db = (bi * tl.num_programs(1) + pid_n).to(tl.int64) * 3 * HD + hi * D  # this program's row, head h columns
-    _norm_rope_tile_bwd(
-        DQO + b64 * gqb + h64 * gqh, Q + b64 * sqb + h64 * sqh, QB + hi * D, QW, DQ + b64 * dqb + h64 * dqh,
-        DQW_PART + part, DB_PART + db, n, d, pd, mask, c, sp, sign, gqn, sqn, dqn, D, eps, NORMALIZE, HAS_QW, HAS_BIAS,
-    )  # fmt: skip
-    _norm_rope_tile_bwd(
-        DKO + b64 * gkb + h64 * gkh, K + b64 * skb + h64 * skh, KB + hi * D, KW, DK + b64 * dkb + h64 * dkh,
-        DKW_PART + part, DB_PART + db + HD, n, d, pd, mask, c, sp, sign, gkn, skn, dkn, D, eps, NORMALIZE, HAS_KW,
-        HAS_BIAS,
-    )  # fmt: skip
-    if WRITE_DV:  # dv passes through into the packed gradient; its column sums are v's bias gradient
-        g = tl.load(DVO + b64 * gvb + h64 * gvh + n[:, None] * gvn + d[None, :], mask=mask, other=0.0)
-        tl.store(DV + b64 * dvb + h64 * dvh + n[:, None] * dvn + d[None, :], g.to(DV.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
-            tl.store(DB_PART + db + 2 * HD + d, tl.sum(g.to(tl.float32), axis=0), mask=d < D)
+    if HAS_QW:
+        tl.store(DQW_PART + part + d, acc_qw, mask=dmask)
+    if HAS_KW:
+        tl.store(DKW_PART + part + d, acc_kw, mask=dmask)
+    if HAS_BIAS:
+        HD = H * D
+        db = (bi * tl.num_programs(1) + pid_n).to(tl.int64) * 3 * HD + hi * D  # this program's row, head h columns
+        tl.store(DB_PART + db + d, acc_qb, mask=dmask)
+        tl.store(DB_PART + db + HD + d, acc_kb, mask=dmask)
+        if WRITE_DV:
+            tl.store(DB_PART + db + 2 * HD + d, acc_vb, mask=dmask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +296,11 @@ def _unit_d(x: torch.Tensor) -> torch.Tensor:
 
 def _table(t: torch.Tensor, N: int, D: int) -> torch.Tensor:
     return t.reshape(N, D).contiguous()
+
+
+# tokens one backward program covers (in TILES tiles of BLOCK_N): fewer fp32 partial rows of the weight / bias column
+# sums to write and re-read (at LightningDiT-XL, batch 32: 128 rows of 3 * 1152 bias columns per block, not 512)
+BWD_TOKENS_PER_PROGRAM = 64
 
 
 def _blocks(N: int, D: int) -> tuple[int, int]:
@@ -349,7 +379,8 @@ def qk_bwd(
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty((B, H, N, D), dtype=k.dtype, device=k.device) if dk is None else dk
     BLOCK_N, BLOCK_D = _blocks(N, D)
-    grid = (B * H, triton.cdiv(N, BLOCK_N))
+    TILES = max(1, min(triton.cdiv(N, BLOCK_N), BWD_TOKENS_PER_PROGRAM // BLOCK_N))
+    grid = (B * H, triton.cdiv(N, TILES * BLOCK_N))
     P = grid[0] * grid[1]
     f32 = {"dtype": torch.float32, "device": q.device}
     dqw_p = torch.empty((P, D) if q_weight is not None else (1,), **f32)
@@ -368,7 +399,7 @@ def qk_bwd(
             dqo.stride(0), dqo.stride(1), dqo.stride(2), dko.stride(0), dko.stride(1), dko.stride(2),
             gv.stride(0), gv.stride(1), gv.stride(2), dvv.stride(0), dvv.stride(1), dvv.stride(2), float(eps),
             NORMALIZE=normalize, HAS_QW=q_weight is not None, HAS_KW=k_weight is not None,
-            HAS_BIAS=bias is not None, WRITE_DV=dv is not None, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            HAS_BIAS=bias is not None, WRITE_DV=dv is not None, TILES=TILES, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         )  # fmt: skip
     else:
         dqw_p.zero_()

@@ -4,7 +4,15 @@ layout, the v view, torch.compile."""
 import pytest
 import torch
 
-from pae_fast.kernels import OPS, qk_norm_rope_ref, qkv_norm_rope, qkv_norm_rope_ref, rope_2d_tables, use_backend
+from pae_fast.kernels import (
+    OPS,
+    qk_norm_rope,
+    qk_norm_rope_ref,
+    qkv_norm_rope,
+    qkv_norm_rope_ref,
+    rope_2d_tables,
+    use_backend,
+)
 from pae_fast.kernels.qkv_norm_rope import split_heads
 from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
@@ -184,3 +192,25 @@ def test_bad_shapes_are_clear_errors():
         qkv_norm_rope(torch.randn(1, 4, 48), 2, *rope_2d_tables(1, 3, 8))
     with pytest.raises(ValueError, match=r"bias must be a floating \(48,\) tensor"):
         qkv_norm_rope(torch.randn(1, 4, 48), 2, *rope_2d_tables(2, 2, 8), bias=torch.randn(16))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_tiling_several_programs_and_tiles_per_program(monkeypatch, with_bias):
+    """The GPU tiling (under the interpreter one program holds all tokens): 4-token tiles, 2 tiles per backward
+    program, 33 tokens (a partly and a wholly empty tile at the end); the weight and bias column sums then come from
+    several partial rows per sample."""
+    from pae_fast.kernels import _qk_rope_common
+
+    monkeypatch.setattr(_qk_rope_common, "_blocks", lambda N, D: (4, 16))
+    monkeypatch.setattr(_qk_rope_common, "BWD_TOKENS_PER_PROGRAM", 8)
+    B, N, H, hd = 2, 33, 2, 16
+    qkv = torch.randn(B, N, 3 * H * hd, requires_grad=True)
+    cos, sin = rope_2d_tables(3, 11, hd)
+    w = {"q_weight": torch.rand(hd).add(0.5).requires_grad_(), "k_weight": torch.rand(hd).add(0.5).requires_grad_()}
+    if with_bias:
+        w["bias"] = torch.randn(3 * H * hd, requires_grad=True)
+    assert_op_matches(qkv_norm_rope, qkv_norm_rope_ref, (qkv, H, cos, sin), w, atol=1e-5, rtol=1e-5,
+                      ref_dtype=torch.float64)  # fmt: skip
+    q, k = (torch.randn(B, H, N, hd, requires_grad=True) for _ in range(2))  # the unpacked op shares the kernels
+    assert_op_matches(qk_norm_rope, qk_norm_rope_ref, (q, k, cos, sin), {"q_weight": w["q_weight"]}, atol=1e-5,
+                      rtol=1e-5, ref_dtype=torch.float64)  # fmt: skip
