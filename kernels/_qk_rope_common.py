@@ -125,7 +125,9 @@ def _qk_norm_rope_fwd_kernel(
         eps, NORMALIZE, HAS_KW, HAS_BIAS,
     )  # fmt: skip
     if WRITE_V:  # v (+ bias) into its (token-major) output: the only pass over v in the forward
-        v, _ = _load_biased(V + b64 * svb + h64 * svh, VB + hi * D, n, d, pd, mask, svn, D, HAS_BIAS)
+        v = tl.load(V + b64 * svb + h64 * svh + n[:, None] * svn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(VB + hi * D + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         tl.store(VO + out_off + n[:, None] * son + d[None, :], v.to(VO.dtype.element_ty), mask=mask)
 
 
