@@ -85,6 +85,56 @@ def _load_mod(
     return m
 
 
+@triton.jit
+def _modulate_store(
+    H,  # (B, T, D) output, contiguous
+    SHIFT,  # (B, D) | (B, T, D), strides (s_shb, s_sht, 1) (read only when HAS_SHIFT)
+    SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
+    W,  # (D,) RMSNorm weight (read only when HAS_WEIGHT)
+    b,
+    t,
+    cols,
+    T,
+    D,
+    n,
+    mask,
+    cmask,
+    s_shb,
+    s_sht,
+    s_scb,
+    s_sct,
+    HAS_SHIFT: tl.constexpr,
+    SHIFT_PT: tl.constexpr,
+    SCALE_PT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+):
+    """One column tile of the forward: store ``h = n * w * (1 + scale) + shift`` for the normalised tile ``n``."""
+    if HAS_WEIGHT:
+        n = n * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    h = n * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
+    if HAS_SHIFT:
+        h = h + _load_mod(SHIFT, b, t, cols, s_shb, s_sht, mask, cmask, SHIFT_PT)
+    tl.store(H + (b * T + t[:, None]) * D + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _two_tile_rstd(r, r2, D, eps, HAS_C2: tl.constexpr):
+    """``1 / sqrt(mean(r^2) + eps)`` per row over a row split into two tiles (``r2`` ignored unless ``HAS_C2``)."""
+    ss = tl.sum(r * r, axis=1)
+    if HAS_C2:
+        ss += tl.sum(r2 * r2, axis=1)
+    return 1.0 / tl.sqrt(ss / D + eps)
+
+
+@triton.jit
+def _two_tile_mean(r, r2, D, HAS_C2: tl.constexpr):
+    """Row mean over a row split into two tiles (``r2`` ignored unless ``HAS_C2``)."""
+    total = tl.sum(r, axis=1)
+    if HAS_C2:
+        total += tl.sum(r2, axis=1)
+    return total / D
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch geometry
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +174,40 @@ def blocks(T: int, D: int, backward: bool = False) -> tuple[int, int, int]:
     else:
         num_warps = 8 if elems >= 2048 else 4
     return BLOCK_R, BLOCK_C, num_warps
+
+
+def col_tiles(D: int) -> tuple[int, int]:
+    """A row of width ``D`` as two power-of-two column tiles ``(BLOCK_C, BLOCK_C2)`` (``BLOCK_C2`` 0: one tile).
+
+    ``BLOCK_C`` is the largest power of two <= D and ``BLOCK_C2`` the next power of two of the rest (at least 16),
+    so 1152 = 1024 + 128, 768 = 512 + 256 and 2048 = 2048 + 0 waste no lane, where one power-of-two tile padded
+    1152 to 2048 (44 % of the lanes idle). Where the rest would need as many lanes as the first tile (33 = 32 + 1 is
+    fine, 1984 = 1024 + 960 is not) one ``next_power_of_2(D)`` tile is no worse.
+    """
+    big = 1 << (max(D, 1).bit_length() - 1)
+    rest = D - big
+    if rest and triton.next_power_of_2(rest) >= big:
+        return triton.next_power_of_2(D), 0
+    return big, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+def row_tiles(T: int, D: int, max_elems: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, BLOCK_C2)``: whole rows as :func:`col_tiles`, a power of two of rows per program, at most
+    ``max_elems`` row elements (at least one row)."""
+    c, c2 = col_tiles(D)
+    fit = max(1, max_elems // (c + c2))
+    return min(triton.next_power_of_2(max(T, 1)), 1 << (fit.bit_length() - 1)), c, c2
+
+
+def fwd_blocks(T: int, D: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_C, BLOCK_C2, num_warps)`` of the forward kernels: rows as two column tiles
+    (:func:`col_tiles`), about 4096 row elements per program on GPU (2 rows at width 1152 or 2048) at 8 warps.
+
+    Compiled offline for sm_90 (``compile_check --ptxas``): registers for two or more blocks per SM.
+    """
+    max_elems = MAX_BLOCK_ELEMS or (65536 if interpreter_enabled() else 4096)
+    BLOCK_R, c, c2 = row_tiles(T, D, max_elems)
+    return BLOCK_R, c, c2, 8 if BLOCK_R * (c + c2) >= 2048 else 4
 
 
 @functools.lru_cache(maxsize=8)

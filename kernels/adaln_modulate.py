@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod, _row_norm, _row_norm_bwd
+from ._adaln_common import _load_mod, _modulate_store, _row_norm, _row_norm_bwd, _two_tile_mean, _two_tile_rstd
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref"]
@@ -55,7 +55,8 @@ def _adaln_modulate_fwd_kernel(
     SCALE_PT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # first column tile (``col_tiles``: the largest power of two <= D)
+    BLOCK_C2: tl.constexpr,  # second column tile (0: none), so 1152 = 1024 + 128 lanes, none idle
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -64,13 +65,23 @@ def _adaln_modulate_fwd_kernel(
     cmask = cols < D
     mask = (t < T)[:, None] & cmask[None, :]
     x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    n, rstd = _row_norm(x, mask, D, eps, IS_RMS)
-    if HAS_WEIGHT:
-        n = n * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    out = n * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-    if HAS_SHIFT:
-        out = out + _load_mod(SHIFT, b, t, cols, s_shb, s_sht, mask, cmask, SHIFT_PT)
-    tl.store(Y + (b * T + t[:, None]) * D + cols[None, :], out.to(Y.dtype.element_ty), mask=mask)
+    x2 = x  # placeholder when the row is one tile (never read then)
+    if BLOCK_C2 > 0:
+        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+        cmask2 = cols2 < D
+        mask2 = (t < T)[:, None] & cmask2[None, :]
+        x2 = tl.load(X + b * sxb + t[:, None] * sxt + cols2[None, :], mask=mask2, other=0.0).to(tl.float32)
+    if not IS_RMS:
+        mean = _two_tile_mean(x, x2, D, BLOCK_C2 > 0)
+        x = tl.where(mask, x - mean[:, None], 0.0)
+        if BLOCK_C2 > 0:
+            x2 = tl.where(mask2, x2 - mean[:, None], 0.0)
+    rstd = _two_tile_rstd(x, x2, D, eps, BLOCK_C2 > 0)
+    _modulate_store(Y, SHIFT, SCALE, W, b, t, cols, T, D, x * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb, s_sct,
+                    HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    if BLOCK_C2 > 0:
+        _modulate_store(Y, SHIFT, SCALE, W, b, t, cols2, T, D, x2 * rstd[:, None], mask2, cmask2, s_shb, s_sht,
+                        s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
 
 
 @triton.jit
@@ -158,14 +169,14 @@ def _fwd(x, shift, scale, weight, norm: str, eps: float, out_dtype: torch.dtype)
         return out
     x, scale = C.unit_cols(x), C.unit_cols(scale)
     shift = C.unit_cols(shift) if shift is not None else None
-    BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D)
+    BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = C.fwd_blocks(T, D)
     (s_shb, s_sht), (s_scb, s_sct) = C.mod_strides(shift), C.mod_strides(scale)
     _adaln_modulate_fwd_kernel[(triton.cdiv(T, BLOCK_R), B)](
         x, shift if shift is not None else scale, scale, weight if weight is not None else scale, out,
         T, D, x.stride(0), x.stride(1), s_shb, s_sht, s_scb, s_sct, float(eps),
         IS_RMS=norm == "rms", HAS_SHIFT=shift is not None, SHIFT_PT=shift is not None and shift.dim() == 3,
         SCALE_PT=scale.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-        num_warps=num_warps,
+        BLOCK_C2=BLOCK_C2, num_warps=num_warps,
     )  # fmt: skip
     return out
 
