@@ -303,6 +303,30 @@ def mod_grad_buffer(m: torch.Tensor | None, B: int, P: int, D: int, like: torch.
     return torch.empty((B, P, D), dtype=torch.float32, device=m.device)
 
 
+def shift_kind(shift: torch.Tensor | None) -> int:
+    """How a backward op is told about the shift, whose value it never needs (dshift = the upstream gradient):
+    0 none, 1 per sample ``(B, D)``, 2 per token ``(B, T, D)`` (canonical layouts)."""
+    return 0 if shift is None else shift.dim() - 1
+
+
+def shift_grad_buffer(kind: int, dtype: torch.dtype, B: int, T: int, P: int, D: int, like: torch.Tensor):
+    """Where a kernel writes the shift gradient: itself per token (``dtype``), fp32 partials per sample."""
+    if kind == 2:
+        return torch.empty((B, T, D), dtype=dtype, device=like.device)
+    return like.new_empty((B, P, D) if kind == 1 else 1, dtype=torch.float32)
+
+
+def finish_shift_grad(buf: torch.Tensor, kind: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """The shift gradient from :func:`shift_grad_buffer` (partials reduced); empty without a shift."""
+    return buf if kind == 2 else buf.sum(1).to(dtype) if kind == 1 else like.new_empty(0, dtype=dtype)
+
+
+def fake_shift_grad(kind: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """Fake (meta) shift gradient of a backward op told the shift's kind and dtype."""
+    B, T, D = like.shape
+    return like.new_empty(((B, D), (B, T, D))[kind - 1] if kind else 0, dtype=dtype)
+
+
 def finish_mod_grad(buf: torch.Tensor, m: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """The modulation gradient from ``mod_grad_buffer`` (partial sums reduced); empty for a missing tensor."""
     if m is None:

@@ -181,12 +181,12 @@ def _fwd(x, shift, scale, weight, norm: str, eps: float, out_dtype: torch.dtype)
     return out
 
 
-def _bwd(dy, x, shift, scale, weight, norm: str, eps: float):
+def _bwd(dy, x, scale, weight, shift_kind: int, shift_dtype: torch.dtype, norm: str, eps: float):
     B, T, D = x.shape
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D, backward=True)
     P, iters = C.bwd_programs(B, triton.cdiv(T, BLOCK_R), x.device)
-    dsh = C.mod_grad_buffer(shift, B, P, D, x)
+    dsh = C.shift_grad_buffer(shift_kind, shift_dtype, B, T, P, D, x)
     dsc = C.mod_grad_buffer(scale, B, P, D, x)
     dw = torch.empty((B, P, D), dtype=torch.float32, device=x.device) if weight is not None else x.new_empty(1)
     if dx.numel() > 0:
@@ -195,7 +195,7 @@ def _bwd(dy, x, shift, scale, weight, norm: str, eps: float):
         _adaln_modulate_bwd_kernel[(P, B)](
             dy.contiguous(), x, scale, weight if weight is not None else scale, dx, dsh, dsc, dw,
             T, D, P, iters, x.stride(0), x.stride(1), s_scb, s_sct, float(eps),
-            IS_RMS=norm == "rms", HAS_SHIFT=shift is not None, SHIFT_PT=shift is not None and shift.dim() == 3,
+            IS_RMS=norm == "rms", HAS_SHIFT=shift_kind > 0, SHIFT_PT=shift_kind == 2,
             SCALE_PT=scale.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
             num_warps=num_warps,
         )  # fmt: skip
@@ -203,7 +203,7 @@ def _bwd(dy, x, shift, scale, weight, norm: str, eps: float):
         for buf in (dsh, dsc, dw):
             buf.zero_()
     dweight = dw.sum((0, 1)).to(weight.dtype) if weight is not None else x.new_empty(0)
-    return dx, C.finish_mod_grad(dsh, shift, x), C.finish_mod_grad(dsc, scale, x), dweight
+    return dx, C.finish_shift_grad(dsh, shift_kind, shift_dtype, x), C.finish_mod_grad(dsc, scale, x), dweight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,21 +233,22 @@ def _(x, shift, scale, weight, norm, eps, out_dtype):
 def _adaln_modulate_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
-    shift: torch.Tensor | None,
     scale: torch.Tensor,
     weight: torch.Tensor | None,
+    shift_kind: int,
+    shift_dtype: torch.dtype,
     norm: str,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # shift is passed for its shape and dtype only (its gradient does not depend on its value)
-    return _bwd(dy, x, shift, scale, weight, norm, eps)
+    # dshift = dy needs no shift value: only its kind (C.shift_kind) and dtype are passed (no unused per-token read)
+    return _bwd(dy, x, scale, weight, shift_kind, shift_dtype, norm, eps)
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dy, x, shift, scale, weight, norm, eps):
+def _(dy, x, scale, weight, shift_kind, shift_dtype, norm, eps):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
-        C.fake_grad(shift, x),
+        C.fake_shift_grad(shift_kind, shift_dtype, x),
         C.fake_grad(scale, x),
         C.fake_grad(weight, x),
     )
@@ -256,13 +257,16 @@ def _(dy, x, shift, scale, weight, norm, eps):
 def _setup_context(ctx, inputs, output):
     x, shift, scale, weight, norm, eps, _ = inputs
     ctx.norm, ctx.eps = norm, eps
-    ctx.save_for_backward(x, shift, scale, weight)
+    ctx.shift_kind, ctx.shift_dtype = C.shift_kind(shift), shift.dtype if shift is not None else x.dtype
+    ctx.save_for_backward(x, scale, weight)
 
 
 def _backward(ctx, dy):
-    x, shift, scale, weight = ctx.saved_tensors
-    dx, dshift, dscale, dweight = _adaln_modulate_backward_op(dy, x, shift, scale, weight, ctx.norm, ctx.eps)
-    return dx, dshift if shift is not None else None, dscale, dweight if weight is not None else None, None, None, None
+    x, scale, weight = ctx.saved_tensors
+    dx, dshift, dscale, dweight = _adaln_modulate_backward_op(dy, x, scale, weight, ctx.shift_kind, ctx.shift_dtype,
+                                                              ctx.norm, ctx.eps)  # fmt: skip
+    dshift = dshift if ctx.shift_kind else None
+    return dx, dshift, dscale, dweight if weight is not None else None, None, None, None
 
 
 _adaln_modulate_op.register_autograd(_backward, setup_context=_setup_context)

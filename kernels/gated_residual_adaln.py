@@ -116,11 +116,6 @@ def _flags(norm, gate, shift_kind: int, scale, weight, bias) -> dict:
     )  # fmt: skip
 
 
-def _shift_kind(shift: torch.Tensor | None) -> int:
-    """0: no shift, 1: per sample (B, D), 2: per token (B, T, D)."""
-    return 0 if shift is None else shift.dim() - 1
-
-
 def _fwd(x, y, gate, shift, scale, weight, bias, norm: str, eps: float, h_dtype: torch.dtype):
     B, T, D = x.shape
     r = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
@@ -135,7 +130,7 @@ def _fwd(x, y, gate, shift, scale, weight, bias, norm: str, eps: float, h_dtype:
         x, y, gate, shift if shift is not None else scale, scale, weight if weight is not None else scale,
         bias if bias is not None else scale, r, h,
         T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1), s_gb, s_gt, s_shb, s_sht, s_scb, s_sct, float(eps),
-        **_flags(norm, gate, _shift_kind(shift), scale, weight, bias), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        **_flags(norm, gate, C.shift_kind(shift), scale, weight, bias), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
         BLOCK_C2=BLOCK_C2, num_warps=num_warps,
     )  # fmt: skip
     return r, h
@@ -148,10 +143,7 @@ def _bwd(dr, dh, x, y, gate, scale, weight, bias, shift_kind: int, shift_dtype: 
     BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = bwd_blocks(T, D)
     P, iters = C.bwd_programs(B, triton.cdiv(T, BLOCK_R), x.device)
     dg = C.mod_grad_buffer(gate, B, P, D, x)
-    if shift_kind == 2:  # the shift gradient is dh itself, per token: written by the kernel in the shift's dtype
-        dsh = torch.empty((B, T, D), dtype=shift_dtype, device=x.device)
-    else:  # per-sample partial sums (or a placeholder without shift)
-        dsh = x.new_empty((B, P, D) if shift_kind == 1 else 1, dtype=torch.float32)
+    dsh = C.shift_grad_buffer(shift_kind, shift_dtype, B, T, P, D, x)
     dsc = C.mod_grad_buffer(scale, B, P, D, x)
     # per-program fp32 partial column sums of the weight / bias gradients (reduced below: no atomics)
     dw, db = (x.new_empty((B, P, D) if t is not None else 1, dtype=torch.float32) for t in (weight, bias))
@@ -173,7 +165,7 @@ def _bwd(dr, dh, x, y, gate, scale, weight, bias, shift_kind: int, shift_dtype: 
         dx,
         dy,
         C.finish_mod_grad(dg, gate, x),
-        dsh if shift_kind == 2 else dsh.sum(1).to(shift_dtype) if shift_kind else x.new_empty(0, dtype=shift_dtype),
+        C.finish_shift_grad(dsh, shift_kind, shift_dtype, x),
         C.finish_mod_grad(dsc, scale, x),
         dw.sum((0, 1)).to(weight.dtype) if weight is not None else x.new_empty(0),
         db.sum((0, 1)).to(bias.dtype) if bias is not None else x.new_empty(0),
@@ -224,20 +216,17 @@ def _gated_residual_adaln_backward_op(
     norm: str,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # the shift's value is not needed (dshift = dh): only its kind (none / per sample / per token) and dtype are
-    # passed, so the op reads no (B, N, D) per-token shift it does not use
+    # dshift = dh needs no shift value: only its kind (C.shift_kind) and dtype are passed (no unused per-token read)
     return _bwd(dr, dh, x, y, gate, scale, weight, bias, shift_kind, shift_dtype, norm, eps)
 
 
 @_gated_residual_adaln_backward_op.register_fake
 def _(dr, dh, x, y, gate, scale, weight, bias, shift_kind, shift_dtype, norm, eps):
-    B, T, D = x.shape
-    dshift = x.new_empty(((B, D), (B, T, D))[shift_kind - 1] if shift_kind else 0, dtype=shift_dtype)
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
         torch.empty(y.shape, dtype=y.dtype, device=y.device),
         C.fake_grad(gate, x),
-        dshift,
+        C.fake_shift_grad(shift_kind, shift_dtype, x),
         C.fake_grad(scale, x),
         C.fake_grad(weight, x),
         C.fake_grad(bias, x),
@@ -247,7 +236,7 @@ def _(dr, dh, x, y, gate, scale, weight, bias, shift_kind, shift_dtype, norm, ep
 def _setup_context(ctx, inputs, output):
     x, y, gate, shift, scale, weight, bias, norm, eps, _ = inputs
     ctx.norm, ctx.eps = norm, eps
-    ctx.shift_kind, ctx.shift_dtype = _shift_kind(shift), shift.dtype if shift is not None else x.dtype
+    ctx.shift_kind, ctx.shift_dtype = C.shift_kind(shift), shift.dtype if shift is not None else x.dtype
     ctx.save_for_backward(x, y, gate, scale, weight, bias)
 
 
