@@ -8,9 +8,8 @@ Every bandwidth-bound piece of a block is one fused op (docs/method.md § Comput
     swiglu                silu(a) * b on the packed output of ``w12``
     attention             softmax(q k^T / sqrt(hd)) v  (the attention backend registry)
 
-The branch modules (:class:`Attention`, :class:`SwiGLU`, :class:`Mlp`) also offer ``forward_unbiased``: their output
-without the last linear's bias ``b`` plus ``b`` itself, which the generator blocks fold into the gated residual so
-that no backward ``sum`` over the ``(B*N, D)`` gradient is needed for it (docs/method/adaln-fold.md).
+``Attention``, ``SwiGLU``, ``Mlp``: ``forward_unbiased`` returns (output without the last linear's bias ``b``, ``b``);
+the blocks fold ``b`` into the gated residual, which returns its gradient (docs/method/adaln-fold.md).
 
 Module and parameter names follow LightningDiT's and RAE's code (``x_embedder.proj``, ``t_embedder.mlp``,
 ``y_embedder.embedding_table``, ``attn.qkv``, ``mlp.w12``/``mlp.w3``, ``adaLN_modulation.1``, ``pos_embed``), so
@@ -138,9 +137,7 @@ def gated_residual(
     Returns:
         ``(x', h)``, both ``(B, N, D)``; ``h`` is None without ``nxt``.
     """
-    if nxt is None:
-        # plain path, once per DiT^DH step: add + addcmul move what mul + add did, and the bias gradient stays one
-        # torch sum (no fused op covers a gated residual without a norm)
+    if nxt is None:  # once per DiT^DH step (no fused op without the norm): y + bias is materialised, dbias is a sum
         g = gate.unsqueeze(1) if gate.dim() == 2 else gate
         return torch.addcmul(x, g, y if bias is None else y + bias), None
     return kernels.gated_residual_adaln(
@@ -219,16 +216,14 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, unbiased: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """Args: x ``(B, N, D)``; rope ``(cos, sin)`` each ``(N, head_dim)`` or None; unbiased: see
-        :meth:`forward_unbiased`. Returns ``(B, N, D)``."""
+        """Args: x ``(B, N, D)``; rope ``(cos, sin)`` each ``(N, head_dim)`` or None. Returns ``(B, N, D)``
+        (``unbiased``: what :meth:`forward_unbiased` returns)."""
         o = self._attend(x, rope)
         return (F.linear(o, self.proj.weight), self.proj.bias) if unbiased else self.proj(o)
 
-    def forward_unbiased(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(forward(x) - proj.bias, proj.bias)``: the output without ``proj``'s bias (``(B, N, D)``), and that bias
-        (``(D,)``) for the caller to fold into the gated residual. Runs through ``__call__`` (module hooks fire)."""
+    def forward_unbiased(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+        """``(forward(x) - proj.bias, proj.bias)``: ``(B, N, D)`` without ``proj``'s bias, and that ``(D,)`` bias (to
+        fold into the gated residual). Runs through ``__call__`` (module hooks fire)."""
         return self(x, rope, unbiased=True)
 
     def _attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
