@@ -25,11 +25,10 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreter_enabled
-from ._utils import row_block
 
 NORMS = ("rms", "layer")
 
-# Largest tile (BLOCK_R * BLOCK_C elements) per program; None: ``row_block``'s default (big under the interpreter).
+# Largest tile (row elements) per program; None: the GPU size of ``fwd_blocks`` / ``bwd_blocks`` (big when interpreted).
 # Tests lower it to run the multi-block partial-sum paths on small shapes.
 MAX_BLOCK_ELEMS: int | None = None
 
@@ -37,32 +36,6 @@ MAX_BLOCK_ELEMS: int | None = None
 # ----------------------------------------------------------------------------------------------------------------
 # Triton helpers (inlined into the kernels of both ops)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_norm(x, mask, D, eps, IS_RMS: tl.constexpr):
-    """Normalise each row of ``x (BLOCK_R, BLOCK_C)`` fp32 (zeros outside ``mask``); returns ``(n, rstd)``."""
-    if IS_RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        n = x * rstd[:, None]
-    else:
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        n = xc * rstd[:, None]
-    return n, rstd
-
-
-@triton.jit
-def _row_norm_bwd(dn, n, rstd, D, IS_RMS: tl.constexpr):
-    """Gradient of the row normalisation: ``dn``, ``n (BLOCK_R, BLOCK_C)`` fp32 (zeros outside the mask)."""
-    dot = tl.sum(dn * n, axis=1) / D
-    if IS_RMS:
-        dx = rstd[:, None] * (dn - n * dot[:, None])
-    else:
-        mdn = tl.sum(dn, axis=1) / D
-        dx = rstd[:, None] * (dn - mdn[:, None] - n * dot[:, None])
-    return dx
 
 
 @triton.jit
@@ -83,6 +56,30 @@ def _load_mod(
     else:
         m = tl.load(M + b * stride_b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return m
+
+
+@triton.jit
+def _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
+                    HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr):
+    """One column tile: the shift / scale gradients (stored per token, or returned as column sums) and ``dn``, the
+    gradient of the normalised row (before the weight), with the weight gradient's column sums."""
+    out_off = (b * T + t[:, None]) * D + cols[None, :]
+    gh = tl.load(DH + out_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = tl.full((1, 1), 1.0, tl.float32)
+    sum_shift = tl.sum(gh, axis=0)
+    if HAS_SHIFT and SHIFT_PT:
+        tl.store(DSHIFT + out_off, gh.to(DSHIFT.dtype.element_ty), mask=mask)
+    dscale = gh * n * w
+    sum_scale = tl.sum(dscale, axis=0)
+    if SCALE_PT:
+        tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
+    dn = gh * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
+    sum_w = tl.sum(dn * n, axis=0)
+    return dn * w, sum_shift, sum_scale, sum_w
 
 
 @triton.jit
@@ -154,26 +151,6 @@ def tolerances() -> dict[torch.dtype, tuple[float, float]]:
         torch.float16: (2e-3, 2e-3),
         torch.bfloat16: (1.6e-2, 1.6e-2),
     }
-
-
-def blocks(T: int, D: int, backward: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_C, num_warps)``: whole rows per program, tokens of one sample only.
-
-    On GPU a tile holds about 4096 elements. Compiled offline for sm_90 (every flag combination, fp16/bf16/fp32,
-    ptxas -v; not yet timed on a GPU): the forward kernels use <= 128 registers at 8 warps (a few variants spill up
-    to 60 bytes); the backward kernels keep ~12 fp32 tiles live and fit the 128 registers of 16 warps (spills
-    <= 8 bytes), where at 8 warps they needed up to 240.
-    """
-    max_elems = MAX_BLOCK_ELEMS
-    if max_elems is None and not interpreter_enabled():
-        max_elems = 4096
-    BLOCK_R, BLOCK_C = row_block(T, D, max_elems)
-    elems = BLOCK_R * BLOCK_C
-    if backward:
-        num_warps = 16 if elems >= 4096 else 8 if elems >= 2048 else 4
-    else:
-        num_warps = 8 if elems >= 2048 else 4
-    return BLOCK_R, BLOCK_C, num_warps
 
 
 def col_tiles(D: int) -> tuple[int, int]:

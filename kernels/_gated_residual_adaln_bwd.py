@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod
+from ._adaln_common import _bwd_modulation, _load_mod
 from ._dispatch import interpreter_enabled
 
 __all__ = ["_gated_residual_adaln_bwd_kernel", "_residual_tile", "bwd_blocks"]
@@ -29,30 +29,6 @@ def _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_g
         y = tl.where(mask, y + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :], 0.0)
     gate = _load_mod(GATE, b, t, cols, s_gb, s_gt, mask, cmask, GATE_PT)
     return x + gate * y, y, gate, mask, cmask
-
-
-@triton.jit
-def _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
-                    HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr):
-    """One column tile: the shift / scale gradients (stored per token, or returned as column sums) and ``dn``, the
-    gradient of the normalised row (before the weight), with the weight gradient's column sums."""
-    out_off = (b * T + t[:, None]) * D + cols[None, :]
-    gh = tl.load(DH + out_off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    else:
-        w = tl.full((1, 1), 1.0, tl.float32)
-    sum_shift = tl.sum(gh, axis=0)
-    if HAS_SHIFT and SHIFT_PT:
-        tl.store(DSHIFT + out_off, gh.to(DSHIFT.dtype.element_ty), mask=mask)
-    dscale = gh * n * w
-    sum_scale = tl.sum(dscale, axis=0)
-    if SCALE_PT:
-        tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
-    dn = gh * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-    sum_w = tl.sum(dn * n, axis=0)
-    return dn * w, sum_shift, sum_scale, sum_w
 
 
 @triton.jit

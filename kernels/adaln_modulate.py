@@ -10,7 +10,9 @@ Backward (g = dL/dy, n = the normalised row before the weight, xh = n * w):
     dshift = g,  dscale = g * xh      (summed over tokens when per sample)
     dw = sum_rows g * (1 + scale) * n
     dn = g * (1 + scale) * w  ->  dx by the normalisation backward
-The backward recomputes the row statistics from x (already read for dx), so the forward saves nothing extra.
+The backward recomputes the row statistics from x (already read for dx), so the forward saves nothing extra; its
+kernel is in ``_adaln_modulate_bwd``. Both kernels hold a row as two column tiles (``_adaln_common.col_tiles``:
+1152 = 1024 + 128 lanes).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod, _modulate_store, _row_norm, _row_norm_bwd, _two_tile_mean, _two_tile_rstd
+from ._adaln_common import _modulate_store, _two_tile_mean, _two_tile_rstd
+from ._adaln_modulate_bwd import _adaln_modulate_bwd_kernel
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
+from ._gated_residual_adaln_bwd import bwd_blocks
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref"]
 
@@ -84,79 +88,6 @@ def _adaln_modulate_fwd_kernel(
                         s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
 
 
-@triton.jit
-def _adaln_modulate_bwd_kernel(
-    DY,  # (B, T, D) upstream gradient, contiguous
-    X,  # (B, T, D) forward input, strides (sxb, sxt, 1)
-    SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
-    W,  # (D,) RMSNorm weight (HAS_WEIGHT)
-    DX,  # (B, T, D) gradient of x, contiguous
-    DSHIFT,  # (B, T, D) gradient per token | (B, P, D) fp32 per-program partial sums per sample (HAS_SHIFT)
-    DSCALE,  # (B, T, D) gradient per token | (B, P, D) fp32 partial sums per sample
-    DW,  # (B, P, D) fp32 partial sums of the weight gradient (HAS_WEIGHT)
-    T,
-    D,
-    P,
-    ITERS,
-    sxb,
-    sxt,
-    s_scb,
-    s_sct,
-    eps,
-    IS_RMS: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SHIFT_PT: tl.constexpr,
-    SCALE_PT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # program (pid_t, b) handles row blocks pid_t*ITERS .. pid_t*ITERS + ITERS - 1 of sample b
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < D
-    acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    for it in range(ITERS):
-        t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = (t < T)[:, None] & cmask[None, :]
-        out_off = (b * T + t[:, None]) * D + cols[None, :]
-        g = tl.load(DY + out_off, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        n, rstd = _row_norm(x, mask, D, eps, IS_RMS)
-        if HAS_WEIGHT:
-            xh = n * w[None, :]
-        else:
-            xh = n
-        if HAS_SHIFT:
-            if SHIFT_PT:
-                tl.store(DSHIFT + out_off, g.to(DSHIFT.dtype.element_ty), mask=mask)
-            else:
-                acc_shift += tl.sum(g, axis=0)
-        dscale = g * xh
-        if SCALE_PT:
-            tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
-        else:
-            acc_scale += tl.sum(dscale, axis=0)
-        dn = g * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-        if HAS_WEIGHT:
-            acc_w += tl.sum(dn * n, axis=0)
-            dn = dn * w[None, :]
-        dx = _row_norm_bwd(dn, n, rstd, D, IS_RMS)
-        tl.store(DX + out_off, dx.to(DX.dtype.element_ty), mask=mask)
-    part = (b * P + pid_t) * D + cols
-    if HAS_SHIFT and not SHIFT_PT:
-        tl.store(DSHIFT + part, acc_shift, mask=cmask)
-    if not SCALE_PT:
-        tl.store(DSCALE + part, acc_scale, mask=cmask)
-    if HAS_WEIGHT:
-        tl.store(DW + part, acc_w, mask=cmask)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers (x is (B, T, D); shift / scale canonical (B, D) or (B, T, D))
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +115,7 @@ def _fwd(x, shift, scale, weight, norm: str, eps: float, out_dtype: torch.dtype)
 def _bwd(dy, x, scale, weight, shift_kind: int, shift_dtype: torch.dtype, norm: str, eps: float):
     B, T, D = x.shape
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D, backward=True)
+    BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = bwd_blocks(T, D)
     P, iters = C.bwd_programs(B, triton.cdiv(T, BLOCK_R), x.device)
     dsh = C.shift_grad_buffer(shift_kind, shift_dtype, B, T, P, D, x)
     dsc = C.mod_grad_buffer(scale, B, P, D, x)
@@ -197,7 +128,7 @@ def _bwd(dy, x, scale, weight, shift_kind: int, shift_dtype: torch.dtype, norm: 
             T, D, P, iters, x.stride(0), x.stride(1), s_scb, s_sct, float(eps),
             IS_RMS=norm == "rms", HAS_SHIFT=shift_kind > 0, SHIFT_PT=shift_kind == 2,
             SCALE_PT=scale.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-            num_warps=num_warps,
+            BLOCK_C2=BLOCK_C2, num_warps=num_warps,
         )  # fmt: skip
     else:  # nothing to reduce: zero gradients of the right shapes
         for buf in (dsh, dsc, dw):
