@@ -25,11 +25,10 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreter_enabled
-from ._utils import row_block
 
 NORMS = ("rms", "layer")
 
-# Largest tile (BLOCK_R * BLOCK_C elements) per program; None: ``row_block``'s default (big under the interpreter).
+# Largest tile (row elements) per program; None: the GPU size of ``fwd_blocks`` / ``bwd_blocks`` (big when interpreted).
 # Tests lower it to run the multi-block partial-sum paths on small shapes.
 MAX_BLOCK_ELEMS: int | None = None
 
@@ -37,32 +36,6 @@ MAX_BLOCK_ELEMS: int | None = None
 # ----------------------------------------------------------------------------------------------------------------
 # Triton helpers (inlined into the kernels of both ops)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_norm(x, mask, D, eps, IS_RMS: tl.constexpr):
-    """Normalise each row of ``x (BLOCK_R, BLOCK_C)`` fp32 (zeros outside ``mask``); returns ``(n, rstd)``."""
-    if IS_RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        n = x * rstd[:, None]
-    else:
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        n = xc * rstd[:, None]
-    return n, rstd
-
-
-@triton.jit
-def _row_norm_bwd(dn, n, rstd, D, IS_RMS: tl.constexpr):
-    """Gradient of the row normalisation: ``dn``, ``n (BLOCK_R, BLOCK_C)`` fp32 (zeros outside the mask)."""
-    dot = tl.sum(dn * n, axis=1) / D
-    if IS_RMS:
-        dx = rstd[:, None] * (dn - n * dot[:, None])
-    else:
-        mdn = tl.sum(dn, axis=1) / D
-        dx = rstd[:, None] * (dn - mdn[:, None] - n * dot[:, None])
-    return dx
 
 
 @triton.jit
@@ -83,6 +56,80 @@ def _load_mod(
     else:
         m = tl.load(M + b * stride_b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return m
+
+
+@triton.jit
+def _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
+                    HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr):
+    """One column tile: the shift / scale gradients (stored per token, or returned as column sums) and ``dn``, the
+    gradient of the normalised row (before the weight), with the weight gradient's column sums."""
+    out_off = (b * T + t[:, None]) * D + cols[None, :]
+    gh = tl.load(DH + out_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = tl.full((1, 1), 1.0, tl.float32)
+    sum_shift = tl.sum(gh, axis=0)
+    if HAS_SHIFT and SHIFT_PT:
+        tl.store(DSHIFT + out_off, gh.to(DSHIFT.dtype.element_ty), mask=mask)
+    dscale = gh * n * w
+    sum_scale = tl.sum(dscale, axis=0)
+    if SCALE_PT:
+        tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
+    dn = gh * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
+    sum_w = tl.sum(dn * n, axis=0)
+    return dn * w, sum_shift, sum_scale, sum_w
+
+
+@triton.jit
+def _modulate_store(
+    H,  # (B, T, D) output, contiguous
+    SHIFT,  # (B, D) | (B, T, D), strides (s_shb, s_sht, 1) (read only when HAS_SHIFT)
+    SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
+    W,  # (D,) RMSNorm weight (read only when HAS_WEIGHT)
+    b,
+    t,
+    cols,
+    T,
+    D,
+    n,
+    mask,
+    cmask,
+    s_shb,
+    s_sht,
+    s_scb,
+    s_sct,
+    HAS_SHIFT: tl.constexpr,
+    SHIFT_PT: tl.constexpr,
+    SCALE_PT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+):
+    """One column tile of the forward: store ``h = n * w * (1 + scale) + shift`` for the normalised tile ``n``."""
+    if HAS_WEIGHT:
+        n = n * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    h = n * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
+    if HAS_SHIFT:
+        h = h + _load_mod(SHIFT, b, t, cols, s_shb, s_sht, mask, cmask, SHIFT_PT)
+    tl.store(H + (b * T + t[:, None]) * D + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _two_tile_rstd(r, r2, D, eps, HAS_C2: tl.constexpr):
+    """``1 / sqrt(mean(r^2) + eps)`` per row over a row split into two tiles (``r2`` ignored unless ``HAS_C2``)."""
+    ss = tl.sum(r * r, axis=1)
+    if HAS_C2:
+        ss += tl.sum(r2 * r2, axis=1)
+    return 1.0 / tl.sqrt(ss / D + eps)
+
+
+@triton.jit
+def _two_tile_mean(r, r2, D, HAS_C2: tl.constexpr):
+    """Row mean over a row split into two tiles (``r2`` ignored unless ``HAS_C2``)."""
+    total = tl.sum(r, axis=1)
+    if HAS_C2:
+        total += tl.sum(r2, axis=1)
+    return total / D
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,24 +153,38 @@ def tolerances() -> dict[torch.dtype, tuple[float, float]]:
     }
 
 
-def blocks(T: int, D: int, backward: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_C, num_warps)``: whole rows per program, tokens of one sample only.
+def col_tiles(D: int) -> tuple[int, int]:
+    """A row of width ``D`` as two power-of-two column tiles ``(BLOCK_C, BLOCK_C2)`` (``BLOCK_C2`` 0: one tile).
 
-    On GPU a tile holds about 4096 elements. Compiled offline for sm_90 (every flag combination, fp16/bf16/fp32,
-    ptxas -v; not yet timed on a GPU): the forward kernels use <= 128 registers at 8 warps (a few variants spill up
-    to 60 bytes); the backward kernels keep ~12 fp32 tiles live and fit the 128 registers of 16 warps (spills
-    <= 8 bytes), where at 8 warps they needed up to 240.
+    ``BLOCK_C`` is the largest power of two <= D and ``BLOCK_C2`` the next power of two of the rest (at least 16),
+    so 1152 = 1024 + 128, 768 = 512 + 256 and 2048 = 2048 + 0 waste no lane, where one power-of-two tile padded
+    1152 to 2048 (44 % of the lanes idle). Where the rest would need as many lanes as the first tile (33 = 32 + 1 is
+    fine, 1984 = 1024 + 960 is not) one ``next_power_of_2(D)`` tile is no worse.
     """
-    max_elems = MAX_BLOCK_ELEMS
-    if max_elems is None and not interpreter_enabled():
-        max_elems = 4096
-    BLOCK_R, BLOCK_C = row_block(T, D, max_elems)
-    elems = BLOCK_R * BLOCK_C
-    if backward:
-        num_warps = 16 if elems >= 4096 else 8 if elems >= 2048 else 4
-    else:
-        num_warps = 8 if elems >= 2048 else 4
-    return BLOCK_R, BLOCK_C, num_warps
+    big = 1 << (max(D, 1).bit_length() - 1)
+    rest = D - big
+    if rest and triton.next_power_of_2(rest) >= big:
+        return triton.next_power_of_2(D), 0
+    return big, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+def row_tiles(T: int, D: int, max_elems: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_C, BLOCK_C2)``: whole rows as :func:`col_tiles`, a power of two of rows per program, at most
+    ``max_elems`` row elements (at least one row)."""
+    c, c2 = col_tiles(D)
+    fit = max(1, max_elems // (c + c2))
+    return min(triton.next_power_of_2(max(T, 1)), 1 << (fit.bit_length() - 1)), c, c2
+
+
+def fwd_blocks(T: int, D: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_C, BLOCK_C2, num_warps)`` of the forward kernels: rows as two column tiles
+    (:func:`col_tiles`), about 4096 row elements per program on GPU (2 rows at width 1152 or 2048) at 8 warps.
+
+    Compiled offline for sm_90 (``compile_check --ptxas``): registers for two or more blocks per SM.
+    """
+    max_elems = MAX_BLOCK_ELEMS or (65536 if interpreter_enabled() else 4096)
+    BLOCK_R, c, c2 = row_tiles(T, D, max_elems)
+    return BLOCK_R, c, c2, 8 if BLOCK_R * (c + c2) >= 2048 else 4
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,6 +278,30 @@ def mod_grad_buffer(m: torch.Tensor | None, B: int, P: int, D: int, like: torch.
     if m.dim() == 3:
         return torch.empty(m.shape, dtype=m.dtype, device=m.device)
     return torch.empty((B, P, D), dtype=torch.float32, device=m.device)
+
+
+def shift_kind(shift: torch.Tensor | None) -> int:
+    """How a backward op is told about the shift, whose value it never needs (dshift = the upstream gradient):
+    0 none, 1 per sample ``(B, D)``, 2 per token ``(B, T, D)`` (canonical layouts)."""
+    return 0 if shift is None else shift.dim() - 1
+
+
+def shift_grad_buffer(kind: int, dtype: torch.dtype, B: int, T: int, P: int, D: int, like: torch.Tensor):
+    """Where a kernel writes the shift gradient: itself per token (``dtype``), fp32 partials per sample."""
+    if kind == 2:
+        return torch.empty((B, T, D), dtype=dtype, device=like.device)
+    return like.new_empty((B, P, D) if kind == 1 else 1, dtype=torch.float32)
+
+
+def finish_shift_grad(buf: torch.Tensor, kind: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """The shift gradient from :func:`shift_grad_buffer` (partials reduced); empty without a shift."""
+    return buf if kind == 2 else buf.sum(1).to(dtype) if kind == 1 else like.new_empty(0, dtype=dtype)
+
+
+def fake_shift_grad(kind: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """Fake (meta) shift gradient of a backward op told the shift's kind and dtype."""
+    B, T, D = like.shape
+    return like.new_empty(((B, D), (B, T, D))[kind - 1] if kind else 0, dtype=dtype)
 
 
 def finish_mod_grad(buf: torch.Tensor, m: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Backward kernel of :mod:`.gated_residual_adaln` (its own module: the row is split into two column tiles).
+"""Backward kernel of :mod:`.gated_residual_adaln` (its own module: the row is split into two column tiles), and
+the residual tile both directions compute.
 
 The math is in :mod:`.gated_residual_adaln`'s docstring (docs/method.md § Generators for the block it serves).
 """
@@ -9,60 +10,42 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod
+from ._adaln_common import _bwd_modulation, _load_mod
 from ._dispatch import interpreter_enabled
 
-__all__ = ["_gated_residual_adaln_bwd_kernel", "bwd_blocks"]
+__all__ = ["_gated_residual_adaln_bwd_kernel", "_residual_tile", "bwd_blocks"]
 
 
 @triton.jit
-def _bwd_load(X, YIN, GATE, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt, GATE_PT: tl.constexpr):
-    """One column tile of a row block: ``r = x + gate * y`` recomputed in fp32, with y, gate and the masks."""
+def _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt, GATE_PT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):  # fmt: skip
+    """One column tile of a row block in fp32: ``r = x + gate * (y + bias)`` (zero outside the masks), the biased
+    branch output ``y + bias``, the gate and the masks. The forward stores ``r``; the backward recomputes it."""
     cmask = cols < D
     mask = (t < T)[:, None] & cmask[None, :]
     x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = tl.load(YIN + b * syb + t[:, None] * syt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = tl.where(mask, y + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :], 0.0)
     gate = _load_mod(GATE, b, t, cols, s_gb, s_gt, mask, cmask, GATE_PT)
     return x + gate * y, y, gate, mask, cmask
 
 
 @triton.jit
-def _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
-                    HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr):
-    """One column tile: the shift / scale gradients (stored per token, or returned as column sums) and ``dn``, the
-    gradient of the normalised row (before the weight), with the weight gradient's column sums."""
-    out_off = (b * T + t[:, None]) * D + cols[None, :]
-    gh = tl.load(DH + out_off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    else:
-        w = tl.full((1, 1), 1.0, tl.float32)
-    sum_shift = tl.sum(gh, axis=0)
-    if HAS_SHIFT and SHIFT_PT:
-        tl.store(DSHIFT + out_off, gh.to(DSHIFT.dtype.element_ty), mask=mask)
-    dscale = gh * n * w
-    sum_scale = tl.sum(dscale, axis=0)
-    if SCALE_PT:
-        tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
-    dn = gh * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-    sum_w = tl.sum(dn * n, axis=0)
-    return dn * w, sum_shift, sum_scale, sum_w
-
-
-@triton.jit
 def _bwd_store(DR, DX, DYIN, DGATE, b, t, cols, T, D, dr, y, gate, mask, HAS_DR: tl.constexpr,
                GATE_PT: tl.constexpr):
-    """One column tile: dx = dr (+ the upstream dr), dy = dr * gate, dgate = dr * y (stored or summed)."""
+    """One column tile: dx = dr (+ the upstream dr), dy = dr * gate, dgate = dr * (y + bias) (stored or summed);
+    returns the column sums of dgate and of dy (the bias gradient's share of this tile, from the fp32 dy)."""
     out_off = (b * T + t[:, None]) * D + cols[None, :]
     if HAS_DR:
         dr += tl.load(DR + out_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + out_off, dr.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DYIN + out_off, (dr * gate).to(DYIN.dtype.element_ty), mask=mask)
+    dy = dr * gate
+    tl.store(DYIN + out_off, dy.to(DYIN.dtype.element_ty), mask=mask)
     dgate = dr * y
     if GATE_PT:
         tl.store(DGATE + out_off, dgate.to(DGATE.dtype.element_ty), mask=mask)
-    return tl.sum(dgate, axis=0)
+    return tl.sum(dgate, axis=0), tl.sum(dy, axis=0)
 
 
 @triton.jit
@@ -74,12 +57,14 @@ def _gated_residual_adaln_bwd_kernel(
     GATE,  # (B, D) | (B, T, D), strides (s_gb, s_gt, 1)
     SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
     W,  # (D,) RMSNorm weight (HAS_WEIGHT)
+    BIAS,  # (D,) branch bias (HAS_BIAS)
     DX,  # (B, T, D) gradient of x, contiguous
     DYIN,  # (B, T, D) gradient of y, contiguous
     DGATE,  # (B, T, D) gradient per token | (B, P, D) fp32 per-program partial sums per sample
     DSHIFT,  # (B, T, D) | (B, P, D) fp32 partials (HAS_SHIFT)
     DSCALE,  # (B, T, D) | (B, P, D) fp32 partials
     DW,  # (B, P, D) fp32 partial sums of the weight gradient (HAS_WEIGHT)
+    DBIAS,  # (B, P, D) fp32 partial sums of the bias gradient (HAS_BIAS)
     T,
     D,
     P,
@@ -100,6 +85,7 @@ def _gated_residual_adaln_bwd_kernel(
     SHIFT_PT: tl.constexpr,
     SCALE_PT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,  # first column tile: the largest power of two <= D (or next_power_of_2(D) when small)
     BLOCK_C2: tl.constexpr,  # second column tile after it: next_power_of_2 of the rest (0: none)
@@ -114,19 +100,22 @@ def _gated_residual_adaln_bwd_kernel(
     acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if BLOCK_C2 > 0:
         cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
         acc_gate2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
         acc_shift2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
         acc_scale2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
         acc_w2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
+        acc_bias2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
     for it in range(ITERS):
         t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        # recompute the forward: r = x + gate * y, n = norm(r), statistics over both tiles
-        r, y, gate, mask, cmask = _bwd_load(X, YIN, GATE, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt, GATE_PT)
+        # recompute the forward: r = x + gate * (y + bias), n = norm(r), statistics over both tiles
+        r, y, gate, mask, cmask = _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
+                                                 GATE_PT, HAS_BIAS)  # fmt: skip
         if BLOCK_C2 > 0:
-            r2, y2, gate2, mask2, cmask2 = _bwd_load(X, YIN, GATE, b, t, cols2, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
-                                                     GATE_PT)  # fmt: skip
+            r2, y2, gate2, mask2, cmask2 = _residual_tile(X, YIN, GATE, BIAS, b, t, cols2, T, D, sxb, sxt, syb, syt,
+                                                          s_gb, s_gt, GATE_PT, HAS_BIAS)  # fmt: skip
         if not IS_RMS:
             total = tl.sum(r, axis=1)
             if BLOCK_C2 > 0:
@@ -163,10 +152,14 @@ def _gated_residual_adaln_bwd_kernel(
         else:
             shift_dn = mdn / D
         dr = rstd[:, None] * (dn - shift_dn[:, None] - n * (dot / D)[:, None])
-        acc_gate += _bwd_store(DR, DX, DYIN, DGATE, b, t, cols, T, D, dr, y, gate, mask, HAS_DR, GATE_PT)
+        s_g, s_b = _bwd_store(DR, DX, DYIN, DGATE, b, t, cols, T, D, dr, y, gate, mask, HAS_DR, GATE_PT)
+        acc_gate += s_g
+        acc_bias += s_b
         if BLOCK_C2 > 0:
             dr2 = rstd[:, None] * (dn2 - shift_dn[:, None] - n2 * (dot / D)[:, None])
-            acc_gate2 += _bwd_store(DR, DX, DYIN, DGATE, b, t, cols2, T, D, dr2, y2, gate2, mask2, HAS_DR, GATE_PT)
+            s_g2, s_b2 = _bwd_store(DR, DX, DYIN, DGATE, b, t, cols2, T, D, dr2, y2, gate2, mask2, HAS_DR, GATE_PT)
+            acc_gate2 += s_g2
+            acc_bias2 += s_b2
     part = (b * P + pid_t) * D
     cmask = cols < D
     if not GATE_PT:
@@ -177,6 +170,8 @@ def _gated_residual_adaln_bwd_kernel(
         tl.store(DSCALE + part + cols, acc_scale, mask=cmask)
     if HAS_WEIGHT:
         tl.store(DW + part + cols, acc_w, mask=cmask)
+    if HAS_BIAS:
+        tl.store(DBIAS + part + cols, acc_bias, mask=cmask)
     if BLOCK_C2 > 0:
         cmask2 = cols2 < D
         if not GATE_PT:
@@ -187,25 +182,17 @@ def _gated_residual_adaln_bwd_kernel(
             tl.store(DSCALE + part + cols2, acc_scale2, mask=cmask2)
         if HAS_WEIGHT:
             tl.store(DW + part + cols2, acc_w2, mask=cmask2)
-
+        if HAS_BIAS:
+            tl.store(DBIAS + part + cols2, acc_bias2, mask=cmask2)
 
 
 def bwd_blocks(T: int, D: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_R, BLOCK_C, BLOCK_C2, num_warps)`` of the backward: a row as two power-of-two column tiles.
+    """``(BLOCK_R, BLOCK_C, BLOCK_C2, num_warps)`` of the backward: a row as two power-of-two column tiles
+    (:func:`._adaln_common.col_tiles`: 1152 = 1024 + 128, 2048 = 2048 + 0).
 
-    ``BLOCK_C`` is the largest power of two <= D and ``BLOCK_C2`` the next power of two of the rest (0 when none;
-    at least 16), so 1152 = 1024 + 128 and 2048 = 2048 + 0 waste no lane (a single 2048-wide tile wasted 44 % at
-    1152). About 2048 row elements per program on GPU at 8 warps: registers for two blocks per SM
+    About 2048 row elements per program on GPU at 4-8 warps: registers for two blocks per SM
     (``compile_check --ptxas``); the interpreter takes larger blocks.
     """
-    big = 1 << (max(D, 1).bit_length() - 1)
-    rest = D - big
-    if rest and triton.next_power_of_2(rest) >= big:  # e.g. 33 = 32 + 1 -> one 64-wide tile is no worse
-        big, rest = triton.next_power_of_2(D), 0
-    BLOCK_C2 = max(16, triton.next_power_of_2(rest)) if rest else 0
-    lanes = big + BLOCK_C2
     max_elems = C.MAX_BLOCK_ELEMS or (65536 if interpreter_enabled() else 2048)
-    fit = max(1, max_elems // lanes)
-    BLOCK_R = min(triton.next_power_of_2(max(T, 1)), 1 << (fit.bit_length() - 1))  # powers of two
-    num_warps = 8 if BLOCK_R * lanes >= 2048 else 4
-    return BLOCK_R, big, BLOCK_C2, num_warps
+    BLOCK_R, big, BLOCK_C2 = C.row_tiles(T, D, max_elems)
+    return BLOCK_R, big, BLOCK_C2, 8 if BLOCK_R * (big + BLOCK_C2) >= 2048 else 4

@@ -10,7 +10,9 @@ Backward (g = dL/dy, n = the normalised row before the weight, xh = n * w):
     dshift = g,  dscale = g * xh      (summed over tokens when per sample)
     dw = sum_rows g * (1 + scale) * n
     dn = g * (1 + scale) * w  ->  dx by the normalisation backward
-The backward recomputes the row statistics from x (already read for dx), so the forward saves nothing extra.
+The backward recomputes the row statistics from x (already read for dx), so the forward saves nothing extra; its
+kernel is in ``_adaln_modulate_bwd``. Both kernels hold a row as two column tiles (``_adaln_common.col_tiles``:
+1152 = 1024 + 128 lanes).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _load_mod, _row_norm, _row_norm_bwd
+from ._adaln_common import _modulate_store, _two_tile_mean, _two_tile_rstd
+from ._adaln_modulate_bwd import _adaln_modulate_bwd_kernel
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
+from ._gated_residual_adaln_bwd import bwd_blocks
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref"]
 
@@ -55,7 +59,8 @@ def _adaln_modulate_fwd_kernel(
     SCALE_PT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # first column tile (``col_tiles``: the largest power of two <= D)
+    BLOCK_C2: tl.constexpr,  # second column tile (0: none), so 1152 = 1024 + 128 lanes, none idle
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -64,86 +69,23 @@ def _adaln_modulate_fwd_kernel(
     cmask = cols < D
     mask = (t < T)[:, None] & cmask[None, :]
     x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    n, rstd = _row_norm(x, mask, D, eps, IS_RMS)
-    if HAS_WEIGHT:
-        n = n * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    out = n * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-    if HAS_SHIFT:
-        out = out + _load_mod(SHIFT, b, t, cols, s_shb, s_sht, mask, cmask, SHIFT_PT)
-    tl.store(Y + (b * T + t[:, None]) * D + cols[None, :], out.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _adaln_modulate_bwd_kernel(
-    DY,  # (B, T, D) upstream gradient, contiguous
-    X,  # (B, T, D) forward input, strides (sxb, sxt, 1)
-    SCALE,  # (B, D) | (B, T, D), strides (s_scb, s_sct, 1)
-    W,  # (D,) RMSNorm weight (HAS_WEIGHT)
-    DX,  # (B, T, D) gradient of x, contiguous
-    DSHIFT,  # (B, T, D) gradient per token | (B, P, D) fp32 per-program partial sums per sample (HAS_SHIFT)
-    DSCALE,  # (B, T, D) gradient per token | (B, P, D) fp32 partial sums per sample
-    DW,  # (B, P, D) fp32 partial sums of the weight gradient (HAS_WEIGHT)
-    T,
-    D,
-    P,
-    ITERS,
-    sxb,
-    sxt,
-    s_scb,
-    s_sct,
-    eps,
-    IS_RMS: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SHIFT_PT: tl.constexpr,
-    SCALE_PT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # program (pid_t, b) handles row blocks pid_t*ITERS .. pid_t*ITERS + ITERS - 1 of sample b
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < D
-    acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    for it in range(ITERS):
-        t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = (t < T)[:, None] & cmask[None, :]
-        out_off = (b * T + t[:, None]) * D + cols[None, :]
-        g = tl.load(DY + out_off, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        n, rstd = _row_norm(x, mask, D, eps, IS_RMS)
-        if HAS_WEIGHT:
-            xh = n * w[None, :]
-        else:
-            xh = n
-        if HAS_SHIFT:
-            if SHIFT_PT:
-                tl.store(DSHIFT + out_off, g.to(DSHIFT.dtype.element_ty), mask=mask)
-            else:
-                acc_shift += tl.sum(g, axis=0)
-        dscale = g * xh
-        if SCALE_PT:
-            tl.store(DSCALE + out_off, dscale.to(DSCALE.dtype.element_ty), mask=mask)
-        else:
-            acc_scale += tl.sum(dscale, axis=0)
-        dn = g * (1.0 + _load_mod(SCALE, b, t, cols, s_scb, s_sct, mask, cmask, SCALE_PT))
-        if HAS_WEIGHT:
-            acc_w += tl.sum(dn * n, axis=0)
-            dn = dn * w[None, :]
-        dx = _row_norm_bwd(dn, n, rstd, D, IS_RMS)
-        tl.store(DX + out_off, dx.to(DX.dtype.element_ty), mask=mask)
-    part = (b * P + pid_t) * D + cols
-    if HAS_SHIFT and not SHIFT_PT:
-        tl.store(DSHIFT + part, acc_shift, mask=cmask)
-    if not SCALE_PT:
-        tl.store(DSCALE + part, acc_scale, mask=cmask)
-    if HAS_WEIGHT:
-        tl.store(DW + part, acc_w, mask=cmask)
+    x2 = x  # placeholder when the row is one tile (never read then)
+    if BLOCK_C2 > 0:
+        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+        cmask2 = cols2 < D
+        mask2 = (t < T)[:, None] & cmask2[None, :]
+        x2 = tl.load(X + b * sxb + t[:, None] * sxt + cols2[None, :], mask=mask2, other=0.0).to(tl.float32)
+    if not IS_RMS:
+        mean = _two_tile_mean(x, x2, D, BLOCK_C2 > 0)
+        x = tl.where(mask, x - mean[:, None], 0.0)
+        if BLOCK_C2 > 0:
+            x2 = tl.where(mask2, x2 - mean[:, None], 0.0)
+    rstd = _two_tile_rstd(x, x2, D, eps, BLOCK_C2 > 0)
+    _modulate_store(Y, SHIFT, SCALE, W, b, t, cols, T, D, x * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb, s_sct,
+                    HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    if BLOCK_C2 > 0:
+        _modulate_store(Y, SHIFT, SCALE, W, b, t, cols2, T, D, x2 * rstd[:, None], mask2, cmask2, s_shb, s_sht,
+                        s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,24 +100,24 @@ def _fwd(x, shift, scale, weight, norm: str, eps: float, out_dtype: torch.dtype)
         return out
     x, scale = C.unit_cols(x), C.unit_cols(scale)
     shift = C.unit_cols(shift) if shift is not None else None
-    BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D)
+    BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = C.fwd_blocks(T, D)
     (s_shb, s_sht), (s_scb, s_sct) = C.mod_strides(shift), C.mod_strides(scale)
     _adaln_modulate_fwd_kernel[(triton.cdiv(T, BLOCK_R), B)](
         x, shift if shift is not None else scale, scale, weight if weight is not None else scale, out,
         T, D, x.stride(0), x.stride(1), s_shb, s_sht, s_scb, s_sct, float(eps),
         IS_RMS=norm == "rms", HAS_SHIFT=shift is not None, SHIFT_PT=shift is not None and shift.dim() == 3,
         SCALE_PT=scale.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-        num_warps=num_warps,
+        BLOCK_C2=BLOCK_C2, num_warps=num_warps,
     )  # fmt: skip
     return out
 
 
-def _bwd(dy, x, shift, scale, weight, norm: str, eps: float):
+def _bwd(dy, x, scale, weight, shift_kind: int, shift_dtype: torch.dtype, norm: str, eps: float):
     B, T, D = x.shape
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
-    BLOCK_R, BLOCK_C, num_warps = C.blocks(T, D, backward=True)
+    BLOCK_R, BLOCK_C, BLOCK_C2, num_warps = bwd_blocks(T, D)
     P, iters = C.bwd_programs(B, triton.cdiv(T, BLOCK_R), x.device)
-    dsh = C.mod_grad_buffer(shift, B, P, D, x)
+    dsh = C.shift_grad_buffer(shift_kind, shift_dtype, B, T, P, D, x)
     dsc = C.mod_grad_buffer(scale, B, P, D, x)
     dw = torch.empty((B, P, D), dtype=torch.float32, device=x.device) if weight is not None else x.new_empty(1)
     if dx.numel() > 0:
@@ -184,15 +126,15 @@ def _bwd(dy, x, shift, scale, weight, norm: str, eps: float):
         _adaln_modulate_bwd_kernel[(P, B)](
             dy.contiguous(), x, scale, weight if weight is not None else scale, dx, dsh, dsc, dw,
             T, D, P, iters, x.stride(0), x.stride(1), s_scb, s_sct, float(eps),
-            IS_RMS=norm == "rms", HAS_SHIFT=shift is not None, SHIFT_PT=shift is not None and shift.dim() == 3,
+            IS_RMS=norm == "rms", HAS_SHIFT=shift_kind > 0, SHIFT_PT=shift_kind == 2,
             SCALE_PT=scale.dim() == 3, HAS_WEIGHT=weight is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-            num_warps=num_warps,
+            BLOCK_C2=BLOCK_C2, num_warps=num_warps,
         )  # fmt: skip
     else:  # nothing to reduce: zero gradients of the right shapes
         for buf in (dsh, dsc, dw):
             buf.zero_()
     dweight = dw.sum((0, 1)).to(weight.dtype) if weight is not None else x.new_empty(0)
-    return dx, C.finish_mod_grad(dsh, shift, x), C.finish_mod_grad(dsc, scale, x), dweight
+    return dx, C.finish_shift_grad(dsh, shift_kind, shift_dtype, x), C.finish_mod_grad(dsc, scale, x), dweight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,21 +164,22 @@ def _(x, shift, scale, weight, norm, eps, out_dtype):
 def _adaln_modulate_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
-    shift: torch.Tensor | None,
     scale: torch.Tensor,
     weight: torch.Tensor | None,
+    shift_kind: int,
+    shift_dtype: torch.dtype,
     norm: str,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # shift is passed for its shape and dtype only (its gradient does not depend on its value)
-    return _bwd(dy, x, shift, scale, weight, norm, eps)
+    # dshift = dy needs no shift value: only its kind (C.shift_kind) and dtype are passed (no unused per-token read)
+    return _bwd(dy, x, scale, weight, shift_kind, shift_dtype, norm, eps)
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dy, x, shift, scale, weight, norm, eps):
+def _(dy, x, scale, weight, shift_kind, shift_dtype, norm, eps):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
-        C.fake_grad(shift, x),
+        C.fake_shift_grad(shift_kind, shift_dtype, x),
         C.fake_grad(scale, x),
         C.fake_grad(weight, x),
     )
@@ -245,13 +188,16 @@ def _(dy, x, shift, scale, weight, norm, eps):
 def _setup_context(ctx, inputs, output):
     x, shift, scale, weight, norm, eps, _ = inputs
     ctx.norm, ctx.eps = norm, eps
-    ctx.save_for_backward(x, shift, scale, weight)
+    ctx.shift_kind, ctx.shift_dtype = C.shift_kind(shift), shift.dtype if shift is not None else x.dtype
+    ctx.save_for_backward(x, scale, weight)
 
 
 def _backward(ctx, dy):
-    x, shift, scale, weight = ctx.saved_tensors
-    dx, dshift, dscale, dweight = _adaln_modulate_backward_op(dy, x, shift, scale, weight, ctx.norm, ctx.eps)
-    return dx, dshift if shift is not None else None, dscale, dweight if weight is not None else None, None, None, None
+    x, scale, weight = ctx.saved_tensors
+    dx, dshift, dscale, dweight = _adaln_modulate_backward_op(dy, x, scale, weight, ctx.shift_kind, ctx.shift_dtype,
+                                                              ctx.norm, ctx.eps)  # fmt: skip
+    dshift = dshift if ctx.shift_kind else None
+    return dx, dshift, dscale, dweight if weight is not None else None, None, None, None
 
 
 _adaln_modulate_op.register_autograd(_backward, setup_context=_setup_context)

@@ -3,10 +3,13 @@
 Every bandwidth-bound piece of a block is one fused op (docs/method.md § Compute accounting: they are what fusion buys):
 
     adaln_modulate        h = RMSNorm(x) * (1 + scale) + shift
-    gated_residual_adaln  x' = x + gate * y ;  h = RMSNorm(x') * (1 + scale) + shift   (residual + next pre-norm)
+    gated_residual_adaln  x' = x + gate * (y + b) ;  h = RMSNorm(x') * (1 + scale) + shift   (residual + next norm)
     qk_norm_rope          q, k = RoPE(RMSNorm_hd(q)), RoPE(RMSNorm_hd(k))               (2-D axial RoPE)
     swiglu                silu(a) * b on the packed output of ``w12``
     attention             softmax(q k^T / sqrt(hd)) v  (the attention backend registry)
+
+``Attention``, ``SwiGLU``, ``Mlp``: ``forward_unbiased`` returns (output without the last linear's bias ``b``, ``b``);
+the blocks fold ``b`` into the gated residual, which returns its gradient (docs/method/adaln-fold.md).
 
 Module and parameter names follow LightningDiT's and RAE's code (``x_embedder.proj``, ``t_embedder.mlp``,
 ``y_embedder.embedding_table``, ``attn.qkv``, ``mlp.w12``/``mlp.w3``, ``adaLN_modulation.1``, ``pos_embed``), so
@@ -121,21 +124,24 @@ def modulate(x: torch.Tensor, nxt: NextNorm) -> torch.Tensor:
 
 
 def gated_residual(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, nxt: NextNorm | None
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, nxt: NextNorm | None, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x' = x + gate * y`` and, when ``nxt`` is given, the next pre-norm ``h = modulate(x')`` in the same pass.
+    """``x' = x + gate * (y + bias)`` and, when ``nxt`` is given, the next pre-norm ``h = modulate(x')`` in one pass.
 
     Args:
         x: ``(B, N, D)`` residual stream; y: ``(B, N, D)`` branch output; gate: ``(B, D)`` or ``(B, N, D)``.
         nxt: the following norm + modulation, or None for a plain gated residual (end of DiT^DH's trunk).
+        bias: ``(D,)`` bias of the branch's last linear when ``y`` comes from ``forward_unbiased`` (its gradient
+            comes from the fused backward), or None.
 
     Returns:
         ``(x', h)``, both ``(B, N, D)``; ``h`` is None without ``nxt``.
     """
-    if nxt is None:
-        return x + (gate.unsqueeze(1) if gate.dim() == 2 else gate) * y, None
+    if nxt is None:  # once per DiT^DH step (no fused op without the norm): y + bias is materialised, dbias is a sum
+        g = gate.unsqueeze(1) if gate.dim() == 2 else gate
+        return torch.addcmul(x, g, y if bias is None else y + bias), None
     return kernels.gated_residual_adaln(
-        x, y, gate, nxt.shift, nxt.scale, weight=nxt.norm.weight, norm="rms", eps=nxt.norm.eps
+        x, y, gate, nxt.shift, nxt.scale, weight=nxt.norm.weight, norm="rms", eps=nxt.norm.eps, bias=bias
     )
 
 
@@ -207,8 +213,21 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Args: x ``(B, N, D)``; rope ``(cos, sin)`` each ``(N, head_dim)`` or None. Returns ``(B, N, D)``."""
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, unbiased: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Args: x ``(B, N, D)``; rope ``(cos, sin)`` each ``(N, head_dim)`` or None. Returns ``(B, N, D)``
+        (``unbiased``: what :meth:`forward_unbiased` returns)."""
+        o = self._attend(x, rope)
+        return (F.linear(o, self.proj.weight), self.proj.bias) if unbiased else self.proj(o)
+
+    def forward_unbiased(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+        """``(forward(x) - proj.bias, proj.bias)``: ``(B, N, D)`` without ``proj``'s bias, and that ``(D,)`` bias (to
+        fold into the gated residual). Runs through ``__call__`` (module hooks fire)."""
+        return self(x, rope, unbiased=True)
+
+    def _attend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The attention output before ``proj``: ``(B, N, D)`` -> ``(B, N, D)`` (heads merged)."""
         B, N, D = x.shape
         if rope is not None or self.q_norm is not None:
             if rope is None:  # qk-norm without RoPE: the identity rotation
@@ -230,7 +249,7 @@ class Attention(nn.Module):
             qkv = self.qkv(x)  # (B, N, 3D): q | k | v, heads inside
             q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         o = kernels.attention(q, k, v)  # (B, H, N, hd)
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+        return o.transpose(1, 2).reshape(B, N, D)
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
@@ -251,11 +270,20 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+    def forward(self, x: torch.Tensor, unbiased: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self._unbiased(x)  # (B, N, D) -> (B, N, D)
+        return (y, self.w3.bias) if unbiased else y + self.w3.bias
+
+    def forward_unbiased(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x) - w3.bias, w3.bias)``: ``(B, N, D)`` without ``w3``'s bias, and that ``(D,)`` bias.
+        Runs through ``__call__`` (module hooks fire)."""
+        return self(x, unbiased=True)
+
+    def _unbiased(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D), without w3's bias
         # w12's bias is added inside the fused gate, whose backward also sums its gradient (no separate bias-grad
         # reduction over the (B, N, 2 * hidden) gradient)
         h = F.linear(x, self.w12.weight)
-        return self.w3(kernels.swiglu(h, bias=self.w12.bias))
+        return F.linear(kernels.swiglu(h, bias=self.w12.bias), self.w3.weight)
 
 
 class Mlp(nn.Module):
@@ -266,8 +294,17 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, unbiased: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self._hidden(x)  # (B, N, D) -> (B, N, D)
+        return (F.linear(h, self.fc2.weight), self.fc2.bias) if unbiased else self.fc2(h)
+
+    def forward_unbiased(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x) - fc2.bias, fc2.bias)``: ``(B, N, D)`` without ``fc2``'s bias, and that ``(D,)`` bias.
+        Runs through ``__call__`` (module hooks fire)."""
+        return self(x, unbiased=True)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, mlp_ratio * D)
+        return F.gelu(self.fc1(x), approximate="tanh")
 
 
 # ----------------------------------------------------------------------------------------------------------------

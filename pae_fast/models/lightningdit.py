@@ -10,7 +10,10 @@
 
 Fusion: each residual add is fused with the pre-norm + modulation that reads its result (``gated_residual_adaln``):
 the attention residual with ``norm2``, the MLP residual with the *next* block's ``norm1`` (or the final layer's
-norm), so the residual stream is read and written once per add. :func:`run_blocks` threads that chain.
+norm), so the residual stream is read and written once per add. :func:`run_blocks` threads that chain. The biases
+of ``attn.proj`` and ``mlp.w3`` are folded into that op, ``x += g * (y + b)`` (``forward_unbiased``): their
+gradients come out of its backward kernel instead of a ``sum`` over each ``(B*N, D)`` gradient
+(docs/method/adaln-fold.md).
 
 Time convention (docs/method.md § Conventions): ``t = 1`` is data, ``t = 0`` noise; the model predicts
 ``v = x1 - x0``. Guidance lives in ``pae_fast.flow``; the unconditional label is ``model.null_class``.
@@ -115,8 +118,11 @@ class LightningDiTBlock(nn.Module):
         Returns:
             ``(x', h')``: the residual stream after the block, and ``nxt`` applied to it (None without ``nxt``).
         """
-        x, h = gated_residual(x, self.attn(h, rope), mod.gate_msa, NextNorm(self.norm2, mod.shift_mlp, mod.scale_mlp))
-        return gated_residual(x, self.mlp(h), mod.gate_mlp, nxt)
+        # the last linear of each branch runs without its bias; the fused residual adds it (and returns its gradient)
+        y, bias = self.attn.forward_unbiased(h, rope)
+        x, h = gated_residual(x, y, mod.gate_msa, NextNorm(self.norm2, mod.shift_mlp, mod.scale_mlp), bias)
+        y, bias = self.mlp.forward_unbiased(h)
+        return gated_residual(x, y, mod.gate_mlp, nxt, bias)
 
 
 class FinalLayer(nn.Module):

@@ -54,7 +54,10 @@ def test_many_programs_per_sample_reduce_partial_sums(monkeypatch, norm):
     # the second program lies entirely past N)
     monkeypatch.setattr(common, "MAX_BLOCK_ELEMS", 256)
     B, N, D = 2, 35, 33
-    assert common.blocks(N, D)[:2] == (4, 64) and common.bwd_programs(B, 9, torch.device("cpu")) == (2, 5)
+    from pae_fast.kernels._gated_residual_adaln_bwd import bwd_blocks
+
+    assert common.fwd_blocks(N, D)[:3] == bwd_blocks(N, D)[:3] == (4, 32, 16)  # 33 = 32 + 16 lanes, 4 rows
+    assert common.bwd_programs(B, 9, torch.device("cpu")) == (2, 5)
     kw = {"norm": norm, "weight": rnd(D, offset=1.0) if norm == "rms" else None}
     check((rnd(B, N, D), mod("sample", B, N, D), mod("sample", B, N, D)), kw)
     check((rnd(B, N, D), mod("token", B, N, D), mod("sample", B, N, D)), kw)

@@ -30,19 +30,23 @@ def test_registered_cases_match_reference(dtype):
 
 
 @pytest.mark.parametrize(
-    "B,N,D,norm,weight,gate,shift,scale",
+    "B,N,D,norm,weight,gate,shift,scale,bias",
     [
-        (1, 257, 1152, "rms", True, "sample", "sample", "sample"),  # LightningDiT-XL block, odd token count
-        (1, 5, 2048, "rms", True, "token", "token", "token"),  # DiT^DH head block
-        (2, 5, 2048, "layer", False, "sample", "token", "sample"),  # mixed
-        (2, 5, 1152, "rms", False, "token", None, "sample"),  # mixed, wo_shift
-        (2, 257, 33, "layer", False, "sample", None, "token"),
-        (1, 6, 72, "rms", True, "token", "sample", "token"),
+        (1, 257, 1152, "rms", True, "sample", "sample", "sample", True),  # LightningDiT-XL block, odd token count
+        (1, 5, 2048, "rms", True, "token", "token", "token", True),  # DiT^DH head block
+        (2, 5, 2048, "layer", False, "sample", "token", "sample", False),  # mixed
+        (2, 5, 1152, "rms", False, "token", None, "sample", True),  # mixed, wo_shift
+        (2, 257, 33, "layer", False, "sample", None, "token", True),
+        (1, 6, 72, "rms", True, "token", "sample", "token", False),
+        (2, 7, 40, "rms", True, "sample", "token", "token", True),  # 32 + 16 lanes
+        (1, 3, 384, "layer", False, "token", "sample", "sample", True),  # DiTDH-S width: 256 + 128 lanes
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_widths_norms_and_modulation_kinds(B, N, D, norm, weight, gate, shift, scale, dtype):
+def test_widths_norms_and_modulation_kinds(B, N, D, norm, weight, gate, shift, scale, bias, dtype):
     kw = {"norm": norm, "weight": rnd(D, dtype=dtype, scale=0.1, offset=1.0) if weight else None}
+    if bias:
+        kw["bias"] = rnd(D, dtype=dtype, scale=0.5)
     args = (rnd(B, N, D, dtype=dtype, scale=2.0, offset=0.3), rnd(B, N, D, dtype=dtype), mod(gate, B, N, D, dtype),
             mod(shift, B, N, D, dtype), mod(scale, B, N, D, dtype))  # fmt: skip
     check(args, kw, dtype)
@@ -50,11 +54,12 @@ def test_widths_norms_and_modulation_kinds(B, N, D, norm, weight, gate, shift, s
 
 def test_many_programs_per_sample_reduce_partial_sums(monkeypatch):
     # small tiles: 9 row blocks of 4 tokens per sample, two programs looping over 5 blocks each
+    # (33 = 32 + 16 lanes: 5 rows per tile -> 4), bias partials reduced over programs and samples too
     monkeypatch.setattr(common, "MAX_BLOCK_ELEMS", 256)
     B, N, D = 2, 35, 33
-    assert common.blocks(N, D)[:2] == (4, 64) and common.bwd_programs(B, 9, torch.device("cpu")) == (2, 5)
+    assert common.fwd_blocks(N, D)[:3] == (4, 32, 16) and common.bwd_programs(B, 9, torch.device("cpu")) == (2, 5)
     check((rnd(B, N, D), rnd(B, N, D), mod("sample", B, N, D), mod("sample", B, N, D), mod("sample", B, N, D)),
-          {"weight": rnd(D, offset=1.0)})  # fmt: skip
+          {"weight": rnd(D, offset=1.0), "bias": rnd(D)})  # fmt: skip
 
 
 def test_equals_residual_add_then_adaln_modulate():
@@ -125,10 +130,11 @@ def test_meta_device_forward_backward(gate, shift, scale, weight):
     mods = [None if v is None else torch.empty(*((B, D) if v == "sample" else (B, N, D)), **meta)
             for v in (gate, shift, scale)]  # fmt: skip
     w = torch.empty(D, **meta) if weight else None
-    r, h = gated_residual_adaln(x, y, *mods, w, backend="triton")
+    bias = torch.empty(D, **meta)
+    r, h = gated_residual_adaln(x, y, *mods, w, backend="triton", bias=bias)
     assert r.shape == h.shape == x.shape and r.device.type == h.device.type == "meta"
     (r.sum() + h.sum()).backward()
-    for t in (x, y, w, *mods):
+    for t in (x, y, w, bias, *mods):
         if t is not None:
             assert t.grad is not None and t.grad.shape == t.shape
 
@@ -142,13 +148,14 @@ def test_scope_switches_to_the_reference_exactly():
 
 
 def test_compiles_fullgraph_with_autograd():
-    x, y, gate, shift, scale = rnd(2, 5, 16), rnd(2, 5, 16), rnd(2, 16), rnd(2, 16), rnd(2, 5, 16)
-    fn = torch.compile(lambda *a: gated_residual_adaln(*a, backend="triton"), backend="aot_eager", fullgraph=True)
-    r, h = fn(x, y, gate, shift, scale)
+    x, y, gate, shift, scale, bias = rnd(2, 5, 16), rnd(2, 5, 16), rnd(2, 16), rnd(2, 16), rnd(2, 5, 16), rnd(16)
+    fn = torch.compile(lambda *a: gated_residual_adaln(*a[:5], backend="triton", bias=a[5]), backend="aot_eager",
+                       fullgraph=True)  # fmt: skip
+    r, h = fn(x, y, gate, shift, scale, bias)
     (r.sum() + h.sum()).backward()
-    for a, b in zip((r, h), gated_residual_adaln_ref(x, y, gate, shift, scale)):
+    for a, b in zip((r, h), gated_residual_adaln_ref(x, y, gate, shift, scale, bias=bias)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert all(t.grad is not None for t in (x, y, gate, shift, scale))
+    assert all(t.grad is not None for t in (x, y, gate, shift, scale, bias))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -161,14 +168,21 @@ def test_bad_inputs_raise_clear_errors():
         gated_residual_adaln(x, x, None, m, m)
     with pytest.raises(ValueError, match="weight is only used with norm='rms'"):
         gated_residual_adaln(x, x, m, m, m, torch.ones(8), norm="layer")
+    with pytest.raises(ValueError, match=r"bias must be a floating-point \(8,\) tensor .* got torch.float32 \(2, 8\)"):
+        gated_residual_adaln(x, x, m, m, m, bias=m)
 
 
 def test_min_bytes_counts_reads_and_writes():
+    # forward: read x, y, gate, scale, weight, bias; write r, h. backward: read dr, dh, x, y, gate, scale, weight,
+    # bias; write dx, dy and the gate / scale / weight / bias gradients (no shift here)
     x, m, w = torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(8)
     args = (x, x, m, None, m)
-    assert OP.min_bytes(args, {"weight": w}, False) == 4 * (2 * 80 + 80 + 16 + 16 + 8)
-    bwd = 4 * (3 * 80 + 2 * 80 + (16 + 16 + 8) + (16 + 16 + 8))
-    assert OP.min_bytes(args, {"weight": w}, True) == OP.min_bytes(args, {"weight": w}, False) + bwd
+    kw = {"weight": w, "bias": w}
+    assert OP.min_bytes(args, kw, False) == 4 * (4 * 80 + 16 + 16 + 8 + 8)
+    bwd = 4 * (4 * 80 + 2 * 80 + 2 * (16 + 16 + 8 + 8))
+    assert OP.min_bytes(args, kw, True) == OP.min_bytes(args, kw, False) + bwd
+    half = OP.min_bytes(args, {**kw, "out_dtype": torch.float16}, True)  # h and dh in the GEMM dtype
+    assert half == OP.min_bytes(args, kw, True) - 2 * 2 * 80
 
 
 @pytest.mark.parametrize(
