@@ -5,7 +5,7 @@ Every bandwidth-bound piece of a block is one fused op (docs/method.md § Comput
     adaln_modulate        h = RMSNorm(x) * (1 + scale) + shift
     gated_residual_adaln  x' = x + gate * y ;  h = RMSNorm(x') * (1 + scale) + shift   (residual + next pre-norm)
     qk_norm_rope          q, k = RoPE(RMSNorm_hd(q)), RoPE(RMSNorm_hd(k))               (2-D axial RoPE)
-    swiglu                silu(a) * b on the packed output of ``w12``
+    swiglu_mlp            (silu(a) * b) @ w3^T, [a | b] = x w12^T + b12: the gate in GEMM epilogues (SwiGLU MLP)
     attention             softmax(q k^T / sqrt(hd)) v  (the attention backend registry)
 
 Module and parameter names follow LightningDiT's and RAE's code (``x_embedder.proj``, ``t_embedder.mlp``,
@@ -250,10 +250,13 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        # w12's bias is added inside the fused gate, whose backward also sums its gradient (no separate bias-grad
-        # reduction over the (B, N, 2 * hidden) gradient)
-        h = F.linear(x, self.w12.weight)
-        return self.w3(kernels.swiglu(h, bias=self.w12.bias))
+        y = self._unbiased(x)
+        return y + self.w3.bias.to(y.dtype)
+
+    def _unbiased(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D), without w3's bias
+        # the gate in the epilogues of the w12 GEMM (forward) and of the dy @ w3 GEMM (backward), w12's bias and its
+        # gradient in the same kernels (docs/method.md § SwiGLU in GEMM epilogues)
+        return kernels.swiglu_mlp(x, self.w12.weight, self.w12.bias, self.w3.weight)
 
 
 class Mlp(nn.Module):
