@@ -174,10 +174,8 @@ def block_m() -> int:
     return INTERPRET_CONFIG["BLOCK_M"] if interpreter_enabled() else GPU_BLOCK_M
 
 
-def gemm_gate_fwd(
-    x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ab = x @ w12^T + b12`` (M, 2H) and ``h = silu(a) * b`` (M, H) in ``x.dtype`` for ``x (M, D)``, ``w12 (2H, D)``."""
+def gemm_gate_fwd(x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ab = x @ w12^T + b12`` (M, 2H) and ``h = silu(a) * b`` (M, H) in ``x.dtype``; ``x (M, D)``, ``w12 (2H, D)``."""
     M, D = x.shape
     H = w12.shape[0] // 2
     ab = torch.empty((M, 2 * H), dtype=x.dtype, device=x.device)

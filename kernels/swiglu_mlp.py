@@ -190,9 +190,7 @@ def _autocast_on(x: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def swiglu_mlp_ref(
-    x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None, w3: torch.Tensor
-) -> torch.Tensor:
+def swiglu_mlp_ref(x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None, w3: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of :func:`swiglu_mlp`: ``F.linear -> swiglu -> F.linear`` (the gate in fp32 for half)."""
     _check(x, w12, b12, w3)
     return F.linear(swiglu_ref(F.linear(x, w12, b12)), w3)
