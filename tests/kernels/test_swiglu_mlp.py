@@ -180,3 +180,23 @@ def test_interpreter_and_gpu_tile_configs():
     cfg = K.INTERPRET_CONFIG
     assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16 and 38 % cfg["BLOCK_M"] and 24 % cfg["BLOCK_N"]
     assert K.block_m() == cfg["BLOCK_M"]  # this test file runs under TRITON_INTERPRET=1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_swiglu_layer_is_the_fused_op_plus_w3_bias(backend):
+    """models.layers.SwiGLU: forward = swiglu_mlp(x, w12, b12, w3) + w3's bias = W3(silu(x W1) * x W2) + b3,
+    forward and every parameter gradient (the triton backend runs the interpreter's GEMMs)."""
+    from pae_fast.models.layers import SwiGLU
+
+    torch.manual_seed(0)
+    m = SwiGLU(40, 24)
+    x = torch.randn(2, 19, 40, requires_grad=True)
+    with kernels.use_backend(backend):
+        y = m(x)
+    a, b = m.w12(x).chunk(2, -1)
+    y_ref = m.w3(F.silu(a) * b)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    params = [x, *m.parameters()]
+    g = torch.randn(y.shape)
+    for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g)):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
