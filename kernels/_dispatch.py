@@ -188,6 +188,9 @@ class OpSpec:
             ``pae_fast::<name>`` and ``flops((), named, True) - flops((), named, False)`` on ``<name>_backward``,
             ``named`` being each op's schema-bound arguments (so their names must match the public function's).
             None: a bandwidth-bound op.
+        atol_rms: compare with ``atol`` scaled by each reference tensor's RMS where it exceeds 1 (an op whose outputs
+            or gradients are sums over many rows, e.g. a GEMM's weight gradient over all tokens: their rounding error
+            grows with that scale, so a fixed ``atol`` cannot hold at model sizes in half precision).
     """
 
     name: str
@@ -198,6 +201,7 @@ class OpSpec:
     description: str = ""
     backends: Callable[[], dict[str, str | None]] | None = None
     flops: Callable[[tuple, dict, bool], int] | None = None
+    atol_rms: bool = False
     tolerances: dict[torch.dtype, tuple[float, float]] = field(
         default_factory=lambda: {
             torch.float64: (1e-10, 1e-10),

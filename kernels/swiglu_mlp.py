@@ -267,11 +267,13 @@ register_op(
         min_bytes=_min_bytes,
         cases=_cases,
         flops=_flops,
+        atol_rms=True,  # the weight gradients are sums over all M rows of the rounded d[a | b] (and h)
         description="SwiGLU MLP (silu(a) * b) @ w3^T with the gate in the epilogues of Triton GEMMs (no w3 bias)",
         tolerances={
             torch.float64: (1e-10, 1e-10),
             torch.float32: (2e-5, 2e-5),
-            # half: the weight gradients are sums over all rows of the rounded d[a | b] (as in the unfused chain)
+            # half: rounding d[a | b] and h to the compute dtype (as the unfused chain does) dominates the weight
+            # gradients' error; atol is relative to each tensor's RMS (atol_rms)
             torch.float16: (1e-2, 1e-2),
             torch.bfloat16: (6e-2, 6e-2),
         },
