@@ -6,7 +6,11 @@ update. It is counted twice, with the fused kernels selected explicitly (``use_b
 PyTorch references (``use_backend("torch")``); attention is SDPA on both sides, charged flash-style. The counts
 become a predicted step time. Assumptions (stated in every report):
 
-    matmul     = GEMM FLOPs / (GEMM efficiency 70% x 989 TFLOP/s dense bf16)
+    matmul     = GEMM FLOPs / (GEMM efficiency 70% x 989 TFLOP/s dense bf16); a fused GEMM op (an ``OpSpec`` with
+                 ``flops``, e.g. ``swiglu_mlp``: Triton GEMMs with the SwiGLU gate in their epilogues) is charged per
+                 call max(its FLOPs at that rate, its bytes at the bandwidth below): a Triton GEMM is assumed to
+                 run at cuBLAS's efficiency (calibrated by ``kernels.validate`` / ``bench_train_step.py --device
+                 cuda`` on the first GPU run), and an epilogue is not free where it would be bandwidth-bound
     attention  = attention FLOPs / (the same rate) + attention bytes / (HBM efficiency x bandwidth);
                  cuDNN attention on sm_90 runs head_dim 72 unpadded (the default); FlashAttention-2 pads it to 96
                  (``--attention fa2`` charges the padded FLOPs)
@@ -83,7 +87,8 @@ def predict(
 
     ``summary`` holds ``matmul_flops``, ``attention_flops`` (``attention_padded_flops`` for ``fa2``),
     ``attention_model_flops``, ``attention_bytes``, ``other_bytes`` and optionally ``update_bytes`` (optimizer +
-    EMA).
+    EMA) and ``fused_gemm`` (:meth:`TrafficCounter.summary`: calls of fused GEMM ops, whose FLOPs are part of
+    ``matmul_flops``; each is charged max(FLOPs / GEMM rate, bytes / bandwidth)).
     """
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
@@ -91,7 +96,10 @@ def predict(
     bw = hbm_efficiency * hw.bandwidth
     attn_flops = summary.get("attention_padded_flops", summary["attention_flops"]) if attention == "fa2" else (
         summary["attention_flops"])  # fmt: skip
-    matmul_s = summary["matmul_flops"] / rate
+    fused = summary.get("fused_gemm", [])
+    fused_flops = sum(c["calls"] * c["flops"] for c in fused)
+    fused_s = sum(c["calls"] * max(c["flops"] / rate, c["bytes"] / bw) for c in fused)
+    matmul_s = (summary["matmul_flops"] - fused_flops) / rate + fused_s
     attention_s = attn_flops / rate + summary["attention_bytes"] / bw
     bandwidth_s = summary["other_bytes"] / bw
     update_s = summary.get("update_bytes", 0) / bw
@@ -99,6 +107,7 @@ def predict(
     model_flops = summary["matmul_flops"] + summary["attention_model_flops"]
     return {
         "matmul_s": matmul_s,
+        "fused_gemm_s": fused_s,
         "attention_s": attention_s,
         "bandwidth_s": bandwidth_s,
         "update_s": update_s,
@@ -213,7 +222,10 @@ def _assumption_text(a: dict[str, Any]) -> str:
     hw = ", ".join(f"{k} {v['bandwidth_tbps']} TB/s" for k, v in a["hardware"].items())
     return (
         f"batch {a['batch']}; train.precision={a['precision']}, train.optimizer={a['optimizer']}, EMA on. "
-        f"GEMMs at {a['gemm_efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s (dense bf16); bandwidth-bound ops and "
+        f"GEMMs at {a['gemm_efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s (dense bf16), Triton GEMMs with fused "
+        "epilogues (`gemm:<op>` rows) assumed as efficient as cuBLAS and charged max(FLOPs at that rate, their bytes "
+        "at the bandwidth below) per call (unverified until a GPU run: `kernels.validate`, "
+        "`bench_train_step.py --device cuda`); bandwidth-bound ops and "
         f"the optimizer/EMA at {a['hbm_efficiency']:.1%} of peak HBM bandwidth ({hw}); attention: FLOPs at the GEMM "
         "rate + flash-style bytes at that bandwidth, cuDNN attention (head_dim 72 unpadded on sm_90; the "
         "FlashAttention-2 column pads it to 96); no overlap between kernels. Fused = `use_backend(\"triton\")` "
@@ -269,6 +281,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "error" in m:
             continue
         lines += ["", f"### {name}: bandwidth-bound bytes per op type (GB per step)", "",
+                  "`gemm:<op>` rows are fused GEMM ops (Triton GEMMs with an epilogue): their bytes are charged in the "
+                  "matmul time (max of FLOPs and bytes per call), not in the bandwidth-bound total.", "",
                   "| op type | fused GB | reference GB | minimum GB | fused launches |", "|---|---:|---:|---:|---:|"]
         f, r = m["fused"]["op_types"], m["reference"]["op_types"]
         sizes = {k: max(f.get(k, {}).get("bytes", 0), r.get(k, {}).get("bytes", 0)) for k in set(f) | set(r)}

@@ -12,10 +12,12 @@ norms and reductions in fp32), and every op is charged by :class:`pae_fast.kerne
 fake implementations run); ``backend="reference"`` the PyTorch references. Attention is SDPA on both sides, charged
 flash-style once per call.
 
-Op types (bandwidth-bound bytes only) and the minimum each could move (the floor used by the report):
+Op types (bandwidth-bound bytes; fused GEMM ops listed apart) and the minimum each could move (the report's floor):
 
 =====================  ======================================================================================
 ``fused:<op>``         a ``pae_fast::<op>`` custom op, forward + backward; minimum: ``OpSpec.min_bytes`` of its calls
+``gemm:<op>``          a fused GEMM op (``OpSpec.flops``: counted as ``matmul``, timed as max(FLOPs, bytes)); listed
+                       with its bytes but not part of the bandwidth-bound total; minimum: ``OpSpec.min_bytes``
 ``casts``              ``_to_copy`` (autocast's weight casts and their gradients, dtype changes); minimum 0 (bf16
                        compute weights come from the optimizer; activations leave their producer in GEMM dtype)
 ``bias-grad sums``     ``sum`` in backward (a Linear's bias gradient); minimum 0 (folded into a backward kernel
@@ -50,7 +52,8 @@ def op_type(row: dict[str, Any], update: bool = False) -> str:
         return "optimizer + EMA"
     if op.startswith("pae_fast::"):
         name = op.split("::", 1)[1]
-        return "fused:" + (name[: -len("_backward")] if name.endswith("_backward") else name)
+        kind = "gemm:" if row["category"] == "matmul" else "fused:"
+        return kind + (name[: -len("_backward")] if name.endswith("_backward") else name)
     if op == "_to_copy":
         return "casts"
     if op == "sum" and row["phase"] == "backward":
@@ -195,14 +198,14 @@ def by_op_type(counted: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for update, summary in ((False, counted["step"]), (True, counted["update"])):
         for r in summary["rows"]:
-            if r["category"] != "other":
+            if r["category"] != "other" and not (r["category"] == "matmul" and r["op"].startswith("pae_fast::")):
                 continue
             t = out.setdefault(op_type(r, update), {"bytes": 0, "launches": 0})
             t["bytes"] += r["bytes"]
             t["launches"] += r["launches"]
     for name, t in out.items():
-        if name.startswith("fused:"):
-            t["min_bytes"] = counted["fused_min_bytes"].get(name[len("fused:"):])
+        if name.startswith(("fused:", "gemm:")):
+            t["min_bytes"] = counted["fused_min_bytes"].get(name.split(":", 1)[1])
         elif name == "optimizer + EMA":
             t["min_bytes"] = OPTIMIZER_EMA_MIN_BYTES_PER_PARAM * counted["params"]
         elif name == "other":

@@ -31,6 +31,7 @@ from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
 from .qkv_norm_rope import qkv_norm_rope, qkv_norm_rope_ref
 from .sphere_perturb import sphere_perturb, sphere_perturb_ref
 from .swiglu import swiglu, swiglu_ref
+from .swiglu_mlp import swiglu_mlp, swiglu_mlp_ref
 
 __all__ = [
     "BACKENDS",
@@ -47,6 +48,8 @@ __all__ = [
     "latent_norm_ref",
     "swiglu",
     "swiglu_ref",
+    "swiglu_mlp",
+    "swiglu_mlp_ref",
     "qk_norm_rope",
     "qk_norm_rope_ref",
     "qkv_norm_rope",

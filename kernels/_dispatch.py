@@ -181,6 +181,16 @@ class OpSpec:
         backends: ``backends() -> {backend: reason or None}``; defaults to triton/torch.
         tolerances: ``{dtype: (atol, rtol)}`` used by validate and tests.
         description: one line for ``python -m pae_fast.kernels.info``.
+        flops: for an op that is mostly GEMM (its Triton kernels and cuBLAS calls do matrix products):
+            ``flops(args, kwargs, backward) -> int``, the GEMM FLOPs (2 per multiply-accumulate) of the forward, or
+            with ``backward`` of forward + backward (the convention of ``min_bytes``). The traffic counter then counts
+            its custom ops in the ``matmul`` category: it calls ``flops((), named, False)`` on the forward op
+            ``pae_fast::<name>`` and ``flops((), named, True) - flops((), named, False)`` on ``<name>_backward``,
+            ``named`` being each op's schema-bound arguments (so their names must match the public function's).
+            None: a bandwidth-bound op.
+        atol_rms: compare with ``atol`` scaled by each reference tensor's RMS where it exceeds 1 (an op whose outputs
+            or gradients are sums over many rows, e.g. a GEMM's weight gradient over all tokens: their rounding error
+            grows with that scale, so a fixed ``atol`` cannot hold at model sizes in half precision).
     """
 
     name: str
@@ -190,6 +200,8 @@ class OpSpec:
     cases: Callable[[str, torch.device, torch.dtype], list[tuple[str, tuple, dict]]]
     description: str = ""
     backends: Callable[[], dict[str, str | None]] | None = None
+    flops: Callable[[tuple, dict, bool], int] | None = None
+    atol_rms: bool = False
     tolerances: dict[torch.dtype, tuple[float, float]] = field(
         default_factory=lambda: {
             torch.float64: (1e-10, 1e-10),

@@ -201,6 +201,25 @@ def test_roofline_prediction_math(bench_path):
         roofline.predict(s, hw, attention="xformers")
 
 
+def test_roofline_charges_fused_gemms_max_of_flops_and_bytes(bench_path):
+    """A fused GEMM op's calls (part of matmul_flops) cost max(FLOPs at the GEMM rate, bytes at the bandwidth)."""
+    import roofline
+
+    hw = roofline.Hardware("X", peak_flops=1000e12, bandwidth=2e12)
+    base = {"matmul_flops": 700e12, "attention_flops": 0, "attention_model_flops": 0, "attention_bytes": 0,
+            "other_bytes": 0}  # fmt: skip
+    plain = roofline.predict(base, hw, gemm_efficiency=0.7, hbm_efficiency=1.0)
+    compute_bound = [{"phase": "forward", "op": "pae_fast::g", "flops": 70e12, "bytes": 0.1e12, "calls": 2}]
+    p = roofline.predict(dict(base, fused_gemm=compute_bound), hw, gemm_efficiency=0.7, hbm_efficiency=1.0)
+    assert p["matmul_s"] == pytest.approx(plain["matmul_s"]) == pytest.approx(1.0)
+    assert p["fused_gemm_s"] == pytest.approx(0.2) and p["mfu"] == pytest.approx(plain["mfu"])
+    # bandwidth-bound calls: 3 s of bytes instead of 0.1 s of FLOPs each
+    bw_bound = [{"phase": "backward", "op": "pae_fast::g_backward", "flops": 70e12, "bytes": 6e12, "calls": 1}]
+    p = roofline.predict(dict(base, fused_gemm=bw_bound), hw, gemm_efficiency=0.7, hbm_efficiency=1.0)
+    assert p["matmul_s"] == pytest.approx(0.9 + 3.0) and p["fused_gemm_s"] == pytest.approx(3.0)
+    assert p["model_flops"] == plain["model_flops"]  # the MFU numerator is the same FLOPs
+
+
 def test_roofline_writes_documented_keys(bench_path, tmp_path):
     import roofline
 
@@ -231,7 +250,8 @@ def test_roofline_writes_documented_keys(bench_path, tmp_path):
     assert m["optimizer_ema_bytes"] == m["fused"]["update_bytes"] >= 36 * n  # >= the fused kernel's floor
     types = m["fused"]["op_types"]
     assert types["optimizer + EMA"]["min_bytes"] == 36 * n
-    assert {"fused:adaln_modulate", "fused:gated_residual_adaln", "fused:swiglu"} <= set(types)
+    assert {"fused:adaln_modulate", "fused:gated_residual_adaln", "gemm:swiglu_mlp"} <= set(types)
+    assert "`gemm:<op>` rows are fused GEMM ops" in md
     assert all(t["min_bytes"] is not None and t["min_bytes"] <= t["bytes"] for t in types.values()), types
     assert "casts" in m["reference"]["op_types"] and "per op type" in md
     # the one-kernel optimizer + EMA: 36 B/param (bf16 gradients read in place, bf16 copy written; or fp32 gradients
@@ -278,6 +298,27 @@ def test_roofline_counts_the_precision_policy(bench_path):
     assert bf["update_bytes"] == pytest.approx(52 * n, rel=0.02)  # + bf16 grads to fp32 (6) + the bf16 copy (6)
     assert ref["attention_flops"] == bf["attention_flops"] and ref["attention_bytes"] == bf["attention_bytes"]
     assert ref["matmul_flops"] == bf["matmul_flops"]
+
+
+def test_roofline_fused_swiglu_gemm_keeps_the_mfu_numerator(bench_path):
+    """A small LightningDiT counted fused (SwiGLU MLP = one fused GEMM op each way) and with the references (aten
+    GEMMs): the same GEMM and attention FLOPs, so the same MFU numerator; the fused MLP's calls are matmul, not
+    bandwidth-bound, and no swiglu pass remains."""
+    import roofline
+
+    fused = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="fused")
+    ref = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="reference")
+    assert fused["matmul_flops"] == ref["matmul_flops"] and fused["attention_model_flops"] == ref[
+        "attention_model_flops"]  # fmt: skip
+    hw = roofline.HARDWARE["H100"]
+    assert roofline.predict(fused, hw)["model_flops"] == roofline.predict(ref, hw)["model_flops"]
+    calls = {(c["phase"], c["op"]): c for c in fused["fused_gemm"]}
+    fwd, bwd = calls[("forward", "pae_fast::swiglu_mlp")], calls[("backward", "pae_fast::swiglu_mlp_backward")]
+    assert fwd["calls"] == bwd["calls"] == 1 and bwd["flops"] == 2 * fwd["flops"] > 0
+    types = fused["op_types"]
+    assert "gemm:swiglu_mlp" in types and "fused:swiglu" not in types
+    assert types["gemm:swiglu_mlp"]["bytes"] == types["gemm:swiglu_mlp"]["min_bytes"] > 0
+    assert types["gemm:swiglu_mlp"]["bytes"] == fwd["bytes"] + bwd["bytes"]
 
 
 def test_roofline_unknown_model_is_reported(bench_path, tmp_path):

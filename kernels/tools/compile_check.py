@@ -7,7 +7,8 @@ closes that gap on any machine:
 1. record (a subprocess under the interpreter): every op of :data:`pae_fast.kernels.OPS` runs its "small" and "model"
    cases, forward and backward, in fp32, fp16 and bf16, with ``backend="triton"`` and the GPU block-size heuristics;
    kernel launches are recorded (kernel, argument types, constexpr values, ``num_warps``) but not executed, so model
-   sizes and bf16 cost nothing;
+   sizes and bf16 cost nothing; an autotuned kernel (``triton.autotune``, e.g. ``swiglu_mlp``'s GEMMs) records one
+   launch per config, so every config it may pick on a GPU is compiled;
 2. compile (a subprocess without the interpreter): each distinct launch goes through ``triton.compile`` for
    ``cuda:<arch>`` (Triton IR -> LLVM -> PTX -> cubin with the ptxas bundled with triton), and ``ptxas -v`` reports
    registers and spills.
@@ -45,11 +46,14 @@ def _describe(value: Any) -> dict[str, Any]:
     import torch
 
     if isinstance(value, torch.Tensor):
-        return {"kind": "tensor", "dtype": _TRITON_DTYPES[str(value.dtype).replace("torch.", "")]}
+        # the JIT specializes pointers aligned to 16 bytes (and ints divisible by 16, below): a GEMM's loads become
+        # pipelined async copies only with that knowledge, so the compile here must see it too
+        return {"kind": "tensor", "dtype": _TRITON_DTYPES[str(value.dtype).replace("torch.", "")],
+                "div16": value.data_ptr() % 16 == 0}  # fmt: skip
     if isinstance(value, bool):
         return {"kind": "bool", "value": value}
     if isinstance(value, int):
-        return {"kind": "int", "value": value}
+        return {"kind": "int", "value": value, "div16": value % 16 == 0}
     if isinstance(value, float):
         return {"kind": "float", "value": value}
     if value is None:
@@ -60,6 +64,7 @@ def _describe(value: Any) -> dict[str, Any]:
 def record_launches(ops: list[str] | None, sizes: list[str], dtypes: list[str]) -> list[dict[str, Any]]:
     """Run the ops' cases with launches recorded instead of executed (needs ``TRITON_INTERPRET=1``)."""
     import torch
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
     from pae_fast import kernels
@@ -84,8 +89,12 @@ def record_launches(ops: list[str] | None, sizes: list[str], dtypes: list[str]) 
         ours = name.startswith("pae_fast.kernels.") and not name.endswith("._dispatch")
         if ours and getattr(mod, "interpreter_enabled", None) is kernels.interpreter_enabled:
             mod.interpreter_enabled = lambda: False
-    original = InterpretedFunction.run
-    InterpretedFunction.run = record
+    def record_every_config(self, *args, **kwargs):  # instead of timing the configs (needs a GPU)
+        for config in self.configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    original, original_tuned = InterpretedFunction.run, Autotuner.run
+    InterpretedFunction.run, Autotuner.run = record, record_every_config
     try:
         dev = torch.device("cpu")
         for op in ops or sorted(kernels.OPS):
@@ -101,7 +110,7 @@ def record_launches(ops: list[str] | None, sizes: list[str], dtypes: list[str]) 
                         if outs and leaves:
                             torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
     finally:
-        InterpretedFunction.run = original
+        InterpretedFunction.run, Autotuner.run = original, original_tuned
     return launches
 
 
@@ -125,7 +134,7 @@ def _dedupe(launches: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _signature(jit_fn: Any, rec: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Triton signature (name -> type string) and constexprs of one recorded launch."""
+    """Triton signature (name -> type string) and constexprs of one recorded launch (see :func:`_attrs`)."""
     sig: dict[str, str] = {}
     consts: dict[str, Any] = {}
     for p in jit_fn.params:
@@ -152,6 +161,17 @@ def _signature(jit_fn: Any, rec: dict[str, Any]) -> tuple[dict[str, str], dict[s
     return sig, consts
 
 
+def _attrs(jit_fn: Any, rec: dict[str, Any]) -> dict[tuple[int, ...], list]:
+    """``tt.divisibility`` 16 of the pointer and int arguments the JIT would specialize (16-byte aligned pointers,
+    ints divisible by 16), as ``ASTSource(attrs=...)`` takes them."""
+    out = {}
+    for i, p in enumerate(jit_fn.params):
+        a = rec["args"].get(p.name)
+        if not p.is_constexpr and a is not None and a.get("div16") and not getattr(p, "do_not_specialize", False):
+            out[(i,)] = [["tt.divisibility", 16]]
+    return out
+
+
 def compile_launches(launches: list[dict[str, Any]], arch: int, ptxas: bool) -> list[dict[str, Any]]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -167,7 +187,7 @@ def compile_launches(launches: list[dict[str, Any]], arch: int, ptxas: bool) -> 
         try:
             jit_fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
             sig, consts = _signature(jit_fn, rec)
-            src = ASTSource(fn=jit_fn, signature=sig, constexprs=consts)
+            src = ASTSource(fn=jit_fn, signature=sig, constexprs=consts, attrs=_attrs(jit_fn, rec))
             compiled = triton.compile(src, target=target, options=dict(rec["options"]))
             row.update(ok=True, error=None, shared_bytes=compiled.metadata.shared)
             if ptxas and os.path.exists(ptxas_bin):

@@ -13,6 +13,9 @@ writes each output once (the model behind "bandwidth-bound ops move N bytes"):
   runs, so it never sees the kernels or glue inside; a fused op's backward is its own ``*_backward`` op).
 - GEMMs (mm/addmm/bmm/baddbmm/linear/convolution and their backward) are the ``matmul`` category; their FLOPs use
   ``torch.utils.flop_counter``'s formulas (2 FLOPs per multiply-accumulate).
+- fused GEMM ops: a ``pae_fast::*`` op whose ``OpSpec`` declares ``flops`` (a GEMM with a fused epilogue, e.g.
+  ``swiglu_mlp``) is also ``matmul``, with those FLOPs and its boundary bytes; each call's (FLOPs, bytes) is kept
+  (``summary()["fused_gemm"]``) so a time model can charge it max(FLOPs at the GEMM rate, bytes at the bandwidth).
 - attention is ONE op at flash-style traffic, whatever backend the device picks: every call of
   ``F.scaled_dot_product_attention`` is intercepted (a ``TorchFunctionMode``) and charged forward as read q, k, v
   (+ mask), write out + logsumexp (fp32, B·H·Nq); backward as read dout, q, k, v, out, logsumexp, write dq, dk, dv.
@@ -213,6 +216,7 @@ class TrafficCounter(TorchDispatchMode):
         self._inside_op = 0
         self._paused = 0
         self._fn_mode = _SDPAInterceptor(self)
+        self._fused_gemm: dict[tuple[str, str, int, int], int] = {}  # (phase, op, flops, bytes) -> calls
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> TrafficCounter:
@@ -249,6 +253,7 @@ class TrafficCounter(TorchDispatchMode):
 
     def reset(self) -> None:
         self._rows.clear()
+        self._fused_gemm.clear()
 
     # ------------------------------------------------------------------ counting
     def _row(self, op: str, category: str) -> OpRow:
@@ -323,16 +328,27 @@ class TrafficCounter(TorchDispatchMode):
             category = "matmul"
         else:
             category = "other"
+        gemm_flops = _fused_gemm_flops(ns, base, name != base, schema_args, values)
+        if gemm_flops is not None:
+            category = "matmul"
         row = self._row(full, category)
         row.calls += 1
         row.launches += 1
-        row.written_bytes += sum(footprint_bytes(t) for t in outs)
+        written_b = sum(footprint_bytes(t) for t in outs)
+        read_b = 0
         if not (name.endswith("_like") or name.startswith("new_")):  # factories only use the input's metadata
             # arguments that are only overwritten: ``out=`` and the destination of copy_/fill_/zero_/...
             skip = {id(v) for i, a, v in written if a.kwarg_only or (i == 0 and name in _OVERWRITE_OPS)
                     or a.name in _WRITE_ONLY_ARGS.get(name, ())}  # fmt: skip
-            row.read_bytes += sum(footprint_bytes(t) for v in values if id(v) not in skip for t in _tensors(v))
-        if category != "other":
+            read_b = sum(footprint_bytes(t) for v in values if id(v) not in skip for t in _tensors(v))
+        row.written_bytes += written_b
+        row.read_bytes += read_b
+        if gemm_flops is not None:
+            row.flops += gemm_flops
+            row.model_flops += gemm_flops
+            key = (row.phase, full, gemm_flops, read_b + written_b)
+            self._fused_gemm[key] = self._fused_gemm.get(key, 0) + 1
+        elif category != "other":
             flops, model = self._flops(func, packet, name, args, kwargs, out, category)
             row.flops += flops
             row.model_flops += model
@@ -374,12 +390,32 @@ class TrafficCounter(TorchDispatchMode):
 
         Returns:
             ``{"matmul_flops", "matmul_bytes", "attention_flops", "attention_model_flops", "attention_bytes",
-            "other_bytes", "total_bytes", "launches", "phases": {phase: same totals}, "rows": [OpRow as dict]}``.
+            "other_bytes", "total_bytes", "launches", "phases": {phase: same totals}, "rows": [OpRow as dict],
+            "fused_gemm": [{"phase", "op", "flops", "bytes", "calls"}]}`` (``fused_gemm``: the calls of fused GEMM
+            ops, grouped by equal FLOPs and bytes per call; they are included in ``matmul_flops`` / ``matmul_bytes``).
         """
         out = _totals(self._rows.values())
         out["phases"] = {p: _totals(r for r in self._rows.values() if r.phase == p) for p in ("forward", "backward")}
         out["rows"] = [dict(asdict(r), bytes=r.bytes) for r in self.rows()]
+        out["fused_gemm"] = [{"phase": p, "op": op, "flops": f, "bytes": b, "calls": n}
+                             for (p, op, f, b), n in sorted(self._fused_gemm.items())]  # fmt: skip
         return out
+
+
+def _fused_gemm_flops(ns: str, base: str, backward: bool, schema_args, values) -> int | None:
+    """GEMM FLOPs of one call of a ``pae_fast`` op whose ``OpSpec`` declares ``flops`` (None for any other op):
+    the forward op's, or for ``<op>_backward`` the backward's (``flops(.., True) - flops(.., False)``), from the
+    op's schema-bound arguments."""
+    if ns != "pae_fast":
+        return None
+    from pae_fast.kernels._dispatch import OPS
+
+    spec = OPS.get(base)
+    if spec is None or spec.flops is None:
+        return None
+    named = {a.name: v for a, v in zip(schema_args, values)}
+    fwd = int(spec.flops((), named, False))
+    return int(spec.flops((), named, True)) - fwd if backward else fwd
 
 
 def _totals(rows) -> dict[str, int]:

@@ -44,7 +44,7 @@ def run(ops: list[str] | None, dtypes: list[str], size: str, device: str, verbos
                 try:
                     res = compare_op(
                         spec.fn, spec.ref, args, kwargs, atol=atol, rtol=rtol, name=f"{name} {label} {dt_name}",
-                        ref_dtype=torch.float64,
+                        ref_dtype=torch.float64, atol_rms=spec.atol_rms,
                     )
                     err = None
                 except Exception as e:  # a crash is a failure of that case, reported like a mismatch

@@ -5,7 +5,7 @@ Every bandwidth-bound piece of a block is one fused op (docs/method.md § Comput
     adaln_modulate        h = RMSNorm(x) * (1 + scale) + shift
     gated_residual_adaln  x' = x + gate * (y + b) ;  h = RMSNorm(x') * (1 + scale) + shift   (residual + next norm)
     qk_norm_rope          q, k = RoPE(RMSNorm_hd(q)), RoPE(RMSNorm_hd(k))               (2-D axial RoPE)
-    swiglu                silu(a) * b on the packed output of ``w12``
+    swiglu_mlp            (silu(a) * b) @ w3^T, [a | b] = x w12^T + b12: the gate in GEMM epilogues (SwiGLU MLP)
     attention             softmax(q k^T / sqrt(hd)) v  (the attention backend registry)
 
 ``Attention``, ``SwiGLU``, ``Mlp``: ``forward_unbiased`` returns (output without the last linear's bias ``b``, ``b``);
@@ -272,7 +272,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, unbiased: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         y = self._unbiased(x)  # (B, N, D) -> (B, N, D)
-        return (y, self.w3.bias) if unbiased else y + self.w3.bias
+        return (y, self.w3.bias) if unbiased else y + self.w3.bias.to(y.dtype)
 
     def forward_unbiased(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(x) - w3.bias, w3.bias)``: ``(B, N, D)`` without ``w3``'s bias, and that ``(D,)`` bias.
@@ -280,10 +280,9 @@ class SwiGLU(nn.Module):
         return self(x, unbiased=True)
 
     def _unbiased(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D), without w3's bias
-        # w12's bias is added inside the fused gate, whose backward also sums its gradient (no separate bias-grad
-        # reduction over the (B, N, 2 * hidden) gradient)
-        h = F.linear(x, self.w12.weight)
-        return F.linear(kernels.swiglu(h, bias=self.w12.bias), self.w3.weight)
+        # the gate in the epilogues of the w12 GEMM (forward) and of the dy @ w3 GEMM (backward), w12's bias and its
+        # gradient in the same kernels (docs/method.md § SwiGLU in GEMM epilogues)
+        return kernels.swiglu_mlp(x, self.w12.weight, self.w12.bias, self.w3.weight)
 
 
 class Mlp(nn.Module):

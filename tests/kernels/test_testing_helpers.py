@@ -52,3 +52,18 @@ def test_gradients_that_reach_no_input_fail():
 def test_no_grad_case_compares_only_outputs():
     res = compare_op(_scale, _scale, (torch.randn(3),), fused_kwargs={})
     assert res.ok and [r.what for r in res.rows] == ["out[0]"]
+
+
+def test_atol_rms_scales_the_absolute_tolerance_by_the_reference_scale():
+    """A sum over many rows (e.g. a GEMM weight gradient) of scale ~100 with a rounding error of 0.5 on a near-zero
+    element: out of a fixed atol, within atol x RMS; tensors of RMS below 1 keep the plain atol."""
+    ref = torch.full((64,), 100.0)
+    ref[0] = 0.0
+    got = ref.clone()
+    got[0] = 0.5
+    plain = compare_op(lambda: got, lambda: ref, (), atol=1e-2, rtol=1e-2, fused_kwargs={})
+    scaled = compare_op(lambda: got, lambda: ref, (), atol=1e-2, rtol=1e-2, fused_kwargs={}, atol_rms=True)
+    assert not plain.ok and scaled.ok
+    small = torch.full((8,), 0.5)
+    res = compare_op(lambda: small + 0.02, lambda: small, (), atol=1e-2, rtol=1e-2, fused_kwargs={}, atol_rms=True)
+    assert not res.ok
