@@ -120,7 +120,7 @@ class _Trainer(TrainerOutputs):
             load_into(raw, bundle.model, what=str(bundle.path / "model.safetensors"))
         P.broadcast_module(raw)  # every rank starts from rank 0's weights
         self.template = copy.deepcopy(raw).to("meta") if cfg.distributed == "fsdp" and self.world > 1 else None
-        ema = make_ema(raw)
+        ema = make_ema(raw, share_frozen=self.template is None)  # frozen parameters (a VFM) shared, not averaged
         if bundle is not None:
             load_into(ema, bundle.ema, what=str(bundle.path / "ema.safetensors"))
         self.compute["model"] = compute_weights(raw, cfg.precision, cfg.distributed, self.world)

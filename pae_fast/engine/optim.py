@@ -185,9 +185,17 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and isinstance(optimizer, torch.optim.Adam)
 
 
-def make_ema(module: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``module`` (eval mode, no grads) that :func:`ema_update` keeps averaged."""
-    ema = copy.deepcopy(module)
+def make_ema(module: nn.Module, share_frozen: bool = True) -> nn.Module:
+    """A frozen deep copy of ``module`` (eval mode, no grads) that :func:`ema_update` keeps averaged.
+
+    With ``share_frozen`` the parameters that do not train (``requires_grad=False``: a tokenizer's frozen VFM, a
+    fixed positional table) are not copied: the EMA holds the very same tensors as ``module`` (their average is
+    themselves), so they cost no memory and no EMA update, and the EMA's state dict (checkpoints,
+    ``ema.safetensors``) still holds them. The engine turns it off when FSDP will shard ``module`` (sharding
+    replaces its parameters; the EMA is sharded separately).
+    """
+    shared = {id(p): p for p in module.parameters() if share_frozen and not p.requires_grad}  # deepcopy memo
+    ema = copy.deepcopy(module, shared)
     ema.eval()
     ema.requires_grad_(False)
     return ema
@@ -196,6 +204,8 @@ def make_ema(module: nn.Module) -> nn.Module:
 def _float_pairs(ema: Iterable[torch.Tensor], src: Iterable[torch.Tensor]) -> tuple[list, list, list, list]:
     fe, fs, oe, os_ = [], [], [], []
     for e, s in zip(ema, src):
+        if e is s:  # a frozen parameter the EMA shares with the model (make_ema): nothing to average
+            continue
         if e.shape != s.shape:
             raise ValueError(f"EMA tensor shape {tuple(e.shape)} does not match the model's {tuple(s.shape)}")
         (fe if e.is_floating_point() else oe).append(e)
