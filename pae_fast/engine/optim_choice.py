@@ -1,4 +1,5 @@
-"""``train.optimizer: auto``: which optimizer a run gets, decided once per run (docs/method.md § Optimizer choice).
+"""``train.optimizer: auto``: which optimizer a run gets, decided once per run
+(docs/method.md § Optimizer and EMA bytes per parameter).
 
 ``auto`` resolves to ``fused_adamw_ema`` (:class:`pae_fast.engine.fused_optim.FusedAdamWEMA`: AdamW, the EMA update
 and the bf16 compute copy in one Triton kernel per parameter) where that kernel runs and the run is one it supports,
