@@ -386,3 +386,31 @@ def test_sampling_cost_per_preset(bench_path):
     assert cost["pae_lightningdit_xl1_80ep_sde"] == (250, 250)
     assert cost["rae_ditdh_xl_released"] == (49, 98)  # AutoGuidance: main + guide on every call
     assert "## Sampling cost per preset" in run_all.summarize(Path("/nonexistent"))
+
+
+def test_cpu_guard_alternates_backends_and_compares_medians(bench_path, tmp_path, monkeypatch):
+    """cpu_guard.py: runs alternate auto / torch, the verdict compares the medians of the runs' step times (the
+    benchmark subprocess is replaced by one writing a record)."""
+    import cpu_guard
+
+    times = iter([5.0, 6.0, 9.0, 7.0, 5.5, 6.5])  # auto, torch, auto, torch, ...
+    order = []
+    real_run = cpu_guard.subprocess.run
+
+    def fake_run(cmd, **kw):
+        if "--backend" not in cmd:  # e.g. git, for the environment record
+            return real_run(cmd, **kw)
+        backend, out = cmd[cmd.index("--backend") + 1], cmd[cmd.index("--json") + 1]
+        order.append(backend)
+        t = next(times)
+        rec = {"step_seconds": t, "step_seconds_all": [t], "warmup_seconds": [t], "peak_memory_bytes": 1,
+               "optimizer": "adamw"}
+        Path(out).write_text(json.dumps(rec))
+
+    monkeypatch.setattr(cpu_guard.subprocess, "run", fake_run)
+    res = cpu_guard.run("tiny", batch=2, rounds=3, steps=1, out_dir=tmp_path)
+    assert order == ["auto", "torch"] * 3
+    assert res["median_step_seconds"] == {"auto": 5.5, "torch": 6.5} and res["holds"]
+    assert res["rounds_auto_not_slower"] == 2 and res["auto_over_torch"] == pytest.approx(5.5 / 6.5)
+    saved = json.loads((tmp_path / "cpu_guard_tiny_b2_fp32.json").read_text())
+    assert len(saved["runs"]) == 6 and "not slower" in saved["claim"]
