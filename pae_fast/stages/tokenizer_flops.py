@@ -81,8 +81,14 @@ def _eval(*modules: nn.Module | None) -> Iterator[None]:
                 p.grad = None
 
 
+def _needs_grad(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` that carries a gradient, as a non-leaf (the output of an earlier op, as in the step)."""
+    return x.detach().requires_grad_(True).clone()
+
+
 def _flops(fn: Callable[[], torch.Tensor | None], backward: bool = True) -> tuple[float, float]:
-    """(forward + backward, backward) FLOPs of ``fn()`` and ``fn().float().sum().backward()``."""
+    """(forward + backward, backward) FLOPs of ``fn()`` and ``fn().float().sum().backward()`` (no backward when
+    nothing in ``fn`` needs a gradient)."""
     from pae_fast.kernels import use_backend
 
     fwd, both = FlopCounterMode(display=False), FlopCounterMode(display=False)
@@ -92,7 +98,9 @@ def _flops(fn: Callable[[], torch.Tensor | None], backward: bool = True) -> tupl
         if not backward:
             return fwd.get_total_flops(), 0.0
         with both:
-            fn().float().sum().backward()
+            out = fn()
+            if out.requires_grad:  # an RAE's encoder trains nothing: forward only
+                out.float().sum().backward()
     return both.get_total_flops(), both.get_total_flops() - fwd.get_total_flops()
 
 
@@ -108,7 +116,10 @@ def count_tokenizer_step(tok: nn.Module, loss: Any, cfg: Any, projector: nn.Modu
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    dev = next(tok.parameters()).device
+    def device(m: nn.Module) -> torch.device:  # the helpers may already sit on the training device, tok not yet
+        return next(m.parameters()).device
+
+    dev = device(tok)
     S, (C, h, w) = tok.image_size, tok.latent_shape
     lp, disc = loss.lpips, loss.discriminator
     mcr = len(loss.mcr_angles) if loss.mcr_on else 0
@@ -116,21 +127,23 @@ def count_tokenizer_step(tok: nn.Module, loss: Any, cfg: Any, projector: nn.Modu
     with FakeTensorMode(allow_non_fake_inputs=True), _eval(tok, lp, disc, projector):
         images = torch.zeros(1, 3, S, S, device=dev)
         encoder, _ = _flops(lambda: tok.encode_features(images).z)
-        decoder, _ = _flops(lambda: tok.decode(torch.zeros(1, C, h, w, device=dev, requires_grad=True)))
+        decoder, _ = _flops(lambda: tok.decode(_needs_grad(torch.zeros(1, C, h, w, device=dev))))
         targets = 0.0
         if loss.needs_targets and cfg.priors == "refined" and projector is not None:
-            tokens = tok.encode_features(images).vfm_tokens.detach()
+            tokens = tok.encode_features(images).vfm_tokens.detach().to(device(projector))
             targets, _ = _flops(lambda: projector(tokens), backward=False)
         elif loss.needs_targets and raw_projection is not None and loss.scr_on:  # one (N, D) @ (D, C) product
             targets = 2.0 * tok.vfm.grid_size ** 2 * raw_projection.weight.numel()
         lpips = lpips_bwd = 0.0
         if lp is not None:
-            lpips, lpips_bwd = _flops(lambda: lp(torch.zeros_like(images, requires_grad=True), images))
+            x = images.to(device(lp))
+            lpips, lpips_bwd = _flops(lambda: lp(_needs_grad(x), x))
         gen = disc_bwd = step = 0.0
         if gan:
+            x = images.to(device(disc))
             with loss._frozen_discriminator():
-                gen, disc_bwd = _flops(lambda: disc(torch.zeros_like(images, requires_grad=True)))
-            step, _ = _flops(lambda: disc(images))
+                gen, disc_bwd = _flops(lambda: disc(_needs_grad(x)))
+            step, _ = _flops(lambda: disc(x))
     return TokenizerStepFlops(
         encoder=encoder, targets=targets, decoder=decoder, decoder_passes=1 + mcr, lpips=lpips,
         lpips_backward=lpips_bwd, lpips_pairs=(1 + mcr) if lp is not None else 0, gan_generator=gen,
