@@ -4,10 +4,9 @@ The step (:mod:`roofline_step`) is the engine's at its defaults (``TrainConfig``
 ``train.optimizer``, the EMA): forward + loss + backward under the precision policy, then the optimizer and EMA
 update. It is counted twice, with the fused kernels selected explicitly (``use_backend("triton")``) and with the
 PyTorch references (``use_backend("torch")``); attention is SDPA on both sides, charged flash-style. The counts
-become a predicted step time. ``train.optimizer: auto`` (the default) is counted as the engine resolves it on one
-H100 with Triton: ``fused_adamw_ema`` (AdamW + EMA + bf16 copy in one kernel) in the fused (default) row, torch's
-AdamW in the reference row (``train.kernel_backend=torch``); a third row, labelled as the comparison, counts the
-fused step with the other optimizer (torch's AdamW + foreach EMA). Assumptions (stated in every report):
+become a predicted step time. ``train.optimizer: auto`` is counted as resolved on one H100 with Triton (fused row:
+``fused_adamw_ema``; reference row, ``kernel_backend=torch``: torch's AdamW); a labelled comparison row counts the
+fused step with the other optimizer. Assumptions (stated in every report):
 
     matmul     = GEMM FLOPs / (GEMM efficiency 70% x 989 TFLOP/s dense bf16)
     attention  = attention FLOPs / (the same rate) + attention bytes / (HBM efficiency x bandwidth);
@@ -52,8 +51,7 @@ ATTENTION_KERNELS = ("cudnn", "fa2")  # cuDNN: head_dim 72 unpadded on sm_90; Fl
 TARGET_BANDWIDTH_RATIO = 0.20  # fused bandwidth-bound bytes (forward + backward) <= 20% of the reference's
 TARGET_STEP_GB = {"LightningDiT-XL/1": 44.0}  # fused bandwidth-bound GB (forward + backward) at batch 32
 TARGET_MFU = 0.45  # predicted H100 MFU of the whole step (optimizer and EMA included)
-# The comparison row: fused ops with the other AdamW implementation than the one counted in the default row
-# (train.optimizer=auto picks fused_adamw_ema, the one-kernel AdamW + EMA + compute copy, on an H100 with Triton).
+# the comparison row: the fused step with the other AdamW implementation than the default row's
 COMPARISON_OPTIMIZER = {"fused_adamw_ema": "adamw", "adamw": "fused_adamw_ema"}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # per-op table dtypes
 
