@@ -3,9 +3,12 @@
 The step is the engine's: flow-matching loss (``pae_fast.flow.loss.FlowLoss``: logit-normal t with shift 0.7,
 ``x_t = t·x1 + (1−t)·x0``, MSE + cosine in fp32), backward, AdamW from ``pae_fast.engine.optim.build_optimizer``
 (fused on CUDA, foreach on CPU; lr 2e-4, betas (0.9, 0.95)), ``optimizer.zero_grad(set_to_none=True)`` and the EMA
-update ``ema_update`` (decay 0.9999, foreach lerp) — or ``--optimizer fused_adamw_ema`` (one kernel for AdamW + EMA +
-compute copy). Precision is the engine's policy (:mod:`pae_fast.engine.precision`): ``auto`` = the engine default
-(``train.precision``, bf16 compute weights with fp32 masters) on CUDA, fp32 on CPU. Data are random latents already
+update ``ema_update`` (decay 0.9999, foreach lerp) — or ``fused_adamw_ema`` (one kernel for AdamW + EMA + compute
+copy); ``--optimizer auto`` (the default, as ``train.optimizer``) takes the one the engine picks for this device and
+``--backend`` (:func:`pae_fast.engine.optim_choice.choose_optimizer`: the fused kernel on CUDA with Triton, torch's
+AdamW otherwise); the record names the one that ran. Precision is the engine's policy
+(:mod:`pae_fast.engine.precision`): ``auto`` = the engine default (``train.precision``, bf16 compute weights with
+fp32 masters) on CUDA, fp32 on CPU. Data are random latents already
 on the device (data loading is not timed).
 
 On CUDA the record also holds the roofline's prediction for the same step (``benchmarks/roofline.py``, counted on
@@ -37,7 +40,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from bench_env import environment, time_steps  # noqa: E402
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-autocast", "fp16")
-OPTIMIZERS = ("adamw", "fused_adamw_ema")
+OPTIMIZERS = ("auto", "adamw", "fused_adamw_ema")
 
 
 def _rss_peak_bytes() -> int | None:
@@ -101,7 +104,7 @@ def run(
     precision: str = "auto",
     build: Callable[[], Any] | None = None,
     json_out: str | Path | None = None,
-    optimizer: str = "adamw",
+    optimizer: str = "auto",
 ) -> dict[str, Any]:
     """Time ``steps`` training steps after ``warmup`` untimed ones and return the result record.
 
@@ -116,7 +119,8 @@ def run(
         precision: ``auto`` (the engine default on CUDA, fp32 on CPU) | fp32 | bf16 | bf16-autocast | fp16.
         build: optional factory used instead of the registry (tests).
         json_out: write the record there (atomically) as JSON.
-        optimizer: ``adamw`` (torch fused AdamW + foreach EMA) or ``fused_adamw_ema``.
+        optimizer: ``auto`` (as the engine resolves it for ``device`` and ``backend``), ``adamw`` (torch fused AdamW +
+            foreach EMA) or ``fused_adamw_ema``.
 
     Returns:
         ``images_per_s``, ``step_seconds`` (median), ``step_seconds_all``, ``warmup_seconds``, ``peak_memory_bytes``,
@@ -155,6 +159,7 @@ def run(
     net = build().to(dev).train()
     spec = _input_spec(net)
     ema = make_ema(net)
+    optimizer = _resolve_optimizer(optimizer, dev, backend, policy)
     cfg = TrainConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, ema_decay=0.9999, optimizer=optimizer)
     opt = build_optimizer(net, cfg, dev)
     compute = compute_weights(net, policy)  # bf16: the bf16 copy forward/backward run on, written by opt.step()
@@ -228,6 +233,19 @@ def run(
     return record
 
 
+def _resolve_optimizer(optimizer: str, dev: Any, backend: str, precision: str) -> str:
+    """``auto`` as the engine resolves it for one process on ``dev`` under kernel backend ``backend``."""
+    from pae_fast.engine.optim_choice import choose_optimizer
+
+    reason = None
+    if optimizer == "auto" and dev.type == "cuda":
+        from pae_fast.kernels import triton_unavailable_reason
+
+        reason = triton_unavailable_reason(dev)
+    return choose_optimizer(optimizer, device_type=dev.type, kernel_backend=backend, triton_reason=reason,
+                            distributed="ddp", world_size=1, precision=precision).name
+
+
 def _predicted(build: Callable[[], Any], batch: int, precision: str, backend: str, optimizer: str) -> dict | None:
     """The roofline's prediction of this step on this GPU type (H100 / H200 by name; None for others or fp16)."""
     import roofline
@@ -269,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1, 2 with --compile)")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS))
-    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    p.add_argument("--optimizer", default="auto", choices=list(OPTIMIZERS),
+                   help="train.optimizer (auto: what the engine picks for this device and backend)")
     p.add_argument("--json", dest="json_out", default=None, help="write the result record here")
     a = p.parse_args(argv)
     from pae_fast.registry import GENERATORS, TOKENIZERS

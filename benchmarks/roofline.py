@@ -4,7 +4,9 @@ The step (:mod:`roofline_step`) is the engine's at its defaults (``TrainConfig``
 ``train.optimizer``, the EMA): forward + loss + backward under the precision policy, then the optimizer and EMA
 update. It is counted twice, with the fused kernels selected explicitly (``use_backend("triton")``) and with the
 PyTorch references (``use_backend("torch")``); attention is SDPA on both sides, charged flash-style. The counts
-become a predicted step time. Assumptions (stated in every report):
+become a predicted step time. ``train.optimizer: auto`` is counted as resolved on one H100 with Triton (fused row:
+``fused_adamw_ema``; reference row, ``kernel_backend=torch``: torch's AdamW); a labelled comparison row counts the
+fused step with the other optimizer. Assumptions (stated in every report):
 
     matmul     = GEMM FLOPs / (GEMM efficiency 70% x 989 TFLOP/s dense bf16); a fused GEMM op (an ``OpSpec`` with
                  ``flops``, e.g. ``swiglu_mlp``: Triton GEMMs with the SwiGLU gate in their epilogues) is charged per
@@ -53,8 +55,8 @@ ATTENTION_KERNELS = ("cudnn", "fa2")  # cuDNN: head_dim 72 unpadded on sm_90; Fl
 TARGET_BANDWIDTH_RATIO = 0.20  # fused bandwidth-bound bytes (forward + backward) <= 20% of the reference's
 TARGET_STEP_GB = {"LightningDiT-XL/1": 44.0}  # fused bandwidth-bound GB (forward + backward) at batch 32
 TARGET_MFU = 0.45  # predicted H100 MFU of the whole step (optimizer and EMA included)
-FUSED_OPTIMIZER = "fused_adamw_ema"  # train.optimizer of the one-kernel AdamW + EMA + compute copy
-FUSED_VARIANT = "fused + fused_adamw_ema"  # the extra row: fused ops and that optimizer
+# the comparison row: the fused step with the other AdamW implementation than the default row's
+COMPARISON_OPTIMIZER = {"fused_adamw_ema": "adamw", "adamw": "fused_adamw_ema"}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # per-op table dtypes
 
 
@@ -136,11 +138,13 @@ def step_traffic(
         batch: batch size.
         precision: ``train.precision`` (None: the engine default, ``TrainConfig().precision``).
         backend: ``"fused"`` (``use_backend("triton")``) or ``"reference"`` (``use_backend("torch")``).
-        optimizer: ``train.optimizer`` (None: the engine default).
+        optimizer: ``train.optimizer`` (None: the engine default; ``auto`` is resolved for one H100,
+            :func:`roofline_step.engine_optimizer`).
 
     Returns:
         The forward + backward :meth:`TrafficCounter.summary` plus ``update_bytes`` / ``update_launches`` (the
-        optimizer and EMA), ``op_types`` (:func:`roofline_step.by_op_type`), ``params`` and ``input``.
+        optimizer and EMA), ``optimizer`` (the one counted), ``op_types`` (:func:`roofline_step.by_op_type`),
+        ``params`` and ``input``.
     """
     from roofline_step import by_op_type, count_step
 
@@ -151,6 +155,7 @@ def step_traffic(
     out = counted["step"]
     out["update_bytes"] = counted["update"]["other_bytes"] + counted["update"]["matmul_bytes"]
     out["update_launches"] = counted["update"]["launches"]
+    out["optimizer"] = counted["optimizer"]
     out["op_types"] = by_op_type(counted)
     out["params"], out["input"] = counted["params"], counted["input"]
     return out
@@ -170,20 +175,25 @@ def analyse_model(
     target_gb: float | None = None,
 ) -> dict[str, Any]:
     """Fused and reference step counts, predictions on every :data:`HARDWARE` and the targets."""
+    from roofline_step import engine_optimizer
+
     from pae_fast.config import TrainConfig
 
     res: dict[str, Any] = {}
-    optimizer = optimizer or TrainConfig().optimizer
+    d = TrainConfig()
+    optimizer = optimizer or d.optimizer
+    default = engine_optimizer(optimizer, precision or d.precision, "fused")  # what the engine runs on one H100
     variants = [("fused", "fused", optimizer), ("reference", "reference", optimizer)]
-    if optimizer != FUSED_OPTIMIZER:  # what the one-kernel optimizer + EMA would give
-        variants.append((FUSED_VARIANT, "fused", FUSED_OPTIMIZER))
+    alt = COMPARISON_OPTIMIZER.get(default)
+    if alt is not None:  # the same fused step with the other AdamW implementation, for comparison
+        res["comparison"] = f"fused + {alt}"
+        variants.append((res["comparison"], "fused", alt))
     for key, backend, opt in variants:
         s = step_traffic(build, batch, precision, backend, opt)
         res["params"], res["input"] = s.pop("params"), s.pop("input")
         s["top_rows"] = [r for r in s.pop("rows") if r["category"] == "other"][:top]
         s["predicted"] = {k: predict(s, hw) for k, hw in HARDWARE.items()}
         s["predicted_fa2"] = {k: predict(s, hw, attention="fa2") for k, hw in HARDWARE.items()}
-        s["optimizer"] = opt
         res[key] = s
     f, r = res["fused"], res["reference"]
     ratio = f["other_bytes"] / r["other_bytes"] if r["other_bytes"] else float("nan")
@@ -220,8 +230,11 @@ def _target_text(t: dict[str, Any]) -> tuple[str, str, str]:
 
 def _assumption_text(a: dict[str, Any]) -> str:
     hw = ", ".join(f"{k} {v['bandwidth_tbps']} TB/s" for k, v in a["hardware"].items())
+    opt = a["optimizer"] if a.get("optimizer_h100") in (None, a["optimizer"]) else (
+        f"{a['optimizer']} (on one H100 with Triton: {a['optimizer_h100']}; the reference row, "
+        f"train.kernel_backend=torch: {a.get('optimizer_reference', 'adamw')})")  # fmt: skip
     return (
-        f"batch {a['batch']}; train.precision={a['precision']}, train.optimizer={a['optimizer']}, EMA on. "
+        f"batch {a['batch']}; train.precision={a['precision']}, train.optimizer={opt}, EMA on. "
         f"GEMMs at {a['gemm_efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s (dense bf16), Triton GEMMs with fused "
         "epilogues (`gemm:<op>` rows) assumed as efficient as cuBLAS and charged max(FLOPs at that rate, their bytes "
         "at the bandwidth below) per call (unverified until a GPU run: `kernels.validate`, "
@@ -252,11 +265,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         if "error" in m:
             lines.append(f"| {name} | — | {m['error']} |" + " |" * 14)
             continue
-        for backend in [b for b in ("fused", FUSED_VARIANT, "reference") if b in m]:
+        for backend in [b for b in ("fused", m.get("comparison"), "reference") if b in m]:
             s = m[backend]
             h, h2, fa = s["predicted"]["H100"], s["predicted"]["H200"], s["predicted_fa2"]["H100"]
+            label = f"{backend} (`{s['optimizer']}`{', comparison' if backend == m.get('comparison') else ''})"
             lines.append(
-                f"| {name} | {backend} | {s['matmul_flops'] / 1e12:.2f} | {s['attention_flops'] / 1e12:.2f} | "
+                f"| {name} | {label} | {s['matmul_flops'] / 1e12:.2f} | {s['attention_flops'] / 1e12:.2f} | "
                 f"{s['attention_bytes'] / 1e9:.1f} | {s['other_bytes'] / 1e9:.1f} | {s['update_bytes'] / 1e9:.1f} | "
                 f"{s['launches'] + s['update_launches']} | {h['matmul_s'] * 1e3:.1f} | {h['attention_s'] * 1e3:.1f} | "
                 f"{h['bandwidth_s'] * 1e3:.1f} | {h['update_s'] * 1e3:.1f} | {h['step_s'] * 1e3:.1f} | "
@@ -267,15 +281,16 @@ def to_markdown(result: dict[str, Any]) -> str:
         "## Targets (fused)",
         "",
         "| model | params | fwd+bwd bytes vs reference (<= 20%) | fwd+bwd bandwidth-bound GB "
-        "| predicted H100 MFU, whole step (>= 45%) | with train.optimizer=fused_adamw_ema |",
+        "| predicted H100 MFU, whole step (>= 45%) | comparison row (the other optimizer) |",
         "|---|---:|---|---|---|---|",
     ]
     for name, m in result["models"].items():
         if "error" in m:
             continue
         ratio, gb, mfu = _target_text(m["targets"])
-        alt = m.get(FUSED_VARIANT)
-        alt_s = f"{alt['predicted']['H100']['mfu']:.1%} ({alt['update_bytes'] / 1e9:.1f} GB update)" if alt else "—"
+        alt = m.get(m.get("comparison") or "")
+        alt_s = (f"{alt['predicted']['H100']['mfu']:.1%} with `{alt['optimizer']}` "
+                 f"({alt['update_bytes'] / 1e9:.1f} GB update)") if alt else "—"  # fmt: skip
         lines.append(f"| {name} | {m['params'] / 1e6:.2f}M | {ratio} | {gb} | {mfu} | {alt_s} |")
     for name, m in result["models"].items():
         if "error" in m:
@@ -347,6 +362,8 @@ def run(
     Returns:
         ``{"environment", "date", "assumptions", "models": {name: {...}}, "ops": [...]}``.
     """
+    from roofline_step import engine_optimizer
+
     from pae_fast import kernels
     from pae_fast.config import TrainConfig
     from pae_fast.engine.precision import PRECISIONS
@@ -376,6 +393,8 @@ def run(
             "batch": batch,
             "precision": precision,
             "optimizer": optimizer,
+            "optimizer_h100": engine_optimizer(optimizer, precision, "fused"),
+            "optimizer_reference": engine_optimizer(optimizer, precision, "reference"),
             "ema": True,
             "op_dtype": op_dtype,
             "gemm_efficiency": GEMM_EFFICIENCY,
@@ -421,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="registered generator names")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--precision", default=None, help="train.precision of the step (default: the engine's)")
-    p.add_argument("--optimizer", default=None, help="train.optimizer (default: the engine's)")
+    p.add_argument("--optimizer", default=None,
+                   help="train.optimizer (default: the engine's, auto: what it picks on one H100 with Triton)")
     p.add_argument("--op-dtype", default="bf16", choices=sorted(_DTYPES), help="dtype of the per-op table")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     p.add_argument("--ops", nargs="*", default=None, help="ops of the per-op table (default: all)")

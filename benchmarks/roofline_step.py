@@ -23,8 +23,8 @@ Op types (bandwidth-bound bytes; fused GEMM ops listed apart) and the minimum ea
 ``bias-grad sums``     ``sum`` in backward (a Linear's bias gradient); minimum 0 (folded into a backward kernel
                        or the GEMM epilogue that reads the same gradient)
 ``copies``             ``clone``, ``copy_``, ``stack``, ``cat``, layout changes; minimum 0
-``optimizer + EMA``    the update after backward; minimum 36 B/param (fp32 p, m, v, ema read and written, a bf16
-                       gradient read, the bf16 compute copy written; one fused kernel)
+``optimizer + EMA``    the update after backward; minimum 36 B per trainable param (fp32 p, m, v, ema read and
+                       written, a bf16 gradient read, the bf16 compute copy written; one fused kernel)
 ``other``              everything else (embeddings, the loss, small elementwise); minimum: as counted
 =====================  ======================================================================================
 """
@@ -94,6 +94,22 @@ class _FusedMinimum(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+# What ``train.optimizer: auto`` sees on the counted machine: one H100 with Triton (the engine's default run).
+H100_RUN = dict(device_type="cuda", triton_reason=None, distributed="ddp", world_size=1)
+
+
+def engine_optimizer(requested: str, precision: str, backend: str = "fused") -> str:
+    """The optimizer the engine builds for ``train.optimizer=requested`` on one H100 with Triton
+    (:func:`pae_fast.engine.optim_choice.choose_optimizer`): ``auto`` -> ``fused_adamw_ema`` with the fused kernels,
+    ``adamw`` for the reference (``train.kernel_backend=torch``); an explicit name as it is."""
+    from pae_fast.engine.optim_choice import choose_optimizer
+
+    if backend not in ("fused", "reference"):
+        raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")
+    kernel_backend = "auto" if backend == "fused" else "torch"
+    return choose_optimizer(requested, kernel_backend=kernel_backend, precision=precision, **H100_RUN).name
+
+
 def _fake_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -105,7 +121,7 @@ def count_step(
     batch: int,
     backend: str = "fused",
     precision: str = "bf16",
-    optimizer: str = "adamw",
+    optimizer: str = "auto",
     ema_decay: float = 0.9999,
 ) -> dict[str, Any]:
     """Count one training step of ``build()`` at ``batch`` as the engine runs it.
@@ -116,12 +132,14 @@ def count_step(
         backend: ``fused`` or ``reference``.
         precision: ``train.precision`` (``bf16 | bf16-autocast | fp32``).
         optimizer: ``train.optimizer`` (``adamw``: torch's fused AdamW + foreach EMA; ``fused_adamw_ema``: the one
-            Triton kernel, charged at its fake implementation).
+            Triton kernel, charged at its fake implementation; ``auto``: what the engine picks on one H100 for this
+            ``backend``, :func:`engine_optimizer`).
         ema_decay: ``train.ema_decay``.
 
     Returns:
         ``{"step": TrafficCounter summary of forward + backward, "update": summary of the optimizer + EMA,
-        "params", "input", "fused_min_bytes": {op: bytes}, "fused_min_unknown": [op]}``; both summaries carry rows.
+        "optimizer" (the one counted), "params", "trainable_params", "input", "fused_min_bytes": {op: bytes},
+        "fused_min_unknown": [op]}``; both summaries carry rows.
     """
     from pae_fast import kernels
     from pae_fast.config import FlowConfig, TrainConfig
@@ -136,6 +154,7 @@ def count_step(
     dt = autocast_dtype(precision)
     if precision == "fp16":
         raise ValueError("precision fp16 (gradient scaler) is not counted; use bf16, bf16-autocast or fp32")
+    optimizer = engine_optimizer(optimizer, precision, backend)
     cfg = TrainConfig(precision=precision, optimizer=optimizer, ema_decay=ema_decay)
     cpu = torch.device("cpu")
     with _fake_mode(), warnings.catch_warnings():
@@ -178,7 +197,9 @@ def count_step(
                 opt.step()
                 ema_update(ema, master, ema_decay, ok, params=not getattr(opt, "updates_ema", False))
         params = sum(p.numel() for p in master.parameters())
+        trainable = sum(p.numel() for p in master.parameters() if p.requires_grad)
     return {"step": tc_step.summary(), "update": tc_update.summary(), "params": params, "input": spec,
+            "optimizer": optimizer, "trainable_params": trainable,
             "fused_min_bytes": floor.bytes, "fused_min_unknown": sorted(floor.unknown)}  # fmt: skip
 
 
@@ -207,7 +228,7 @@ def by_op_type(counted: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if name.startswith(("fused:", "gemm:")):
             t["min_bytes"] = counted["fused_min_bytes"].get(name.split(":", 1)[1])
         elif name == "optimizer + EMA":
-            t["min_bytes"] = OPTIMIZER_EMA_MIN_BYTES_PER_PARAM * counted["params"]
+            t["min_bytes"] = OPTIMIZER_EMA_MIN_BYTES_PER_PARAM * counted.get("trainable_params", counted["params"])
         elif name == "other":
             t["min_bytes"] = t["bytes"]
         else:

@@ -12,8 +12,10 @@ for fused and reference alike). It is counted with the same
 helpers are imported): fused = ``use_backend("triton")``, reference = ``use_backend("torch")`` with attention on SDPA.
 
 MFU counts every executed FLOP as work, the frozen VFM's and the frozen discriminator backbone's forward included
-(they are real work of the step even though nothing of theirs is trained). Optimizer + EMA traffic (fused AdamW
-28 B and EMA 12 B per trainable parameter) is reported beside the step, not inside it, as in ``roofline.py``.
+(they are real work of the step even though nothing of theirs is trained). Optimizer + EMA traffic is reported
+beside the step, not inside it: ``train.optimizer: auto`` on an H100 is the one-kernel AdamW + EMA + bf16 copy
+(``fused_adamw_ema``, 36 B per trainable parameter; torch's fused AdamW + EMA would be 40 B, 52 B with the bf16
+copy); the frozen VFM is shared with the EMA, not averaged (``engine.optim.make_ema``).
 
     python benchmarks/roofline_tokenizer.py                        # PAE-DINOv2-L-d32, batch 32, bf16
     python benchmarks/roofline_tokenizer.py --model PAE-tiny --batch 4
@@ -103,9 +105,13 @@ def analyse_tokenizer(name: str = "PAE-DINOv2-L-d32", batch: int = 32, dtype: to
     res["targets"] = {"bandwidth_ratio": ratio, "bandwidth_ratio_target": TARGET_BANDWIDTH_RATIO,
                       "bandwidth_ratio_met": bool(ratio <= TARGET_BANDWIDTH_RATIO), "h100_mfu": mfu,
                       "h100_mfu_target": TARGET_MFU, "h100_mfu_met": bool(mfu >= TARGET_MFU)}
+    from roofline_step import OPTIMIZER_EMA_MIN_BYTES_PER_PARAM, engine_optimizer
+
     n = res["trainable_params"]
-    res["optimizer_ema_bytes"] = 40 * n
-    res["optimizer_ema_h100_s"] = 40 * n / HARDWARE["H100"].bandwidth
+    res["optimizer"] = engine_optimizer("auto", "bf16", "fused")  # what train.optimizer=auto runs on an H100
+    per_param = OPTIMIZER_EMA_MIN_BYTES_PER_PARAM if res["optimizer"] == "fused_adamw_ema" else 52
+    res["optimizer_ema_bytes"] = per_param * n
+    res["optimizer_ema_h100_s"] = per_param * n / HARDWARE["H100"].bandwidth
     return res
 
 
@@ -129,7 +135,7 @@ def format_rows(res: dict[str, Any]) -> str:
         f"targets (fused): bandwidth-bound bytes {t['bandwidth_ratio']:.1%} of the reference (target <= "
         f"{t['bandwidth_ratio_target']:.0%}: {'met' if t['bandwidth_ratio_met'] else 'missed'}); predicted H100 MFU "
         f"{t['h100_mfu']:.1%} (target >= {t['h100_mfu_target']:.0%}: {'met' if t['h100_mfu_met'] else 'missed'}); "
-        f"optimizer + EMA outside the step: {res['optimizer_ema_bytes'] / 1e9:.1f} GB = "
+        f"optimizer + EMA ({res['optimizer']}) outside the step: {res['optimizer_ema_bytes'] / 1e9:.1f} GB = "
         f"{res['optimizer_ema_h100_s'] * 1e3:.1f} ms on H100 ({res['trainable_params'] / 1e6:.1f}M trainable, "
         f"{res['frozen_params'] / 1e6:.1f}M frozen tokenizer parameters)")
     return "\n".join(lines)

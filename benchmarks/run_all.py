@@ -201,8 +201,9 @@ def summarize(out_dir: Path, status: dict[str, Any] | None = None) -> str:
             for b in ("fused", "reference"):
                 s = m[b]
                 h, h2 = s["predicted"]["H100"], s["predicted"]["H200"]
+                label = f"{b} (`{s['optimizer']}`)" if s.get("optimizer") else b
                 lines.append(
-                    f"| {name} | {b} | {s['other_bytes'] / 1e9:.1f} | {h['step_s'] * 1e3:.1f} | {h['mfu']:.1%} | "
+                    f"| {name} | {label} | {s['other_bytes'] / 1e9:.1f} | {h['step_s'] * 1e3:.1f} | {h['mfu']:.1%} | "
                     f"{h2['step_s'] * 1e3:.1f} | {tgt if b == 'fused' else ''} |"
                 )
         lines.append("")

@@ -211,7 +211,8 @@ class TrainConfig:
     tf32: bool = True
     compile: Literal["off", "default", "max-autotune", "reduce-overhead"] = "off"
     compile_scope: Literal["step", "block"] = "step"
-    optimizer: Literal["adamw", "apex_fused_adam", "fused_adamw_ema"] = "adamw"
+    # auto: fused_adamw_ema (AdamW + EMA + bf16 copy in one Triton kernel) on CUDA where supported, else torch AdamW
+    optimizer: Literal["auto", "adamw", "apex_fused_adam", "fused_adamw_ema"] = "auto"
     distributed: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = 100
     ckpt_every: int = 5000

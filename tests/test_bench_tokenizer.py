@@ -49,3 +49,5 @@ def test_tokenizer_roofline_row_and_ssr_cost(bench_path):
     res = rt.analyse_tokenizer("PAE-tiny", batch=1, dtype=torch.bfloat16)
     assert set(res["targets"]) >= {"bandwidth_ratio", "h100_mfu"} and res["fused"]["launches"] > 0
     assert "PAE-tiny step (batch 1) | fused" in rt.format_rows(res)
+    # train.optimizer=auto on an H100: the one-kernel AdamW + EMA + bf16 copy, 36 B per trainable parameter
+    assert res["optimizer"] == "fused_adamw_ema" and res["optimizer_ema_bytes"] == 36 * res["trainable_params"]

@@ -29,6 +29,7 @@ from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to
 from pae_fast.engine.lock import RunLock
 from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, setup_logger
 from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
+from pae_fast.engine.optim_choice import record_optimizer, resolve_optimizer
 from pae_fast.engine.outputs import TrainerOutputs
 from pae_fast.engine.precision import ComputeWeights, autocast_dtype, compute_weights
 from pae_fast.engine.runtime import (
@@ -98,6 +99,11 @@ class _Trainer(TrainerOutputs):
                         device)
             mode = "default"
         self.compile_mode = mode
+        # train.optimizer auto: decided once (inside the run's kernel scope), logged, and recorded in config.yaml
+        self.optimizer_choice = resolve_optimizer(cfg, device, self.world)
+        if cfg.optimizer == "auto":
+            log.info("%s", self.optimizer_choice.log_text())
+        self.config_yaml = record_optimizer(config_yaml, self.optimizer_choice)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -114,7 +120,7 @@ class _Trainer(TrainerOutputs):
             load_into(raw, bundle.model, what=str(bundle.path / "model.safetensors"))
         P.broadcast_module(raw)  # every rank starts from rank 0's weights
         self.template = copy.deepcopy(raw).to("meta") if cfg.distributed == "fsdp" and self.world > 1 else None
-        ema = make_ema(raw)
+        ema = make_ema(raw, share_frozen=self.template is None)  # frozen parameters (a VFM) shared, not averaged
         if bundle is not None:
             load_into(ema, bundle.ema, what=str(bundle.path / "ema.safetensors"))
         self.compute["model"] = compute_weights(raw, cfg.precision, cfg.distributed, self.world)
@@ -144,7 +150,7 @@ class _Trainer(TrainerOutputs):
         self._reset_meters()
 
     def _unit(self, name: str, raw: nn.Module, wrapped: nn.Module, loss_fn: LossFn) -> _Unit:
-        opt = build_optimizer(raw, self.cfg, self.device)
+        opt = build_optimizer(raw, self.cfg, self.device, name=self.optimizer_choice.name)
         if self.compute.get(name) is not None:
             self.compute[name].attach(opt)  # the optimizer step writes the bf16 compute copy
         if name == "model" and hasattr(opt, "set_ema"):  # fused_adamw_ema updates the EMA in its kernel
@@ -363,7 +369,8 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
         cfg: a :class:`~pae_fast.config.TrainConfig`.
         out_dir: the run folder: ``log.txt``, ``stats.jsonl``, ``config.yaml``, ``checkpoints/<step:07d>/``.
         seed: base seed (rank ``r`` uses ``seed + r``; the data order depends on ``seed`` only).
-        config_yaml: the resolved run config; written to ``<out_dir>/config.yaml`` and into the weights metadata.
+        config_yaml: the resolved run config; written to ``<out_dir>/config.yaml`` and into the weights metadata
+            (``train.optimizer: auto`` replaced by the optimizer it resolved to).
 
     Returns:
         A :class:`TrainResult`. On SIGTERM/SIGINT the current step finishes, a checkpoint is written and the result
@@ -394,8 +401,8 @@ def train(task: TrainTask, cfg, out_dir: str | Path, seed: int = 0, config_yaml:
         with precision_flags(cfg.tf32), kernel_scope(cfg.kernel_backend), Preemption() as preempt:
             trainer = _Trainer(task, cfg, out, seed, config_yaml, device, log)
             trainer.setup()  # finds and loads the checkpoint to resume: a failure leaves config.yaml as it was
-            if main and config_yaml is not None:
-                atomic_write_text(out / "config.yaml", config_yaml)
+            if main and trainer.config_yaml is not None:  # with train.optimizer as resolved
+                atomic_write_text(out / "config.yaml", trainer.config_yaml)
             return trainer.run(preempt)
     finally:
         close_logger(handlers)

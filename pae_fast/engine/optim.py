@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ __all__ = [
     "make_ema",
     "ema_update",
     "param_groups",
+    "load_optimizer_state_dict",
 ]
 
 
@@ -96,19 +97,35 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (torch, fused on CUDA / foreach on CPU) or apex ``FusedAdam`` for ``cfg.optimizer``.
+def build_optimizer(module: nn.Module, cfg, device: torch.device, name: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names, over :func:`param_groups` of ``module``.
+
+    ``adamw``: torch's AdamW (fused on CUDA, foreach on CPU); ``apex_fused_adam``: NVIDIA apex's ``FusedAdam``;
+    ``fused_adamw_ema``: :class:`~pae_fast.engine.fused_optim.FusedAdamWEMA`; ``auto``: resolved for this process
+    (:func:`pae_fast.engine.optim_choice.resolve_optimizer`; the engine resolves once per run and passes ``name``).
+
+    Args:
+        module: the (master) module whose trainable parameters are optimised.
+        cfg: a ``TrainConfig``.
+        device: the training device.
+        name: the resolved optimizer name, overriding ``cfg.optimizer``.
 
     Raises:
         ImportError: ``apex_fused_adam`` was asked for but NVIDIA apex is not installed.
     """
+    name = name or cfg.optimizer
+    if name == "auto":
+        from pae_fast.engine.distributed import get_world_size
+        from pae_fast.engine.optim_choice import resolve_optimizer
+
+        name = resolve_optimizer(cfg, device, get_world_size()).name
     groups = param_groups(module, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=1e-8)
-    if cfg.optimizer == "adamw":
+    if name == "adamw":
         if device.type == "cuda":
             return torch.optim.AdamW(groups, fused=True, **kwargs)
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
-    if cfg.optimizer == "apex_fused_adam":
+    if name == "apex_fused_adam":
         try:
             from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
         except ImportError as e:
@@ -120,11 +137,44 @@ def build_optimizer(module: nn.Module, cfg, device: torch.device) -> torch.optim
         if device.type != "cuda":
             raise ValueError("train.optimizer='apex_fused_adam' runs on CUDA only; use train.optimizer=adamw on CPU")
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    if cfg.optimizer == "fused_adamw_ema":  # one Triton kernel: AdamW + EMA + bf16 compute copy (engine/fused_optim)
+    if name == "fused_adamw_ema":  # one Triton kernel: AdamW + EMA + bf16 compute copy (engine/fused_optim)
         from pae_fast.engine.fused_optim import FusedAdamWEMA
 
         return FusedAdamWEMA(groups, **kwargs)
-    raise ValueError(f"train.optimizer={cfg.optimizer!r}: expected adamw, apex_fused_adam or fused_adamw_ema")
+    raise ValueError(f"train.optimizer={name!r}: expected auto, adamw, apex_fused_adam or fused_adamw_ema")
+
+
+# Param-group keys that are the optimizer's hyper-parameters (restored from a checkpoint); every other key describes
+# the implementation (torch's fused / foreach / decoupled_weight_decay ...) and stays as the current optimizer has it.
+_HYPER_KEYS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, load: Callable[[], None]) -> None:
+    """Run ``load()`` (which loads a state dict into ``optimizer``), keeping the current optimizer's implementation.
+
+    A checkpoint written by another AdamW implementation (``adamw`` <-> ``fused_adamw_ema``) has the same per-parameter
+    state (``step``, ``exp_avg``, ``exp_avg_sq``) but other param-group keys, and torch's ``load_state_dict`` takes the
+    saved groups as they are: a ``FusedAdamWEMA`` group loaded into torch's fused AdamW on CUDA would come back with
+    ``fused=None`` (the foreach path, which refuses the engine's device-side skip flag ``found_inf``) and CPU ``step``
+    tensors. After ``load()`` each group keeps the checkpoint's hyper-parameters (lr, betas, eps, weight decay) and
+    the current optimizer's other keys (``fused``, ``foreach``, ...), and torch AdamW's ``step`` tensors are put
+    where its implementation expects them (the parameter's device when fused or capturable, else the CPU).
+    """
+    before = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    load()
+    for g, mine in zip(optimizer.param_groups, before):
+        saved = {k: g[k] for k in _HYPER_KEYS if k in g}
+        for k in [k for k in g if k != "params" and k not in mine and k not in _HYPER_KEYS]:
+            del g[k]
+        g.update({k: v for k, v in mine.items() if k not in _HYPER_KEYS})
+        g.update(saved)
+        if not isinstance(optimizer, torch.optim.Adam):
+            continue
+        on_device = bool(g.get("fused") or g.get("capturable"))
+        for p in g["params"]:
+            st = optimizer.state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
 
 
 def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -135,9 +185,17 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and isinstance(optimizer, torch.optim.Adam)
 
 
-def make_ema(module: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``module`` (eval mode, no grads) that :func:`ema_update` keeps averaged."""
-    ema = copy.deepcopy(module)
+def make_ema(module: nn.Module, share_frozen: bool = True) -> nn.Module:
+    """A frozen deep copy of ``module`` (eval mode, no grads) that :func:`ema_update` keeps averaged.
+
+    With ``share_frozen`` the parameters that do not train (``requires_grad=False``: a tokenizer's frozen VFM, a
+    fixed positional table) are not copied: the EMA holds the very same tensors as ``module`` (their average is
+    themselves), so they cost no memory and no EMA update, and the EMA's state dict (checkpoints,
+    ``ema.safetensors``) still holds them. The engine turns it off when FSDP will shard ``module`` (sharding
+    replaces its parameters; the EMA is sharded separately).
+    """
+    shared = {id(p): p for p in module.parameters() if share_frozen and not p.requires_grad}  # deepcopy memo
+    ema = copy.deepcopy(module, shared)
     ema.eval()
     ema.requires_grad_(False)
     return ema
@@ -146,6 +204,8 @@ def make_ema(module: nn.Module) -> nn.Module:
 def _float_pairs(ema: Iterable[torch.Tensor], src: Iterable[torch.Tensor]) -> tuple[list, list, list, list]:
     fe, fs, oe, os_ = [], [], [], []
     for e, s in zip(ema, src):
+        if e is s:  # a frozen parameter the EMA shares with the model (make_ema): nothing to average
+            continue
         if e.shape != s.shape:
             raise ValueError(f"EMA tensor shape {tuple(e.shape)} does not match the model's {tuple(s.shape)}")
         (fe if e.is_floating_point() else oe).append(e)

@@ -77,8 +77,10 @@ class TrainerOutputs:
         rec["images_per_s"] = ips
         rec["sec_per_step"] = elapsed / max(steps, 1)
         rec["peak_mem_gb"] = peak_memory_gb(self.device)
-        if self.task.flops_per_sample:  # achieved TFLOP/s per device; MFU against the device's peak (null on CPU)
-            rec["tflops"] = self.task.flops_per_sample * ips / self.world / 1e12
+        fps = self.task.flops_per_sample
+        fps = fps(self.step - 1) if callable(fps) else fps  # a per-step count: the interval's last step
+        if fps:  # achieved TFLOP/s per device; MFU against the device's peak (null on CPU)
+            rec["tflops"] = fps * ips / self.world / 1e12
             peak = peak_flops(self.device)
             rec["mfu"] = rec["tflops"] * 1e12 / peak if peak else None
         rec["skipped"] = int(round(n_bad))

@@ -19,6 +19,7 @@ from pae_fast.engine import checkpoint as ck
 from pae_fast.engine import distributed as D
 from pae_fast.engine import parallel as P
 from pae_fast.engine.data import DataPosition
+from pae_fast.engine.optim import load_optimizer_state_dict
 
 __all__ = ["seed_all", "rng_state", "set_rng_state", "gather_rng_states", "fork_rng", "ResumeBundle", "find_resume",
            "load_bundle", "restore_trainer", "train_state"]
@@ -170,7 +171,9 @@ def restore_trainer(tr: Any, b: ResumeBundle) -> None:
     for unit in tr.units:
         part = st if unit.name == "model" else st["extra"][unit.name]
         try:
-            P.load_optimizer_state(unit.wrapped, unit.optimizer, part["optimizer"])
+            # same AdamW state across implementations (adamw <-> fused_adamw_ema): the groups keep this run's settings
+            load_optimizer_state_dict(
+                unit.optimizer, lambda u=unit, sd=part["optimizer"]: P.load_optimizer_state(u.wrapped, u.optimizer, sd))
         except (ValueError, KeyError, RuntimeError) as e:
             raise ck.CheckpointError(
                 f"optimizer state of {unit.name!r} in {b.path / 'state.pt'} does not fit: {e}"

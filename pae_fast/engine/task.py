@@ -38,7 +38,8 @@ class TrainTask:
             ``{name: (module, loss_fn)}``; each is stepped after the main model every step.
         on_checkpoint: optional ``fn(step, model, ema_model, out_dir)`` called on rank 0 after each checkpoint
             (sample grids, reconstructions).
-        flops_per_sample: training FLOPs per sample (forward + backward) for MFU; None: not reported.
+        flops_per_sample: training FLOPs per sample (forward + backward) for MFU, or ``fn(step) -> FLOPs`` when
+            the step's work changes during training (a GAN that starts later); None: not reported.
         num_workers: DataLoader worker processes (0 loads in the training process).
         counters: optional ``fn() -> {name: count}`` of running totals kept by the task (e.g. ``data/bad_files``,
             images skipped as undecodable); summed over ranks and written into every ``stats.jsonl`` record.
@@ -52,6 +53,6 @@ class TrainTask:
     metadata: dict[str, str] = field(default_factory=dict)
     extra_optimized: dict[str, tuple[nn.Module, LossFn]] = field(default_factory=dict)
     on_checkpoint: Callable[[int, nn.Module, nn.Module, str], None] | None = None
-    flops_per_sample: float | None = None
+    flops_per_sample: float | Callable[[int], float] | None = None
     num_workers: int = 0
     counters: Callable[[], dict[str, int]] | None = None

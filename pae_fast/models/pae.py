@@ -154,7 +154,7 @@ class PAETokenizer(Tokenizer):
 
     def __init__(self, encoder: str, image_size: int = 256, dam_depth: int = 6, latent_channels: int = 32,
                  decoder: str | tuple | list = "L", variant: str = "PAE") -> None:
-        vfm = build_vfm(encoder)
+        vfm = build_vfm(encoder, log_random=False)  # load_tokenizer_weights logs what it gets
         g, D, H = vfm.grid_size, vfm.embed_dim, vfm.num_heads
         super().__init__(vfm, image_size, (latent_channels, g, g), variant)
         self.arch = dict(encoder=encoder, image_size=image_size, dam_depth=dam_depth,

@@ -232,7 +232,7 @@ def is_authors_pae(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def load_authors_pae(tok: torch.nn.Module, state: Mapping, what: str = "authors' checkpoint",
-                     need_vfm: bool = True) -> None:
+                     need_vfm: bool = True) -> bool:
     """Convert an authors' checkpoint and load it into a :class:`~pae_fast.models.pae.PAETokenizer`, strictly.
 
     Args:
@@ -240,6 +240,9 @@ def load_authors_pae(tok: torch.nn.Module, state: Mapping, what: str = "authors'
         state: the authors' state dict; a ``{"model": ...}`` wrapper and ``module.`` / ``_orig_mod.`` prefixes are
             removed here too.
         need_vfm: the checkpoint must carry the encoder (False when the encoder was loaded from its own file).
+
+    Returns:
+        Whether the checkpoint carried the encoder (then loaded from it, replacing any loaded before).
 
     Raises:
         WeightsError: with the key diff (missing / unexpected / wrong shape, in our names) and any unknown keys.
@@ -260,6 +263,7 @@ def load_authors_pae(tok: torch.nn.Module, state: Mapping, what: str = "authors'
         raise WeightsError(f"{what} holds no encoder.* weights; pass the encoder's own file as vfm_weights=")
     load_into(tok, converted, what=what, strict=True, skip=None if has_vfm else (lambda k: k.startswith("vfm.")))
     tok.vfm.freeze()
+    return has_vfm
 
 
 # transformers checkpoints of the encoders alone: their roots, and the parts a frozen patch-token encoder never uses

@@ -34,7 +34,7 @@ class RAETokenizer(Tokenizer):
 
     def __init__(self, encoder: str, image_size: int = 256, decoder: str | tuple | list = "XL",
                  variant: str = "RAE") -> None:
-        vfm = build_vfm(encoder)
+        vfm = build_vfm(encoder, log_random=False)  # load_tokenizer_weights logs what it gets
         g = vfm.grid_size
         super().__init__(vfm, image_size, (vfm.embed_dim, g, g), variant)
         self.arch = dict(encoder=encoder, image_size=image_size, decoder=decoder, variant=variant)

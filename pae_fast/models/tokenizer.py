@@ -156,24 +156,32 @@ def load_tokenizer_weights(
     if vfm_weights is not None:
         state, _ = read_state_dict(vfm_weights, key=f"tokenizer {name} vfm_weights")
         tok.vfm.load_encoder_state(state, what=f"vfm_weights={str(vfm_weights)!r}")
-        log.info("tokenizer %s: encoder weights from %s", name, vfm_weights)
-    if weights is None:
-        log.warning("tokenizer %s: %s random initialisation (pretrained=%s, no weights file)", name,
-                    "encoder loaded, the rest is a" if vfm_weights is not None else "entirely a", pretrained)
+    if weights is None:  # the constructor built everything at random (silently: this is the one message)
+        if vfm_weights is not None:
+            log.warning("tokenizer %s: encoder weights loaded from %s; the rest is a random initialisation "
+                        "(pretrained=%s, no weights file)", name, vfm_weights, pretrained)
+        else:
+            log.warning("tokenizer %s: random initialisation of every part, encoder included (pretrained=%s, no "
+                        "weights file)", name, pretrained)
         return tok
     state, _ = read_state_dict(weights, key=f"tokenizer {name} weights")
     what = f"tokenizer {name} weights={str(weights)!r}"
     if any(k.startswith(("delta_encoder.", "latent_compressor.")) for k in state):
         from pae_fast.models.pae_convert import load_authors_pae
 
-        load_authors_pae(tok, state, what=what, need_vfm=vfm_weights is None)
+        has_vfm = load_authors_pae(tok, state, what=what, need_vfm=vfm_weights is None)
     else:
         has_vfm = any(k.startswith("vfm.") for k in state)
         if not has_vfm and vfm_weights is None:
             raise WeightsError(f"{what} holds no encoder (vfm.*) weights; pass vfm_weights= as well")
         load_into(tok, state, what=what, strict=True, skip=None if has_vfm else (lambda k: k.startswith("vfm.")))
     tok.vfm.freeze()
-    log.info("tokenizer %s: weights loaded from %s", name, weights)
+    if has_vfm and vfm_weights is not None:
+        log.info("tokenizer %s: weights loaded from %s, encoder included (its weights replace those of "
+                 "vfm_weights=%s)", name, weights, vfm_weights)
+    else:
+        log.info("tokenizer %s: weights loaded from %s, encoder %s", name, weights,
+                 "included" if has_vfm else f"from {vfm_weights}")
     return tok
 
 

@@ -306,13 +306,16 @@ def adapt_timm_state(
     return state
 
 
-def build_vfm(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None) -> FrozenVFM:
+def build_vfm(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None,
+              log_random: bool = True) -> FrozenVFM:
     """A registered frozen encoder.
 
     Args:
         name: a key of :data:`VFM_SPECS` (e.g. ``"DINOv2-L"``, ``"ViT-tiny"``).
         pretrained: True requires ``weights``; False with no ``weights`` gives a logged random initialisation.
         weights: a local timm-layout weights file (safetensors or a tensors-only torch file).
+        log_random: warn about a random initialisation (False for a tokenizer's encoder: the tokenizer's weight
+            loader, which may still fill it, logs what it ends up with).
     """
     if name not in VFM_SPECS:
         raise KeyError(f"unknown encoder {name!r}; valid: {', '.join(sorted(VFM_SPECS))}")
@@ -320,7 +323,8 @@ def build_vfm(name: str, pretrained: bool = False, weights: str | os.PathLike | 
         raise WeightsError(f"encoder {name}: pretrained=True needs weights= (a local file); nothing is downloaded")
     vfm = FrozenVFM(VFM_SPECS[name], name=name)
     if weights is None:
-        log.warning("encoder %s: random initialisation (pretrained=False, no weights file)", name)
+        if log_random:
+            log.warning("encoder %s: random initialisation (pretrained=False, no weights file)", name)
     else:
         state, _ = read_state_dict(weights, key=f"encoder {name} weights")
         vfm.load_encoder_state(state, what=f"encoder {name} weights={str(weights)!r}")

@@ -92,6 +92,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     from pae_fast.stages.image_data import check_image_size, open_image_data
     from pae_fast.stages.refine_priors import Shared, load_priors
     from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
+    from pae_fast.stages.tokenizer_flops import tokenizer_flops_fn
     from pae_fast.stages.tokenizer_task import (
         TokenizerTrainModule,
         discriminator_loss_fn,
@@ -159,8 +160,9 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     def on_checkpoint(step: int, model_: Any, ema: Any, out_dir: str) -> None:
         evaluator.evaluate(ema.tok, step, out_dir)
 
+    flops = tokenizer_flops_fn(tok, loss, t, projector, raw_projection)  # per image and step: TFLOP/s and MFU
     task = TrainTask(name="tokenizer", model=model, loss_fn=tokenizer_loss_fn(shared, rank), dataset=dataset,
-                     metadata=metadata, extra_optimized=extras, on_checkpoint=on_checkpoint,
+                     metadata=metadata, extra_optimized=extras, on_checkpoint=on_checkpoint, flops_per_sample=flops,
                      num_workers=cfg.data.num_workers if getattr(dataset, "samples", None) is not None else 0)
     return task, evaluator
 

@@ -80,6 +80,26 @@ def test_ema_math():
         ema_update(ema, model, 1.5)
 
 
+def test_ema_shares_frozen_parameters_and_skips_them():
+    """A frozen part (a tokenizer's VFM) is the same tensor in the EMA: no copy, no update, still in its state dict;
+    the trainable part is averaged as before. share_frozen=False (FSDP) copies everything."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    ema = make_ema(model)
+    assert ema[0].weight is model[0].weight and ema[0].bias is model[0].bias
+    assert ema[1].weight is not model[1].weight and ema[1].weight.data_ptr() != model[1].weight.data_ptr()
+    assert set(ema.state_dict()) == set(model.state_dict())
+    assert model[1].weight.requires_grad  # the model's trainable parameters are untouched
+    before = ema[1].weight.clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema_update(ema, model, 0.75)
+    torch.testing.assert_close(ema[1].weight, 0.75 * before + 0.25 * model[1].weight)
+    copied = make_ema(model, share_frozen=False)
+    assert copied[0].weight is not model[0].weight and torch.equal(copied[0].weight, model[0].weight)
+
+
 def test_micro_batch_size_errors_name_the_values():
     assert micro_batch_size(32, 2, 4) == 4
     with pytest.raises(ValueError, match=r"global_batch_size=30.*world_size=4.*grad_accum=2"):

@@ -184,6 +184,36 @@ def test_weights_round_trip_and_errors(tmp_path, caplog):
         create_tokenizer("PAE-tiny", pretrained=True)
 
 
+def test_weight_loading_logs_what_happens(tmp_path, caplog):
+    """No "random initialisation" message when a weights file fills the tokenizer; each case says where every part
+    comes from (the encoder is built inside the constructor, which stays silent)."""
+    src = create_tokenizer("PAE-tiny")
+    full, rest, enc = tmp_path / "full.safetensors", tmp_path / "rest.safetensors", tmp_path / "enc.safetensors"
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_safetensors(sd, full)
+    save_safetensors({k: v for k, v in sd.items() if not k.startswith("vfm.")}, rest)
+    save_safetensors({k: v.contiguous() for k, v in src.vfm.model.state_dict().items()}, enc)
+
+    def messages(**kw) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pae_fast"):
+            create_tokenizer("PAE-tiny", **kw)
+        return [r.getMessage() for r in caplog.records if r.name.startswith("pae_fast")]
+
+    assert messages(weights=full) == [f"tokenizer PAE-tiny: weights loaded from {full}, encoder included"]
+    assert messages(weights=rest, vfm_weights=enc) == [
+        f"tokenizer PAE-tiny: weights loaded from {rest}, encoder from {enc}"]
+    assert messages(weights=full, vfm_weights=enc) == [
+        f"tokenizer PAE-tiny: weights loaded from {full}, encoder included (its weights replace those of "
+        f"vfm_weights={enc})"]  # fmt: skip
+    assert messages(vfm_weights=enc) == [
+        f"tokenizer PAE-tiny: encoder weights loaded from {enc}; the rest is a random initialisation "
+        "(pretrained=False, no weights file)"]  # fmt: skip
+    (only,) = messages()
+    assert "random initialisation of every part, encoder included" in only
+    assert caplog.records[0].levelno == logging.WARNING
+
+
 def test_info_gmacs_match_hand_count():
     """Decode MACs of PAE-DINOv2-L-d32 against a hand count: decompressor conv + attention, decoder linears on 257
     tokens, attention products, the pixel head."""

@@ -96,6 +96,58 @@ def test_resume_is_bitwise_exact_with_the_gan(tmp_path, photos):
             assert torch.equal(ta[k], tb[k]), (name, k)
     last = rows(straight / "stats.jsonl")[-1]
     assert {"gan", "gan_weight", "disc/loss", "disc/logits_real"} <= set(last)  # the GAN phase ran
+    assert last["tflops"] > 0 and last["mfu"] is None  # FLOPs counted (MFU needs a GPU's peak)
+    # the EMA shares the frozen VFM with the model (no copy, no update) and its file still holds it
+    ema, model = _tensors(a, "ema"), _tensors(a, "model")
+    vfm = [k for k in ema if k.startswith("vfm.")]
+    assert vfm and all(torch.equal(ema[k], model[k]) for k in vfm)
+
+
+def test_flops_per_sample_match_a_counted_step(tmp_path, photos):
+    """The task's FLOPs per image (parts counted on fake tensors) against FlopCounterMode over one real step, before
+    the GAN starts and with it (generator loss + backward, then the discriminator's step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pae_fast.kernels import use_backend
+
+    task, _ = build_tokenizer_task(tiny_cfg(tmp_path / "f", **GAN), photos[0], photos[1])
+    disc, disc_loss = task.extra_optimized["disc"]
+    batch = (photos[0].images[:2], photos[0].labels[:2])
+    rae_over = {"tokenizer.name": "RAE-tiny", "tokenizer.ssr": False, "tokenizer.scr": False, "tokenizer.mcr": False}
+    rae, _ = build_tokenizer_task(tiny_cfg(tmp_path / "r", **rae_over),
+                                  photos[0], photos[1])  # fmt: skip
+    counter = FlopCounterMode(display=False)
+    with use_backend("torch"), counter:  # the RAE's encoder trains nothing: its backward stops at the decoder
+        rae.loss_fn(rae.model, batch, 0)[0].backward()
+    assert rae.flops_per_sample(0) == pytest.approx(counter.get_total_flops() / 2, rel=0.02)
+    for step in (0, 5):  # GAN from step 2, discriminator from step 1
+        counter = FlopCounterMode(display=False)
+        with use_backend("torch"), counter:
+            task.loss_fn(task.model, batch, step)[0].backward()
+            disc_loss(disc, batch, step)[0].backward()
+        assert task.flops_per_sample(step) == pytest.approx(counter.get_total_flops() / 2, rel=0.02), step
+    assert task.flops_per_sample(5) > 1.5 * task.flops_per_sample(0)
+
+
+def test_flops_per_sample_count_lpips_pairs(tmp_path, photos):
+    """With LPIPS on (random AlexNet LPIPS), the reconstruction and both cascaded MCR pairs: the parts' count against
+    FlopCounterMode over one real step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pae_fast.eval.recon import LPIPS
+    from pae_fast.kernels import use_backend
+    from pae_fast.stages.tokenizer_flops import count_tokenizer_step
+
+    cfg = tiny_cfg(tmp_path / "l", **{"tokenizer.lambda_lpips": 1.0})
+    task, _ = build_tokenizer_task(cfg, photos[0], photos[1])
+    sh = task.model.shared
+    sh.loss.lpips = LPIPS("alex", None, None)  # random weights: FLOPs only
+    parts = count_tokenizer_step(task.model.tok, sh.loss, cfg.tokenizer, sh.projector, sh.raw_projection)
+    assert parts.lpips_pairs == 3 and parts.lpips > parts.lpips_backward > 0
+    counter = FlopCounterMode(display=False)
+    with use_backend("torch"), counter:
+        task.loss_fn(task.model, (photos[0].images[:2], photos[0].labels[:2]), 0)[0].backward()
+    assert parts.flops(0) == pytest.approx(counter.get_total_flops() / 2, rel=0.02)
 
 
 def _one_step(cfg, photos, disc_step: int | None = None):
