@@ -227,9 +227,9 @@ def summarize(out_dir: Path, status: dict[str, Any] | None = None) -> str:
                 f"{r['peak_memory_bytes'] / 2**30:.2f} | {mfu} | {load} |"
             )
         if any((_load(p) or {}).get("device") == "cpu" for p in steps):
-            lines += ["", "On CPU the default kernel backend (`auto`) runs the PyTorch references (Triton needs CUDA "
-                      "tensors), so the fused step is the reference step: the target 'not slower than the reference "
-                      "on CPU' holds by construction. `--backend triton` on CPU would time the Triton interpreter."]
+            lines += ["", "On CPU the default kernel backend (`auto`) runs the PyTorch references of the fused ops "
+                      "(Triton needs CUDA tensors) and SDPA attention; `cpu_guard.py` times it against `--backend "
+                      "torch` (`cpu_guard_*.json`). `--backend triton` on CPU would time the Triton interpreter."]
         lines.append("")
     for p in sorted(out_dir.glob("ops_*.json")):
         data = _load(p)
