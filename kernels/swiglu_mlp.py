@@ -15,7 +15,9 @@ Backward (s = sigmoid(a), g = dL/dy; docs/method.md § SwiGLU in GEMM epilogues)
     dx = d[a | b] @ w12,   dW12 = d[a | b]^T x             (cuBLAS)
 The bandwidth-bound SwiGLU pass (read [a | b], write h; in backward read dh, a, b, write d[a | b]) disappears into
 GEMMs that read and write those tensors anyway. Dtypes: every GEMM input in the compute dtype (the autocast dtype
-under autocast, as ``F.linear`` would cast), fp32 accumulation, outputs in the compute dtype.
+under autocast, as ``F.linear`` would cast), fp32 accumulation, outputs in the compute dtype. An fp32 compute dtype on
+a GPU keeps cuBLAS's GEMMs with the fused ``swiglu`` kernel between them (the Triton GEMMs are for half inputs; the
+interpreter runs them in fp32 too, for the tests).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 from ._swiglu_mlp_kernels import gemm_gate_bwd, gemm_gate_fwd
-from .swiglu import swiglu_ref
+from .swiglu import swiglu, swiglu_ref
 
 __all__ = ["swiglu_mlp", "swiglu_mlp_ref"]
 
@@ -164,6 +166,10 @@ def swiglu_mlp(
     _check(x, w12, b12, w3)
     if resolve_backend(backend, x) == "torch":
         return swiglu_mlp_ref(x, w12, b12, w3)
+    if x.device.type == "cuda" and not _autocast_on(x) and x.dtype == torch.float32:
+        # fp32 GEMMs stay on cuBLAS: a Triton GEMM with IEEE fp32 products runs on CUDA cores and spills registers
+        # (compile_check); only the gate is fused there (the swiglu kernel between the two GEMMs)
+        return F.linear(swiglu(F.linear(x, w12), bias=b12, backend="triton"), w3)
     if _autocast_on(x):  # every GEMM input in the autocast dtype, as F.linear would cast them
         dt = gemm_input_dtype(x)
         x, w12, w3 = x.to(dt), w12.to(dt), w3.to(dt)

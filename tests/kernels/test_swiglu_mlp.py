@@ -200,3 +200,19 @@ def test_swiglu_layer_is_the_fused_op_plus_w3_bias(backend):
     g = torch.randn(y.shape)
     for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g)):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
+
+
+def test_fp32_on_a_gpu_keeps_cublas_gemms_around_the_fused_gate():
+    """On a CUDA device (fake tensors here) fp32 runs two aten GEMMs with the fused ``swiglu`` kernel between them;
+    half inputs run the Triton GEMMs with the gate in their epilogues."""
+    with FakeTensorMode(allow_non_fake_inputs=True), counting_only():
+        args = [torch.empty(*s, device="cuda") for s in ((2, 19, 40), (48, 40), (48,), (40, 24))]
+        ops = {}
+        for dtype in (torch.float32, torch.float16):
+            a = [t.to(dtype) for t in args]
+            with TrafficCounter() as tc:
+                y = kernels.swiglu_mlp(*a, backend="triton")
+            assert y.shape == (2, 19, 40) and y.dtype == dtype
+            ops[dtype] = {r["op"] for r in tc.summary()["rows"]}
+    assert "pae_fast::swiglu" in ops[torch.float32] and "pae_fast::swiglu_mlp" not in ops[torch.float32]
+    assert "pae_fast::swiglu_mlp" in ops[torch.float16] and "pae_fast::swiglu" not in ops[torch.float16]
