@@ -132,6 +132,102 @@ def _two_tile_mean(r, r2, D, HAS_C2: tl.constexpr):
     return total / D
 
 
+@triton.jit
+def _two_tile_cols(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """Column indices of a row's two tiles; the second is ``cols`` again (a placeholder) when ``BLOCK_C2`` is 0."""
+    cols = tl.arange(0, BLOCK_C)
+    cols2 = cols
+    if BLOCK_C2 > 0:
+        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+    return cols, cols2
+
+
+@triton.jit
+def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """fp32 column accumulators of both tiles (the first again as a placeholder when ``BLOCK_C2`` is 0)."""
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc2 = acc
+    if BLOCK_C2 > 0:
+        acc2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
+    return acc, acc2
+
+
+@triton.jit
+def _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
+    """``(n, n2, rstd)``: both tiles of a row block normalised (centred first for LayerNorm; zero outside the masks),
+    statistics in fp32 over the whole row. ``r2`` / ``mask2`` are placeholders (returned as given) unless ``HAS_C2``."""
+    if not IS_RMS:
+        mean = _two_tile_mean(r, r2, D, HAS_C2)
+        r = tl.where(mask, r - mean[:, None], 0.0)
+        if HAS_C2:
+            r2 = tl.where(mask2, r2 - mean[:, None], 0.0)
+    rstd = _two_tile_rstd(r, r2, D, eps, HAS_C2)
+    n2 = r2
+    if HAS_C2:
+        n2 = r2 * rstd[:, None]
+    return r * rstd[:, None], n2, rstd
+
+
+@triton.jit
+def _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mask, mask2, cmask, cmask2, s_shb,
+                         s_sht, s_scb, s_sct, eps, IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                         SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_C2: tl.constexpr):  # fmt: skip
+    """The forward from the fp32 row block (two tiles, the second a placeholder unless ``HAS_C2``): normalise over the
+    row and store ``h = norm(r) * w * (1 + scale) + shift`` tile by tile."""
+    n, n2, _ = _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS, HAS_C2)
+    _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_shb, s_sht, s_scb, s_sct, HAS_SHIFT,
+                    SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    if HAS_C2:
+        _modulate_store(H, SHIFT, SCALE, W, b, t, cols2, T, D, n2, mask2, cmask2, s_shb, s_sht, s_scb, s_sct,
+                        HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+
+
+@triton.jit
+def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, rstd, mask, mask2, cmask,
+                         cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
+                         IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr,
+                         SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """The backward of ``h = norm(r) * w * (1 + scale) + shift`` over a row block of two tiles (the second tiles are
+    placeholders unless ``HAS_C2``): the modulation gradients of both tiles (:func:`_bwd_modulation`; column sums
+    added to the accumulators), then the norm backward ``dr = rstd * (dn - <dn> - n * <dn n>)`` (no ``<dn>`` for
+    RMSNorm). Returns ``(dr, dr2, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2)``."""
+    dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
+                                          HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    acc_shift += s_sh
+    acc_scale += s_sc
+    acc_w += s_w
+    dot = tl.sum(dn * n, axis=1)
+    mdn = tl.sum(dn, axis=1)
+    dn2 = dn
+    if HAS_C2:
+        dn2, s_sh2, s_sc2, s_w2 = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols2, T, D, n2, mask2, cmask2,
+                                                  s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+        acc_shift2 += s_sh2
+        acc_scale2 += s_sc2
+        acc_w2 += s_w2
+        dot += tl.sum(dn2 * n2, axis=1)
+        mdn += tl.sum(dn2, axis=1)
+    if IS_RMS:
+        shift_dn = tl.zeros_like(mdn)
+    else:
+        shift_dn = mdn / D
+    dr = rstd[:, None] * (dn - shift_dn[:, None] - n * (dot / D)[:, None])
+    dr2 = dr
+    if HAS_C2:
+        dr2 = rstd[:, None] * (dn2 - shift_dn[:, None] - n2 * (dot / D)[:, None])
+    return dr, dr2, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2
+
+
+@triton.jit
+def _store_partials(PTR, part, cols, cols2, acc, acc2, D, ENABLED: tl.constexpr, HAS_C2: tl.constexpr):
+    """When ``ENABLED``: one program's fp32 column sums of both tiles to ``PTR + part`` (``(B, P, D)`` partials)."""
+    if ENABLED:
+        tl.store(PTR + part + cols, acc, mask=cols < D)
+        if HAS_C2:
+            tl.store(PTR + part + cols2, acc2, mask=cols2 < D)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch geometry
 # ----------------------------------------------------------------------------------------------------------------
