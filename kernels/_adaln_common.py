@@ -133,13 +133,14 @@ def _two_tile_mean(r, r2, D, HAS_C2: tl.constexpr):
 
 
 @triton.jit
-def _two_tile_cols(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
-    """Column indices of a row's two tiles; the second is ``cols`` again (a placeholder) when ``BLOCK_C2`` is 0."""
+def _program_tiles(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """``(pid_t, b, cols, cols2)`` of a program of grid ``(row blocks, B)``: its row-block index, its sample (int64)
+    and the column indices of a row's two tiles (``cols2`` is ``cols`` again, a placeholder, when ``BLOCK_C2`` is 0)."""
     cols = tl.arange(0, BLOCK_C)
     cols2 = cols
     if BLOCK_C2 > 0:
         cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
-    return cols, cols2
+    return tl.program_id(0), tl.program_id(1).to(tl.int64), cols, cols2
 
 
 @triton.jit
@@ -154,8 +155,8 @@ def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
 
 @triton.jit
 def _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
-    """``(n, n2, rstd)``: both tiles of a row block normalised (centred first for LayerNorm; zero outside the masks),
-    statistics in fp32 over the whole row. ``r2`` / ``mask2`` are placeholders (returned as given) unless ``HAS_C2``."""
+    """``(n, n2, rstd)``: both tiles of a row block normalised over the row (LayerNorm: centred, zero outside the
+    masks); ``r2`` / ``mask2`` are placeholders unless ``HAS_C2``."""
     if not IS_RMS:
         mean = _two_tile_mean(r, r2, D, HAS_C2)
         r = tl.where(mask, r - mean[:, None], 0.0)
@@ -173,8 +174,8 @@ def _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mas
                          s_sht, s_scb, s_sct, eps, IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr,
                          SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_C2: tl.constexpr):  # fmt: skip
-    """The forward from the fp32 row block (two tiles, the second a placeholder unless ``HAS_C2``): normalise over the
-    row and store ``h = norm(r) * w * (1 + scale) + shift`` tile by tile."""
+    """Forward from an fp32 two-tile row block (2nd a placeholder unless ``HAS_C2``): ``h = norm(r) * w * (1 + scale)
+    + shift``, stored tile by tile."""
     n, n2, _ = _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS, HAS_C2)
     _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_shb, s_sht, s_scb, s_sct, HAS_SHIFT,
                     SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
@@ -188,10 +189,9 @@ def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, 
                          cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
                          IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr,
                          SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
-    """The backward of ``h = norm(r) * w * (1 + scale) + shift`` over a row block of two tiles (the second tiles are
-    placeholders unless ``HAS_C2``): the modulation gradients of both tiles (:func:`_bwd_modulation`; column sums
-    added to the accumulators), then the norm backward ``dr = rstd * (dn - <dn> - n * <dn n>)`` (no ``<dn>`` for
-    RMSNorm). Returns ``(dr, dr2, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2)``."""
+    """Backward of ``h = norm(r) * w * (1 + scale) + shift`` on a two-tile row block (2nd tile a placeholder unless
+    ``HAS_C2``): :func:`_bwd_modulation` per tile (column sums added to the accumulators), then the norm backward
+    ``dr = rstd * (dn - <dn> - n * <dn n>)``. Returns ``(dr, dr2, acc_shift, acc_scale, acc_w, acc_*2 ...)``."""
     dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
                                           HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
     acc_shift += s_sh
@@ -208,10 +208,7 @@ def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, 
         acc_w2 += s_w2
         dot += tl.sum(dn2 * n2, axis=1)
         mdn += tl.sum(dn2, axis=1)
-    if IS_RMS:
-        shift_dn = tl.zeros_like(mdn)
-    else:
-        shift_dn = mdn / D
+    shift_dn = tl.zeros_like(mdn) if IS_RMS else mdn / D
     dr = rstd[:, None] * (dn - shift_dn[:, None] - n * (dot / D)[:, None])
     dr2 = dr
     if HAS_C2:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._adaln_common import _bwd_norm_modulation, _store_partials, _two_tile_cols, _two_tile_norm, _two_tile_zeros
+from ._adaln_common import _bwd_norm_modulation, _program_tiles, _store_partials, _two_tile_norm, _two_tile_zeros
 
 __all__ = ["_adaln_modulate_bwd_kernel", "_load_rows"]
 
@@ -52,9 +52,7 @@ def _adaln_modulate_bwd_kernel(
     BLOCK_C2: tl.constexpr,  # second column tile (0: none)
 ):
     # program (pid_t, b) handles row blocks pid_t*ITERS .. pid_t*ITERS + ITERS - 1 of sample b
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols, cols2 = _two_tile_cols(BLOCK_C, BLOCK_C2)
+    pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
     acc_shift, acc_shift2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
     acc_scale, acc_scale2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
     acc_w, acc_w2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)

@@ -13,8 +13,8 @@ from . import _adaln_common as C
 from ._adaln_common import (
     _bwd_norm_modulation,
     _load_mod,
+    _program_tiles,
     _store_partials,
-    _two_tile_cols,
     _two_tile_norm,
     _two_tile_zeros,
 )
@@ -100,9 +100,7 @@ def _gated_residual_adaln_bwd_kernel(
     # A row is split into two power-of-two column tiles (1152 = 1024 + 128, 2048 = 2048 + 0): no lane of a tile is
     # padding where D is a sum of two powers of two, and half the registers of one 2048-wide tile. The row
     # statistics add both tiles' partial sums. Program (pid_t, b) handles row blocks pid_t*ITERS .. + ITERS - 1.
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols, cols2 = _two_tile_cols(BLOCK_C, BLOCK_C2)
+    pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
     acc_gate, acc_gate2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
     acc_shift, acc_shift2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
     acc_scale, acc_scale2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)

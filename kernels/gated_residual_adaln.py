@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _norm_modulate_store, _two_tile_cols
+from ._adaln_common import _norm_modulate_store, _program_tiles
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 from ._gated_residual_adaln_bwd import _gated_residual_adaln_bwd_kernel, _residual_tile, bwd_blocks
 
@@ -77,10 +77,8 @@ def _gated_residual_adaln_fwd_kernel(
     BLOCK_C: tl.constexpr,  # first column tile (``col_tiles``: the largest power of two <= D)
     BLOCK_C2: tl.constexpr,  # second column tile (0: none), so 1152 = 1024 + 128 lanes, none idle
 ):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
     t = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols, cols2 = _two_tile_cols(BLOCK_C, BLOCK_C2)
     r, _, _, mask, cmask = _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
                                           GATE_PT, HAS_BIAS)  # fmt: skip
     tl.store(R + (b * T + t[:, None]) * D + cols[None, :], r.to(R.dtype.element_ty), mask=mask)
