@@ -155,8 +155,7 @@ def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
 
 @triton.jit
 def _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
-    """``(n, n2, rstd)``: both tiles of a row block normalised over the row (LayerNorm: centred, zero outside the
-    masks); ``r2`` / ``mask2`` are placeholders unless ``HAS_C2``."""
+    """``(n, n2, rstd)``: a two-tile row block normalised over the row (``r2``, ``mask2``: placeholders w/o HAS_C2)."""
     if not IS_RMS:
         mean = _two_tile_mean(r, r2, D, HAS_C2)
         r = tl.where(mask, r - mean[:, None], 0.0)
@@ -185,13 +184,13 @@ def _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mas
 
 
 @triton.jit
-def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, rstd, mask, mask2, cmask,
+def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, mask, mask2, cmask,
                          cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
                          IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr,
                          SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
     """Backward of ``h = norm(r) * w * (1 + scale) + shift`` on a two-tile row block (2nd tile a placeholder unless
-    ``HAS_C2``): :func:`_bwd_modulation` per tile (column sums added to the accumulators), then the norm backward
-    ``dr = rstd * (dn - <dn> - n * <dn n>)``. Returns ``(dr, dr2, acc_shift, acc_scale, acc_w, acc_*2 ...)``."""
+    ``HAS_C2``): :func:`_bwd_modulation` per tile (column sums added to the accumulators) and the row means the norm
+    backward :func:`_norm_bwd` needs. Returns ``(dn, dn2, <dn> or 0, <dn n>, acc_shift, acc_scale, acc_w, acc_*2)``."""
     dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
                                           HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
     acc_shift += s_sh
@@ -209,11 +208,13 @@ def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, 
         dot += tl.sum(dn2 * n2, axis=1)
         mdn += tl.sum(dn2, axis=1)
     shift_dn = tl.zeros_like(mdn) if IS_RMS else mdn / D
-    dr = rstd[:, None] * (dn - shift_dn[:, None] - n * (dot / D)[:, None])
-    dr2 = dr
-    if HAS_C2:
-        dr2 = rstd[:, None] * (dn2 - shift_dn[:, None] - n2 * (dot / D)[:, None])
-    return dr, dr2, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2
+    return dn, dn2, shift_dn, dot / D, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2
+
+
+@triton.jit
+def _norm_bwd(dn, n, rstd, shift_dn, mean_dn_n):
+    """One tile of the norm backward ``dr = rstd * (dn - <dn> - n * <dn n>)`` (means: :func:`_bwd_norm_modulation`)."""
+    return rstd[:, None] * (dn - shift_dn[:, None] - n * mean_dn_n[:, None])
 
 
 @triton.jit

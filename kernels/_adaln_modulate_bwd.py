@@ -9,7 +9,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._adaln_common import _bwd_norm_modulation, _program_tiles, _store_partials, _two_tile_norm, _two_tile_zeros
+from ._adaln_common import (
+    _bwd_norm_modulation,
+    _norm_bwd,
+    _program_tiles,
+    _store_partials,
+    _two_tile_norm,
+    _two_tile_zeros,
+)
 
 __all__ = ["_adaln_modulate_bwd_kernel", "_load_rows"]
 
@@ -64,13 +71,15 @@ def _adaln_modulate_bwd_kernel(
         if BLOCK_C2 > 0:
             x2, mask2, cmask2 = _load_rows(X, b, t, cols2, T, D, sxb, sxt)
         n, n2, rstd = _two_tile_norm(x, x2, mask, mask2, D, eps, IS_RMS, BLOCK_C2 > 0)
-        # modulation gradients, then the norm backward dx = rstd * (dn - n * mean(dn * n) [- mean(dn)])
-        dx, dx2, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = _bwd_norm_modulation(
-            DY, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, rstd, mask, mask2, cmask, cmask2, s_scb,
-            s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2, IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT,
-            HAS_WEIGHT, BLOCK_C2 > 0)  # fmt: skip
+        # modulation gradients, then the norm backward dx = rstd * (dn - n * mean(dn * n) [- mean(dn)]) per tile
+        dn, dn2, shift_dn, mean_dn_n, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = (
+            _bwd_norm_modulation(DY, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, mask, mask2, cmask,
+                                 cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
+                                 IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT, BLOCK_C2 > 0))  # fmt: skip
+        dx = _norm_bwd(dn, n, rstd, shift_dn, mean_dn_n)
         tl.store(DX + (b * T + t[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if BLOCK_C2 > 0:
+            dx2 = _norm_bwd(dn2, n2, rstd, shift_dn, mean_dn_n)
             tl.store(DX + (b * T + t[:, None]) * D + cols2[None, :], dx2.to(DX.dtype.element_ty), mask=mask2)
     part = (b * P + pid_t) * D
     _store_partials(DSHIFT, part, cols, cols2, acc_shift, acc_shift2, D, HAS_SHIFT and not SHIFT_PT, BLOCK_C2 > 0)
