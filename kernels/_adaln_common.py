@@ -154,18 +154,14 @@ def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
 
 
 @triton.jit
-def _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
-    """``(n, n2, rstd)``: a two-tile row block normalised over the row (``r2``, ``mask2``: placeholders w/o HAS_C2)."""
+def _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
+    """``(r, r2, rstd)`` of a two-tile row block, centred for LayerNorm: ``n = r * rstd`` (r2, mask2: w/o C2)."""
     if not IS_RMS:
         mean = _two_tile_mean(r, r2, D, HAS_C2)
         r = tl.where(mask, r - mean[:, None], 0.0)
         if HAS_C2:
             r2 = tl.where(mask2, r2 - mean[:, None], 0.0)
-    rstd = _two_tile_rstd(r, r2, D, eps, HAS_C2)
-    n2 = r2
-    if HAS_C2:
-        n2 = r2 * rstd[:, None]
-    return r * rstd[:, None], n2, rstd
+    return r, r2, _two_tile_rstd(r, r2, D, eps, HAS_C2)
 
 
 @triton.jit
@@ -175,22 +171,22 @@ def _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mas
                          HAS_C2: tl.constexpr):  # fmt: skip
     """Forward from an fp32 two-tile row block (2nd a placeholder unless ``HAS_C2``): ``h = norm(r) * w * (1 + scale)
     + shift``, stored tile by tile."""
-    n, n2, _ = _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS, HAS_C2)
-    _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_shb, s_sht, s_scb, s_sct, HAS_SHIFT,
-                    SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    r, r2, rstd = _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS, HAS_C2)
+    _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, r * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb,
+                    s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
     if HAS_C2:
-        _modulate_store(H, SHIFT, SCALE, W, b, t, cols2, T, D, n2, mask2, cmask2, s_shb, s_sht, s_scb, s_sct,
-                        HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+        _modulate_store(H, SHIFT, SCALE, W, b, t, cols2, T, D, r2 * rstd[:, None], mask2, cmask2, s_shb, s_sht,
+                        s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
 
 
 @triton.jit
-def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, mask, mask2, cmask,
+def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, r2, rstd, mask, mask2, cmask,
                          cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
                          IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr,
                          SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
     """Backward of ``h = norm(r) * w * (1 + scale) + shift`` on a two-tile row block (2nd tile a placeholder unless
-    ``HAS_C2``): :func:`_bwd_modulation` per tile (column sums added to the accumulators) and the row means the norm
-    backward :func:`_norm_bwd` needs. Returns ``(dn, dn2, <dn> or 0, <dn n>, acc_shift, acc_scale, acc_w, acc_*2)``."""
+    ``HAS_C2``; ``n2 = r2 * rstd``): :func:`_bwd_modulation` per tile (column sums added to the accumulators) and the
+    means :func:`_norm_bwd` needs. Returns ``(dn, dn2, n2, <dn> or 0, <dn n>, acc_shift, acc_scale, acc_w, acc_*2)``."""
     dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
                                           HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
     acc_shift += s_sh
@@ -198,8 +194,9 @@ def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, 
     acc_w += s_w
     dot = tl.sum(dn * n, axis=1)
     mdn = tl.sum(dn, axis=1)
-    dn2 = dn
+    dn2, n2 = dn, r2
     if HAS_C2:
+        n2 = r2 * rstd[:, None]
         dn2, s_sh2, s_sc2, s_w2 = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols2, T, D, n2, mask2, cmask2,
                                                   s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
         acc_shift2 += s_sh2
@@ -208,7 +205,7 @@ def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, 
         dot += tl.sum(dn2 * n2, axis=1)
         mdn += tl.sum(dn2, axis=1)
     shift_dn = tl.zeros_like(mdn) if IS_RMS else mdn / D
-    return dn, dn2, shift_dn, dot / D, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2
+    return dn, dn2, n2, shift_dn, dot / D, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2
 
 
 @triton.jit

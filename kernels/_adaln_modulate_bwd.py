@@ -14,7 +14,7 @@ from ._adaln_common import (
     _norm_bwd,
     _program_tiles,
     _store_partials,
-    _two_tile_norm,
+    _two_tile_stats,
     _two_tile_zeros,
 )
 
@@ -70,12 +70,13 @@ def _adaln_modulate_bwd_kernel(
         x2, mask2, cmask2 = x, mask, cmask
         if BLOCK_C2 > 0:
             x2, mask2, cmask2 = _load_rows(X, b, t, cols2, T, D, sxb, sxt)
-        n, n2, rstd = _two_tile_norm(x, x2, mask, mask2, D, eps, IS_RMS, BLOCK_C2 > 0)
+        x, x2, rstd = _two_tile_stats(x, x2, mask, mask2, D, eps, IS_RMS, BLOCK_C2 > 0)
+        n = x * rstd[:, None]
         # modulation gradients, then the norm backward dx = rstd * (dn - n * mean(dn * n) [- mean(dn)]) per tile
-        dn, dn2, shift_dn, mean_dn_n, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = (
-            _bwd_norm_modulation(DY, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, mask, mask2, cmask,
-                                 cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
-                                 IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT, BLOCK_C2 > 0))  # fmt: skip
+        dn, dn2, n2, shift_dn, mean_dn_n, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = (
+            _bwd_norm_modulation(DY, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, x2, rstd, mask, mask2,
+                                 cmask, cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2,
+                                 acc_w2, IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT, BLOCK_C2 > 0))  # fmt: skip
         dx = _norm_bwd(dn, n, rstd, shift_dn, mean_dn_n)
         tl.store(DX + (b * T + t[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if BLOCK_C2 > 0:

@@ -16,7 +16,7 @@ from ._adaln_common import (
     _norm_bwd,
     _program_tiles,
     _store_partials,
-    _two_tile_norm,
+    _two_tile_stats,
     _two_tile_zeros,
 )
 from ._dispatch import interpreter_enabled
@@ -117,13 +117,14 @@ def _gated_residual_adaln_bwd_kernel(
         if BLOCK_C2 > 0:
             r2, y2, gate2, mask2, cmask2 = _residual_tile(X, YIN, GATE, BIAS, b, t, cols2, T, D, sxb, sxt, syb, syt,
                                                           s_gb, s_gt, GATE_PT, HAS_BIAS)  # fmt: skip
-        n, n2, rstd = _two_tile_norm(r, r2, mask, mask2, D, eps, IS_RMS, BLOCK_C2 > 0)
+        r, r2, rstd = _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS, BLOCK_C2 > 0)
+        n = r * rstd[:, None]
         # h = norm(r) * w * (1 + scale) + shift: modulation gradients, then per tile the norm backward
         # dr = rstd * (dn - n * mean(dn * n) [- mean(dn)])
-        dn, dn2, shift_dn, mean_dn_n, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = (
-            _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, n2, mask, mask2, cmask,
-                                 cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
-                                 IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT, BLOCK_C2 > 0))  # fmt: skip
+        dn, dn2, n2, shift_dn, mean_dn_n, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = (
+            _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, r2, rstd, mask, mask2,
+                                 cmask, cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2,
+                                 acc_w2, IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT, BLOCK_C2 > 0))  # fmt: skip
         dr = _norm_bwd(dn, n, rstd, shift_dn, mean_dn_n)
         s_g, s_b = _bwd_store(DR, DX, DYIN, DGATE, b, t, cols, T, D, dr, y, gate, mask, HAS_DR, GATE_PT)
         acc_gate += s_g
