@@ -155,7 +155,8 @@ def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
 
 @triton.jit
 def _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
-    """``(r, r2, rstd)`` of a two-tile row block, centred for LayerNorm: ``n = r * rstd`` (r2, mask2: w/o C2)."""
+    """``(r, r2, rstd)`` of a two-tile row block (centred for LayerNorm), so ``n = r * rstd``; ``r2`` / ``mask2`` are
+    placeholders unless ``HAS_C2``."""
     if not IS_RMS:
         mean = _two_tile_mean(r, r2, D, HAS_C2)
         r = tl.where(mask, r - mean[:, None], 0.0)
