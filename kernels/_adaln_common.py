@@ -132,6 +132,98 @@ def _two_tile_mean(r, r2, D, HAS_C2: tl.constexpr):
     return total / D
 
 
+@triton.jit
+def _program_tiles(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """``(pid_t, b, cols, cols2)`` of a program of grid ``(row blocks, B)``: its row-block index, its sample (int64)
+    and the column indices of a row's two tiles (``cols2`` is ``cols`` again, a placeholder, when ``BLOCK_C2`` is 0)."""
+    cols = tl.arange(0, BLOCK_C)
+    cols2 = cols
+    if BLOCK_C2 > 0:
+        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+    return tl.program_id(0), tl.program_id(1).to(tl.int64), cols, cols2
+
+
+@triton.jit
+def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """fp32 column accumulators of both tiles (the first again as a placeholder when ``BLOCK_C2`` is 0)."""
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc2 = acc
+    if BLOCK_C2 > 0:
+        acc2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
+    return acc, acc2
+
+
+@triton.jit
+def _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
+    """``(r, r2, rstd)`` of a two-tile row block (centred for LayerNorm), so ``n = r * rstd``; ``r2`` / ``mask2`` are
+    placeholders unless ``HAS_C2``."""
+    if not IS_RMS:
+        mean = _two_tile_mean(r, r2, D, HAS_C2)
+        r = tl.where(mask, r - mean[:, None], 0.0)
+        if HAS_C2:
+            r2 = tl.where(mask2, r2 - mean[:, None], 0.0)
+    return r, r2, _two_tile_rstd(r, r2, D, eps, HAS_C2)
+
+
+@triton.jit
+def _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mask, mask2, cmask, cmask2, s_shb,
+                         s_sht, s_scb, s_sct, eps, IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                         SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_C2: tl.constexpr):  # fmt: skip
+    """Forward from an fp32 two-tile row block (2nd a placeholder unless ``HAS_C2``): ``h = norm(r) * w * (1 + scale)
+    + shift``, stored tile by tile."""
+    r, r2, rstd = _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS, HAS_C2)
+    _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, r * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb,
+                    s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    if HAS_C2:
+        _modulate_store(H, SHIFT, SCALE, W, b, t, cols2, T, D, r2 * rstd[:, None], mask2, cmask2, s_shb, s_sht,
+                        s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+
+
+@triton.jit
+def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, r2, rstd, mask, mask2, cmask,
+                         cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
+                         IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr,
+                         SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Backward of ``h = norm(r) * w * (1 + scale) + shift`` on a two-tile row block (2nd tile a placeholder unless
+    ``HAS_C2``; ``n2 = r2 * rstd``): :func:`_bwd_modulation` per tile (column sums added to the accumulators) and the
+    means :func:`_norm_bwd` needs. Returns ``(dn, dn2, n2, <dn> or 0, <dn n>, acc_shift, acc_scale, acc_w, acc_*2)``."""
+    dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,
+                                          HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    acc_shift += s_sh
+    acc_scale += s_sc
+    acc_w += s_w
+    dot = tl.sum(dn * n, axis=1)
+    mdn = tl.sum(dn, axis=1)
+    dn2, n2 = dn, r2
+    if HAS_C2:
+        n2 = r2 * rstd[:, None]
+        dn2, s_sh2, s_sc2, s_w2 = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols2, T, D, n2, mask2, cmask2,
+                                                  s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+        acc_shift2 += s_sh2
+        acc_scale2 += s_sc2
+        acc_w2 += s_w2
+        dot += tl.sum(dn2 * n2, axis=1)
+        mdn += tl.sum(dn2, axis=1)
+    shift_dn = tl.zeros_like(mdn) if IS_RMS else mdn / D
+    return dn, dn2, n2, shift_dn, dot / D, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2
+
+
+@triton.jit
+def _norm_bwd(dn, n, rstd, shift_dn, mean_dn_n):
+    """One tile of the norm backward ``dr = rstd * (dn - <dn> - n * <dn n>)`` (means: :func:`_bwd_norm_modulation`)."""
+    return rstd[:, None] * (dn - shift_dn[:, None] - n * mean_dn_n[:, None])
+
+
+@triton.jit
+def _store_partials(PTR, part, cols, cols2, acc, acc2, D, ENABLED: tl.constexpr, HAS_C2: tl.constexpr):
+    """When ``ENABLED``: one program's fp32 column sums of both tiles to ``PTR + part`` (``(B, P, D)`` partials)."""
+    if ENABLED:
+        tl.store(PTR + part + cols, acc, mask=cols < D)
+        if HAS_C2:
+            tl.store(PTR + part + cols2, acc2, mask=cols2 < D)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch geometry
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,15 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _bwd_modulation, _load_mod
+from ._adaln_common import (
+    _bwd_norm_modulation,
+    _load_mod,
+    _norm_bwd,
+    _program_tiles,
+    _store_partials,
+    _two_tile_stats,
+    _two_tile_zeros,
+)
 from ._dispatch import interpreter_enabled
 
 __all__ = ["_gated_residual_adaln_bwd_kernel", "_residual_tile", "bwd_blocks"]
@@ -93,97 +101,45 @@ def _gated_residual_adaln_bwd_kernel(
     # A row is split into two power-of-two column tiles (1152 = 1024 + 128, 2048 = 2048 + 0): no lane of a tile is
     # padding where D is a sum of two powers of two, and half the registers of one 2048-wide tile. The row
     # statistics add both tiles' partial sums. Program (pid_t, b) handles row blocks pid_t*ITERS .. + ITERS - 1.
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    acc_gate = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if BLOCK_C2 > 0:
-        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
-        acc_gate2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
-        acc_shift2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
-        acc_scale2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
-        acc_w2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
-        acc_bias2 = tl.zeros((BLOCK_C2,), dtype=tl.float32)
+    pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
+    acc_gate, acc_gate2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
+    acc_shift, acc_shift2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
+    acc_scale, acc_scale2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
+    acc_w, acc_w2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
+    acc_bias, acc_bias2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
     for it in range(ITERS):
         t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        # recompute the forward: r = x + gate * (y + bias), n = norm(r), statistics over both tiles
+        # recompute the forward: r = x + gate * (y + bias), n = norm(r), statistics over both tiles (the second
+        # tile's names are placeholders when there is none)
         r, y, gate, mask, cmask = _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
                                                  GATE_PT, HAS_BIAS)  # fmt: skip
+        r2, y2, gate2, mask2, cmask2 = r, y, gate, mask, cmask
         if BLOCK_C2 > 0:
             r2, y2, gate2, mask2, cmask2 = _residual_tile(X, YIN, GATE, BIAS, b, t, cols2, T, D, sxb, sxt, syb, syt,
                                                           s_gb, s_gt, GATE_PT, HAS_BIAS)  # fmt: skip
-        if not IS_RMS:
-            total = tl.sum(r, axis=1)
-            if BLOCK_C2 > 0:
-                total += tl.sum(r2, axis=1)
-            r = tl.where(mask, r - (total / D)[:, None], 0.0)
-            if BLOCK_C2 > 0:
-                r2 = tl.where(mask2, r2 - (total / D)[:, None], 0.0)
-        ss = tl.sum(r * r, axis=1)
-        if BLOCK_C2 > 0:
-            ss += tl.sum(r2 * r2, axis=1)
-        rstd = 1.0 / tl.sqrt(ss / D + eps)
+        r, r2, rstd = _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS, BLOCK_C2 > 0)
         n = r * rstd[:, None]
-        # h = norm(r) * w * (1 + scale) + shift: modulation gradients and dn = dL/dn per tile
-        dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb,
-                                              s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
-        acc_shift += s_sh
-        acc_scale += s_sc
-        acc_w += s_w
-        dot = tl.sum(dn * n, axis=1)
-        mdn = tl.sum(dn, axis=1)
-        if BLOCK_C2 > 0:
-            n2 = r2 * rstd[:, None]
-            dn2, s_sh2, s_sc2, s_w2 = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols2, T, D, n2, mask2,
-                                                      cmask2, s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT,
-                                                      HAS_WEIGHT)  # fmt: skip
-            acc_shift2 += s_sh2
-            acc_scale2 += s_sc2
-            acc_w2 += s_w2
-            dot += tl.sum(dn2 * n2, axis=1)
-            mdn += tl.sum(dn2, axis=1)
-        # norm backward: dr = rstd * (dn - n * mean(dn * n) [- mean(dn)])
-        if IS_RMS:
-            shift_dn = tl.zeros_like(mdn)
-        else:
-            shift_dn = mdn / D
-        dr = rstd[:, None] * (dn - shift_dn[:, None] - n * (dot / D)[:, None])
+        # h = norm(r) * w * (1 + scale) + shift: modulation gradients, then per tile the norm backward
+        # dr = rstd * (dn - n * mean(dn * n) [- mean(dn)])
+        dn, dn2, n2, shift_dn, mean_dn_n, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2 = (
+            _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, n, r2, rstd, mask, mask2,
+                                 cmask, cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2,
+                                 acc_w2, IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT, BLOCK_C2 > 0))  # fmt: skip
+        dr = _norm_bwd(dn, n, rstd, shift_dn, mean_dn_n)
         s_g, s_b = _bwd_store(DR, DX, DYIN, DGATE, b, t, cols, T, D, dr, y, gate, mask, HAS_DR, GATE_PT)
         acc_gate += s_g
         acc_bias += s_b
         if BLOCK_C2 > 0:
-            dr2 = rstd[:, None] * (dn2 - shift_dn[:, None] - n2 * (dot / D)[:, None])
+            dr2 = _norm_bwd(dn2, n2, rstd, shift_dn, mean_dn_n)
             s_g2, s_b2 = _bwd_store(DR, DX, DYIN, DGATE, b, t, cols2, T, D, dr2, y2, gate2, mask2, HAS_DR, GATE_PT)
             acc_gate2 += s_g2
             acc_bias2 += s_b2
     part = (b * P + pid_t) * D
-    cmask = cols < D
-    if not GATE_PT:
-        tl.store(DGATE + part + cols, acc_gate, mask=cmask)
-    if HAS_SHIFT and not SHIFT_PT:
-        tl.store(DSHIFT + part + cols, acc_shift, mask=cmask)
-    if not SCALE_PT:
-        tl.store(DSCALE + part + cols, acc_scale, mask=cmask)
-    if HAS_WEIGHT:
-        tl.store(DW + part + cols, acc_w, mask=cmask)
-    if HAS_BIAS:
-        tl.store(DBIAS + part + cols, acc_bias, mask=cmask)
-    if BLOCK_C2 > 0:
-        cmask2 = cols2 < D
-        if not GATE_PT:
-            tl.store(DGATE + part + cols2, acc_gate2, mask=cmask2)
-        if HAS_SHIFT and not SHIFT_PT:
-            tl.store(DSHIFT + part + cols2, acc_shift2, mask=cmask2)
-        if not SCALE_PT:
-            tl.store(DSCALE + part + cols2, acc_scale2, mask=cmask2)
-        if HAS_WEIGHT:
-            tl.store(DW + part + cols2, acc_w2, mask=cmask2)
-        if HAS_BIAS:
-            tl.store(DBIAS + part + cols2, acc_bias2, mask=cmask2)
+    _store_partials(DGATE, part, cols, cols2, acc_gate, acc_gate2, D, not GATE_PT, BLOCK_C2 > 0)
+    _store_partials(DSHIFT, part, cols, cols2, acc_shift, acc_shift2, D, HAS_SHIFT and not SHIFT_PT, BLOCK_C2 > 0)
+    _store_partials(DSCALE, part, cols, cols2, acc_scale, acc_scale2, D, not SCALE_PT, BLOCK_C2 > 0)
+    _store_partials(DW, part, cols, cols2, acc_w, acc_w2, D, HAS_WEIGHT, BLOCK_C2 > 0)
+    _store_partials(DBIAS, part, cols, cols2, acc_bias, acc_bias2, D, HAS_BIAS, BLOCK_C2 > 0)
 
 
 def bwd_blocks(T: int, D: int) -> tuple[int, int, int, int]:

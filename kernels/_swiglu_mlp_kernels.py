@@ -32,8 +32,10 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program: row blocks in groups of GROUP_M, column-major inside a group (L2 reuse)."""
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, rm, rn, rk, rm_load)`` of this program's output tile: its row block ``pid_m`` (row blocks in groups
+    of GROUP_M, column-major inside a group: L2 reuse), the row / column / K offsets, and the rows to load (int64):
+    rows past the end load a valid row instead (their results are never stored), so no M mask in the K-loop."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -42,7 +44,9 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     group_rows = tl.minimum(n_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    return pid_m, pid_n
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, rm, rn, tl.arange(0, BLOCK_K), (rm % M).to(tl.int64)
 
 
 @triton.jit
@@ -63,13 +67,8 @@ def _swiglu_mlp_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    # rows / columns past the end load a valid row instead (their results are never stored): no M / N masks in the loop
-    xm = (rm % M).to(tl.int64)
-    wn = (rn % N).to(tl.int64)
+    pid_m, rm, rn, rk, xm = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    wn = (rn % N).to(tl.int64)  # columns past the end load a valid row of W too: no N mask in the loop
     x_ptr = X + xm[:, None] * stride_xm + rk[None, :]  # (BLOCK_M, BLOCK_K)
     wa_ptr = W + wn[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N): w_a^T tile
     wb_ptr = wa_ptr + N * stride_wn  # w_b^T tile (rows N .. 2N - 1 of W)
@@ -114,11 +113,7 @@ def _swiglu_mlp_bwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    dym = (rm % M).to(tl.int64)
+    pid_m, rm, rn, rk, dym = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     w3n = rn % N
     dy_ptr = DY + dym[:, None] * stride_dym + rk[None, :]  # (BLOCK_M, BLOCK_K)
     w3_ptr = W3 + rk.to(tl.int64)[:, None] * stride_w3k + w3n[None, :]  # (BLOCK_K, BLOCK_N)

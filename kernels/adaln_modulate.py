@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _modulate_store, _two_tile_mean, _two_tile_rstd
-from ._adaln_modulate_bwd import _adaln_modulate_bwd_kernel
+from ._adaln_common import _norm_modulate_store, _program_tiles
+from ._adaln_modulate_bwd import _adaln_modulate_bwd_kernel, _load_rows
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 from ._gated_residual_adaln_bwd import bwd_blocks
 
@@ -62,30 +62,15 @@ def _adaln_modulate_fwd_kernel(
     BLOCK_C: tl.constexpr,  # first column tile (``col_tiles``: the largest power of two <= D)
     BLOCK_C2: tl.constexpr,  # second column tile (0: none), so 1152 = 1024 + 128 lanes, none idle
 ):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
     t = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < D
-    mask = (t < T)[:, None] & cmask[None, :]
-    x = tl.load(X + b * sxb + t[:, None] * sxt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = x  # placeholder when the row is one tile (never read then)
+    x, mask, cmask = _load_rows(X, b, t, cols, T, D, sxb, sxt)
+    x2, mask2, cmask2 = x, mask, cmask  # placeholders when the row is one tile (never read then)
     if BLOCK_C2 > 0:
-        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
-        cmask2 = cols2 < D
-        mask2 = (t < T)[:, None] & cmask2[None, :]
-        x2 = tl.load(X + b * sxb + t[:, None] * sxt + cols2[None, :], mask=mask2, other=0.0).to(tl.float32)
-    if not IS_RMS:
-        mean = _two_tile_mean(x, x2, D, BLOCK_C2 > 0)
-        x = tl.where(mask, x - mean[:, None], 0.0)
-        if BLOCK_C2 > 0:
-            x2 = tl.where(mask2, x2 - mean[:, None], 0.0)
-    rstd = _two_tile_rstd(x, x2, D, eps, BLOCK_C2 > 0)
-    _modulate_store(Y, SHIFT, SCALE, W, b, t, cols, T, D, x * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb, s_sct,
-                    HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
-    if BLOCK_C2 > 0:
-        _modulate_store(Y, SHIFT, SCALE, W, b, t, cols2, T, D, x2 * rstd[:, None], mask2, cmask2, s_shb, s_sht,
-                        s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+        x2, mask2, cmask2 = _load_rows(X, b, t, cols2, T, D, sxb, sxt)
+    _norm_modulate_store(Y, SHIFT, SCALE, W, b, t, cols, cols2, T, D, x, x2, mask, mask2, cmask, cmask2, s_shb,
+                         s_sht, s_scb, s_sct, eps, IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT,
+                         BLOCK_C2 > 0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

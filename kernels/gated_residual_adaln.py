@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _adaln_common as C
-from ._adaln_common import _modulate_store, _two_tile_mean, _two_tile_rstd
+from ._adaln_common import _norm_modulate_store, _program_tiles
 from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
 from ._gated_residual_adaln_bwd import _gated_residual_adaln_bwd_kernel, _residual_tile, bwd_blocks
 
@@ -77,31 +77,20 @@ def _gated_residual_adaln_fwd_kernel(
     BLOCK_C: tl.constexpr,  # first column tile (``col_tiles``: the largest power of two <= D)
     BLOCK_C2: tl.constexpr,  # second column tile (0: none), so 1152 = 1024 + 128 lanes, none idle
 ):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
     t = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
     r, _, _, mask, cmask = _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
                                           GATE_PT, HAS_BIAS)  # fmt: skip
     tl.store(R + (b * T + t[:, None]) * D + cols[None, :], r.to(R.dtype.element_ty), mask=mask)
-    r2 = r  # placeholder when the row is one tile (never read then)
+    r2, mask2, cmask2 = r, mask, cmask  # placeholders when the row is one tile (never read then)
     if BLOCK_C2 > 0:
-        cols2 = BLOCK_C + tl.arange(0, BLOCK_C2)
         r2, _, _, mask2, cmask2 = _residual_tile(X, YIN, GATE, BIAS, b, t, cols2, T, D, sxb, sxt, syb, syt, s_gb,
                                                  s_gt, GATE_PT, HAS_BIAS)  # fmt: skip
         tl.store(R + (b * T + t[:, None]) * D + cols2[None, :], r2.to(R.dtype.element_ty), mask=mask2)
     # row statistics of the fp32 r over both tiles (h is computed from the unrounded r)
-    if not IS_RMS:
-        mean = _two_tile_mean(r, r2, D, BLOCK_C2 > 0)
-        r = tl.where(mask, r - mean[:, None], 0.0)
-        if BLOCK_C2 > 0:
-            r2 = tl.where(mask2, r2 - mean[:, None], 0.0)
-    rstd = _two_tile_rstd(r, r2, D, eps, BLOCK_C2 > 0)
-    _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, r * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb, s_sct,
-                    HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
-    if BLOCK_C2 > 0:
-        _modulate_store(H, SHIFT, SCALE, W, b, t, cols2, T, D, r2 * rstd[:, None], mask2, cmask2, s_shb, s_sht,
-                        s_scb, s_sct, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT)  # fmt: skip
+    _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mask, mask2, cmask, cmask2, s_shb,
+                         s_sht, s_scb, s_sct, eps, IS_RMS, HAS_SHIFT, SHIFT_PT, SCALE_PT, HAS_WEIGHT,
+                         BLOCK_C2 > 0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
