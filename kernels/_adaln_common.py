@@ -135,7 +135,7 @@ def _two_tile_mean(r, r2, D, HAS_C2: tl.constexpr):
 @triton.jit
 def _program_tiles(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
     """``(pid_t, b, cols, cols2)`` of a program of grid ``(row blocks, B)``: its row-block index, its sample (int64)
-    and the column indices of a row's two tiles (``cols2`` is ``cols`` again, a placeholder, when ``BLOCK_C2`` is 0)."""
+    and the column indices of a row's two tiles (``cols2`` aliases ``cols``, unused, when ``BLOCK_C2`` is 0)."""
     cols = tl.arange(0, BLOCK_C)
     cols2 = cols
     if BLOCK_C2 > 0:
@@ -145,7 +145,7 @@ def _program_tiles(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
 
 @triton.jit
 def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
-    """fp32 column accumulators of both tiles (the first again as a placeholder when ``BLOCK_C2`` is 0)."""
+    """fp32 column accumulators of both tiles (the second aliases the first, unused, when ``BLOCK_C2`` is 0)."""
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     acc2 = acc
     if BLOCK_C2 > 0:
@@ -156,7 +156,7 @@ def _two_tile_zeros(BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr):
 @triton.jit
 def _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS: tl.constexpr, HAS_C2: tl.constexpr):
     """``(r, r2, rstd)`` of a two-tile row block (centred for LayerNorm), so ``n = r * rstd``; ``r2`` / ``mask2`` are
-    placeholders unless ``HAS_C2``."""
+    unused aliases unless ``HAS_C2``."""
     if not IS_RMS:
         mean = _two_tile_mean(r, r2, D, HAS_C2)
         r = tl.where(mask, r - mean[:, None], 0.0)
@@ -170,7 +170,7 @@ def _norm_modulate_store(H, SHIFT, SCALE, W, b, t, cols, cols2, T, D, r, r2, mas
                          s_sht, s_scb, s_sct, eps, IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr,
                          SHIFT_PT: tl.constexpr, SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_C2: tl.constexpr):  # fmt: skip
-    """Forward from an fp32 two-tile row block (2nd a placeholder unless ``HAS_C2``): ``h = norm(r) * w * (1 + scale)
+    """Forward from an fp32 two-tile row block (the 2nd unused unless ``HAS_C2``): ``h = norm(r) * w * (1 + scale)
     + shift``, stored tile by tile."""
     r, r2, rstd = _two_tile_stats(r, r2, mask, mask2, D, eps, IS_RMS, HAS_C2)
     _modulate_store(H, SHIFT, SCALE, W, b, t, cols, T, D, r * rstd[:, None], mask, cmask, s_shb, s_sht, s_scb,
@@ -185,7 +185,7 @@ def _bwd_norm_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, cols2, T, D, 
                          cmask2, s_scb, s_sct, acc_shift, acc_scale, acc_w, acc_shift2, acc_scale2, acc_w2,
                          IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, SHIFT_PT: tl.constexpr,
                          SCALE_PT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
-    """Backward of ``h = norm(r) * w * (1 + scale) + shift`` on a two-tile row block (2nd tile a placeholder unless
+    """Backward of ``h = norm(r) * w * (1 + scale) + shift`` on a two-tile row block (the 2nd tile unused unless
     ``HAS_C2``; ``n2 = r2 * rstd``): :func:`_bwd_modulation` per tile (column sums added to the accumulators) and the
     means :func:`_norm_bwd` needs. Returns ``(dn, dn2, n2, <dn> or 0, <dn n>, acc_shift, acc_scale, acc_w, acc_*2)``."""
     dn, s_sh, s_sc, s_w = _bwd_modulation(DH, DSHIFT, DSCALE, SCALE, W, b, t, cols, T, D, n, mask, cmask, s_scb, s_sct,

@@ -65,7 +65,7 @@ def _adaln_modulate_bwd_kernel(
     acc_w, acc_w2 = _two_tile_zeros(BLOCK_C, BLOCK_C2)
     for it in range(ITERS):
         t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
-        # recompute the row statistics over both tiles (the second tile's names are placeholders when there is none)
+        # recompute the row statistics over both tiles (the second tile's names alias the first when there is none)
         x, mask, cmask = _load_rows(X, b, t, cols, T, D, sxb, sxt)
         x2, mask2, cmask2 = x, mask, cmask
         if BLOCK_C2 > 0:

@@ -110,7 +110,7 @@ def _gated_residual_adaln_bwd_kernel(
     for it in range(ITERS):
         t = (pid_t * ITERS + it) * BLOCK_R + tl.arange(0, BLOCK_R)
         # recompute the forward: r = x + gate * (y + bias), n = norm(r), statistics over both tiles (the second
-        # tile's names are placeholders when there is none)
+        # tile's names alias the first when there is none)
         r, y, gate, mask, cmask = _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
                                                  GATE_PT, HAS_BIAS)  # fmt: skip
         r2, y2, gate2, mask2, cmask2 = r, y, gate, mask, cmask

@@ -65,7 +65,7 @@ def _adaln_modulate_fwd_kernel(
     pid_t, b, cols, cols2 = _program_tiles(BLOCK_C, BLOCK_C2)
     t = pid_t * BLOCK_R + tl.arange(0, BLOCK_R)
     x, mask, cmask = _load_rows(X, b, t, cols, T, D, sxb, sxt)
-    x2, mask2, cmask2 = x, mask, cmask  # placeholders when the row is one tile (never read then)
+    x2, mask2, cmask2 = x, mask, cmask  # aliases of the first tile when the row is one tile (never read then)
     if BLOCK_C2 > 0:
         x2, mask2, cmask2 = _load_rows(X, b, t, cols2, T, D, sxb, sxt)
     _norm_modulate_store(Y, SHIFT, SCALE, W, b, t, cols, cols2, T, D, x, x2, mask, mask2, cmask, cmask2, s_shb,

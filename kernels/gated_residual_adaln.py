@@ -82,7 +82,7 @@ def _gated_residual_adaln_fwd_kernel(
     r, _, _, mask, cmask = _residual_tile(X, YIN, GATE, BIAS, b, t, cols, T, D, sxb, sxt, syb, syt, s_gb, s_gt,
                                           GATE_PT, HAS_BIAS)  # fmt: skip
     tl.store(R + (b * T + t[:, None]) * D + cols[None, :], r.to(R.dtype.element_ty), mask=mask)
-    r2, mask2, cmask2 = r, mask, cmask  # placeholders when the row is one tile (never read then)
+    r2, mask2, cmask2 = r, mask, cmask  # aliases of the first tile when the row is one tile (never read then)
     if BLOCK_C2 > 0:
         r2, _, _, mask2, cmask2 = _residual_tile(X, YIN, GATE, BIAS, b, t, cols2, T, D, sxb, sxt, syb, syt, s_gb,
                                                  s_gt, GATE_PT, HAS_BIAS)  # fmt: skip
