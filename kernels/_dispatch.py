@@ -231,3 +231,14 @@ def register_op(spec: OpSpec) -> OpSpec:
 def tensor_bytes(*tensors: Any) -> int:
     """Bytes of the given tensors (None and non-tensors count 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def declared_gemm_flops(name: str, named: dict[str, Any], backward: bool) -> int | None:
+    """GEMM FLOPs of one call of op ``name`` whose ``OpSpec`` declares ``flops`` (a GEMM with a fused epilogue; None
+    for any other op): the forward's, or with ``backward`` the backward op's (``flops(.., True) - flops(.., False)``),
+    from the custom op's schema-bound arguments ``named``."""
+    spec = OPS.get(name)
+    if spec is None or spec.flops is None:
+        return None
+    fwd = int(spec.flops((), named, False))
+    return int(spec.flops((), named, True)) - fwd if backward else fwd

@@ -48,6 +48,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from pae_fast.kernels._dispatch import declared_gemm_flops
+
 __all__ = ["TrafficCounter", "OpRow", "format_summary", "footprint_bytes", "attention_flops", "FA2_HEAD_DIM_MULTIPLE"]
 
 FA2_HEAD_DIM_MULTIPLE = 32  # FlashAttention-2 compiles head dims 32, 64, 96, ...: head_dim 72 runs as 96
@@ -328,7 +330,8 @@ class TrafficCounter(TorchDispatchMode):
             category = "matmul"
         else:
             category = "other"
-        gemm_flops = _fused_gemm_flops(ns, base, name != base, schema_args, values)
+        named = {a.name: v for a, v in zip(schema_args, values)}
+        gemm_flops = declared_gemm_flops(base, named, name != base) if ns == "pae_fast" else None
         if gemm_flops is not None:
             category = "matmul"
         row = self._row(full, category)
@@ -400,22 +403,6 @@ class TrafficCounter(TorchDispatchMode):
         out["fused_gemm"] = [{"phase": p, "op": op, "flops": f, "bytes": b, "calls": n}
                              for (p, op, f, b), n in sorted(self._fused_gemm.items())]  # fmt: skip
         return out
-
-
-def _fused_gemm_flops(ns: str, base: str, backward: bool, schema_args, values) -> int | None:
-    """GEMM FLOPs of one call of a ``pae_fast`` op whose ``OpSpec`` declares ``flops`` (None for any other op):
-    the forward op's, or for ``<op>_backward`` the backward's (``flops(.., True) - flops(.., False)``), from the
-    op's schema-bound arguments."""
-    if ns != "pae_fast":
-        return None
-    from pae_fast.kernels._dispatch import OPS
-
-    spec = OPS.get(base)
-    if spec is None or spec.flops is None:
-        return None
-    named = {a.name: v for a, v in zip(schema_args, values)}
-    fwd = int(spec.flops((), named, False))
-    return int(spec.flops((), named, True)) - fwd if backward else fwd
 
 
 def _totals(rows) -> dict[str, int]:
