@@ -47,9 +47,13 @@ from torch import nn
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import RESULTS_DIR, environment  # noqa: E402
+from roofline_report import to_markdown  # noqa: E402
 
 DEFAULT_MODELS = ("LightningDiT-XL/1", "DiTDH-XL")
 GEMM_EFFICIENCY = 0.70  # of dense bf16 peak, for the large GEMMs of these models
+TRITON_GEMM_EFFICIENCIES = (0.70, 0.60, 0.50)  # the report's sensitivity columns for the fused (Triton) GEMM ops
+# the preset each default model trains with: its train.grad_clip and train.ema_decay are counted ("as it trains")
+MODEL_PRESETS = {"LightningDiT-XL/1": "pae_lightningdit_xl1_80ep", "DiTDH-XL": "rae_ditdh_xl"}
 HBM_EFFICIENCY = 0.875  # of peak HBM bandwidth (streaming kernels reach 85-90%)
 ATTENTION_KERNELS = ("cudnn", "fa2")  # cuDNN: head_dim 72 unpadded on sm_90; FlashAttention-2: padded to 96
 TARGET_BANDWIDTH_RATIO = 0.20  # fused bandwidth-bound bytes (forward + backward) <= 20% of the reference's
@@ -84,8 +88,12 @@ def predict(
     gemm_efficiency: float = GEMM_EFFICIENCY,
     hbm_efficiency: float = HBM_EFFICIENCY,
     attention: str = "cudnn",
+    triton_gemm_efficiency: float | None = None,
 ) -> dict[str, float]:
     """Predicted seconds per part of the step and the implied MFU on ``hw`` (see the module docstring).
+
+    ``triton_gemm_efficiency`` charges the fused GEMM ops (our Triton GEMMs with epilogues) at their own fraction of
+    peak (None: ``gemm_efficiency``, as efficient as cuBLAS), the sensitivity the report shows until a GPU measures it.
 
     ``summary`` holds ``matmul_flops``, ``attention_flops`` (``attention_padded_flops`` for ``fa2``),
     ``attention_model_flops``, ``attention_bytes``, ``other_bytes`` and optionally ``update_bytes`` (optimizer +
@@ -100,7 +108,8 @@ def predict(
         summary["attention_flops"])  # fmt: skip
     fused = summary.get("fused_gemm", [])
     fused_flops = sum(c["calls"] * c["flops"] for c in fused)
-    fused_s = sum(c["calls"] * max(c["flops"] / rate, c["bytes"] / bw) for c in fused)
+    rate_t = (gemm_efficiency if triton_gemm_efficiency is None else triton_gemm_efficiency) * hw.peak_flops
+    fused_s = sum(c["calls"] * max(c["flops"] / rate_t, c["bytes"] / bw) for c in fused)
     matmul_s = (summary["matmul_flops"] - fused_flops) / rate + fused_s
     attention_s = attn_flops / rate + summary["attention_bytes"] / bw
     bandwidth_s = summary["other_bytes"] / bw
@@ -130,6 +139,7 @@ def step_traffic(
     precision: str | None = None,
     backend: str = "fused",
     optimizer: str | None = None,
+    grad_clip: float | None = None,
 ) -> dict[str, Any]:
     """Count one training step of ``build()`` as the engine runs it (:func:`roofline_step.count_step`).
 
@@ -140,6 +150,7 @@ def step_traffic(
         backend: ``"fused"`` (``use_backend("triton")``) or ``"reference"`` (``use_backend("torch")``).
         optimizer: ``train.optimizer`` (None: the engine default; ``auto`` is resolved for one H100,
             :func:`roofline_step.engine_optimizer`).
+        grad_clip: ``train.grad_clip`` (None: the engine default, off).
 
     Returns:
         The forward + backward :meth:`TrafficCounter.summary` plus ``update_bytes`` / ``update_launches`` (the
@@ -151,8 +162,10 @@ def step_traffic(
     from pae_fast.config import TrainConfig
 
     d = TrainConfig()
-    counted = count_step(build, batch, backend, precision or d.precision, optimizer or d.optimizer, d.ema_decay)
+    clip = d.grad_clip if grad_clip is None else grad_clip
+    counted = count_step(build, batch, backend, precision or d.precision, optimizer or d.optimizer, d.ema_decay, clip)
     out = counted["step"]
+    out["grad_clip"] = clip
     out["update_bytes"] = counted["update"]["other_bytes"] + counted["update"]["matmul_bytes"]
     out["update_launches"] = counted["update"]["launches"]
     out["optimizer"] = counted["optimizer"]
@@ -173,8 +186,10 @@ def analyse_model(
     optimizer: str | None = None,
     top: int = 10,
     target_gb: float | None = None,
+    grad_clip: float | None = None,
 ) -> dict[str, Any]:
-    """Fused and reference step counts, predictions on every :data:`HARDWARE` and the targets."""
+    """Fused and reference step counts, predictions on every :data:`HARDWARE` (and on the H100 with the Triton
+    GEMMs at each of :data:`TRITON_GEMM_EFFICIENCIES`) and the targets."""
     from roofline_step import engine_optimizer
 
     from pae_fast.config import TrainConfig
@@ -189,11 +204,13 @@ def analyse_model(
         res["comparison"] = f"fused + {alt}"
         variants.append((res["comparison"], "fused", alt))
     for key, backend, opt in variants:
-        s = step_traffic(build, batch, precision, backend, opt)
+        s = step_traffic(build, batch, precision, backend, opt, grad_clip)
         res["params"], res["input"] = s.pop("params"), s.pop("input")
         s["top_rows"] = [r for r in s.pop("rows") if r["category"] == "other"][:top]
         s["predicted"] = {k: predict(s, hw) for k, hw in HARDWARE.items()}
         s["predicted_fa2"] = {k: predict(s, hw, attention="fa2") for k, hw in HARDWARE.items()}
+        s["h100_mfu_by_triton_gemm_efficiency"] = {
+            f"{e:.2f}": predict(s, HARDWARE["H100"], triton_gemm_efficiency=e)["mfu"] for e in TRITON_GEMM_EFFICIENCIES}
         res[key] = s
     f, r = res["fused"], res["reference"]
     ratio = f["other_bytes"] / r["other_bytes"] if r["other_bytes"] else float("nan")
@@ -214,125 +231,13 @@ def analyse_model(
     return res
 
 
-def _target_text(t: dict[str, Any]) -> tuple[str, str, str]:
-    r, m, gb = t["bandwidth_ratio"], t["h100_mfu"], t["step_gb"]
-    rt, mt, gt = t["bandwidth_ratio_target"], t["h100_mfu_target"], t.get("step_gb_target")
-    ratio = f"met ({r:.1%} <= {rt:.0%})" if t["bandwidth_ratio_met"] else (
-        f"missed: {r:.1%} of the reference ({(r - rt) * 100:.1f} points over {rt:.0%})")  # fmt: skip
-    if gt is None:
-        gbs = f"{gb:.1f} GB (no target)"
-    else:
-        over = f"missed: {gb:.1f} GB ({gb - gt:.1f} GB over {gt:.0f})"
-        gbs = f"met ({gb:.1f} <= {gt:.0f} GB)" if t["step_gb_met"] else over
-    mfu = f"met ({m:.1%} >= {mt:.0%})" if t["h100_mfu_met"] else f"missed: {m:.1%} ({(mt - m) * 100:.1f} points short)"
-    return ratio, gbs, mfu
+def preset_grad_clip(model: str) -> float:
+    """``train.grad_clip`` of the preset ``model`` trains with (:data:`MODEL_PRESETS`; 0 = off for others)."""
+    from pae_fast.config import load_config
+    from pae_fast.config_io import preset_path
 
-
-def _assumption_text(a: dict[str, Any]) -> str:
-    hw = ", ".join(f"{k} {v['bandwidth_tbps']} TB/s" for k, v in a["hardware"].items())
-    opt = a["optimizer"] if a.get("optimizer_h100") in (None, a["optimizer"]) else (
-        f"{a['optimizer']} (on one H100 with Triton: {a['optimizer_h100']}; the reference row, "
-        f"train.kernel_backend=torch: {a.get('optimizer_reference', 'adamw')})")  # fmt: skip
-    return (
-        f"batch {a['batch']}; train.precision={a['precision']}, train.optimizer={opt}, EMA on. "
-        f"GEMMs at {a['gemm_efficiency']:.0%} of {a['peak_tflops']:.0f} TFLOP/s (dense bf16), Triton GEMMs with fused "
-        "epilogues (`gemm:<op>` rows) assumed as efficient as cuBLAS and charged max(FLOPs at that rate, their bytes "
-        "at the bandwidth below) per call (unverified until a GPU run: `kernels.validate`, "
-        "`bench_train_step.py --device cuda`); bandwidth-bound ops and "
-        f"the optimizer/EMA at {a['hbm_efficiency']:.1%} of peak HBM bandwidth ({hw}); attention: FLOPs at the GEMM "
-        "rate + flash-style bytes at that bandwidth, cuDNN attention (head_dim 72 unpadded on sm_90; the "
-        "FlashAttention-2 column pads it to 96); no overlap between kernels. Fused = `use_backend(\"triton\")` "
-        "(selected explicitly), reference = `use_backend(\"torch\")`; attention is SDPA on both sides."
-    )
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    env, a = result["environment"], result["assumptions"]
-    lines = [
-        "# Roofline: one training step as the engine runs it (forward, backward, optimizer, EMA)",
-        "",
-        f"Counted {result['date']} on {env['machine']['node']} (torch {env['versions']['torch']}, git "
-        f"{(env['git'].get('commit') or 'uncommitted')[:12]}) on fake tensors. " + _assumption_text(a),
-        "",
-        "## Predicted step time (H100: matmul / attention / bandwidth-bound / optimizer + EMA)",
-        "",
-        "| model | backend | GEMM TFLOP | attn TFLOP | attn GB | fwd+bwd bandwidth-bound GB | optimizer + EMA GB "
-        "| launches | H100 matmul ms | H100 attn ms | H100 bw ms | H100 update ms | H100 step ms | H100 MFU "
-        "| H100 MFU (FA2) | H200 step ms | H200 MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, m in result["models"].items():
-        if "error" in m:
-            lines.append(f"| {name} | — | {m['error']} |" + " |" * 14)
-            continue
-        for backend in [b for b in ("fused", m.get("comparison"), "reference") if b in m]:
-            s = m[backend]
-            h, h2, fa = s["predicted"]["H100"], s["predicted"]["H200"], s["predicted_fa2"]["H100"]
-            label = f"{backend} (`{s['optimizer']}`{', comparison' if backend == m.get('comparison') else ''})"
-            lines.append(
-                f"| {name} | {label} | {s['matmul_flops'] / 1e12:.2f} | {s['attention_flops'] / 1e12:.2f} | "
-                f"{s['attention_bytes'] / 1e9:.1f} | {s['other_bytes'] / 1e9:.1f} | {s['update_bytes'] / 1e9:.1f} | "
-                f"{s['launches'] + s['update_launches']} | {h['matmul_s'] * 1e3:.1f} | {h['attention_s'] * 1e3:.1f} | "
-                f"{h['bandwidth_s'] * 1e3:.1f} | {h['update_s'] * 1e3:.1f} | {h['step_s'] * 1e3:.1f} | "
-                f"{h['mfu']:.1%} | {fa['mfu']:.1%} | {h2['step_s'] * 1e3:.1f} | {h2['mfu']:.1%} |"
-            )
-    lines += [
-        "",
-        "## Targets (fused)",
-        "",
-        "| model | params | fwd+bwd bytes vs reference (<= 20%) | fwd+bwd bandwidth-bound GB "
-        "| predicted H100 MFU, whole step (>= 45%) | comparison row (the other optimizer) |",
-        "|---|---:|---|---|---|---|",
-    ]
-    for name, m in result["models"].items():
-        if "error" in m:
-            continue
-        ratio, gb, mfu = _target_text(m["targets"])
-        alt = m.get(m.get("comparison") or "")
-        alt_s = (f"{alt['predicted']['H100']['mfu']:.1%} with `{alt['optimizer']}` "
-                 f"({alt['update_bytes'] / 1e9:.1f} GB update)") if alt else "—"  # fmt: skip
-        lines.append(f"| {name} | {m['params'] / 1e6:.2f}M | {ratio} | {gb} | {mfu} | {alt_s} |")
-    for name, m in result["models"].items():
-        if "error" in m:
-            continue
-        lines += ["", f"### {name}: bandwidth-bound bytes per op type (GB per step)", "",
-                  "`gemm:<op>` rows are fused GEMM ops (Triton GEMMs with an epilogue): their bytes are charged in the "
-                  "matmul time (max of FLOPs and bytes per call), not in the bandwidth-bound total.", "",
-                  "| op type | fused GB | reference GB | minimum GB | fused launches |", "|---|---:|---:|---:|---:|"]
-        f, r = m["fused"]["op_types"], m["reference"]["op_types"]
-        sizes = {k: max(f.get(k, {}).get("bytes", 0), r.get(k, {}).get("bytes", 0)) for k in set(f) | set(r)}
-        for t in sorted(sizes, key=lambda k: -sizes[k]):
-            fb, rb = f.get(t, {}), r.get(t, {})
-            mn = fb.get("min_bytes", rb.get("min_bytes"))
-            lines.append(
-                f"| {t} | {fb.get('bytes', 0) / 1e9:.2f} | {rb.get('bytes', 0) / 1e9:.2f} | "
-                f"{'—' if mn is None else f'{mn / 1e9:.2f}'} | {fb.get('launches', 0)} |"
-            )
-        lines += ["", f"### {name}: largest bandwidth-bound ops of forward + backward (GB per step)", ""]
-        lines += ["| backend | phase | op | calls | GB |", "|---|---|---|---:|---:|"]
-        for backend in ("fused", "reference"):
-            for r in m[backend]["top_rows"]:
-                lines.append(f"| {backend} | {r['phase']} | `{r['op']}` | {r['calls']} | {r['bytes'] / 1e9:.2f} |")
-    if result["ops"]:
-        lines += [
-            "",
-            f"## Fused ops: bytes of forward + backward on their model cases ({a['op_dtype']}, meta device)",
-            "",
-            "| op | case | reference MB | fused MB | minimum MB | reference / fused | fused / minimum "
-            "| launches ref → fused |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for r in result["ops"]:
-            if "error" in r:
-                lines.append(f"| {r['op']} | {r['case']} | error: {r['error'][:120]} | | | | | |")
-                continue
-            lines.append(
-                f"| {r['op']} | {r['case']} | {r['reference_bytes'] / 1e6:.1f} | {r['fused_bytes'] / 1e6:.1f} | "
-                f"{r['min_bytes'] / 1e6:.1f} | {r['reference_bytes'] / max(r['fused_bytes'], 1):.2f}x | "
-                f"{r['fused_bytes'] / max(r['min_bytes'], 1):.2f}x | "
-                f"{r['reference_launches']} → {r['fused_launches']} |"
-            )
-    return "\n".join(lines) + "\n"
+    preset = MODEL_PRESETS.get(model)
+    return float(load_config(preset_path(preset)).train.grad_clip) if preset else 0.0
 
 
 def run(
@@ -345,6 +250,7 @@ def run(
     top: int = 10,
     op_size: str = "model",
     op_dtype: str = "bf16",
+    grad_clip: float | None = None,
 ) -> dict[str, Any]:
     """Count, predict, and write ``roofline.md`` / ``roofline.json`` (when ``out_dir`` is set).
 
@@ -358,6 +264,8 @@ def run(
         top: largest bandwidth-bound ops listed per model and backend.
         op_size: which ``OpSpec.cases`` size the op table uses ("model": real widths; "small": tests).
         op_dtype: ``bf16 | fp16 | fp32`` of the per-op table.
+        grad_clip: ``train.grad_clip`` of every counted step (None: each model's preset, :data:`MODEL_PRESETS`, and
+            the engine default, off, for a model without one).
 
     Returns:
         ``{"environment", "date", "assumptions", "models": {name: {...}}, "ops": [...]}``.
@@ -398,6 +306,7 @@ def run(
             "ema": True,
             "op_dtype": op_dtype,
             "gemm_efficiency": GEMM_EFFICIENCY,
+            "triton_gemm_efficiencies": list(TRITON_GEMM_EFFICIENCIES),
             "hbm_efficiency": HBM_EFFICIENCY,
             "attention": "cuDNN (head_dim 72 unpadded on sm_90); FA2 column: head_dim rounded up to 32",
             "peak_tflops": HARDWARE["H100"].peak_flops / 1e12,
@@ -416,7 +325,9 @@ def run(
             result["models"][name] = {"error": f"generator {name!r} is not registered (have: {GENERATORS.names()})"}
             continue
         target = TARGET_STEP_GB.get(name) if batch == 32 else None
-        result["models"][name] = analyse_model(build, batch, precision, optimizer, top, target)
+        clip = preset_grad_clip(name) if grad_clip is None else grad_clip
+        result["models"][name] = analyse_model(build, batch, precision, optimizer, top, target, clip)
+        result["models"][name]["grad_clip"] = clip
         result["models"][name]["count_seconds"] = time.perf_counter() - t0
     from roofline_step import op_traffic
 

@@ -123,6 +123,7 @@ def count_step(
     precision: str = "bf16",
     optimizer: str = "auto",
     ema_decay: float = 0.9999,
+    grad_clip: float = 0.0,
 ) -> dict[str, Any]:
     """Count one training step of ``build()`` at ``batch`` as the engine runs it.
 
@@ -135,6 +136,8 @@ def count_step(
             Triton kernel, charged at its fake implementation; ``auto``: what the engine picks on one H100 for this
             ``backend``, :func:`engine_optimizer`).
         ema_decay: ``train.ema_decay``.
+        grad_clip: ``train.grad_clip`` (0 = off): the global-norm clip, counted in the update as the engine runs it
+            (:func:`pae_fast.engine.optim.clip_gradients`: inside ``fused_adamw_ema``, or torch's on fp32 masters).
 
     Returns:
         ``{"step": TrafficCounter summary of forward + backward, "update": summary of the optimizer + EMA,
@@ -143,7 +146,7 @@ def count_step(
     """
     from pae_fast import kernels
     from pae_fast.config import FlowConfig, TrainConfig
-    from pae_fast.engine.optim import build_optimizer, ema_update, make_ema
+    from pae_fast.engine.optim import build_optimizer, clip_gradients, ema_update, make_ema, master_grads_read
     from pae_fast.engine.precision import autocast_dtype, compute_weights
     from pae_fast.flow.loss import FlowLoss
     from pae_fast.kernels._dispatch import counting_only
@@ -155,7 +158,7 @@ def count_step(
     if precision == "fp16":
         raise ValueError("precision fp16 (gradient scaler) is not counted; use bf16, bf16-autocast or fp32")
     optimizer = engine_optimizer(optimizer, precision, backend)
-    cfg = TrainConfig(precision=precision, optimizer=optimizer, ema_decay=ema_decay)
+    cfg = TrainConfig(precision=precision, optimizer=optimizer, ema_decay=ema_decay, grad_clip=grad_clip)
     cpu = torch.device("cpu")
     with _fake_mode(), warnings.catch_warnings():
         # deep copies of fake modules (the EMA, the compute copy) touch data_ptr: harmless here
@@ -191,15 +194,18 @@ def count_step(
                 loss.float().backward()
             with TrafficCounter() as tc_update:
                 ok = torch.isfinite(loss.detach())
-                if compute is not None:  # a steady-state step: no clipping (engine default), no norm logged
-                    compute.grads_to_master(needed=cfg.grad_clip > 0)
+                if compute is not None:  # a steady-state step: no norm logged (the engine logs it every log_every)
+                    compute.grads_to_master(needed=master_grads_read(opt, cfg.grad_clip, want_norm=False))
+                norm = clip_gradients(opt, [p for p in master.parameters() if p.requires_grad], cfg.grad_clip, False)
+                if norm is not None:
+                    ok = ok & torch.isfinite(norm)
                 opt.grad_scale, opt.found_inf = None, (~ok).float()
                 opt.step()
                 ema_update(ema, master, ema_decay, ok, params=not getattr(opt, "updates_ema", False))
         params = sum(p.numel() for p in master.parameters())
         trainable = sum(p.numel() for p in master.parameters() if p.requires_grad)
     return {"step": tc_step.summary(), "update": tc_update.summary(), "params": params, "input": spec,
-            "optimizer": optimizer, "trainable_params": trainable,
+            "optimizer": optimizer, "trainable_params": trainable, "grad_clip": grad_clip,
             "fused_min_bytes": floor.bytes, "fused_min_unknown": sorted(floor.unknown)}  # fmt: skip
 
 

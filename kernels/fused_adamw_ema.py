@@ -1,7 +1,10 @@
 """fused_adamw_ema: one AdamW step, the EMA update and the low-precision compute copy of one parameter, in one pass.
 
-Per element, with ``t`` the (already incremented) step, decoupled weight decay as in ``torch.optim.AdamW``::
+Per element, with ``t`` the (already incremented) step, decoupled weight decay as in ``torch.optim.AdamW`` and
+``c`` an optional device scalar that scales the gradient (the global-norm clip coefficient, docs/method.md
+§ Optimizer and EMA bytes per parameter)::
 
+    g ← c · g                         (c = 1 without clipping)
     p ← p · (1 − lr·wd)
     m ← m + (1 − β1)(g − m);          v ← β2·v + (1 − β2)·g²
     p ← p − lr / (1 − β1^t) · m / (sqrt(v) / sqrt(1 − β2^t) + eps)
@@ -34,6 +37,7 @@ def _adamw_ema_kernel(
     P, G, M, V, E, C,  # (n,) param, grad, exp_avg, exp_avg_sq, ema, compute copy (E / C read only with HAS_*)
     STEP,  # () the step count t of this update (already incremented), float
     SKIP,  # () nonzero: store nothing (a skipped, non-finite step)
+    GSCALE,  # () fp32 factor applied to the gradient (the clip coefficient; 1.0 = unclipped)
     n,
     lr,
     beta1,
@@ -53,7 +57,7 @@ def _adamw_ema_kernel(
     bc1 = 1.0 - tl.exp2(t * tl.log2(beta1))
     bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
     p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(GSCALE).to(tl.float32)
     m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * (1.0 - lr * weight_decay)
@@ -83,6 +87,7 @@ def _fused_adamw_ema_op(
     copy: torch.Tensor | None,
     step: torch.Tensor,
     skip: torch.Tensor,
+    grad_scale: torch.Tensor,
     lr: float,
     beta1: float,
     beta2: float,
@@ -96,17 +101,18 @@ def _fused_adamw_ema_op(
     BLOCK = 16384 if interpreter_enabled() else 1024
     _adamw_ema_kernel[(triton.cdiv(n, BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, ema if ema is not None else param, copy if copy is not None else param,
-        step, skip, n, lr, beta1, beta2, eps, weight_decay, 1.0 - ema_decay,
+        step, skip, grad_scale, n, lr, beta1, beta2, eps, weight_decay, 1.0 - ema_decay,
         HAS_EMA=ema is not None, HAS_COPY=copy is not None, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
 
 
 @_fused_adamw_ema_op.register_fake
-def _(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip, lr, beta1, beta2, eps, weight_decay, ema_decay):
+def _(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip, grad_scale, lr, beta1, beta2, eps, weight_decay,
+      ema_decay):
     return None
 
 
-def _check(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip) -> None:
+def _check(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip, grad_scale) -> None:
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("ema", ema), ("copy", copy)):
         if t is None:
             continue
@@ -122,7 +128,7 @@ def _check(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip) -> None:
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("ema", ema)):
         if t is not None and t.dtype != param.dtype:
             raise ValueError(f"{_OP}: {name} must have the param's dtype {param.dtype}, got {t.dtype}")
-    for name, t in (("step", step), ("skip", skip)):
+    for name, t in (("step", step), ("skip", skip), ("grad_scale", grad_scale)):
         if t is not None and (t.numel() != 1 or t.device != param.device):
             raise ValueError(f"{_OP}: {name} must be a one-element tensor on {param.device}")
 
@@ -142,6 +148,7 @@ def fused_adamw_ema(
     weight_decay: float = 0.0,
     ema_decay: float = 0.9999,
     skip: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One AdamW + EMA + compute-copy update of one parameter, in place.
@@ -156,19 +163,23 @@ def fused_adamw_ema(
         lr, beta1, beta2, eps, weight_decay: AdamW's (``torch.optim.AdamW`` semantics, decoupled decay).
         ema_decay: EMA decay.
         skip: optional one-element tensor; nonzero leaves everything untouched (no host sync).
+        grad_scale: optional one-element fp32 tensor multiplying the gradient before the update (the global-norm
+            clip coefficient, read on the device: clipping without a host sync or a second pass over the gradients).
         backend: ``auto | triton | torch``.
 
     Returns:
         ``(param, exp_avg, exp_avg_sq[, ema][, copy])``: the updated tensors themselves.
     """
-    _check(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip)
+    _check(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip, grad_scale)
     if skip is None:
         skip = torch.zeros((), dtype=torch.float32, device=param.device)
     if resolve_backend(backend, param) == "torch":
         return fused_adamw_ema_ref(param, grad, exp_avg, exp_avg_sq, ema, copy, step, lr, beta1, beta2, eps,
-                                   weight_decay, ema_decay, skip)  # fmt: skip
-    _fused_adamw_ema_op(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip, float(lr), float(beta1),
-                        float(beta2), float(eps), float(weight_decay), float(ema_decay))  # fmt: skip
+                                   weight_decay, ema_decay, skip, grad_scale)  # fmt: skip
+    if grad_scale is None:
+        grad_scale = torch.ones((), dtype=torch.float32, device=param.device)
+    _fused_adamw_ema_op(param, grad, exp_avg, exp_avg_sq, ema, copy, step, skip, grad_scale, float(lr),
+                        float(beta1), float(beta2), float(eps), float(weight_decay), float(ema_decay))  # fmt: skip
     return tuple(t for t in (param, exp_avg, exp_avg_sq, ema, copy) if t is not None)
 
 
@@ -187,11 +198,16 @@ def fused_adamw_ema_ref(
     weight_decay: float = 0.0,
     ema_decay: float = 0.9999,
     skip: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Reference: ``torch._fused_adamw_`` (torch's fused AdamW kernel), ``torch._foreach_lerp_`` and a copy."""
+    """Reference: the gradient times ``grad_scale``, then ``torch._fused_adamw_`` (torch's fused AdamW kernel),
+    ``torch._foreach_lerp_`` and a copy."""
     found = None if skip is None else (skip != 0).to(torch.float32).reshape(())  # torch wants an fp32 flag
+    g = grad.to(param.dtype)
+    if grad_scale is not None:
+        g = g * grad_scale.reshape(()).to(param.dtype)
     torch._fused_adamw_(
-        [param], [grad.to(param.dtype)], [exp_avg], [exp_avg_sq], [], [step.reshape(()).to(param.dtype)],
+        [param], [g], [exp_avg], [exp_avg_sq], [], [step.reshape(()).to(param.dtype)],
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
         found_inf=found,
     )  # fmt: skip
@@ -218,13 +234,15 @@ def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[st
     def rnd(*shape, scale=1.0, dt=dtype):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
 
-    def case(shape, step, label, ema=True, copy=True, skip=0.0, grad_dt=dtype, wd=0.1):
+    def case(shape, step, label, ema=True, copy=True, skip=0.0, grad_dt=dtype, wd=0.1, gscale=None):
         p = rnd(*shape)
         args = (p, rnd(*shape, dt=grad_dt), rnd(*shape, scale=0.1), rnd(*shape, scale=0.01).abs(),
                 rnd(*shape) if ema else None, torch.zeros(shape, device=device, dtype=half) if copy else None,
                 torch.full((), float(step), device=device, dtype=torch.float32))  # fmt: skip
         kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": wd, "ema_decay": 0.99,
               "skip": torch.full((), skip, device=device, dtype=torch.float32)}  # fmt: skip
+        if gscale is not None:
+            kw["grad_scale"] = torch.full((), gscale, device=device, dtype=torch.float32)
         return label, args, kw
 
     if size == "model":
@@ -235,6 +253,7 @@ def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[st
         case((1000,), 7, "(1000,) bf16-style grad + copy", grad_dt=half),
         case((5, 3), 3, "(5,3) no ema, no copy", ema=False, copy=False, wd=0.0),
         case((64,), 2, "(64,) skipped step", skip=1.0),
+        case((77, 3), 5, "(77,3) clipped gradient (grad_scale 0.37)", gscale=0.37),
     ]
 
 

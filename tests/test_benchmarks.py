@@ -455,3 +455,45 @@ def test_cpu_guard_alternates_backends_and_compares_medians(bench_path, tmp_path
     assert res["rounds_auto_not_slower"] == 2 and res["auto_over_torch"] == pytest.approx(5.5 / 6.5)
     saved = json.loads((tmp_path / "cpu_guard_tiny_b2_fp32.json").read_text())
     assert len(saved["runs"]) == 6 and "not slower" in saved["claim"]
+
+
+def test_roofline_counts_clipping_as_the_engine_runs_it(bench_path):
+    """train.grad_clip in the update: fused_adamw_ema reads each bf16 gradient once for the norm (36 -> 38 B/param);
+    torch's clip on the fp32 masters reads them for the norm and reads + writes them to scale (52 -> 64 B/param).
+    The default models are counted with their presets' clip (DiT^DH-XL: 1.0, as RAE trains it)."""
+    import roofline
+
+    n = sum(p.numel() for p in _tiny_generator().parameters())
+    per = {}
+    for opt in ("fused_adamw_ema", "adamw"):
+        for clip in (0.0, 1.0):
+            s = roofline.step_traffic(_tiny_generator, batch=2, precision="bf16", backend="fused", optimizer=opt,
+                                      grad_clip=clip)  # fmt: skip
+            per[opt, clip] = s["update_bytes"] / n
+            assert s["grad_clip"] == clip
+    assert per["fused_adamw_ema", 1.0] - per["fused_adamw_ema", 0.0] == pytest.approx(2.0, abs=0.1)
+    assert per["adamw", 1.0] - per["adamw", 0.0] == pytest.approx(12.0, abs=0.3)
+    assert per["fused_adamw_ema", 1.0] <= 36 + 8  # the issue's bound: clipping costs <= 8 B/param over 36
+    assert roofline.preset_grad_clip("DiTDH-XL") == 1.0 and roofline.preset_grad_clip("LightningDiT-XL/1") == 0.0
+
+
+def test_roofline_triton_gemm_efficiency_column(bench_path, tmp_path):
+    """The fused GEMM ops can be charged at their own efficiency: half the rate doubles a compute-bound call's time;
+    run() reports the H100 MFU at every TRITON_GEMM_EFFICIENCIES value, never rising as the efficiency falls."""
+    import roofline
+
+    hw = roofline.Hardware("X", peak_flops=1000e12, bandwidth=2e12)
+    s = {"matmul_flops": 700e12, "attention_flops": 0, "attention_model_flops": 0, "attention_bytes": 0,
+         "other_bytes": 0, "fused_gemm": [{"phase": "forward", "op": "pae_fast::g", "flops": 70e12, "bytes": 1e9,
+                                           "calls": 2}]}  # fmt: skip
+    full = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=1.0)
+    half = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=1.0, triton_gemm_efficiency=0.35)
+    assert half["fused_gemm_s"] == pytest.approx(2 * full["fused_gemm_s"]) == pytest.approx(0.4)
+    assert half["matmul_s"] - full["matmul_s"] == pytest.approx(0.2)
+    res = roofline.run({"tiny": _tiny_generator}, batch=2, ops=False, out_dir=tmp_path)
+    sens = res["models"]["tiny"]["fused"]["h100_mfu_by_triton_gemm_efficiency"]
+    assert list(sens) == [f"{e:.2f}" for e in roofline.TRITON_GEMM_EFFICIENCIES]
+    vals = list(sens.values())
+    assert vals[0] == pytest.approx(res["models"]["tiny"]["fused"]["predicted"]["H100"]["mfu"])
+    assert vals[0] >= vals[1] >= vals[2]  # the tiny model's fused GEMMs are bandwidth-bound: equal here
+    assert "Triton GEMMs at 70% / 60% / 50%" in (tmp_path / "roofline.md").read_text()

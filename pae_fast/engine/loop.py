@@ -28,7 +28,15 @@ from pae_fast.engine import parallel as P
 from pae_fast.engine.data import DataPosition, StepBatchSampler, make_loader, to_device
 from pae_fast.engine.lock import RunLock
 from pae_fast.engine.monitor import Preemption, StatsWriter, close_logger, setup_logger
-from pae_fast.engine.optim import build_optimizer, build_scheduler, ema_update, make_ema, supports_found_inf
+from pae_fast.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    ema_update,
+    make_ema,
+    master_grads_read,
+    supports_found_inf,
+)
 from pae_fast.engine.optim_choice import record_optimizer, resolve_optimizer
 from pae_fast.engine.outputs import TrainerOutputs
 from pae_fast.engine.precision import ComputeWeights, autocast_dtype, compute_weights
@@ -225,7 +233,8 @@ class _Trainer(TrainerOutputs):
         assert loss_sum is not None
         if self.compute.get(unit.name) is not None:
             # bf16 gradients -> the fp32 masters' .grad (left in place for fused_adamw_ema when nothing reads them)
-            self.compute[unit.name].grads_to_master(needed=self.cfg.grad_clip > 0 or want_norm)
+            self.compute[unit.name].grads_to_master(
+                needed=master_grads_read(unit.optimizer, self.cfg.grad_clip, want_norm))
         loss_mean = loss_sum / accum
         bad = ~torch.isfinite(loss_mean)
         if self.world > 1:  # every rank must take (or skip) the same step; a device collective, no host sync
@@ -238,11 +247,7 @@ class _Trainer(TrainerOutputs):
             if grads:
                 torch._foreach_mul_(grads, torch.where(bad, float("nan"), 1.0).to(grads[0].dtype))
             unit.scaler.unscale_(unit.optimizer)
-        norm = None
-        if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
-        elif want_norm:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        norm = clip_gradients(unit.optimizer, params, self.cfg.grad_clip, want_norm)
         if norm is not None:
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if unit.scaler is None:

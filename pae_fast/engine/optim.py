@@ -25,6 +25,8 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "supports_found_inf",
+    "master_grads_read",
+    "clip_gradients",
     "make_ema",
     "ema_update",
     "param_groups",
@@ -183,6 +185,31 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     if getattr(optimizer, "supports_found_inf", False):  # FusedAdamWEMA
         return True
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and isinstance(optimizer, torch.optim.Adam)
+
+
+def master_grads_read(optimizer: torch.optim.Optimizer, grad_clip: float, want_norm: bool) -> bool:
+    """True when something reads the fp32 masters' gradients between the backward and the optimizer step: clipping
+    or a logged norm, unless the optimizer clips inside its own step (``clips_in_step``, fused_adamw_ema), which
+    reads the gradients where they are (docs/method.md § Optimizer and EMA bytes per parameter)."""
+    return (grad_clip > 0 or want_norm) and not getattr(optimizer, "clips_in_step", False)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float,
+                   want_norm: bool) -> torch.Tensor | None:
+    """Clip the global gradient 2-norm to ``grad_clip`` (0 = off) as ``torch.nn.utils.clip_grad_norm_`` does, and
+    return the norm before clipping (None when neither clipping nor a logged norm asks for it).
+
+    An optimizer with ``clips_in_step`` (fused_adamw_ema) computes the norm in one read of the gradients and applies
+    the coefficient ``min(1, grad_clip / (norm + 1e-6))`` inside its update kernel; otherwise torch's foreach
+    clipping scales the masters' gradients in place.
+    """
+    if grad_clip <= 0 and not want_norm:
+        return None
+    if getattr(optimizer, "clips_in_step", False):
+        return optimizer.clip_grad_norm_(grad_clip)  # type: ignore[attr-defined]
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
 
 
 def make_ema(module: nn.Module, share_frozen: bool = True) -> nn.Module:

@@ -116,3 +116,44 @@ def test_loaded_groups_keep_this_optimizers_implementation():
     assert set(back.param_groups[0]) == {"params", "lr", "betas", "eps", "weight_decay"}
     assert back.param_groups[0]["weight_decay"] == 0.1
     assert torch.equal(back.state[lin.weight]["exp_avg"], st["exp_avg"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_clipping_inside_fused_adamw_ema_matches_torch_clip_grad_norm(tiny, tmp_path, precision):
+    """train.grad_clip with fused_adamw_ema (norm in one read of the gradients where they lie, the coefficient applied
+    in the kernel) == torch AdamW after ``clip_grad_norm_`` on the fp32 masters; a clip small enough to act on every
+    step (the unclipped run differs), a logged norm equal on both sides."""
+    kw = dict(weight_decay=0.1, lr=3e-2, log_every=1, ckpt_every=6, precision=precision, steps=6)
+    atol = 1e-6 if precision == "fp32" else 1e-5
+    runs = {name: train(tiny.make_task(), tiny.tiny_cfg(optimizer=name, grad_clip=0.05, **kw), tmp_path / name, seed=3)
+            for name in ("adamw", "fused_adamw_ema")}  # fmt: skip
+    free = train(tiny.make_task(), tiny.tiny_cfg(optimizer="adamw", **kw), tmp_path / "free", seed=3)
+    _close(runs["adamw"].model, runs["fused_adamw_ema"].model, atol)
+    _close(runs["adamw"].ema, runs["fused_adamw_ema"].ema, atol)
+    with pytest.raises(AssertionError):
+        _close(free.model, runs["adamw"].model, atol)
+
+
+def test_fused_clip_rule_is_torchs():
+    """FusedAdamWEMA.clip_grad_norm_: the returned norm is the global 2-norm, and the update equals AdamW on gradients
+    scaled by min(1, max_norm / (norm + 1e-6)) — clipped when the norm is large, untouched when it is small."""
+    for scale, max_norm in ((10.0, 1.0), (1e-3, 1.0)):
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+        b.load_state_dict(a.state_dict())
+        grads = [torch.randn_like(p) * scale for p in a.parameters()]
+        fused = FusedAdamWEMA(a.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+        ref = torch.optim.AdamW(b.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        for p, q, g in zip(a.parameters(), b.parameters(), grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = fused.clip_grad_norm_(max_norm)
+        expect = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        torch.testing.assert_close(norm.double(), expect, rtol=1e-6, atol=0)
+        coef = min(1.0, max_norm / (float(expect) + 1e-6))
+        for q in b.parameters():
+            q.grad.mul_(coef)
+        fused.step()
+        ref.step()
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+        assert (coef < 1.0) == (scale > 1.0)

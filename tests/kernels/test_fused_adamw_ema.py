@@ -73,3 +73,20 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="param must be contiguous"):
         q = p.t()
         fused_adamw_ema(q, q.contiguous(), q.contiguous(), q.contiguous(), None, None, torch.ones(()), lr=0.1)
+
+
+def test_grad_scale_equals_a_prescaled_gradient():
+    """grad_scale c (the clip coefficient, read on the device) == the same update on the gradient c·g."""
+    torch.manual_seed(1)
+    p, g, m, v, e = (torch.randn(257) for _ in range(5))
+    v = v.abs()
+    c = torch.tensor(0.3)
+    a = [t.clone() for t in (p, m, v, e)]
+    b = [t.clone() for t in (p, m, v, e)]
+    fused_adamw_ema(a[0], g, a[1], a[2], a[3], None, torch.full((), 4.0), lr=0.1, grad_scale=c, backend="triton")
+    fused_adamw_ema(b[0], g * c, b[1], b[2], b[3], None, torch.full((), 4.0), lr=0.1, backend="triton")
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    unscaled = p.clone()
+    fused_adamw_ema(unscaled, g, m.clone(), v.clone(), None, None, torch.full((), 4.0), lr=0.1, backend="triton")
+    assert not torch.allclose(unscaled, a[0])
