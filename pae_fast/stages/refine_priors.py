@@ -180,8 +180,8 @@ def refine_priors(cfg: Config, dataset: torch.utils.data.Dataset | None = None) 
         if ckpt is None:
             raise ConfigError(f"refine-priors: no checkpoint under {out} (train.steps={cfg.train.steps})")
         state, meta = read_state_dict(ckpt / "model.safetensors", key="refine checkpoint")
-        keep = ("projector.", "reconstructor.decompressor.")  # RefinedPriors.tokenizer_state's keys
-        proj = {k.removeprefix("reconstructor."): v.contiguous() for k, v in state.items() if k.startswith(keep)}
+        task.model.load_state_dict(state)  # the trained (not EMA) weights of the newest checkpoint
+        proj = {k: v.detach().cpu().contiguous() for k, v in task.model.tokenizer_state().items()}
         recipe = {**task.metadata, "step": meta.get("step", ""), "source": str(ckpt)}
         path = out / PRIORS_FILE
         save_safetensors(proj, path, metadata={"recipe": json.dumps(recipe, sort_keys=True), **recipe})
