@@ -82,3 +82,23 @@ def test_create_tokenizer_takes_hub_weights(offline):
                            vfm_weights="hf://me/rae-tiny/encoder.safetensors")
     for k, v in tok.state_dict().items():
         assert torch.equal(v, full[k]), k
+
+
+def test_frozen_tokenizer_hashes_hub_files(offline):
+    """cache-latents' tokenizer loader: hub weights and a hub encoder, hashed by their cached files."""
+    import hashlib
+
+    from pae_fast.registry import create_tokenizer
+    from pae_fast.stages.frozen_tokenizer import load_frozen_tokenizer
+
+    torch.manual_seed(0)
+    src = create_tokenizer("RAE-tiny")
+    enc = {k: v.contiguous() for k, v in src.vfm.model.state_dict().items()}
+    dec = {k: v.contiguous() for k, v in src.state_dict().items() if not k.startswith("vfm.")}
+    hub_cache(offline, "me/rae-tiny", {"encoder.safetensors": enc, "decoder.safetensors": dec})
+    tok, digest = load_frozen_tokenizer("RAE-tiny", "hf://me/rae-tiny/decoder.safetensors",
+                                        vfm_weights="hf://me/rae-tiny/encoder.safetensors")
+    snap = offline / "models--me--rae-tiny" / "snapshots" / REV
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest == hashlib.sha256(f"{sha(snap / 'decoder.safetensors')}+{sha(snap / 'encoder.safetensors')}"
+                                    .encode()).hexdigest()
