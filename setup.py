@@ -45,6 +45,8 @@ setup(
         "xformers": ["xformers"],
         # only for tests/models/test_pae_convert_hf.py (HF encoders -> our converted VFMs); never imported by pae_fast
         "hf": ["transformers>=4.56,<5"],
+        # weights=/vfm_weights=/latent_stats= as hf://<org>/<name>/<path-in-repo>, read through the hub's cache
+        "hub": ["huggingface_hub>=0.20"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",

@@ -10,6 +10,11 @@ Layouts understood by :func:`read_state_dict`:
 - the authors' training checkpoints ``{"model": ..., "ema": ..., "opt": ...}`` (LightningDiT, RAE, PAE): the first
   key of ``prefer`` that holds a dict is taken;
 - wrapper prefixes ``module.`` (DDP) and ``_orig_mod.`` (torch.compile), stripped wherever they repeat.
+
+Where a path is accepted, ``hf://<org>/<name>/<path-in-repo>`` (optionally ``hf://<org>/<name>@<revision>/<path>``)
+names a file of a Hugging Face hub repository, resolved by :func:`resolve_hub_file` through ``huggingface_hub``'s
+cache (the optional ``hub`` extra); ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` are honoured (docs/method.md § Checkpoint
+conversion). Latent statistics files (ours and RAE's ``stat.pt``) are read by :func:`read_latent_stats`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,9 +30,14 @@ from torch import nn
 __all__ = [
     "WeightsError",
     "WRAPPER_PREFIXES",
+    "HUB_SCHEME",
+    "resolve_hub_file",
     "resolve_weights_file",
+    "is_release_folder",
     "read_state_dict",
     "read_metadata",
+    "read_shapes",
+    "read_latent_stats",
     "strip_prefixes",
     "key_diff",
     "load_into",
@@ -35,10 +46,49 @@ __all__ = [
 
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 TORCH_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt")
+HUB_SCHEME = "hf://"
+_TRUE = ("1", "on", "yes", "true")
 
 
 class WeightsError(ValueError):
     """A weights file is missing, damaged, unsafe to read, or does not fit the model; the message names it."""
+
+
+def resolve_hub_file(path: str, key: str = "weights") -> Path:
+    """The local file of ``hf://<org>/<name>[@<revision>]/<path-in-repo>``, from the Hugging Face cache or the hub.
+
+    ``huggingface_hub`` (extra ``hub``) resolves it: its cache (``HF_HUB_CACHE`` / ``HF_HOME``) first; with
+    ``HF_HUB_OFFLINE=1`` only the cache, never the network. Both variables are read when this is called.
+
+    Raises:
+        WeightsError: one line naming ``key`` and the address: a malformed address, ``huggingface_hub`` missing, the
+            file not in the cache offline, or the repository / file not found.
+    """
+    rest = path[len(HUB_SCHEME):]
+    parts = rest.split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise WeightsError(f"{key}={path!r}: expected hf://<org>/<name>/<path-in-repo> (a file of a hub repository)")
+    org, name, filename = parts
+    name, _, revision = name.partition("@")
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise WeightsError(f"{key}={path!r}: hf:// addresses need huggingface_hub; install the extra: "
+                           "pip install 'pae_fast[hub]'") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(
+        huggingface_hub.constants.HF_HUB_OFFLINE)
+    try:
+        local = huggingface_hub.hf_hub_download(f"{org}/{name}", filename, revision=revision or None,
+                                                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                                local_files_only=offline)
+    except LocalEntryNotFoundError:
+        where = os.environ.get("HF_HUB_CACHE") or huggingface_hub.constants.HF_HUB_CACHE
+        why = "HF_HUB_OFFLINE is set and it is not" if offline else "it could not be downloaded and is not"
+        raise WeightsError(f"{key}={path!r}: {why} in the Hugging Face cache {where}") from None
+    except Exception as e:  # RepositoryNotFoundError, EntryNotFoundError, HTTP errors: one line, the cause kept
+        raise WeightsError(f"{key}={path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return Path(local)
 
 
 def resolve_weights_file(path: str | os.PathLike, prefer_ema: bool = True, key: str = "weights") -> Path:
@@ -46,7 +96,8 @@ def resolve_weights_file(path: str | os.PathLike, prefer_ema: bool = True, key: 
 
     Args:
         path: a weights file; a checkpoint folder written by the engine (``ema.safetensors`` / ``model.safetensors``
-            beside its manifest); or a run folder (its newest checkpoint that validates).
+            beside its manifest); a run folder (its newest checkpoint that validates); or a hub file
+            ``hf://<org>/<name>/<path-in-repo>`` (:func:`resolve_hub_file`).
         prefer_ema: in a checkpoint folder, take ``ema.safetensors`` before ``model.safetensors``.
         key: the config key or argument named in error messages (e.g. ``"sample.checkpoint"``).
 
@@ -55,6 +106,8 @@ def resolve_weights_file(path: str | os.PathLike, prefer_ema: bool = True, key: 
     """
     from pae_fast.engine.checkpoint import MANIFEST, checkpoint_root, latest_checkpoint, validate_checkpoint
 
+    if isinstance(path, str) and path.startswith(HUB_SCHEME):
+        return resolve_hub_file(path, key)
     p = Path(path)
     if p.is_file():
         return p
@@ -76,6 +129,19 @@ def resolve_weights_file(path: str | os.PathLike, prefer_ema: bool = True, key: 
         if (ckpt / f"{name}.safetensors").is_file():
             return ckpt / f"{name}.safetensors"
     raise WeightsError(f"{key}: checkpoint {ckpt} holds neither ema.safetensors nor model.safetensors")
+
+
+def is_release_folder(path: str | os.PathLike) -> bool:
+    """A folder of released files (weights at its top level) that is neither an engine checkpoint folder nor a run
+    folder: those resolve to one weights file (:func:`resolve_weights_file`)."""
+    from pae_fast.engine.checkpoint import MANIFEST, list_checkpoints
+
+    if isinstance(path, str) and path.startswith(HUB_SCHEME):
+        return False
+    p = Path(path)
+    if not p.is_dir() or (p / MANIFEST).is_file() or list_checkpoints(p):
+        return False
+    return any(f.is_file() and f.suffix in (".safetensors", *TORCH_SUFFIXES) for f in p.iterdir())
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str] = WRAPPER_PREFIXES) -> dict:
@@ -160,6 +226,67 @@ def read_metadata(
             return file, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise WeightsError(f"{key}: {file} is damaged or not a safetensors file: {e}") from e
+
+
+def read_shapes(
+    path: str | os.PathLike, prefer: tuple[str, ...] = ("ema", "model"), key: str = "weights"
+) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of one weights file without reading its tensors (safetensors header; a torch file is
+    memory-mapped, ``weights_only=True``); a ``{"ema"|"model": ...}`` checkpoint gives the first of ``prefer``;
+    wrapper prefixes are stripped as in :func:`read_state_dict`."""
+    file = resolve_weights_file(path, prefer_ema=bool(prefer) and prefer[0] == "ema", key=key)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                return strip_prefixes({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{key}: {file} cannot be read as a weights file: {e}") from e
+    if isinstance(obj, dict):
+        for name in prefer:
+            if isinstance(obj.get(name), dict):
+                obj = obj[name]
+                break
+        return strip_prefixes({str(k): tuple(v.shape) if isinstance(v, torch.Tensor) else () for k, v in obj.items()})
+    raise WeightsError(f"{key}: {file} holds {type(obj).__name__}, not a state dict")
+
+
+def read_latent_stats(path: str | os.PathLike, key: str = "latent_stats", eps: float | None = None) -> Any:
+    """Latent statistics from a file, as :class:`~pae_fast.data.latent_stats.LatentStats`.
+
+    Layouts: ours (``stats.safetensors``: ``mean`` / ``std`` + metadata, :meth:`LatentStats.save`), and RAE's
+    ``stat.pt`` (``{"mean": (C, H, W), "var": (C, H, W)}``, torch, ``weights_only=True``): RAE standardises with
+    ``(z - mean) / sqrt(var + 1e-5)`` (docs/method.md § RAE checkpoints), so ``std = sqrt(var + eps)``, eps 1e-5 unless
+    given; mode ``"chw"`` for a 3-D mean, ``"channel"`` for a 1-D one.
+
+    Raises:
+        WeightsError: missing, unsafe or foreign file; the message names ``key`` and the file.
+    """
+    from pae_fast.data.latent_stats import DEFAULT_EPS, LatentStats
+
+    file = resolve_weights_file(path, key=key)
+    if file.suffix == ".safetensors":
+        try:
+            return LatentStats.load(file)
+        except (ValueError, FileNotFoundError) as e:
+            raise WeightsError(f"{key}: {e}") from e
+    state, _ = read_state_dict(file, prefer=(), key=key)
+    if "mean" not in state or not ({"var", "std"} & set(state)):
+        raise WeightsError(f"{key}: {file} holds no latent statistics (expected tensors 'mean' and 'var' (RAE's "
+                           f"stat.pt) or 'mean' and 'std', found {sorted(state)[:8]})")
+    mean = state["mean"].float()
+    mode = "chw" if mean.dim() == 3 else "channel"
+    try:
+        if "var" in state:
+            return LatentStats.from_variance(mode, mean, state["var"].float(), DEFAULT_EPS if eps is None else eps)
+        return LatentStats(mode, mean, state["std"].float())
+    except ValueError as e:
+        raise WeightsError(f"{key}: {file}: {e}") from e
 
 
 def key_diff(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 12) -> str:

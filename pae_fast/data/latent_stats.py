@@ -55,6 +55,12 @@ class LatentStats:
         if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all() and (self.std > 0).all()):
             raise ValueError("latent statistics hold NaN/Inf or a non-positive std")
 
+    @classmethod
+    def from_variance(cls, mode: StatsMode, mean: torch.Tensor, var: torch.Tensor, eps: float = DEFAULT_EPS,
+                      count: int = 0) -> LatentStats:
+        """The statistics of a population variance: ``std = sqrt(var + eps)`` (the one place this rule lives)."""
+        return cls(mode, mean.float(), (var.double() + eps).sqrt().float(), eps, count)
+
     @property
     def channels(self) -> int:
         return self.mean.shape[0]
@@ -186,8 +192,7 @@ class LatentStatsAccumulator:
         n = self.count * (self.hw if self.mode == "channel" else 1)
         mean = self.s1 / n
         var = (self.s2 / n - mean.pow(2)).clamp_min(0.0)
-        std = (var + self.eps).sqrt()
-        return LatentStats(self.mode, mean.float(), std.float(), self.eps, self.count)
+        return LatentStats.from_variance(self.mode, mean, var, self.eps, self.count)
 
 
 def compute_latent_stats(

@@ -1,4 +1,4 @@
-"""The PAE authors' released tokenizer checkpoints -> pae_fast modules, by name, strictly.
+"""The PAE and RAE authors' released tokenizer checkpoints -> pae_fast modules, by name, strictly.
 
 Their layout (facts in docs/method.md §PAE tokenizer, from the authors' inference code at commit 51f8fa6):
 ``encoder.*`` (HF transformers encoders: Dinov2WithRegisters, DINOv3ViT, Siglip vision tower, ViTMAE; MAE under
@@ -15,23 +15,36 @@ What the conversion changes besides names:
 - MAE: the 14x14 table is resampled to the grid (bicubic, no antialias, CLS slot kept), as the authors' run time.
 
 Every other key must map; leftovers and gaps are reported with :func:`pae_fast.weights.key_diff`.
+
+RAE's released stage-1 decoder (``model.pt``: the decoder alone, ``decoder_embed.*``, ``decoder_layers.N.*``,
+``decoder_norm.*``, ``decoder_pred.*``, ``decoder_pos_embed``, ``trainable_cls_token``) is the same ViT-MAE-style
+decoder without the ``decoder.`` prefix: it is converted by the same rules (:func:`convert_authors_rae`), its encoder
+comes from the HF checkpoint (:func:`hf_encoder_to_timm`) and its ``stat.pt`` is read by
+:func:`pae_fast.weights.read_latent_stats` (docs/method.md § RAE checkpoints). :func:`split_release_folder` finds the
+three in one folder.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pae_fast.weights import WeightsError, load_into, strip_prefixes
+from pae_fast.weights import TORCH_SUFFIXES, WeightsError, load_into, read_shapes, strip_prefixes
 
 __all__ = [
     "encoder_family",
     "convert_authors_pae",
     "load_authors_pae",
     "is_authors_pae",
+    "is_authors_rae",
+    "convert_authors_rae",
+    "load_authors_layout",
+    "split_release_folder",
     "is_hf_encoder",
     "hf_encoder_to_timm",
 ]
@@ -264,6 +277,97 @@ def load_authors_pae(tok: torch.nn.Module, state: Mapping, what: str = "authors'
     load_into(tok, converted, what=what, strict=True, skip=None if has_vfm else (lambda k: k.startswith("vfm.")))
     tok.vfm.freeze()
     return has_vfm
+
+
+_RAE_DECODER_ROOTS = ("decoder_embed.", "decoder_layers.", "decoder_norm.", "decoder_pred.", "decoder_pos_embed",
+                      "trainable_cls_token")
+
+
+def is_authors_rae(state: Mapping[str, torch.Tensor] | list[str]) -> bool:
+    """Whether a (prefix-stripped) state dict, or its keys, is RAE's released stage-1 decoder layout."""
+    return any(k.startswith(("decoder_embed.", "decoder_layers.")) for k in state)
+
+
+def convert_authors_rae(state: Mapping[str, torch.Tensor], what: str = "RAE decoder") -> tuple[Tensors, list[str]]:
+    """RAE's decoder keys -> pae_fast ``RAETokenizer`` keys (``decoder.*``): the PAE decoder rules after the prefix.
+
+    Returns:
+        ``(converted, leftovers)``: keys of ours, and RAE keys no rule knows (anything that is not the decoder).
+    """
+    decoder = {f"decoder.{k}": v for k, v in state.items() if k.startswith(_RAE_DECODER_ROOTS)}
+    out, leftovers = convert_authors_pae(decoder, "dinov2", 16, what)  # no encoder keys: family and grid unused
+    return out, leftovers + [k for k in state if not k.startswith(_RAE_DECODER_ROOTS)]
+
+
+def load_authors_layout(tok: torch.nn.Module, state: Mapping, what: str, need_vfm: bool = True) -> bool | None:
+    """Load a state dict in one of the authors' layouts (PAE checkpoint, RAE decoder) into ``tok``, strictly.
+
+    Returns:
+        None when ``state`` is in neither layout (the caller loads it as ours); otherwise whether it carried the
+        encoder (an RAE decoder never does).
+
+    Raises:
+        WeightsError: the layout does not fit ``tok`` (key diff in our names), or the encoder is missing.
+    """
+    if isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    state = strip_prefixes(state)
+    if is_authors_pae(state):
+        return load_authors_pae(tok, state, what=what, need_vfm=need_vfm)
+    if not is_authors_rae(state):
+        return None
+    if getattr(tok, "kind", None) != "rae":
+        raise WeightsError(f"{what} is RAE's released decoder; {getattr(tok, 'variant', type(tok).__name__)} is not "
+                           "an RAE tokenizer")
+    if need_vfm:
+        raise WeightsError(f"{what} is RAE's decoder alone; pass the encoder's own file (e.g. the HF "
+                           "dinov2-with-registers-base checkpoint) as vfm_weights=")
+    converted, leftovers = convert_authors_rae(state, what)
+    if leftovers:
+        more = f" ... (+{len(leftovers) - 12} more)" if len(leftovers) > 12 else ""
+        raise WeightsError(f"{what}: {len(leftovers)} keys of RAE's decoder layout have no counterpart in "
+                           f"{tok.variant}: {', '.join(leftovers[:12])}{more}")
+    load_into(tok, converted, what=what, strict=True, skip=lambda k: k.startswith("vfm."))
+    return False
+
+
+_STATS_KEYS = {"mean", "var", "std"}
+
+
+def split_release_folder(folder: str | os.PathLike, what: str = "weights") -> dict[str, Path]:
+    """The files of a folder of released tokenizer files, by what they hold (their keys, not their names).
+
+    The folder (not a checkpoint or run folder) holds, at its top level: the tokenizer weights (an RAE decoder, a PAE
+    checkpoint or ours), optionally the encoder (a transformers or timm checkpoint: ``model.safetensors``, ...) and
+    optionally latent statistics (RAE's ``stat.pt`` or our ``stats.safetensors``).
+
+    Returns:
+        ``{"weights": file, "vfm_weights"?: file, "latent_stats"?: file}``.
+
+    Raises:
+        WeightsError: no tokenizer weights, or two files of one kind (the message lists them).
+    """
+    root = Path(folder)
+    found: dict[str, list[Path]] = {"weights": [], "vfm_weights": [], "latent_stats": []}
+    for f in sorted(root.iterdir()):
+        if not f.is_file() or f.suffix not in (".safetensors", *TORCH_SUFFIXES):
+            continue
+        keys = read_shapes(f, key=what)
+        if keys and set(keys) <= _STATS_KEYS and "mean" in keys:
+            found["latent_stats"].append(f)
+        elif is_authors_rae(keys) or is_authors_pae(keys) or any(k.startswith(("decoder.", "vfm.")) for k in keys):
+            found["weights"].append(f)
+        else:
+            found["vfm_weights"].append(f)
+    doubles = {k: v for k, v in found.items() if len(v) > 1}
+    if doubles:
+        shown = "; ".join(f"{k}: {', '.join(p.name for p in v)}" for k, v in doubles.items())
+        raise WeightsError(f"{what}={str(folder)!r}: more than one file of a kind ({shown}); pass them one by one "
+                           "(weights=, vfm_weights=, latent_stats=)")
+    if not found["weights"]:
+        names = ", ".join(p.name for v in found.values() for p in v) or "none"
+        raise WeightsError(f"{what}={str(folder)!r}: no tokenizer weights (decoder) among its files ({names})")
+    return {k: v[0] for k, v in found.items() if v}
 
 
 # transformers checkpoints of the encoders alone: their roots, and the parts a frozen patch-token encoder never uses

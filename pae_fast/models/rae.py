@@ -4,6 +4,11 @@ The latent is the frozen VFM's own patch tokens (affine-free final LayerNorm, no
 ``(B, D, g, g)``; a ViT decoder (XL by default) maps them back to pixels. ``encode`` returns the RAW tokens: the
 per-(C, H, W) standardisation used for diffusion (eps 1e-5) lives in ``pae_fast.data.latent_stats`` (mode "chw"),
 never in the model.
+
+RAE's released files load by name (docs/method.md § RAE checkpoints): ``create_tokenizer("RAE-DINOv2-B",
+weights=<RAE decoder model.pt>, vfm_weights=<HF dinov2-with-registers-base>, latent_stats=<stat.pt>)`` or one folder
+holding the three; the decoder layout is converted by :func:`pae_fast.models.pae_convert.convert_authors_rae`, and
+``stat.pt`` (``mean`` / ``var``, standardisation ``(z - mean) / sqrt(var + 1e-5)``) becomes ``tok.latent_stats``.
 """
 
 from __future__ import annotations

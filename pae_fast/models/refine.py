@@ -1,11 +1,13 @@
 """Refined priors (stage 0): projector ``P_t``, reconstructor ``Q_t`` and the structural target
 (docs/method.md §Refined priors).
 
-- ``P_t: D -> latent_dim`` has the tokenizer projector's layout (so it can initialise it): multi-head
-  self-attention applied directly (no residual, no pre-norm) -> tokens as a ``(B, D, h, w)`` map -> ``Conv2d(D,
-  latent_dim, 3, padding=1)`` -> per-token RMS normalisation without affine (every token has RMS 1).
-- ``Q_t: latent_dim -> D``: ``Linear(latent_dim, hidden)`` + fixed 2-D sin-cos positions -> ``depth`` pre-norm ViT
-  blocks (timm ``Block``, MLP ratio 4) -> LayerNorm -> ``Linear(hidden, D)``.
+- ``P_t: D -> latent_dim`` IS the tokenizer's projector (:class:`~pae_fast.models.pae.Projector`: multi-head
+  self-attention without qkv bias applied directly -> tokens as a ``(B, D, h, w)`` map -> ``Conv2d(D, latent_dim, 3,
+  padding=1)`` -> per-token RMS normalisation without affine), so it initialises it exactly.
+- ``Q_t: latent_dim -> D``: the tokenizer's decompressor (:class:`~pae_fast.models.pae.Decompressor`: 3x3 conv
+  ``latent_dim -> D``, attention without qkv bias), then ``Linear(D, hidden)`` + fixed 2-D sin-cos positions ->
+  ``depth`` pre-norm ViT blocks (timm ``Block``, MLP ratio 4) -> LayerNorm -> ``Linear(hidden, D)``. The
+  decompressor initialises the tokenizer's; the ViT after it is stage 0's stand-in for the pixel decoder.
 - Structural target ``H_ref``: VFM tokens as a ``(B, D, h, w)`` map -> upsampled to the image size (registry
   :data:`UPSAMPLERS`; ``bilinear`` by default, ``anyup`` needs the AnyUp module and its weights) -> Gaussian low-pass
   with ``sigma = lowpass_strength * image_size / grid`` pixels (strength in units of one latent cell) [choice] ->
@@ -23,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pae_fast.models.layers import Attention, sincos_pos_embed_2d
+from pae_fast.models.layers import sincos_pos_embed_2d
+from pae_fast.models.pae import Decompressor, Projector
 
 __all__ = [
     "UPSAMPLERS",
@@ -31,7 +34,6 @@ __all__ = [
     "upsample_features",
     "gaussian_lowpass",
     "structural_target",
-    "rms_normalize",
     "PriorProjector",
     "PriorReconstructor",
     "RefinedPriors",
@@ -123,75 +125,88 @@ def structural_target(
     return torch.cat(outs, dim=1).flatten(2).transpose(1, 2)
 
 
-def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-token RMS normalisation without affine over the last dim: ``x / sqrt(mean x^2 + eps)``."""
-    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+class PriorProjector(Projector):
+    """``P_t``: ``(B, N, D)`` VFM tokens -> ``(B, N, latent_dim)`` tokens of RMS 1.
 
-
-class PriorProjector(nn.Module):
-    """``P_t``: ``(B, N, D)`` VFM tokens -> ``(B, N, latent_dim)`` tokens of RMS 1 (tokenizer projector layout).
+    The tokenizer's own :class:`~pae_fast.models.pae.Projector` (same class, same constructor mapping, same state
+    dict: attention without qkv bias, 3x3 conv, per-token RMS normalisation), returning tokens instead of a map, so
+    its weights initialise the tokenizer's projector exactly (docs/method.md § Refined priors).
 
     Args:
         dim: VFM width D.
         latent_dim: output channels (32).
-        num_heads: attention heads (``dim`` must be divisible by it).
+        num_heads: attention heads (the tokenizer's: the VFM's head count).
+        grid: side of the token grid; None takes it from the first input (then fixed).
     """
 
-    def __init__(self, dim: int, latent_dim: int = 32, num_heads: int = 16) -> None:
-        super().__init__()
-        self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.conv = nn.Conv2d(dim, latent_dim, 3, padding=1)
+    def __init__(self, dim: int, latent_dim: int = 32, num_heads: int = 16, grid: int | None = None) -> None:
+        super().__init__(dim, num_heads, latent_dim, grid or 0)
         self.latent_dim = latent_dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        B, N, D = tokens.shape
-        g = _square(N, "PriorProjector")
-        x = self.attn(tokens).transpose(1, 2).reshape(B, D, g, g)
-        return rms_normalize(self.conv(x).flatten(2).transpose(1, 2))  # (B, N, latent_dim)
+        g = _square(tokens.shape[1], "PriorProjector")
+        if not self.grid_size:
+            self.grid_size = g
+        elif g != self.grid_size:
+            raise ValueError(f"PriorProjector: built for a {self.grid_size}x{self.grid_size} grid, got {g}x{g}")
+        return super().forward(tokens).flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, N, C)
 
 
 class PriorReconstructor(nn.Module):
-    """``Q_t``: ``(B, N, latent_dim)`` -> ``(B, N, D)``, a small ViT.
+    """``Q_t``: ``(B, N, latent_dim)`` -> ``(B, N, D)``: the tokenizer's decompressor, then a small ViT.
+
+    ``decompressor`` is a :class:`~pae_fast.models.pae.Decompressor` (3x3 conv ``latent_dim -> D``, attention without
+    qkv bias), the module that initialises the tokenizer's; the ViT after it (``Linear(D, hidden)`` + fixed 2-D sin-cos
+    positions, ``depth`` pre-norm timm blocks, LayerNorm, ``Linear(hidden, D)``) stands in for the tokenizer's pixel
+    decoder during stage 0 and is discarded afterwards (docs/method.md § Refined priors).
 
     Args:
-        latent_dim: input width; dim: output width D; hidden: ViT width; depth: blocks; num_heads: heads;
-        grid: side of the token grid (fixed sin-cos positions).
+        latent_dim: input width; dim: output width D; hidden: ViT width; depth: blocks; num_heads: ViT heads;
+        grid: side of the token grid; decompressor_heads: heads of the decompressor's attention (the VFM's).
     """
 
     def __init__(self, latent_dim: int, dim: int, hidden: int = 1024, depth: int = 4, num_heads: int = 16,
-                 grid: int = 16) -> None:  # fmt: skip
+                 grid: int = 16, decompressor_heads: int = 16) -> None:  # fmt: skip
         super().__init__()
         from timm.models.vision_transformer import Block
 
-        self.embed = nn.Linear(latent_dim, hidden)
+        self.grid = grid
+        self.decompressor = Decompressor(dim, decompressor_heads, latent_dim)
+        self.embed = nn.Linear(dim, hidden)
         self.register_buffer("pos", sincos_pos_embed_2d(hidden, grid, grid)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(hidden, num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        if p.shape[1] != self.pos.shape[1]:
-            raise ValueError(f"PriorReconstructor: built for {self.pos.shape[1]} tokens, got {p.shape[1]}")
-        x = self.embed(p) + self.pos.to(p.dtype)
+        B, N, C = p.shape
+        if self.pos.shape[1] != N:
+            raise ValueError(f"PriorReconstructor: built for {self.pos.shape[1]} tokens, got {N}")
+        z = p.transpose(1, 2).reshape(B, C, self.grid, self.grid)  # the latent map the tokenizer decodes
+        x = self.embed(self.decompressor(z)) + self.pos.to(p.dtype)
         for blk in self.blocks:
             x = blk(x)
         return self.out(self.norm(x))
 
 
 class RefinedPriors(nn.Module):
-    """``P_t`` + ``Q_t`` trained by :func:`pae_fast.losses.refine.refine_loss`; ``P_t`` then gives the targets.
+    """``P_t`` + ``Q_t`` trained by :func:`pae_fast.losses.refine.refine_loss`; ``P_t`` then gives the targets, and
+    ``P_t`` with ``Q_t``'s decompressor initialise the tokenizer (keys ``projector.*`` / ``decompressor.*``).
 
     Args:
         dim: VFM width D.
         grid: side of the VFM / latent token grid.
-        latent_dim, hidden, depth, projector_heads, reconstructor_heads: see :class:`~pae_fast.config.RefineConfig`.
+        latent_dim: latent channels C (the tokenizer's).
+        hidden, depth, reconstructor_heads: ``Q_t``'s ViT (see :class:`~pae_fast.config.RefineConfig`).
+        projector_heads: heads of the projector's and the decompressor's attention (the tokenizer's: the VFM's).
     """
 
     def __init__(self, dim: int, grid: int = 16, latent_dim: int = 32, hidden: int = 1024, depth: int = 4,
                  projector_heads: int = 16, reconstructor_heads: int = 16) -> None:  # fmt: skip
         super().__init__()
-        self.projector = PriorProjector(dim, latent_dim, projector_heads)
-        self.reconstructor = PriorReconstructor(latent_dim, dim, hidden, depth, reconstructor_heads, grid)
+        self.projector = PriorProjector(dim, latent_dim, projector_heads, grid)
+        self.reconstructor = PriorReconstructor(latent_dim, dim, hidden, depth, reconstructor_heads, grid,
+                                                projector_heads)
         self.dim, self.grid, self.latent_dim = dim, grid, latent_dim
 
     @classmethod
@@ -199,6 +214,12 @@ class RefinedPriors(nn.Module):
         """From a :class:`~pae_fast.config.RefineConfig` and the VFM width / token grid."""
         return cls(dim, grid, cfg.latent_dim, cfg.reconstructor_hidden, cfg.reconstructor_depth,
                    cfg.projector_heads, cfg.reconstructor_heads)  # fmt: skip
+
+    def tokenizer_state(self) -> dict[str, torch.Tensor]:
+        """What initialises a PAE tokenizer: ``projector.*`` and ``decompressor.*`` under the tokenizer's key names."""
+        out = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        out.update({f"decompressor.{k}": v for k, v in self.reconstructor.decompressor.state_dict().items()})
+        return out
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: tokens ``(B, N, D)`` (detached).

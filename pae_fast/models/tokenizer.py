@@ -27,7 +27,7 @@ from torch import nn
 
 from pae_fast.models.vfm import FrozenVFM
 from pae_fast.registry import register_tokenizer
-from pae_fast.weights import WeightsError, load_into, read_state_dict
+from pae_fast.weights import WeightsError, is_release_folder, load_into, read_latent_stats, read_state_dict
 
 __all__ = [
     "TokenizerFeatures",
@@ -77,6 +77,7 @@ class Tokenizer(nn.Module, abc.ABC):
         self.vfm_dim = vfm.embed_dim
         self.mean = tuple(float(m) for m in vfm.spec.mean)
         self.std = tuple(float(s) for s in vfm.spec.std)
+        self.latent_stats: Any = None  # LatentStats of a released run (create_tokenizer(latent_stats=...)) or None
 
     # -- modes and parameters ---------------------------------------------------------------------------------------
 
@@ -140,16 +141,33 @@ def load_tokenizer_weights(
     pretrained: bool,
     weights: str | os.PathLike | None,
     vfm_weights: str | os.PathLike | None,
+    latent_stats: str | os.PathLike | None = None,
 ) -> Tokenizer:
-    """Fill a freshly built tokenizer per the ``create_tokenizer`` contract (local files only, strict).
+    """Fill a freshly built tokenizer per the ``create_tokenizer`` contract (local or cached files only, strict).
 
     - ``vfm_weights``: an encoder file (timm or transformers layout) loaded into ``tok.vfm``.
-    - ``weights``: a pae_fast tokenizer state dict (keys of ``tok.state_dict()``), or the PAE authors' released
-      checkpoint (detected by its ``delta_encoder.`` keys; converted by :mod:`pae_fast.models.pae_convert`). When it
-      has no encoder keys the encoder must come from ``vfm_weights``.
-    - neither: random initialisation, allowed only with ``pretrained=False`` and logged.
+    - ``weights``: a pae_fast tokenizer state dict (keys of ``tok.state_dict()``), the PAE authors' released
+      checkpoint (``delta_encoder.`` keys) or RAE's released decoder (``decoder_layers.`` keys), the latter two
+      converted by :mod:`pae_fast.models.pae_convert`; or a folder of released files (decoder, encoder, latent
+      statistics: :func:`~pae_fast.models.pae_convert.split_release_folder`). When it has no encoder keys the
+      encoder must come from ``vfm_weights``.
+    - ``latent_stats``: the statistics the released run standardises with (RAE's ``stat.pt`` or a
+      ``stats.safetensors``), kept as ``tok.latent_stats`` (:class:`~pae_fast.data.latent_stats.LatentStats`).
+    - Any of these may be ``hf://<org>/<name>/<path-in-repo>`` (:func:`pae_fast.weights.resolve_hub_file`).
+    - none: random initialisation, allowed only with ``pretrained=False`` and logged.
     """
     name = tok.variant
+    if weights is not None and is_release_folder(weights):
+        from pae_fast.models.pae_convert import split_release_folder
+
+        files = split_release_folder(weights, what=f"tokenizer {name} weights")
+        log.info("tokenizer %s: release folder %s: %s", name, weights,
+                 ", ".join(f"{k}={v.name}" for k, v in files.items()))
+        weights = files["weights"]
+        vfm_weights = vfm_weights if vfm_weights is not None else files.get("vfm_weights")
+        latent_stats = latent_stats if latent_stats is not None else files.get("latent_stats")
+    if latent_stats is not None:
+        tok.latent_stats = _tokenizer_stats(tok, latent_stats)
     if pretrained and weights is None and vfm_weights is None:
         raise WeightsError(f"tokenizer {name}: pretrained=True needs weights= and/or vfm_weights= (local files); "
                            "nothing is downloaded")
@@ -166,11 +184,10 @@ def load_tokenizer_weights(
         return tok
     state, _ = read_state_dict(weights, key=f"tokenizer {name} weights")
     what = f"tokenizer {name} weights={str(weights)!r}"
-    if any(k.startswith(("delta_encoder.", "latent_compressor.")) for k in state):
-        from pae_fast.models.pae_convert import load_authors_pae
+    from pae_fast.models.pae_convert import load_authors_layout
 
-        has_vfm = load_authors_pae(tok, state, what=what, need_vfm=vfm_weights is None)
-    else:
+    has_vfm = load_authors_layout(tok, state, what=what, need_vfm=vfm_weights is None)
+    if has_vfm is None:  # our own layout
         has_vfm = any(k.startswith("vfm.") for k in state)
         if not has_vfm and vfm_weights is None:
             raise WeightsError(f"{what} holds no encoder (vfm.*) weights; pass vfm_weights= as well")
@@ -185,10 +202,24 @@ def load_tokenizer_weights(
     return tok
 
 
+def _tokenizer_stats(tok: Tokenizer, path: str | os.PathLike) -> Any:
+    """The latent statistics at ``path``, checked against the tokenizer's latent shape and statistics mode."""
+    stats = read_latent_stats(path, key=f"tokenizer {tok.variant} latent_stats")
+    if stats.mode != tok.stats_mode:
+        raise WeightsError(f"tokenizer {tok.variant} latent_stats={str(path)!r}: {stats.mode!r} statistics, but "
+                           f"{tok.variant} standardises per {tok.stats_mode!r}")
+    try:
+        stats.check_fits(torch.zeros(1, *tok.latent_shape), what=f"{tok.variant} latents")
+    except ValueError as e:
+        raise WeightsError(f"tokenizer {tok.variant} latent_stats={str(path)!r}: {e}") from e
+    return stats
+
+
 def register_tokenizer_variants(cls: type[Tokenizer], variants: Mapping[str, Mapping[str, Any]]) -> None:
     """Register every entry of a tokenizer family's variant table (name -> constructor defaults).
 
-    Each name becomes ``create_tokenizer(name, pretrained=False, weights=None, vfm_weights=None, **overrides)``:
+    Each name becomes ``create_tokenizer(name, pretrained=False, weights=None, vfm_weights=None, latent_stats=None,
+    **overrides)``:
     ``cls(**defaults, **overrides, variant=name)`` filled by :func:`load_tokenizer_weights`.
     """
     for variant, defaults in variants.items():
@@ -197,9 +228,10 @@ def register_tokenizer_variants(cls: type[Tokenizer], variants: Mapping[str, Map
 
 def _variant_builder(cls: type[Tokenizer], variant: str, defaults: dict[str, Any]) -> Any:
     def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
-             vfm_weights: str | os.PathLike | None = None, **overrides: Any) -> Tokenizer:
+             vfm_weights: str | os.PathLike | None = None, latent_stats: str | os.PathLike | None = None,
+             **overrides: Any) -> Tokenizer:
         tok = cls(**{**defaults, **overrides, "variant": variant})
-        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights)
+        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights, latent_stats)
 
     make.__name__ = f"tokenizer_{variant}"
     return make

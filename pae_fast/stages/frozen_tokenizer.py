@@ -82,5 +82,6 @@ def load_frozen_tokenizer(name: str, weights: str | os.PathLike | None, *, vfm_w
         tok = create_tokenizer(name, pretrained=True, weights=file, vfm_weights=vfm_weights)
         digest = file_sha256(file)
         if vfm_weights is not None:
-            digest = hashlib.sha256(f"{digest}+{file_sha256(vfm_weights)}".encode()).hexdigest()
+            vfm_file = resolve_weights_file(vfm_weights, key="tokenizer.vfm_weights")  # a path or hf://...
+            digest = hashlib.sha256(f"{digest}+{file_sha256(vfm_file)}".encode()).hexdigest()
     return tok.eval().requires_grad_(False), digest

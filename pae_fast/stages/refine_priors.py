@@ -1,12 +1,15 @@
 """Stage 0: refined priors (``refine-priors``), docs/method.md § Refined priors.
 
-Trains :class:`~pae_fast.models.refine.RefinedPriors` (projector ``P_t: D -> refine.latent_dim`` and the ViT
-reconstructor ``Q_t``) on the frozen VFM tokens of the images with :func:`pae_fast.losses.refine.refine_step_loss`
-through the shared engine, then writes ``<out_dir>/priors.safetensors``: the projector's weights (keys of
-:class:`~pae_fast.models.refine.PriorProjector`: ``attn.qkv.*``, ``attn.proj.*``, ``conv.*``) from the newest
-checkpoint's trained (not EMA) model [choice], and the targets' recipe in its metadata (``upsampler``,
-``lowpass_strength``, ``grid``, ``latent_dim``, ``vfm_dim``, ``image_size``, the tokenizer and encoder names).
-``train-tokenizer`` reads it with :func:`load_priors` (``tokenizer.priors_file``).
+Trains :class:`~pae_fast.models.refine.RefinedPriors` (projector ``P_t: D -> refine.latent_dim``, the tokenizer's
+own projector, and ``Q_t`` = the tokenizer's decompressor + a ViT) on the frozen VFM tokens of the images with
+:func:`pae_fast.losses.refine.refine_step_loss` through the shared engine. Only what it trains is built, plus the
+frozen encoder: the tokenizer is read on the meta device for its sizes, never built. It then writes
+``<out_dir>/priors.safetensors``: the tokenizer's ``projector.*`` and ``decompressor.*`` keys
+(:meth:`~pae_fast.models.refine.RefinedPriors.tokenizer_state`) from the newest checkpoint's trained (not EMA) model
+[choice], and the targets' recipe in its metadata (``upsampler``, ``lowpass_strength``, ``grid``, ``latent_dim``,
+``vfm_dim``, ``projector_heads``, ``image_size``, the tokenizer and encoder names). ``train-tokenizer`` reads it with
+:func:`load_priors` (the frozen ``P_t``, ``tokenizer.priors_file``) and starts the PAE tokenizer from it with
+:func:`init_tokenizer_from_priors` (docs/method.md § Refined priors).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 
 from pae_fast.config import Config, ConfigError, dump_yaml
 
-__all__ = ["PRIORS_FILE", "build_refine_task", "refine_priors", "load_priors", "Shared"]
+__all__ = ["PRIORS_FILE", "build_refine_task", "refine_priors", "load_priors", "init_tokenizer_from_priors", "Shared"]
 
 log = logging.getLogger("pae_fast.train.refine")
 
@@ -39,14 +42,30 @@ class Shared:
         return self
 
 
-def frozen_vfm(cfg: Config) -> Any:
-    """The frozen encoder of ``cfg.tokenizer.name`` with ``cfg.tokenizer.vfm_weights`` (random when unset: logged)."""
+def tokenizer_sizes(name: str) -> Any:
+    """The tokenizer ``name`` built on the meta device (no memory, no weights): its sizes, kind and encoder name."""
     from pae_fast.registry import create_tokenizer
 
-    tok = create_tokenizer(cfg.tokenizer.name, vfm_weights=cfg.tokenizer.vfm_weights)
+    quiet = logging.getLogger("pae_fast.models")  # a meta build is random by construction: no warning for it
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            return create_tokenizer(name)
+    finally:
+        quiet.setLevel(level)
+
+
+def frozen_vfm(cfg: Config) -> tuple[Any, Any]:
+    """``(meta tokenizer, frozen encoder)``: the encoder of ``cfg.tokenizer.name`` built for real with
+    ``cfg.tokenizer.vfm_weights`` (random when unset: logged); the rest of the tokenizer only on the meta device."""
+    from pae_fast.models.vfm import build_vfm
+
+    tok = tokenizer_sizes(cfg.tokenizer.name)
+    vfm = build_vfm(tok.vfm.name, weights=cfg.tokenizer.vfm_weights, log_random=False)
     if cfg.tokenizer.vfm_weights is None:
         log.warning("tokenizer.vfm_weights is unset: the VFM has RANDOM weights (tests / demos only)")
-    return tok, tok.vfm
+    return tok, vfm
 
 
 def _refine_loss_fn(shared: Shared):
@@ -97,6 +116,9 @@ def build_refine_task(cfg: Config, dataset: torch.utils.data.Dataset | None = No
     if tok.kind == "pae" and cfg.refine.latent_dim != tok.latent_shape[0]:
         raise ConfigError(f"refine.latent_dim={cfg.refine.latent_dim} but {cfg.tokenizer.name} has "
                           f"{tok.latent_shape[0]} latent channels (the projector initialises the tokenizer's)")
+    if tok.kind == "pae" and cfg.refine.projector_heads != vfm.num_heads:
+        raise ConfigError(f"refine.projector_heads={cfg.refine.projector_heads} but {cfg.tokenizer.name}'s projector "
+                          f"has {vfm.num_heads} heads (P_t and the decompressor initialise the tokenizer's)")
     ds = open_image_data(cfg)[0] if dataset is None else dataset
     if len(ds) == 0:
         raise ConfigError(f"the image data {getattr(ds, 'path', type(ds).__name__)} is empty")
@@ -134,7 +156,7 @@ def refine_priors(cfg: Config, dataset: torch.utils.data.Dataset | None = None) 
         cfg: the run config (``tokenizer``, ``refine``, ``data``, ``train``, ``seed``, ``out_dir``).
         dataset: optional map-style dataset of ``(image (3, S, S) float in [0, 1], label)``; default ``cfg.data``.
     Returns:
-        the path of ``priors.safetensors`` (projector weights + the recipe in its metadata).
+        the path of ``priors.safetensors`` (projector and decompressor weights + the recipe in its metadata).
     """
     from pae_fast.engine import train
     from pae_fast.engine.checkpoint import latest_checkpoint
@@ -158,12 +180,28 @@ def refine_priors(cfg: Config, dataset: torch.utils.data.Dataset | None = None) 
         if ckpt is None:
             raise ConfigError(f"refine-priors: no checkpoint under {out} (train.steps={cfg.train.steps})")
         state, meta = read_state_dict(ckpt / "model.safetensors", key="refine checkpoint")
-        proj = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+        task.model.load_state_dict(state)  # the trained (not EMA) weights of the newest checkpoint
+        proj = {k: v.detach().cpu().contiguous() for k, v in task.model.tokenizer_state().items()}
         recipe = {**task.metadata, "step": meta.get("step", ""), "source": str(ckpt)}
         path = out / PRIORS_FILE
         save_safetensors(proj, path, metadata={"recipe": json.dumps(recipe, sort_keys=True), **recipe})
     log.info("refined priors written to %s", path)
     return path
+
+
+def _read_priors(path: str, tok: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of ``priors.safetensors`` after checking its recipe against this tokenizer."""
+    from pae_fast.weights import read_state_dict
+
+    state, meta = read_state_dict(path, key="tokenizer.priors_file")
+    want = {"vfm_dim": str(tok.vfm_dim), "grid": str(tok.vfm.grid_size)}
+    if tok.kind == "pae":
+        want["latent_dim"] = str(tok.latent_shape[0])
+        want["projector_heads"] = str(tok.vfm.num_heads)
+    bad = [f"{k}={meta.get(k)!r} (this tokenizer: {v})" for k, v in want.items() if meta.get(k) != v]
+    if bad:
+        raise ConfigError(f"tokenizer.priors_file={path!r} was made for another tokenizer: {'; '.join(bad)}")
+    return state, meta
 
 
 def load_priors(path: str, cfg: Config, tok: Any) -> tuple[nn.Module, dict[str, str]]:
@@ -172,19 +210,35 @@ def load_priors(path: str, cfg: Config, tok: Any) -> tuple[nn.Module, dict[str, 
     Returns:
         ``(PriorProjector (eval, no grad), metadata)``.
     Raises:
-        ConfigError: the priors were made for another encoder / grid / width; WeightsError: unreadable file.
+        ConfigError: the priors were made for another encoder / grid / width / head count; WeightsError: unreadable
+        file, or one without the projector's keys (the key diff).
     """
     from pae_fast.models.refine import PriorProjector
-    from pae_fast.weights import load_into, read_state_dict
+    from pae_fast.weights import load_into
 
-    state, meta = read_state_dict(path, key="tokenizer.priors_file")
-    want = {"vfm_dim": str(tok.vfm_dim), "grid": str(tok.vfm.grid_size)}
-    if tok.kind == "pae":
-        want["latent_dim"] = str(tok.latent_shape[0])
-    bad = [f"{k}={meta.get(k)!r} (this tokenizer: {v})" for k, v in want.items() if meta.get(k) != v]
-    if bad:
-        raise ConfigError(f"tokenizer.priors_file={path!r} was made for another tokenizer: {'; '.join(bad)}")
-    proj = PriorProjector(tok.vfm_dim, int(meta["latent_dim"]), int(meta.get("projector_heads", "16")))
-    load_into(proj, state, what=f"tokenizer.priors_file={path!r}", strict=True)
+    state, meta = _read_priors(path, tok)
+    proj = PriorProjector(tok.vfm_dim, int(meta["latent_dim"]), int(meta["projector_heads"]), tok.vfm.grid_size)
+    proj_state = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+    load_into(proj, proj_state, what=f"tokenizer.priors_file={path!r} (projector.*)", strict=True)
     proj.eval().requires_grad_(False)
     return proj, meta
+
+
+@torch.no_grad()
+def init_tokenizer_from_priors(tok: nn.Module, path: str) -> list[str]:
+    """Start a PAE tokenizer at its refined prior: its ``projector.*`` and ``decompressor.*`` from ``path``, strictly
+    (as the authors' ``pretrained_compressor_path`` loads ``latent_compressor.*`` and ``latent_decompressor.*``).
+
+    Returns:
+        the keys loaded.
+    Raises:
+        ConfigError: the priors were made for another tokenizer; WeightsError: a key or shape differs (key diff).
+    """
+    from pae_fast.weights import load_into
+
+    state, _ = _read_priors(path, tok)
+    parts = {k: v for k, v in tok.state_dict().items() if k.startswith(("projector.", "decompressor."))}
+    holder = nn.Module()  # load_into's strict key diff over exactly these two parts
+    holder.projector, holder.decompressor = tok.projector, tok.decompressor
+    load_into(holder, state, what=f"tokenizer.priors_file={path!r}", strict=True)
+    return sorted(parts)

@@ -99,6 +99,8 @@ def load_generator(
         raise ConfigError(f"{key}: {file} carries no run config in its metadata; name the generator (--model.name)")
     if name is not None and name != model_cfg.name:
         raise ConfigError(f"{key}: {file} holds a {model_cfg.name} but {name} was requested")
+    if "config" not in meta:  # bare weights (RAE's .pt): the latent channels are the weights', not a default
+        model_cfg = _channels_from_weights(model_cfg, file, use_ema, key)
     model_cfg = dataclasses.replace(model_cfg, checkpoint=None, grad_checkpointing=False)
     model = generator_from_config(model_cfg)
     load_generator_weights(model, str(file), key=key)
@@ -111,6 +113,19 @@ def load_generator(
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from e
     return model.to(device).eval(), meta
+
+
+def _channels_from_weights(model_cfg: Any, file: Path, use_ema: bool, key: str) -> Any:
+    """``model_cfg`` with ``in_channels`` read from the weights' input embedding (``x_embedder.proj.weight``:
+    ``(hidden, C, p, p)`` in LightningDiT and DiT^DH alike), e.g. 768 for RAE's DiT^DH-XL and its DiT^DH-S guide."""
+    from pae_fast.weights import read_shapes
+
+    shape = read_shapes(file, ("ema", "model") if use_ema else ("model", "ema"), key).get("x_embedder.proj.weight")
+    if shape is None or len(shape) != 4 or shape[1] == model_cfg.in_channels:
+        return model_cfg  # no such key: the strict load names what is missing
+    log.info("%s: %d input channels (from x_embedder.proj.weight; the model section says %d)", file, shape[1],
+             model_cfg.in_channels)
+    return dataclasses.replace(model_cfg, in_channels=int(shape[1]))
 
 
 def _model_config(meta: dict[str, str]) -> Any:
@@ -128,8 +143,9 @@ def checkpoint_latent_stats(
     """The latent statistics a generator was trained with, read from its weights file's metadata.
 
     Args:
-        stats_file: ``sample.latent_stats``: a statistics file (a latent cache's ``stats.safetensors``) used when the
-            weights carry none (bare weights such as RAE's released checkpoints); never overrides the metadata.
+        stats_file: ``sample.latent_stats``: a statistics file (a latent cache's ``stats.safetensors``, or RAE's
+            ``stat.pt``) used when the weights carry none (bare weights such as RAE's released checkpoints); never
+            overrides the metadata.
 
     Raises:
         ConfigError: neither source holds statistics (they are needed to de-normalise samples), or they do not fit
@@ -137,8 +153,10 @@ def checkpoint_latent_stats(
     """
     try:
         stats = LatentStats.from_metadata(meta, where=str(weights_file))
-        if stats is None and stats_file:
-            stats = LatentStats.load(stats_file)
+        if stats is None and stats_file:  # ours (stats.safetensors) or RAE's stat.pt (mean / var, eps 1e-5)
+            from pae_fast.weights import read_latent_stats
+
+            stats = read_latent_stats(stats_file, key="sample.latent_stats")
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"sample.latent_stats / metadata of {weights_file}: {e}") from e
     if stats is None:
@@ -266,10 +284,15 @@ def sample(cfg: Config) -> list[Path]:
     if sc.guidance == "autoguidance":
         if not sc.guide_checkpoint:
             raise ConfigError("sample.guidance=autoguidance needs sample.guide_checkpoint (a small / early generator)")
+        like = main_cfg or dataclasses.replace(  # bare main weights: the latent space of the model built from them
+            cfg.model, in_channels=model.in_channels, input_size=model.input_size, num_classes=model.num_classes)
         guide, _ = load_generator(
-            sc.guide_checkpoint, sc.use_ema, device, sc.guide_name, "sample.guide_checkpoint", like=main_cfg,
+            sc.guide_checkpoint, sc.use_ema, device, sc.guide_name, "sample.guide_checkpoint", like=like,
             flow_cfg=cfg.flow,
         )
+        if (guide.in_channels, guide.input_size) != (model.in_channels, model.input_size):
+            raise ConfigError(f"sample.guide_checkpoint: the guide works on {guide.in_channels}x{guide.input_size}^2 "
+                              f"latents, the main model on {model.in_channels}x{model.input_size}^2")
     weights_file = Path(meta["weights_file"])
     if "latent_shape" in meta:
         shape = tuple(json.loads(meta["latent_shape"]))

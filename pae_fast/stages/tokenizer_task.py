@@ -23,7 +23,7 @@ from pae_fast.stages.refine_priors import Shared
 
 log = logging.getLogger("pae_fast.train.tokenizer")
 
-__all__ = ["TokenizerTrainModule", "tokenizer_loss_fn", "discriminator_loss_fn", "init_projector_from_priors"]
+__all__ = ["TokenizerTrainModule", "tokenizer_loss_fn", "discriminator_loss_fn"]
 
 
 class TokenizerTrainModule(nn.Module):
@@ -113,24 +113,3 @@ def discriminator_loss_fn(shared: Shared):
         return loss, {"logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
 
     return loss_fn
-
-
-@torch.no_grad()
-def init_projector_from_priors(tok: nn.Module, priors_projector: nn.Module) -> list[str]:
-    """Copy the refined projector ``P_t`` into the PAE tokenizer's projector (same layout; ``P_t``'s qkv bias has
-    no counterpart, since the tokenizer's projector attention has none, and is dropped).
-
-    Returns:
-        the names copied.
-    """
-    src = priors_projector.state_dict()
-    dst = tok.projector.state_dict()
-    copied = []
-    for k, v in src.items():
-        if k in dst and dst[k].shape == v.shape:
-            dst[k].copy_(v)
-            copied.append(k)
-    missing = [k for k in dst if k not in copied]
-    if missing:
-        raise ValueError(f"the refined projector does not cover the tokenizer's projector: missing {missing}")
-    return copied

@@ -11,7 +11,8 @@
   (:mod:`pae_fast.stages.tokenizer_eval`).
 
 SSR / SCR targets come from the refined projector ``P_t`` of ``refine-priors`` (``tokenizer.priors: refined``,
-``tokenizer.priors_file``; it also initialises the PAE projector) or from the raw VFM tokens (``priors: raw``).
+``tokenizer.priors_file``; with the decompressor it also initialises the PAE tokenizer) or from the raw VFM tokens
+(``priors: raw``).
 LPIPS and the GAN need local weights; ``tokenizer.lpips_weights: none`` / ``tokenizer.lambda_gan: 0`` turn them off
 and ``tokenizer.disc_weights: random`` asks for random frozen discriminator features; whichever is used is logged
 and written into every checkpoint's metadata (``losses``).
@@ -90,13 +91,12 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     from pae_fast.losses.total import TokenizerLoss
     from pae_fast.registry import create_tokenizer
     from pae_fast.stages.image_data import check_image_size, open_image_data
-    from pae_fast.stages.refine_priors import Shared, load_priors
+    from pae_fast.stages.refine_priors import Shared, init_tokenizer_from_priors, load_priors
     from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
     from pae_fast.stages.tokenizer_flops import tokenizer_flops_fn
     from pae_fast.stages.tokenizer_task import (
         TokenizerTrainModule,
         discriminator_loss_fn,
-        init_projector_from_priors,
         tokenizer_loss_fn,
     )
 
@@ -119,11 +119,8 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     projector, raw_projection, priors_meta = None, None, {}
     if loss.needs_targets and t.priors == "refined":
         projector, priors_meta = load_priors(t.priors_file, cfg, tok)
-        if tok.kind == "pae" and t.checkpoint is None:
-            init_projector_from_priors(tok, projector)
-            if int(priors_meta.get("projector_heads", tok.vfm.num_heads)) != tok.vfm.num_heads:
-                log.warning("the refined projector used %s heads, the tokenizer's projector %d: the initialisation "
-                            "copies the weights only", priors_meta.get("projector_heads"), tok.vfm.num_heads)
+        if tok.kind == "pae" and t.checkpoint is None:  # start at the refined prior (docs/method.md § Refined priors)
+            init_tokenizer_from_priors(tok, t.priors_file)
     elif loss.needs_targets:
         raw_projection = _raw_projection(cfg, tok, dataset, device)
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
