@@ -99,6 +99,9 @@ class TokenizerConfig:
     vfm_weights: str | None = None  # local safetensors/.pth of the frozen encoder (hub names need a network)
     checkpoint: str | None = None  # trained tokenizer weights (safetensors)
     random_init: bool = False  # allow a random tokenizer when checkpoint is unset (pipeline checks only; never silent)
+    # which weights of a tokenizer run / checkpoint encode latents (cache-latents, data.latents online): raw = the
+    # trained, non-EMA weights, as the authors' extract_latents.py; recorded as tokenizer_weights in the metadata
+    encode_weights: Literal["raw", "ema"] = "raw"
     latent_channels: int = 32
     decoder: str = "ViT-L"
     # Loss weights and switches (docs/method.md §Tokenizer losses). A term is computed only when its switch is on

@@ -140,6 +140,7 @@ def load_tokenizer_weights(
     pretrained: bool,
     weights: str | os.PathLike | None,
     vfm_weights: str | os.PathLike | None,
+    prefer: tuple[str, ...] = ("ema", "model"),
 ) -> Tokenizer:
     """Fill a freshly built tokenizer per the ``create_tokenizer`` contract (local files only, strict).
 
@@ -148,6 +149,9 @@ def load_tokenizer_weights(
       checkpoint (detected by its ``delta_encoder.`` keys; converted by :mod:`pae_fast.models.pae_convert`). When it
       has no encoder keys the encoder must come from ``vfm_weights``.
     - neither: random initialisation, allowed only with ``pretrained=False`` and logged.
+
+    ``prefer``: in a checkpoint folder or a torch file holding several state dicts, which to take
+    (:func:`pae_fast.weights.read_state_dict`).
     """
     name = tok.variant
     if pretrained and weights is None and vfm_weights is None:
@@ -164,7 +168,7 @@ def load_tokenizer_weights(
             log.warning("tokenizer %s: random initialisation of every part, encoder included (pretrained=%s, no "
                         "weights file)", name, pretrained)
         return tok
-    state, _ = read_state_dict(weights, key=f"tokenizer {name} weights")
+    state, _ = read_state_dict(weights, prefer=prefer, key=f"tokenizer {name} weights")
     what = f"tokenizer {name} weights={str(weights)!r}"
     if any(k.startswith(("delta_encoder.", "latent_compressor.")) for k in state):
         from pae_fast.models.pae_convert import load_authors_pae
@@ -197,9 +201,10 @@ def register_tokenizer_variants(cls: type[Tokenizer], variants: Mapping[str, Map
 
 def _variant_builder(cls: type[Tokenizer], variant: str, defaults: dict[str, Any]) -> Any:
     def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
-             vfm_weights: str | os.PathLike | None = None, **overrides: Any) -> Tokenizer:
+             vfm_weights: str | os.PathLike | None = None, prefer: tuple[str, ...] = ("ema", "model"),
+             **overrides: Any) -> Tokenizer:
         tok = cls(**{**defaults, **overrides, "variant": variant})
-        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights)
+        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights, prefer)
 
     make.__name__ = f"tokenizer_{variant}"
     return make
