@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -27,8 +27,10 @@ from pae_fast.flow.timesteps import dimension_shift, time_grid
 __all__ = ["SAMPLER_NAMES", "LAST_STEPS", "SamplingPlan", "sampling_plan", "sample_shift", "plan_from_config"]
 
 SAMPLER_NAMES: tuple[str, ...] = ("euler", "heun", "euler_maruyama", "sde_sbdm")
-# sde_sbdm's last step (flow/samplers.py last_step; docs/method.md § PAE no-guidance SDE)
-LAST_STEPS: tuple[str, ...] = ("mean", "euler", "tweedie")
+# sde_sbdm's last step (flow/samplers.py apply_last_step; docs/method.md § PAE no-guidance SDE); "mean" is what the
+# authors' presets select
+LastStep = Literal["mean", "euler", "tweedie"]
+LAST_STEPS: tuple[str, ...] = get_args(LastStep)
 _LAST_STEP_FORMULA = {"mean": "x + h·(2v − x/t)", "euler": "x + h·v", "tweedie": "x/t + ((1 − t)²/t)·score"}
 
 

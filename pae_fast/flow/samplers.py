@@ -21,7 +21,7 @@ guidance bound, see :mod:`pae_fast.flow.guidance`) over an increasing time grid
   no-guidance numbers (docs/method.md § PAE no-guidance SDE): diffusion ``D(t) = (1 − t)/t`` (SiT's "SBDM" form,
   norm 1), drift ``f = v + D·score = 2v − x/t``, Euler–Maruyama steps ``x ← x + f·dt + sqrt(2·D·dt)·ε`` on every
   interval of the grid, then one noise-free last step of size ``h = 1 − T`` at the *unshifted* end time ``T``
-  (0.996 in PAE's runs), one of SiT's three (:func:`last_step`): ``"mean"`` ``x + h·f(x, T)`` (the authors'
+  (0.996 in PAE's runs), one of SiT's three (:func:`apply_last_step`): ``"mean"`` ``x + h·f(x, T)`` (the authors'
   presets), ``"euler"`` ``x + h·v(x, T)`` or ``"tweedie"`` ``x/T + ((1 − T)²/T)·score(x, T)``. The grid must
   avoid t = 0 and t = 1 (PAE: ``shift(linspace(1e-5, 0.996, 250))``).
 """
@@ -36,19 +36,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pae_fast.flow.grid import LAST_STEPS, sampling_plan
+from pae_fast.flow.grid import LAST_STEPS, LastStep, sampling_plan
 from pae_fast.flow.path import score_from_velocity
 
 __all__ = [
-    "VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sde_sbdm", "sbdm_drift", "last_step", "sample",
-    "SAMPLERS",
+    "VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sde_sbdm", "sbdm_drift", "apply_last_step",
+    "sample", "SAMPLERS",
 ]
 
 # fn(x (B, ...), t (B,) float32) -> v (B, ...)
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
-
-# sde_sbdm's last step (names: flow/grid.py LAST_STEPS); "mean" is what the authors' presets select
-LastStep = Literal["mean", "euler", "tweedie"]
 
 
 @dataclass
@@ -219,7 +216,7 @@ def sbdm_drift(x: Tensor, t: float, v: Tensor) -> Tensor:
     return 2.0 * v - x / t
 
 
-def last_step(x: Tensor, v: Tensor, t: float, kind: LastStep = "mean") -> Tensor:
+def apply_last_step(x: Tensor, v: Tensor, t: float, kind: LastStep = "mean") -> Tensor:
     """The noise-free last step of :func:`sde_sbdm` from time ``t`` over ``h = 1 − t`` (SiT's ``last_step``).
 
     Args:
@@ -261,14 +258,14 @@ def sde_sbdm(
     """PAE's no-guidance SDE: Euler–Maruyama with ``D(t) = (1 − t)/t``, then a noise-free last step (module docstring).
 
     Each interval ``[t, t + dt]`` of ``grid``: ``x ← x + (2v − x/t)·dt + sqrt(2·dt·(1 − t)/t)·ε`` (noise on every
-    interval, the last included); then :func:`last_step` ``last`` at ``T = final_time`` with ``h = 1 − T`` (the
+    interval, the last included); then :func:`apply_last_step` ``last`` at ``T = final_time`` with ``h = 1 − T`` (the
     authors' ``Mean``: ``x ← x + h·(2v − x/T)``). Model calls: ``len(grid) − 1`` steps + 1.
 
     Args:
         fn, x, progress: as :func:`euler`.
         grid: increasing times ``(K + 1,)`` inside (0, 1).
         final_time: T of the last step, in (0, 1) (PAE: the unshifted end of the grid, 0.996).
-        last: ``"mean"`` (the authors'), ``"euler"`` or ``"tweedie"`` (:func:`last_step`).
+        last: ``"mean"`` (the authors'), ``"euler"`` or ``"tweedie"`` (:func:`apply_last_step`).
         generator: RNG for the Brownian increments.
         trajectory: optional recorder (velocities = drifts; the last step's velocity ``v(x, T)`` and its result,
             recorded at t = 1).
@@ -293,7 +290,7 @@ def sde_sbdm(
 
     x = _integrate(step, x, ts, trajectory, progress, "sde-sbdm")
     v = fn(x, _tvec(final_time, x))
-    x = last_step(x, v, final_time, last)
+    x = apply_last_step(x, v, final_time, last)
     if trajectory is not None:
         trajectory.add_velocity(v)
         trajectory.add_state(1.0, x)
@@ -337,7 +334,7 @@ def sample(
         t_start: first grid time before the shift (0 = pure noise; sde_sbdm needs > 0).
         t_end: last grid time before the shift (1 = data; sde_sbdm needs < 1 and takes its final step there).
         noise_scale: η of ``euler_maruyama`` (unused by the other samplers).
-        last_step: the last step of ``sde_sbdm`` (:func:`last_step`; unused by the other samplers).
+        last_step: the last step of ``sde_sbdm`` (:func:`apply_last_step`; unused by the other samplers).
         generator: RNG of the SDE noise.
         trajectory: optional recorder.
         progress: show a step progress bar.

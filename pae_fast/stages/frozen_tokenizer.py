@@ -95,7 +95,7 @@ def load_frozen_tokenizer(name: str, weights: str | os.PathLike | None, *, vfm_w
     else:
         wanted = ENCODE_WEIGHTS[which]
         file = resolve_weights_file(weights, prefer_ema=which == "ema", key=key)
-        held = read_metadata(file, key=key)[1].get("weights") if file.suffix == ".safetensors" else None
+        held = read_metadata(file, key=key)[1].get("weights")  # engine-written files say which (torch files: none)
         if held in ENCODE_WEIGHTS.values() and held != wanted:
             other = next(k for k, v in ENCODE_WEIGHTS.items() if v == held)
             raise ConfigError(f"{key}={str(weights)!r}: {file} holds the {held} weights ({other}) but "

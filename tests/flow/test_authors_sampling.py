@@ -16,9 +16,9 @@ from pae_fast.flow import (
     AutoGuidance,
     ClassifierFreeGuidance,
     RAETimeConvention,
+    apply_last_step,
     convention_for,
     euler,
-    last_step,
     plan_from_config,
     resolve_time_convention,
     sample,
@@ -152,14 +152,14 @@ def test_last_step_formulas_at_the_authors_time():
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(4, 8, dtype=torch.float64, generator=g), torch.randn(4, 8, dtype=torch.float64, generator=g)
     t = 0.996
-    got = {k: last_step(x, v, t, k) for k in ("mean", "euler", "tweedie")}
+    got = {k: apply_last_step(x, v, t, k) for k in ("mean", "euler", "tweedie")}
     for k, y in got.items():
         torch.testing.assert_close(y, _naive_last_step(k, x, v, t), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(got["mean"], x + 0.004 * (2 * v - x / 0.996), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(got["euler"], got["tweedie"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["mean"] - got["euler"], 0.004 * (v - x / t), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="sample.last_step"):
-        last_step(x, v, t, "posterior")
+        apply_last_step(x, v, t, "posterior")
     with pytest.raises(ValueError, match="sample.last_step"):
         sampling_plan("sde_sbdm", 10, 0.4, 1e-5, 0.996, "Mean")
 
