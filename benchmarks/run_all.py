@@ -173,8 +173,9 @@ def sampling_cost_rows(configs_dir: Path = REPO_ROOT / "configs") -> list[dict[s
 
     rows = []
     for path in sorted(configs_dir.glob("*.yaml")):
-        sc = load_config(path).sample
-        plan = plan_from_config(sc)
+        cfg = load_config(path)
+        sc = cfg.sample
+        plan = plan_from_config(sc, (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size))
         extra = {"none": 0, "cfg": plan.guided_calls(sc.cfg_interval_start), "autoguidance": plan.nfe}[sc.guidance]
         rows.append({"preset": path.stem, "sampler": sc.sampler, "guidance": sc.guidance, "nfe": plan.nfe,
                      "forwards": plan.nfe + extra, "grid": plan.describe()})  # fmt: skip

@@ -99,6 +99,9 @@ class TokenizerConfig:
     vfm_weights: str | None = None  # local safetensors/.pth of the frozen encoder (hub names need a network)
     checkpoint: str | None = None  # trained tokenizer weights (safetensors)
     random_init: bool = False  # allow a random tokenizer when checkpoint is unset (pipeline checks only; never silent)
+    # which weights of a tokenizer run / checkpoint encode latents (cache-latents, data.latents online): raw = the
+    # trained, non-EMA weights, as the authors' extract_latents.py; recorded as tokenizer_weights in the metadata
+    encode_weights: Literal["raw", "ema"] = "raw"
     latent_channels: int = 32
     decoder: str = "ViT-L"
     # Loss weights and switches (docs/method.md §Tokenizer losses). A term is computed only when its switch is on
@@ -186,7 +189,7 @@ class FlowConfig:
     # convention of the generator weights loaded for sampling: pae (ours) or rae (RAE's own weights: t = 1 noise,
     # predicts eps - x), wrapped once at load (flow/convention.py); checkpoint metadata wins when it records one
     time_convention: Literal["pae", "rae"] = "pae"
-    dimension_shift: bool = False  # RAE: alpha = sqrt(m / 4096), m = tokens x channels
+    dimension_shift: bool = False  # RAE: shift 1/alpha, alpha = sqrt(C*H*W / 4096) of the latent shape, not flow.shift
     cosine_loss: bool = True  # PAE: MSE + (1 - cos); RAE: MSE only
 
 
@@ -244,7 +247,12 @@ class SampleConfig:
     steps: int = 249  # solver steps = grid points - 1 (model calls: steps; 2 steps for heun; steps + 1 for sde_sbdm)
     shift: float = 0.4  # our convention, the same formula and value as PAE's code
     t_start: float = 0.0  # first grid time before the shift (sde_sbdm: PAE uses 1e-5)
-    t_end: float = 1.0  # last grid time before the shift (sde_sbdm: 0.996, its mean step's time; RAE: 0.999)
+    t_end: float = 1.0  # last grid time before the shift (sde_sbdm: 0.996, its last step's time; RAE: 0.999)
+    # sde_sbdm's noise-free last step at t_end over h = 1 - t_end (docs/method.md § PAE no-guidance SDE):
+    # mean x + h(2v - x/t) (the authors' presets), euler x + h v, tweedie x/t + ((1-t)^2/t) score
+    last_step: Literal["mean", "euler", "tweedie"] = "mean"
+    # RAE: the grid shift is 1/alpha, alpha = sqrt(C*H*W / 4096) of the generator's latent shape (not sample.shift)
+    dimension_shift: bool = False
     guidance: Literal["none", "cfg", "autoguidance"] = "cfg"
     cfg_scale: float = 2.5
     cfg_interval_start: float = 0.25  # guidance only while t >= start (t = 1 is data)

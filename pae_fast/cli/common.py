@@ -39,7 +39,8 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> Config | None:
             from pae_fast.flow.grid import plan_from_config
 
             try:
-                print(f"# sampling plan: {plan_from_config(cfg.sample).describe()}")
+                shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)  # the config's generator
+                print(f"# sampling plan: {plan_from_config(cfg.sample, shape).describe()}")
             except ValueError as e:
                 raise ConfigError(str(e)) from e
         return None

@@ -5,7 +5,7 @@ Convention: t = 1 is data, t = 0 is noise; ``x_t = t·x1 + (1 − t)·x0``, velo
 """
 
 from pae_fast.flow.convention import RAETimeConvention, convention_for, resolve_time_convention, wrap_time_convention
-from pae_fast.flow.grid import SAMPLER_NAMES, SamplingPlan, plan_from_config, sampling_plan
+from pae_fast.flow.grid import LAST_STEPS, SAMPLER_NAMES, SamplingPlan, plan_from_config, sample_shift, sampling_plan
 from pae_fast.flow.guidance import (
     AutoGuidance,
     ClassifierFreeGuidance,
@@ -27,10 +27,12 @@ from pae_fast.flow.samplers import (
     SAMPLERS,
     Trajectory,
     VelocityFn,
+    apply_last_step,
     euler,
     euler_maruyama,
     heun,
     sample,
+    sbdm_drift,
     sde_sbdm,
 )
 from pae_fast.flow.timesteps import dimension_shift, sample_time, shift_time, time_grid
@@ -39,12 +41,14 @@ __all__ = [
     "AutoGuidance",
     "ClassifierFreeGuidance",
     "FlowLoss",
+    "LAST_STEPS",
     "RAETimeConvention",
     "SAMPLERS",
     "SAMPLER_NAMES",
     "SamplingPlan",
     "Trajectory",
     "VelocityFn",
+    "apply_last_step",
     "class_balanced_labels",
     "conditional_velocity",
     "convention_for",
@@ -60,8 +64,10 @@ __all__ = [
     "random_labels",
     "resolve_time_convention",
     "sample",
+    "sample_shift",
     "sample_time",
     "sampling_plan",
+    "sbdm_drift",
     "sde_sbdm",
     "score_from_velocity",
     "shift_time",

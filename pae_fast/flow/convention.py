@@ -7,8 +7,9 @@ RAE's convention becomes one with ours by ``v(x, t, y) = −net(x, 1 − t, y)``
 loaded; samplers, CFG, AutoGuidance (an RAE guide included) and evaluation then see one convention.
 
 RAE's sampling grid in its own time, ``shift_α(linspace(1, 1/1000, 50))`` (Euler, 49 steps), is in ours
-``shift_{1/α}(linspace(0, 1 − 1/1000, 50))``: ``sample.steps: 49``, ``sample.t_end: 0.999``, ``sample.shift: 1/α``
-(≈ 0.99311 at the end for α = 6.93).
+``shift_{1/α}(linspace(0, 1 − 1/1000, 50))``: ``sample.steps: 49``, ``sample.t_end: 0.999`` and the shift 1/α with
+α = sqrt(C·H·W / 4096) computed from the latent shape (``sample.dimension_shift: true``; √48 for 768 × 16 × 16,
+≈ 0.99311 at the end).
 
     from pae_fast.flow.convention import resolve_time_convention, wrap_time_convention
     convention = convention_for(cfg.flow, metadata, where=str(weights_file))

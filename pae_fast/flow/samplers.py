@@ -18,10 +18,12 @@ guidance bound, see :mod:`pae_fast.flow.guidance`) over an increasing time grid
   ``v + η(t·v − x)``. The last step is taken without noise (SiT's "Mean" last step); η = 0 is Euler.
   Our own choice of SDE, kept because it is finite on all of [0, 1]; it is *not* the authors' sampler.
 - **SBDM SDE** (:func:`sde_sbdm`, ``sampler: "sde_sbdm"``) is the SDE PAE's released code uses for its
-  no-guidance numbers (docs/method.md §Sampling): diffusion ``D(t) = (1 − t)/t`` (SiT's "SBDM" form, norm 1), drift
-  ``f = v + D·score = 2v − x/t``, Euler–Maruyama steps ``x ← x + f·dt + sqrt(2·D·dt)·ε`` on every interval of the
-  grid, then one posterior-mean step ``x ← x/t + ((1 − t)²/t)·score`` at the *unshifted* end time (0.996 in PAE's
-  runs). The grid must avoid t = 0 and t = 1 (PAE: ``shift(linspace(1e-5, 0.996, 250))``).
+  no-guidance numbers (docs/method.md § PAE no-guidance SDE): diffusion ``D(t) = (1 − t)/t`` (SiT's "SBDM" form,
+  norm 1), drift ``f = v + D·score = 2v − x/t``, Euler–Maruyama steps ``x ← x + f·dt + sqrt(2·D·dt)·ε`` on every
+  interval of the grid, then one noise-free last step of size ``h = 1 − T`` at the *unshifted* end time ``T``
+  (0.996 in PAE's runs), one of SiT's three (:func:`apply_last_step`): ``"mean"`` ``x + h·f(x, T)`` (the authors'
+  presets), ``"euler"`` ``x + h·v(x, T)`` or ``"tweedie"`` ``x/T + ((1 − T)²/T)·score(x, T)``. The grid must
+  avoid t = 0 and t = 1 (PAE: ``shift(linspace(1e-5, 0.996, 250))``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pae_fast.flow.grid import sampling_plan
+from pae_fast.flow.grid import LAST_STEPS, LastStep, sampling_plan
+from pae_fast.flow.path import score_from_velocity
 
-__all__ = ["VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sde_sbdm", "sample", "SAMPLERS"]
+__all__ = [
+    "VelocityFn", "Trajectory", "euler", "heun", "euler_maruyama", "sde_sbdm", "sbdm_drift", "apply_last_step",
+    "sample", "SAMPLERS",
+]
 
 # fn(x (B, ...), t (B,) float32) -> v (B, ...)
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
@@ -201,6 +207,42 @@ def euler_maruyama(
     return _integrate(step, x, ts, trajectory, progress, "euler-maruyama")
 
 
+def sbdm_drift(x: Tensor, t: float, v: Tensor) -> Tensor:
+    """Drift of the SBDM reverse SDE on the linear path: ``f = v + D·score = 2v − x/t``.
+
+    ``D(t) = (1 − t)/t`` and ``score = (t·v − x)/(1 − t)`` (:func:`~pae_fast.flow.path.score_from_velocity`):
+    ``v + (t·v − x)/t = 2v − x/t`` (docs/method.md § PAE no-guidance SDE).
+    """
+    return 2.0 * v - x / t
+
+
+def apply_last_step(x: Tensor, v: Tensor, t: float, kind: LastStep = "mean") -> Tensor:
+    """The noise-free last step of :func:`sde_sbdm` from time ``t`` over ``h = 1 − t`` (SiT's ``last_step``).
+
+    Args:
+        x: the state at ``t``, ``(B, ...)``.
+        v: the model's velocity ``v(x, t)``, same shape.
+        t: the step's time, in (0, 1) (PAE: the unshifted end of the grid, 0.996; h = 0.004).
+        kind: ``"mean"``: ``x + h·f(x, t)`` with ``f = 2v − x/t`` the reverse-SDE drift (:func:`sbdm_drift`; the
+            authors' presets); ``"euler"``: ``x + h·v``, the ODE velocity; ``"tweedie"``: the posterior mean
+            ``x/α_t + (σ_t²/α_t)·score`` with ``α_t = t``, ``σ_t = 1 − t`` (algebraically ``x + h·v`` again on this
+            path, computed through the score as SiT does).
+
+    Returns:
+        the sample, shaped like ``x``.
+    """
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"the last step needs a time in (0, 1), got {t}")
+    h = 1.0 - t
+    if kind == "mean":
+        return x + h * sbdm_drift(x, t, v)
+    if kind == "euler":
+        return x + h * v
+    if kind == "tweedie":
+        return x / t + (h**2 / t) * score_from_velocity(x, t, v)
+    raise ValueError(f"sample.last_step: unknown last step {kind!r}; valid: {', '.join(LAST_STEPS)}")
+
+
 @torch.no_grad()
 def sde_sbdm(
     fn: VelocityFn,
@@ -208,26 +250,28 @@ def sde_sbdm(
     grid: Tensor,
     *,
     final_time: float,
+    last: LastStep = "mean",
     generator: torch.Generator | None = None,
     trajectory: Trajectory | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """PAE's no-guidance SDE: Euler–Maruyama with ``D(t) = (1 − t)/t``, then a posterior-mean step (module docstring).
+    """PAE's no-guidance SDE: Euler–Maruyama with ``D(t) = (1 − t)/t``, then a noise-free last step (module docstring).
 
     Each interval ``[t, t + dt]`` of ``grid``: ``x ← x + (2v − x/t)·dt + sqrt(2·dt·(1 − t)/t)·ε`` (noise on every
-    interval, the last included); then ``x ← x/T + ((1 − T)²/T)·score(x, T)`` with ``T = final_time`` and
-    ``score = (T·v − x)/(1 − T)``. Model calls: ``len(grid) − 1`` steps + 1.
+    interval, the last included); then :func:`apply_last_step` ``last`` at ``T = final_time`` with ``h = 1 − T`` (the
+    authors' ``Mean``: ``x ← x + h·(2v − x/T)``). Model calls: ``len(grid) − 1`` steps + 1.
 
     Args:
         fn, x, progress: as :func:`euler`.
         grid: increasing times ``(K + 1,)`` inside (0, 1).
-        final_time: T of the posterior-mean step, in (0, 1) (PAE: the unshifted end of the grid, 0.996).
+        final_time: T of the last step, in (0, 1) (PAE: the unshifted end of the grid, 0.996).
+        last: ``"mean"`` (the authors'), ``"euler"`` or ``"tweedie"`` (:func:`apply_last_step`).
         generator: RNG for the Brownian increments.
-        trajectory: optional recorder (velocities = drifts; the posterior mean, an estimate of the data, is
+        trajectory: optional recorder (velocities = drifts; the last step's velocity ``v(x, T)`` and its result,
             recorded at t = 1).
 
     Returns:
-        the sample (the posterior mean of the data given the last state).
+        the sample.
     """
     ts = _times(grid)
     if not (ts[0] > 0.0 and ts[-1] < 1.0 and 0.0 < final_time < 1.0):
@@ -235,19 +279,18 @@ def sde_sbdm(
             f"sde_sbdm needs grid times and final_time inside (0, 1) (D(t) = (1 - t)/t is singular at 0, the score "
             f"at 1), got grid [{ts[0]}, {ts[-1]}], final_time {final_time}; set sample.t_start > 0, sample.t_end < 1"
         )
+    if last not in LAST_STEPS:
+        raise ValueError(f"sample.last_step: unknown last step {last!r}; valid: {', '.join(LAST_STEPS)}")
 
     def step(x: Tensor, t0: float, t1: float, k: int) -> tuple[Tensor, Tensor]:
         h = t1 - t0
-        v = fn(x, _tvec(t0, x))
-        drift = 2.0 * v - x / t0  # v + D·score with D = (1 − t)/t, score = (t·v − x)/(1 − t)
+        drift = sbdm_drift(x, t0, fn(x, _tvec(t0, x)))
         dw = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return x + h * drift + math.sqrt(2.0 * h * (1.0 - t0) / t0) * dw, drift
 
     x = _integrate(step, x, ts, trajectory, progress, "sde-sbdm")
-    t = final_time
-    v = fn(x, _tvec(t, x))
-    score = (t * v - x) / (1.0 - t)
-    x = x / t + ((1.0 - t) ** 2 / t) * score
+    v = fn(x, _tvec(final_time, x))
+    x = apply_last_step(x, v, final_time, last)
     if trajectory is not None:
         trajectory.add_velocity(v)
         trajectory.add_state(1.0, x)
@@ -272,6 +315,7 @@ def sample(
     t_start: float = 0.0,
     t_end: float = 1.0,
     noise_scale: float = 1.0,
+    last_step: LastStep = "mean",
     generator: torch.Generator | None = None,
     trajectory: Trajectory | None = None,
     progress: bool = False,
@@ -290,6 +334,7 @@ def sample(
         t_start: first grid time before the shift (0 = pure noise; sde_sbdm needs > 0).
         t_end: last grid time before the shift (1 = data; sde_sbdm needs < 1 and takes its final step there).
         noise_scale: η of ``euler_maruyama`` (unused by the other samplers).
+        last_step: the last step of ``sde_sbdm`` (:func:`apply_last_step`; unused by the other samplers).
         generator: RNG of the SDE noise.
         trajectory: optional recorder.
         progress: show a step progress bar.
@@ -297,12 +342,11 @@ def sample(
     Returns:
         samples ``(B, C, H, W)``.
     """
-    plan = sampling_plan(sampler, steps, shift, t_start, t_end)
+    plan = sampling_plan(sampler, steps, shift, t_start, t_end, last_step)
     grid = plan.grid  # CPU float64: the samplers read it as Python floats
     if sampler == "sde_sbdm":
-        return sde_sbdm(
-            fn, noise, grid, final_time=plan.final_time, generator=generator, trajectory=trajectory, progress=progress
-        )
+        return sde_sbdm(fn, noise, grid, final_time=plan.final_time, last=last_step, generator=generator,
+                        trajectory=trajectory, progress=progress)
     if sampler == "euler_maruyama":
         return euler_maruyama(
             fn, noise, grid, noise_scale=noise_scale, generator=generator, trajectory=trajectory, progress=progress

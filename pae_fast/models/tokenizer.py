@@ -142,6 +142,7 @@ def load_tokenizer_weights(
     weights: str | os.PathLike | None,
     vfm_weights: str | os.PathLike | None,
     latent_stats: str | os.PathLike | None = None,
+    prefer: tuple[str, ...] = ("ema", "model"),
 ) -> Tokenizer:
     """Fill a freshly built tokenizer per the ``create_tokenizer`` contract (local or cached files only, strict).
 
@@ -155,6 +156,9 @@ def load_tokenizer_weights(
       ``stats.safetensors``), kept as ``tok.latent_stats`` (:class:`~pae_fast.data.latent_stats.LatentStats`).
     - Any of these may be ``hf://<org>/<name>/<path-in-repo>`` (:func:`pae_fast.weights.resolve_hub_file`).
     - none: random initialisation, allowed only with ``pretrained=False`` and logged.
+
+    ``prefer``: in a checkpoint folder or a torch file holding several state dicts, which to take
+    (:func:`pae_fast.weights.read_state_dict`).
     """
     name = tok.variant
     if weights is not None and is_release_folder(weights):
@@ -182,7 +186,7 @@ def load_tokenizer_weights(
             log.warning("tokenizer %s: random initialisation of every part, encoder included (pretrained=%s, no "
                         "weights file)", name, pretrained)
         return tok
-    state, _ = read_state_dict(weights, key=f"tokenizer {name} weights")
+    state, _ = read_state_dict(weights, prefer=prefer, key=f"tokenizer {name} weights")
     what = f"tokenizer {name} weights={str(weights)!r}"
     from pae_fast.models.pae_convert import load_authors_layout
 
@@ -229,9 +233,9 @@ def register_tokenizer_variants(cls: type[Tokenizer], variants: Mapping[str, Map
 def _variant_builder(cls: type[Tokenizer], variant: str, defaults: dict[str, Any]) -> Any:
     def make(pretrained: bool = False, weights: str | os.PathLike | None = None,
              vfm_weights: str | os.PathLike | None = None, latent_stats: str | os.PathLike | None = None,
-             **overrides: Any) -> Tokenizer:
+             prefer: tuple[str, ...] = ("ema", "model"), **overrides: Any) -> Tokenizer:
         tok = cls(**{**defaults, **overrides, "variant": variant})
-        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights, latent_stats)
+        return load_tokenizer_weights(tok, pretrained, weights, vfm_weights, latent_stats, prefer)
 
     make.__name__ = f"tokenizer_{variant}"
     return make

@@ -2,7 +2,8 @@
 
 The cache folder (read by :class:`pae_fast.data.latent_cache.LatentCache`)::
 
-    cache.json                  what is being written: tokenizer, weights hash, resolution, shard size, item count
+    cache.json                  what is being written: tokenizer, weights hash, which weights (tokenizer_weights: raw
+                                = non-EMA by default, or ema), resolution, shard size, item count
     class_mapping.json          class names (pae_fast.data.images.save_class_mapping)
     shard-00000.safetensors     latents (n, C, h, w), latents_flip (n, C, h, w), labels (n,) int64
     stats.safetensors           LatentStats (per channel for PAE, per (C, H, W) for RAE; pae_fast/data/latent_stats)
@@ -63,11 +64,12 @@ def _shard_name(k: int) -> str:
 
 
 def _identity(tokenizer: nn.Module, tokenizer_name: str, weights_hash: str, samples: ImageSamples,
-              shard_size: int) -> dict[str, Any]:
+              shard_size: int, tokenizer_weights: str = "raw") -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer_name,
         "weights_hash": weights_hash,
+        "tokenizer_weights": tokenizer_weights,  # raw (non-EMA) | ema: stages/frozen_tokenizer.py
         "resolution": int(tokenizer.image_size),
         "latent_shape": [int(x) for x in tokenizer.latent_shape],
         "stats_mode": str(tokenizer.stats_mode),
@@ -119,8 +121,8 @@ def _shard_done(path: Path, ident: dict[str, Any], start: int, stop: int) -> boo
         tensors, meta = load_safetensors(path)
     except Exception as e:  # damaged file: the message names it
         raise CacheError(f"shard {path} cannot be read ({e}); delete it and re-run to rewrite it") from e
-    want = {"tokenizer": ident["tokenizer"], "weights_hash": ident["weights_hash"], "start": str(start),
-            "stop": str(stop)}
+    want = {"tokenizer": ident["tokenizer"], "weights_hash": ident["weights_hash"],
+            "tokenizer_weights": ident.get("tokenizer_weights"), "start": str(start), "stop": str(stop)}
     got = {k: meta.get(k) for k in want}
     if got != want or not {"latents", "latents_flip", "labels"} <= set(tensors):
         raise CacheError(f"shard {path} belongs to another cache (metadata {got}, expected {want}); delete it")
@@ -152,7 +154,8 @@ def _encode_range(tokenizer: nn.Module, data_cfg, samples: ImageSamples, start: 
 
 def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, tokenizer_name: str,
                  weights_hash: str, shard_size: int = 4096, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", samples: ImageSamples | None = None) -> list[Path]:
+                 device: torch.device | str = "cpu", samples: ImageSamples | None = None,
+                 tokenizer_weights: str = "raw") -> list[Path]:
     """Write this rank's shards (``k = rank, rank + world_size, ...``), skipping finished ones.
 
     Args:
@@ -166,6 +169,8 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
         rank, world_size: this process's share of the shards.
         device: where the tokenizer runs.
         samples: the items (default: from ``data_cfg``).
+        tokenizer_weights: which of the tokenizer's weights encode (``"raw"``, non-EMA, or ``"ema"``); recorded and
+            checked like the weights hash.
     Returns:
         The shard files this rank wrote now (not those already finished).
     Raises:
@@ -174,7 +179,7 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
     _check_resolution(tokenizer, tokenizer_name, data_cfg)
     samples = samples or find_samples(data_cfg.root, data_cfg.file_list, data_cfg.num_classes)
     out, device = Path(out_dir), torch.device(device)
-    ident = _identity(tokenizer, tokenizer_name, weights_hash, samples, shard_size)
+    ident = _identity(tokenizer, tokenizer_name, weights_hash, samples, shard_size, tokenizer_weights)
     if rank == 0:
         _claim_folder(out, ident)
         save_class_mapping(samples.classes, out, source=samples.source)
@@ -190,8 +195,8 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
             log.info("shard %s is already written; kept", path.name)
             continue
         tensors, bad = _encode_range(tokenizer, data_cfg, samples, start, stop, device)
-        meta = {"tokenizer": tokenizer_name, "weights_hash": weights_hash, "start": str(start), "stop": str(stop),
-                "bad_files": str(bad)}
+        meta = {"tokenizer": tokenizer_name, "weights_hash": weights_hash, "tokenizer_weights": tokenizer_weights,
+                "start": str(start), "stop": str(stop), "bad_files": str(bad)}
         save_safetensors(tensors, path, metadata=meta)
         written.append(path)
         log.info("wrote %s: items %d..%d (%d bad files skipped)", path.name, start, stop - 1, bad)
@@ -246,8 +251,8 @@ def finalize_cache(out_dir: str | os.PathLike, stats_items: int | None = 10_000)
         "num_classes": ident["num_classes"],
         "dtype": "float32",
         "shards": shards,
-        "metadata": {k: ident[k] for k in ("tokenizer", "weights_hash", "resolution", "stats_mode", "source",
-                                           "pae_fast_version")} | {"bad_files": bad_total,
+        "metadata": {k: ident[k] for k in ("tokenizer", "weights_hash", "tokenizer_weights", "resolution", "stats_mode",
+                                           "source", "pae_fast_version")} | {"bad_files": bad_total,
                                                                     "class_mapping": "class_mapping.json"},
     }
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
@@ -264,14 +269,15 @@ def _barrier(world_size: int) -> None:
 def cache_latents(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, tokenizer_name: str,
                   weights_hash: str, shard_size: int = 4096, rank: int = 0, world_size: int = 1,
                   device: torch.device | str = "cpu", stats_items: int | None = 10_000,
-                  samples: ImageSamples | None = None) -> LatentStats | None:
+                  samples: ImageSamples | None = None, tokenizer_weights: str = "raw") -> LatentStats | None:
     """Write (or finish) a latent cache: this rank's shards, then on rank 0 the statistics and the index.
 
     Arguments as :func:`write_shards` and :func:`finalize_cache`. Under ``torch.distributed`` ranks meet at a barrier
     before rank 0 finalises. Returns the statistics on rank 0, None elsewhere.
     """
     write_shards(tokenizer, data_cfg, out_dir, tokenizer_name=tokenizer_name, weights_hash=weights_hash,
-                 shard_size=shard_size, rank=rank, world_size=world_size, device=device, samples=samples)
+                 shard_size=shard_size, rank=rank, world_size=world_size, device=device, samples=samples,
+                 tokenizer_weights=tokenizer_weights)
     _barrier(world_size)
     if rank != 0:
         return None
@@ -289,7 +295,8 @@ def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | Non
     (:class:`~pae_fast.engine.lock.RunLock`, rank 0) while shards are written.
 
     Args:
-        cfg: a :class:`pae_fast.config.Config` (reads ``data``, ``tokenizer.vfm_weights``, ``seed``, ``train.device``).
+        cfg: a :class:`pae_fast.config.Config` (reads ``data``, ``tokenizer.vfm_weights``, ``tokenizer.encode_weights``
+            (raw = non-EMA, the default, or ema), ``seed``, ``train.device``).
         tokenizer_name: a registered tokenizer (``pae_fast.registry.TOKENIZERS``).
         weights: its weights (safetensors / .pt, a file or a checkpoint folder); the file's SHA-256 identifies it.
             None only with ``random_init``.
@@ -308,12 +315,13 @@ def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | Non
         raise ConfigError(f"--shard-size={shard_size}: expected >= 1")
     if stats_items is not None and stats_items < 1:
         raise ConfigError(f"--stats-items={stats_items}: expected >= 1 (or 0 for all)")
+    which = cfg.tokenizer.encode_weights
     tokenizer, weights_hash = load_frozen_tokenizer(tokenizer_name, weights, vfm_weights=cfg.tokenizer.vfm_weights,
-                                                    random_init=random_init, seed=cfg.seed)
+                                                    random_init=random_init, seed=cfg.seed, which=which)
     _check_resolution(tokenizer, tokenizer_name, cfg.data)
     samples = find_samples(cfg.data.root, cfg.data.file_list, cfg.data.num_classes)
     out = Path(out_dir)
-    check_cache_folder(out, _identity(tokenizer, tokenizer_name, weights_hash, samples, shard_size))
+    check_cache_folder(out, _identity(tokenizer, tokenizer_name, weights_hash, samples, shard_size, which))
     device = dist_utils.default_device(cfg.train.device)
     owns_group = dist_utils.init_from_env(device)
     try:
@@ -322,7 +330,7 @@ def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | Non
             cache_latents(tokenizer.to(device), cfg.data, out, tokenizer_name=tokenizer_name,
                           weights_hash=weights_hash, shard_size=shard_size, rank=rank,
                           world_size=dist_utils.get_world_size(), device=device, stats_items=stats_items,
-                          samples=samples)
+                          samples=samples, tokenizer_weights=which)
     finally:
         if owns_group:
             dist_utils.cleanup()

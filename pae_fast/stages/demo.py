@@ -167,7 +167,8 @@ def _stage_tokenizer(cfg: Config, demo: Any, model: str, vfm: str, priors: str |
 
     tcfg = tokenizer_config(cfg, model, folder, vfm, priors)
     run = train_tokenizer(tcfg, DemoImageDataset(demo.train, hflip=True), DemoImageDataset(demo.heldout))
-    weights, meta = read_metadata(run, True, "tokenizer weights")
+    # the weights the caches encode with and the samples decode with: tokenizer.encode_weights (demo_cpu: ema)
+    weights, meta = read_metadata(run, cfg.tokenizer.encode_weights == "ema", "tokenizer weights")
     return {"run": str(run), "weights": str(weights), "name": tcfg.tokenizer.name, "steps": tcfg.train.steps,
             "batch_size": tcfg.train.global_batch_size, "losses": json.loads(meta.get("losses", "{}")),
             "priors": meta.get("priors", ""), "latent_shape": json.loads(meta["latent_shape"]),

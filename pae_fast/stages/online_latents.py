@@ -73,14 +73,16 @@ class OnlineLatentData:
     Args:
         tokenizer: the frozen tokenizer (``encode``, ``latent_shape``, ``stats_mode``, ``image_size``).
         name, weights_hash: its registered name and the hash identifying its weights (checkpoint metadata).
+        tokenizer_weights: which of its weights encode, ``"raw"`` (non-EMA) or ``"ema"`` (checkpoint metadata).
         dataset: :class:`OnlineImages`.
         device: the training device (the tokenizer lives there).
         stats: the statistics latents are standardised with (set by :meth:`from_config` when None).
     """
 
     def __init__(self, tokenizer: nn.Module, name: str, weights_hash: str, dataset: OnlineImages,
-                 device: torch.device, stats: LatentStats | None = None) -> None:
+                 device: torch.device, stats: LatentStats | None = None, tokenizer_weights: str = "raw") -> None:
         self.tokenizer, self.name, self.weights_hash, self.dataset = tokenizer, name, weights_hash, dataset
+        self.tokenizer_weights = tokenizer_weights
         self.device, self.stats = device, stats
         self.latent_shape = tuple(int(s) for s in tokenizer.latent_shape)
         self.bad_files = BadFileLog()
@@ -101,10 +103,16 @@ class OnlineLatentData:
             raise ConfigError("data.latents=online reads images through the engine's map-style batching (PIL "
                               "decoding in data.num_workers workers); data.loader=dali is for cache-latents and the "
                               "image loaders: use data.loader=auto or pil")
+        which = cfg.tokenizer.encode_weights  # raw (non-EMA) by default, as the authors encode
+        resumed = _resume_metadata(cfg)
+        if resumed is not None and resumed[1].get("tokenizer_weights", which) != which:
+            raise ConfigError(f"tokenizer.encode_weights={which} but the run being resumed ({resumed[0]}) encoded with "
+                              f"the {resumed[1]['tokenizer_weights']} weights; set "
+                              f"tokenizer.encode_weights={resumed[1]['tokenizer_weights']} or start a new run")
         tokenizer, digest = load_frozen_tokenizer(
             cfg.tokenizer.name, cfg.tokenizer.checkpoint, vfm_weights=cfg.tokenizer.vfm_weights,
             random_init=cfg.tokenizer.random_init, seed=cfg.seed, key="tokenizer.checkpoint",
-            name_key="tokenizer.name")
+            name_key="tokenizer.name", which=which)
         if int(data.image_size) != int(tokenizer.image_size):
             raise ConfigError(f"data.image_size={data.image_size} but tokenizer {cfg.tokenizer.name} encodes "
                               f"{tokenizer.image_size} px images; set data.image_size={tokenizer.image_size}")
@@ -112,7 +120,7 @@ class OnlineLatentData:
         device = default_device(cfg.train.device)
         tokenizer = tokenizer.to(device)
         dataset = OnlineImages(samples, data.image_size, data.hflip, data.on_bad_file)
-        online = cls(tokenizer, cfg.tokenizer.name, digest, dataset, device)
+        online = cls(tokenizer, cfg.tokenizer.name, digest, dataset, device, tokenizer_weights=which)
         online.stats = online._resolve_stats(cfg)
         return online
 
@@ -195,11 +203,12 @@ class OnlineLatentData:
 
     def metadata(self) -> dict[str, str]:
         return {"latent_source": "online", "latent_cache": "", "images": str(self.dataset.path),
-                "tokenizer": self.name, "tokenizer_weights_hash": self.weights_hash}
+                "tokenizer": self.name, "tokenizer_weights_hash": self.weights_hash,
+                "tokenizer_weights": self.tokenizer_weights}
 
 
-def online_stats_from_resume(cfg: Any) -> tuple[str, LatentStats] | None:
-    """The statistics recorded in the checkpoint that ``train.resume`` will continue from, or None (a fresh run)."""
+def _resume_metadata(cfg: Any) -> tuple[Path, dict[str, str]] | None:
+    """``(file, metadata)`` of the checkpoint that ``train.resume`` will continue from, or None (a fresh run)."""
     from pae_fast.engine.checkpoint import latest_checkpoint
     from pae_fast.weights import WeightsError, read_metadata
 
@@ -209,8 +218,16 @@ def online_stats_from_resume(cfg: Any) -> tuple[str, LatentStats] | None:
     if ckpt is None or not Path(ckpt).exists():
         return None
     try:
-        file, meta = read_metadata(ckpt, prefer_ema=False, key="train.resume")
+        return read_metadata(ckpt, prefer_ema=False, key="train.resume")
     except WeightsError:
         return None  # the engine reports a damaged checkpoint when it resumes
+
+
+def online_stats_from_resume(cfg: Any) -> tuple[str, LatentStats] | None:
+    """The statistics recorded in the checkpoint that ``train.resume`` will continue from, or None (a fresh run)."""
+    found = _resume_metadata(cfg)
+    if found is None:
+        return None
+    file, meta = found
     stats = LatentStats.from_metadata(meta, where=str(file))
     return (str(file), stats) if stats is not None else None

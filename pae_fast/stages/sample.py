@@ -22,7 +22,7 @@ from pae_fast.config import Config, ConfigError, config_from_dict, dump_yaml, sa
 from pae_fast.data.latent_stats import LatentStats
 from pae_fast.engine.lock import RunLock
 from pae_fast.errors import NonFiniteError
-from pae_fast.flow.grid import plan_from_config
+from pae_fast.flow.grid import plan_from_config, sample_shift
 from pae_fast.flow.guidance import (
     AutoGuidance,
     ClassifierFreeGuidance,
@@ -246,10 +246,11 @@ def generate_latents(
             initial_noise(sample_cfg.seed, range(s, min(n, s + sample_cfg.batch_size)), latent_shape).to(device),
             sampler=sample_cfg.sampler,
             steps=sample_cfg.steps,
-            shift=sample_cfg.shift,
+            shift=sample_shift(sample_cfg, latent_shape),
             t_start=sample_cfg.t_start,
             t_end=sample_cfg.t_end,
             noise_scale=sample_cfg.sde_noise_scale,
+            last_step=sample_cfg.last_step,
             generator=sde_gen,
         )
         out.append(x.float().cpu())
@@ -305,7 +306,7 @@ def sample(cfg: Config) -> list[Path]:
     tokenizer = _load_tokenizer(cfg, device) if sc.tokenizer_checkpoint else None
     out_dir = Path(sc.output_dir) if sc.output_dir else Path(cfg.out_dir) / "samples"
     log.info("sampling %d latents %s from %s (%s, guidance %s) into %s",
-             labels.numel(), shape, weights_file, plan_from_config(sc).describe(), sc.guidance, out_dir)
+             labels.numel(), shape, weights_file, plan_from_config(sc, shape).describe(), sc.guidance, out_dir)
     z = generate_latents(model, labels, shape, sc, guide, device)
     if not torch.isfinite(z).all():  # refuse before anything is written
         bad = (~torch.isfinite(z)).flatten(1).any(1).sum().item()

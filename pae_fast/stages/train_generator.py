@@ -36,7 +36,8 @@ def _check_data_fits_model(shape: tuple[int, ...], num_classes: int | None, mode
                            metadata: dict[str, Any] | None = None, tokenizer_cfg: Any = None) -> None:
     """Refuse latent data that does not fit the generator config (before anything is written), naming each mismatch:
     channels (``model.in_channels``), latent size (``model.input_size``), class count (``model.num_classes``) and,
-    when the data records the tokenizer that wrote it (``metadata["tokenizer"]``), ``tokenizer.name``."""
+    when the data records the tokenizer that wrote it (``metadata["tokenizer"]``, ``["tokenizer_weights"]``),
+    ``tokenizer.name`` and ``tokenizer.encode_weights``."""
     problems = []
     if len(shape) != 3:
         problems.append(f"items must be latents (C, H, W), got shape {shape}")
@@ -52,6 +53,10 @@ def _check_data_fits_model(shape: tuple[int, ...], num_classes: int | None, mode
     if recorded and tokenizer_cfg is not None and recorded != tokenizer_cfg.name:
         problems.append(f"tokenizer.name is {tokenizer_cfg.name!r} but the cache was written by tokenizer {recorded!r} "
                         f"(set tokenizer.name={recorded} to train on it)")
+    which = (metadata or {}).get("tokenizer_weights")  # raw (non-EMA) | ema; caches from before it was recorded: none
+    if which and tokenizer_cfg is not None and which != tokenizer_cfg.encode_weights:
+        problems.append(f"tokenizer.encode_weights is {tokenizer_cfg.encode_weights!r} but the cache was encoded with "
+                        f"the tokenizer's {which!r} weights (set tokenizer.encode_weights={which} to train on it)")
     if problems:
         raise ConfigError(f"the latent data {where} does not fit the generator: " + "; ".join(problems))
 

@@ -5,6 +5,7 @@ The toys are Gaussian data ``x1 ~ N(mu, Sigma)``, where the flow's velocity is e
 ``S_t = t²·Sigma + (1 − t)²·I``.
 """
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pae_fast.flow import (
     AutoGuidance,
     ClassifierFreeGuidance,
     RAETimeConvention,
+    apply_last_step,
     convention_for,
     euler,
     plan_from_config,
@@ -86,7 +88,7 @@ def test_sde_presets_use_the_authors_grid(preset):
     assert (cfg.sample.guidance, cfg.sample.sampler) == ("none", "sde_sbdm")
     plan = plan_from_config(cfg.sample)
     torch.testing.assert_close(plan.grid, shift_time(torch.linspace(1e-5, 0.996, 250, dtype=torch.float64), 0.4))
-    assert plan.nfe == 250 and plan.final_time == 0.996
+    assert plan.nfe == 250 and plan.final_time == 0.996 and plan.last_step == "mean"
 
 
 def test_sbdm_sde_reproduces_gaussian_data_in_250_calls():
@@ -101,6 +103,7 @@ def test_sbdm_sde_reproduces_gaussian_data_in_250_calls():
         shift=cfg.sample.shift,
         t_start=cfg.sample.t_start,
         t_end=cfg.sample.t_end,
+        last_step=cfg.sample.last_step,
         generator=torch.Generator().manual_seed(1),
     )
     assert model.calls == 250
@@ -109,22 +112,80 @@ def test_sbdm_sde_reproduces_gaussian_data_in_250_calls():
     assert mean_err < 0.03 and cov_err < 0.04, (mean_err, cov_err)
 
 
-def test_sbdm_step_is_the_stated_update():
-    """One EM step and the mean step, against the formulas written out."""
-    x = torch.randn(3, 2, dtype=torch.float64)
-    grid = torch.tensor([0.2, 0.5], dtype=torch.float64)
+def _naive_last_step(kind: str, x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
+    """SiT's / PAE's ``transport.py`` ``__get_last_step`` written out for our path (alpha_t = t, sigma_t = 1 - t):
+    step size h = 1 - t; ``Mean``: x + h * (drift + diffusion * score), the SBDM diffusion (1 - t)/t; ``Euler``:
+    x + h * drift with the ODE drift v; ``Tweedie``: x / alpha + sigma^2 / alpha * score."""
+    h = 1 - t
+    score = (t * v - x) / (1 - t)
+    if kind == "mean":
+        return x + h * (v + (1 - t) / t * score)
+    if kind == "euler":
+        return x + h * v
+    assert kind == "tweedie"
+    return x / t + (1 - t) ** 2 / t * score
+
+
+@pytest.mark.parametrize("kind", ["mean", "euler", "tweedie"])
+def test_sbdm_steps_are_the_stated_updates(kind):
+    """One EM step, then each last step, against the formulas written out (v and x differ, so swapping fails)."""
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 + 3
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    out = sample(_velocity, x, sampler="sde_sbdm", steps=1, t_start=0.2, t_end=0.5, generator=g1)
+    model = Counter(_velocity)
+    out = sample(model, x, sampler="sde_sbdm", steps=1, t_start=0.2, t_end=0.5, last_step=kind, generator=g1)
+    assert model.calls == 2  # one step + the last step
     t, dt = 0.2, 0.3
     v = _velocity(x, torch.full((3,), t))
     eps = torch.randn(x.shape, generator=g2, dtype=torch.float64)
     y = x + (2 * v - x / t) * dt + (2 * dt * (1 - t) / t) ** 0.5 * eps
     tm = 0.5
-    score = (tm * _velocity(y, torch.full((3,), tm)) - y) / (1 - tm)
-    torch.testing.assert_close(out, y / tm + (1 - tm) ** 2 / tm * score)
-    assert grid[-1] == tm
+    vm = _velocity(y, torch.full((3,), tm))
+    assert (vm - y).abs().min() > 0.1  # the velocity is not the state: a step using one for the other fails
+    torch.testing.assert_close(out, _naive_last_step(kind, y, vm, tm), rtol=1e-13, atol=1e-13)
     with pytest.raises(ValueError, match="t_start > 0"):
         sampling_plan("sde_sbdm", 10, 0.4, 0.0, 0.996)
+
+
+def test_last_step_formulas_at_the_authors_time():
+    """At T = 0.996 (h = 0.004): Mean = x + h (2v - x/T); Euler and Tweedie agree (x + h v on this path) and differ
+    from Mean by h (v - x/T); an unknown name is refused."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 8, dtype=torch.float64, generator=g), torch.randn(4, 8, dtype=torch.float64, generator=g)
+    t = 0.996
+    got = {k: apply_last_step(x, v, t, k) for k in ("mean", "euler", "tweedie")}
+    for k, y in got.items():
+        torch.testing.assert_close(y, _naive_last_step(k, x, v, t), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(got["mean"], x + 0.004 * (2 * v - x / 0.996), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(got["euler"], got["tweedie"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["mean"] - got["euler"], 0.004 * (v - x / t), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="sample.last_step"):
+        apply_last_step(x, v, t, "posterior")
+    with pytest.raises(ValueError, match="sample.last_step"):
+        sampling_plan("sde_sbdm", 10, 0.4, 1e-5, 0.996, "Mean")
+
+
+@pytest.mark.parametrize("preset", ["pae_lightningdit_xl1_80ep_sde", "pae_lightningdit_xl1_800ep_sde"])
+def test_sde_presets_end_with_the_authors_mean_step_in_250_calls(preset):
+    """The whole preset sampler = 249 EM steps + Mean, replayed by hand with the same noise."""
+    cfg = load_config(CONFIGS / f"{preset}.yaml")
+    assert cfg.sample.last_step == "mean"
+    x0 = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = Counter(_velocity)
+    sc = cfg.sample
+    out = sample(model, x0, sampler=sc.sampler, steps=sc.steps, shift=sc.shift, t_start=sc.t_start, t_end=sc.t_end,
+                 last_step=sc.last_step, generator=torch.Generator().manual_seed(9))
+    assert model.calls == 250
+    grid = shift_time(torch.linspace(1e-5, 0.996, 250, dtype=torch.float64), 0.4).tolist()
+    g, x = torch.Generator().manual_seed(9), x0
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        v = _velocity(x, torch.full((5,), t0))
+        x = x + (2 * v - x / t0) * (t1 - t0) + (2 * (t1 - t0) * (1 - t0) / t0) ** 0.5 * torch.randn(
+            x.shape, generator=g, dtype=torch.float64)
+    ref = _naive_last_step("mean", x, _velocity(x, torch.full((5,), 0.996)), 0.996)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    other = sample(_velocity, x0, sampler=sc.sampler, steps=sc.steps, shift=sc.shift, t_start=sc.t_start,
+                   t_end=sc.t_end, last_step="tweedie", generator=torch.Generator().manual_seed(9))
+    assert (other - out).abs().max() > 1e-6  # the last step alone moves the sample, far beyond the replay error
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -159,13 +220,13 @@ def test_rae_wrapper_reproduces_raes_own_sampler():
     net = RAEToyNet()
     model = wrap_time_convention(net, convention_for(cfg.flow))
     assert isinstance(model, RAETimeConvention) and wrap_time_convention(model, "rae") is model
-    plan = plan_from_config(cfg.sample)
-    alpha = 6.928
+    plan = plan_from_config(cfg.sample, (768, 16, 16))
+    alpha = math.sqrt(768 * 16 * 16 / 4096)  # RAE: sqrt(C * H * W / 4096) of its latent
     assert plan.nfe == 49 and plan.grid[-1].item() == pytest.approx(0.99311, abs=1e-5)
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     y = torch.arange(64) % 3
     ours = euler(lambda x, t: model(x, t, y), x0, plan.grid)
-    torch.testing.assert_close(ours, _rae_euler(net, x0, y, alpha), atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours, _rae_euler(net, x0, y, alpha), atol=1e-6, rtol=0)
     # the wrapped network is the velocity of our convention
     t = torch.full((64,), 0.3)
     torch.testing.assert_close(model(x0, t, 0 * y), _velocity(x0, t), atol=1e-6, rtol=0)
@@ -193,7 +254,8 @@ def test_time_convention_resolution():
         ("pae_lightningdit_xl1_80ep", "euler: 249 model calls per image; grid shift(linspace(0, 1, 250), 0.4)"),
         ("pae_lightningdit_xl1_800ep", "euler: 249 model calls per image; grid shift(linspace(0, 1, 250), 0.4)"),
         ("pae_lightningdit_xl1_80ep_sde", "sde_sbdm: 250 model calls per image; grid shift(linspace(1e-05, 0.996, 250)"),  # noqa: E501
-        ("rae_ditdh_xl_released", "euler: 49 model calls per image; grid shift(linspace(0, 0.999, 50), 0.14434)"),
+        ("pae_lightningdit_xl1_800ep_sde", "249 steps, then the mean last step x + h·(2v − x/t) at t = 0.996, h = 0.004"),  # noqa: E501
+        ("rae_ditdh_xl_released", "euler: 49 model calls per image; grid shift(linspace(0, 0.999, 50), 0.144338)"),
     ],
 )
 def test_sample_dry_run_shows_the_authors_grid(preset, line, capsys):
@@ -201,6 +263,36 @@ def test_sample_dry_run_shows_the_authors_grid(preset, line, capsys):
 
     assert main(["sample", "--config", str(CONFIGS / f"{preset}.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"# sampling plan: {line}" in out
+    plan_line = next(x for x in out.splitlines() if x.startswith("# sampling plan: "))
+    assert line in plan_line
     assert main(["sample", "--config", str(CONFIGS / f"{preset}.yaml"), "--sample.t_start", "2", "--dry-run"]) == 2
     assert "sample.t_start" in capsys.readouterr().err
+
+
+class _ToyGenerator(torch.nn.Module):
+    """A generator-shaped velocity ``v(x, t, y)`` whose value differs from ``x`` (float32, as sampling runs)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x - 1.0 + 0.3 * t.view(-1, 1, 1, 1) + 0.01 * y.view(-1, 1, 1, 1).float()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"sample.sampler": "sde_sbdm", "sample.t_start": 1e-5, "sample.t_end": 0.996, "sample.last_step": "euler"},
+    {"sample.sampler": "sde_sbdm", "sample.t_start": 1e-5, "sample.t_end": 0.996},
+    {"sample.dimension_shift": True},
+])
+def test_sample_stage_uses_the_configured_last_step_and_shift(overrides):
+    """``generate_latents`` (the ``sample`` command) integrates with sample.last_step and the resolved shift."""
+    from pae_fast.stages.sample import generate_latents, initial_noise
+
+    base = {"sample.steps": 6, "sample.guidance": "none", "sample.batch_size": 4, "sample.seed": 3}
+    sc = load_config(None, {**base, **overrides}).sample
+    shape = (3, 2, 2)
+    labels = torch.arange(4) % 2
+    got = generate_latents(_ToyGenerator(), labels, shape, sc, progress=False)
+    net = _ToyGenerator()
+    ref = sample(lambda x, t: net(x, t, labels), initial_noise(3, range(4), shape), sampler=sc.sampler, steps=6,
+                 shift=1 / math.sqrt(12 / 4096) if sc.dimension_shift else sc.shift, t_start=sc.t_start,
+                 t_end=sc.t_end, last_step=overrides.get("sample.last_step", "mean"),
+                 generator=torch.Generator().manual_seed(3 + 1))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """Linear path, posterior conversions, time sampling, timestep shift and time grids."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,37 @@ def test_dimension_shift():
     assert dimension_shift(4096) == 1.0
     with pytest.raises(ValueError):
         dimension_shift(0)
+
+
+@pytest.mark.parametrize("preset", ["rae_ditdh_xl", "rae_ditdh_xl_released"])
+def test_rae_presets_compute_alpha_from_the_latent_shape(preset):
+    """RAE's alpha = sqrt(C * H * W / 4096) of its 768 x 16 x 16 latent, computed where the shift is resolved (training
+    from the data's shape, sampling from the generator's), never typed in the preset."""
+    from pae_fast.config_io import read_preset
+    from pae_fast.flow.grid import plan_from_config, sample_shift
+    from pae_fast.stages.train_generator import resolve_train_shift
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    raw = read_preset(configs / f"{preset}.yaml")
+    assert "rae_alpha" not in raw["flow"] and "shift" not in raw["flow"] and "shift" not in raw["sample"]
+    cfg = load_config(configs / f"{preset}.yaml")
+    assert cfg.flow.dimension_shift and cfg.sample.dimension_shift
+    alpha = (768 * 16 * 16 / 4096) ** 0.5  # the naive formula
+    assert abs(alpha - 6.928203230275509) < 1e-15
+    shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    assert shape == (768, 16, 16)
+    assert resolve_train_shift(cfg.flow, shape) == pytest.approx(1 / alpha, rel=1e-15)
+    assert sample_shift(cfg.sample, shape) == pytest.approx(1 / alpha, rel=1e-15)
+    # another latent shape gives another shift: nothing is a constant
+    assert sample_shift(cfg.sample, (32, 16, 16)) == pytest.approx(1 / 2**0.5, rel=1e-15)
+    grid = plan_from_config(cfg.sample, shape).grid
+    tau = 1 - torch.linspace(0, 0.999, 50, dtype=torch.float64)  # RAE's own time, shifted by alpha, mirrored
+    torch.testing.assert_close(grid, 1 - alpha * tau / (1 + (alpha - 1) * tau), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="latent shape"):
+        plan_from_config(cfg.sample)
+    # a PAE preset keeps its typed shifts (the authors' 0.7 and 0.4)
+    pae = load_config(configs / "pae_lightningdit_xl1_80ep.yaml")
+    assert resolve_train_shift(pae.flow, (32, 16, 16)) == 0.7 and sample_shift(pae.sample, (32, 16, 16)) == 0.4
 
 
 def test_logit_normal_and_uniform_time_sampling():
