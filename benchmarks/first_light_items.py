@@ -2,137 +2,28 @@
 or at tiny sizes on CPU (``--dry-run``: the same functions, only the sizes and the device differ).
 
 Every item is a function ``item(ctx)`` run in its own process (``gpu_first_light.py --item NAME``); it adds rows
-(one measurement each: measured, predicted, unit) and details to ``ctx`` and calls ``ctx.flush()`` after each
-sub-measurement, so a process killed at its time cap still reports what it finished. Predictions use the calibrated
-peaks of item ``env`` (``ctx.calib``: the measured bf16 GEMM FLOP/s and device-to-device copy bandwidth) in place
-of the roofline's assumed efficiencies (docs/method.md § What one step costs).
+(one measurement each: measured, predicted, unit) and details to ``ctx`` (:class:`first_light_ctx.Ctx`), which
+writes them after each sub-measurement, so a process killed at its time cap still reports what it finished.
+Predictions use the calibrated peaks of item ``env`` (``ctx.calib``: the measured bf16 GEMM FLOP/s and
+device-to-device copy bandwidth) in place of the roofline's assumed efficiencies (docs/method.md § What one step
+costs).
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+from first_light_ctx import Ctx, free, predict, timed
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SIZES: dict[str, dict[str, Any]] = {
-    "gpu": dict(gemm_n=8192, copy_mib=1024, calib_iters=20, val_size="model", val_dtypes=("bf16", "fp16", "fp32"),
-                dit=None, dit_batch=32, dit_steps=20, dit_warmup=3, dit_compile=True, tok="PAE-DINOv2-L-d32",
-                tok_batch=32, tok_steps=5, tok_warmup=2, opt_steps=10,
-                attn={"DiT (LightningDiT-XL: 256 tokens, 16 x 72)": (32, 16, 256, 72),
-                      "VFM (DINOv2-L: 261 tokens, 16 x 64)": (32, 16, 261, 64)},
-                attn_dtype=torch.bfloat16, attn_iters=20),
-    "dry": dict(gemm_n=256, copy_mib=16, calib_iters=3, val_size="small", val_dtypes=("fp32",),
-                dit=CONFIGS / "tiny_cpu.yaml", dit_batch=2, dit_steps=1, dit_warmup=0, dit_compile=False,
-                tok="PAE-tiny", tok_batch=2, tok_steps=1, tok_warmup=0, opt_steps=10,
-                attn={"DiT (tiny: 16 tokens, 2 x 72)": (2, 2, 16, 72), "VFM (tiny: 17 tokens, 2 x 64)": (2, 2, 17, 64)},
-                attn_dtype=torch.float32, attn_iters=1),
-}  # fmt: skip
 # kernels.validate order: the training step's ops first (the DiT step, then the optimizer, then the tokenizer's)
 VALIDATE_FIRST = ("swiglu_mlp", "gated_residual_adaln", "qkv_norm_rope", "adaln_modulate", "attention",
                   "fused_adamw_ema", "latent_norm", "gram_loss", "sphere_perturb")
 SDPA_ORDER = ("sdpa:flash", "sdpa:cudnn", "sdpa:efficient", "sdpa:math", "flash_attn", "xformers")
-
-
-class Stop(Exception):
-    """The item's deadline passed between two sub-measurements."""
-
-
-@dataclass
-class Ctx:
-    """What an item reads (device, sizes, calibration) and writes (rows, details) — flushed to ``result``."""
-
-    dev: torch.device
-    dry: bool
-    calib: dict[str, float]
-    result: Path
-    deadline: float
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def size(self) -> dict[str, Any]:
-        return SIZES["dry" if self.dry else "gpu"]
-
-    def row(self, label: str, measured: float | None, predicted: float | None = None, unit: str = "",
-            status: str = "ok", note: str = "") -> None:
-        ratio = measured / predicted if measured is not None and predicted else None
-        self.rows.append(dict(label=label, status=status, measured=measured, predicted=predicted, unit=unit,
-                              ratio=ratio, note=note))
-        self.flush()
-
-    def flush(self, status: str = "running", error: str | None = None) -> None:
-        from pae_fast.io import atomic_write_text
-
-        rec = {"status": status, "error": error, "rows": self.rows, "details": self.details}
-        atomic_write_text(self.result, json.dumps(rec, indent=1, default=str))
-
-    def check(self) -> None:
-        if time.time() > self.deadline:
-            raise Stop("time cap reached between sub-measurements")
-
-    def sync(self) -> None:
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize(self.dev)
-
-
-def _timed(ctx: Ctx, fn: Callable[[], Any], iters: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        ctx.sync()
-        t0 = time.perf_counter()
-        fn()
-        ctx.sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def hardware(ctx: Ctx) -> tuple[Any, float, float]:
-    """The roofline's hardware entry for this device and the GEMM / HBM efficiencies to predict with.
-
-    With calibration: efficiency = measured rate / the entry's peak, so ``roofline.predict`` runs at the measured
-    rates (MFU stays relative to the nominal peak). A device the roofline does not know gets an entry of the measured
-    rates (efficiency 1). Without calibration: the roofline's assumed efficiencies."""
-    import roofline
-
-    name = torch.cuda.get_device_name(ctx.dev) if ctx.dev.type == "cuda" else "cpu"
-    hw = next((h for k, h in roofline.HARDWARE.items() if k in name), None)
-    gemm, bw = ctx.calib.get("gemm_flops"), ctx.calib.get("copy_bytes_per_s")
-    if hw is None:
-        if not (gemm and bw):
-            return None, 0.0, 0.0
-        return roofline.Hardware(f"{name} (calibrated)", gemm, bw), 1.0, 1.0
-    if not (gemm and bw):
-        return hw, roofline.GEMM_EFFICIENCY, roofline.HBM_EFFICIENCY
-    return hw, gemm / hw.peak_flops, bw / hw.bandwidth
-
-
-def predict(ctx: Ctx, summary: dict[str, Any]) -> dict[str, float] | None:
-    """``roofline.predict`` of a counted ``summary`` at this machine's calibrated rates (None: unknown machine)."""
-    import roofline
-
-    hw, ge, he = hardware(ctx)
-    if hw is None:
-        return None
-    return {**roofline.predict(summary, hw, gemm_efficiency=ge, hbm_efficiency=he), "gemm_efficiency": ge,
-            "hbm_efficiency": he, "hardware": hw.name}
-
-
-def free(ctx: Ctx) -> None:
-    gc.collect()
-    if ctx.dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------- 1. env
@@ -140,8 +31,8 @@ def _rate(ctx: Ctx, x: torch.Tensor, what: str) -> float:
     """FLOP/s of ``x[0] @ x[1]`` (``mm``, 2 n^3 FLOPs) or bytes/s of ``x[1].copy_(x[0])`` (``copy``: one read and one
     write of ``x[0]``), median of ``calib_iters`` calls after 3 warm-up ones."""
     if what == "mm":
-        return 2.0 * x.shape[1] ** 3 / _timed(ctx, lambda: torch.mm(x[0], x[1]), ctx.size["calib_iters"], warmup=3)
-    return 2.0 * x[0].numel() / _timed(ctx, lambda: x[1].copy_(x[0]), ctx.size["calib_iters"], warmup=3)
+        return 2.0 * x.shape[1] ** 3 / timed(ctx, lambda: torch.mm(x[0], x[1]), ctx.size["calib_iters"], warmup=3)
+    return 2.0 * x[0].numel() / timed(ctx, lambda: x[1].copy_(x[0]), ctx.size["calib_iters"], warmup=3)
 
 
 def item_env(ctx: Ctx) -> None:
@@ -228,50 +119,58 @@ def _fit_batch(ctx: Ctx, batch: int, run: Callable[[int], dict[str, Any]]) -> di
             return run(batch)
         except torch.cuda.OutOfMemoryError as e:
             ctx.details.setdefault("oom", []).append(f"batch {batch}: {str(e)[:200]}")
-            free(ctx)
             if batch == 1:
                 raise
-            batch //= 2
+        free(ctx)  # outside the handler: the failed attempt's frames are gone
+        batch //= 2
 
 
 def item_dit_step(ctx: Ctx) -> None:
     """The generator training step (bench_train_step.run: the engine's loss, precision policy, optimizer and EMA),
-    bf16 compute weights, compiled with CUDA graphs, with ``fused_adamw_ema`` and with torch's AdamW."""
+    bf16 compute weights: eager with ``fused_adamw_ema`` first (a number even if compiling fails or runs out of
+    time), then compiled with CUDA graphs (``reduce-overhead``, as ``train.compile`` runs it) with ``fused_adamw_ema``
+    and with torch's AdamW. A variant that fails is recorded and the next one runs."""
     import bench_train_step
     import roofline
 
     s = ctx.size
     label, build = _generator_build(ctx)
-    mode = "reduce-overhead" if ctx.dev.type == "cuda" else None
-    for opt in ("fused_adamw_ema", "adamw"):
+    compiled = [True] if s["dit_compile"] else []
+    counts: dict[tuple[int, str], dict[str, Any]] = {}
+    for opt, comp in [("fused_adamw_ema", False), *(("fused_adamw_ema", c) for c in compiled),
+                      *(("adamw", c) for c in compiled or [False])]:
         ctx.check()
+        how = "compiled + CUDA graphs" if comp else "eager"
+        key = f"{opt} {how}"
 
-        def run(batch: int, opt: str = opt, compiled: bool = s["dit_compile"]) -> dict[str, Any]:
-            return bench_train_step.run(label, batch, str(ctx.dev), compiled, "auto", s["dit_steps"],
-                                        s["dit_warmup"], "bf16", build=build, optimizer=opt,
-                                        compile_mode=mode if compiled else None)
+        def run(batch: int, opt: str = opt, comp: bool = comp) -> dict[str, Any]:
+            return bench_train_step.run(label, batch, str(ctx.dev), comp, "auto", s["dit_steps"], s["dit_warmup"],
+                                        "bf16", build=build, optimizer=opt,
+                                        compile_mode="reduce-overhead" if comp else None)
 
         try:
             rec = _fit_batch(ctx, s["dit_batch"], run)
-        except Exception as e:  # not OOM (handled there): measure eager, so the step still gets a number
-            if not s["dit_compile"] or isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            ctx.details[f"{opt}_compile_error"] = f"{type(e).__name__}: {str(e)[:800]}"
+        except Exception as e:  # this variant failed (a kernel, compilation, CUDA graphs): say why, go on
+            ctx.details[key] = {"error": f"{type(e).__name__}: {str(e)[:1500]}"}
+            ctx.row(f"{label} step, {key}", None, None, "ms/step", status="failed",
+                    note=f"{type(e).__name__}: {str(e)[:300]}")
+            rec = None
+        if rec is not None:
+            rec.pop("environment", None)
+            ctx.details[key] = rec
             ctx.flush()
-            torch._dynamo.reset()
-            free(ctx)
-            rec = _fit_batch(ctx, s["dit_batch"], lambda b, opt=opt: run(b, opt, False))
-        rec.pop("environment", None)
-        ctx.details[opt] = rec
-        ctx.flush()
-        pred = predict(ctx, roofline.step_traffic(build, rec["batch"], "bf16", "fused", opt))
-        ctx.details[opt]["predicted_calibrated"] = pred
-        how = f"batch {rec['batch']}, bf16, {'compiled + CUDA graphs' if rec['compile'] else 'eager'}"
-        ctx.row(f"{label} step, {opt} ({how})", rec["step_seconds"] * 1e3, pred and pred["step_s"] * 1e3, "ms/step")
-        if rec.get("mfu") is not None:
-            ctx.row(f"{label} MFU, {opt}", rec["mfu"] * 100, pred and pred["mfu"] * 100, "%")
-        ctx.row(f"{label} peak memory, {opt}", rec["peak_memory_bytes"] / 2**30, None, "GiB",
-                note=rec["peak_memory_method"])
+            if (rec["batch"], opt) not in counts:  # counted once per batch and optimizer (fake tensors, CPU)
+                counts[rec["batch"], opt] = roofline.step_traffic(build, rec["batch"], "bf16", "fused", opt)
+            pred = predict(ctx, counts[rec["batch"], opt])
+            rec["predicted_calibrated"] = pred
+            ctx.row(f"{label} step, {key} (batch {rec['batch']}, bf16 compute weights)", rec["step_seconds"] * 1e3,
+                    pred and pred["step_s"] * 1e3, "ms/step")
+            if rec.get("mfu") is not None:
+                ctx.row(f"{label} MFU, {key}", rec["mfu"] * 100, pred and pred["mfu"] * 100, "%")
+            ctx.row(f"{label} peak memory, {key}", rec["peak_memory_bytes"] / 2**30, None, "GiB",
+                    note=rec["peak_memory_method"])
+        rec = None
+        torch._dynamo.reset()  # drops the compiled graphs and their CUDA graph memory pool
         free(ctx)
 
 
@@ -296,7 +195,9 @@ def item_tokenizer_step(ctx: Ctx) -> None:
     pred = predict(ctx, roofline_tokenizer.tokenizer_step_traffic(s["tok"], rec["batch"], torch.bfloat16, "fused"))
     ctx.details["predicted_calibrated"] = pred
     ctx.row(f"{s['tok']} step (batch {rec['batch']}, {rec['precision']}, LPIPS + GAN; prediction without the "
-            "optimizer + EMA)", rec["step_seconds"] * 1e3, pred and pred["step_s"] * 1e3, "ms/step")
+            "optimizer + EMA)", rec["step_seconds"] * 1e3, pred and pred["step_s"] * 1e3, "ms/step",
+            note="measured: fp32 weights under autocast (bench_tokenizer_step.py), torch AdamW + EMA inside the step; "
+            "counted: bf16 weights and activations (roofline_tokenizer.py), forward + backward of both sides")
     ctx.row(f"{s['tok']} peak memory", rec["peak_memory_bytes"] / 2**30, None, "GiB", note=rec["peak_memory_method"])
 
 
@@ -428,7 +329,7 @@ def item_attention(ctx: Ctx) -> None:
                 def fwd_bwd(backend: str = backend, dout: torch.Tensor = dout, qkv: tuple = (q, k, v)) -> None:
                     torch.autograd.backward(attention(*qkv, backend=backend), dout)
 
-                t = _timed(ctx, fwd_bwd, s["attn_iters"])
+                t = timed(ctx, fwd_bwd, s["attn_iters"])
             except Exception as e:  # a backend that cannot run this shape/dtype: its row says why
                 ctx.row(f"{shape_label}: {backend}", None, None, "ms", status="failed",
                         note=f"{type(e).__name__}: {str(e)[:200]}")

@@ -95,7 +95,8 @@ def bootstrap_checkout() -> None:
 def run_child(a: argparse.Namespace) -> int:
     bootstrap_checkout()
     import torch
-    from first_light_items import ITEMS, Ctx, Stop
+    from first_light_ctx import Ctx, Stop
+    from first_light_items import ITEMS
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")
     ctx = Ctx(dev=dev, dry=a.dry_run, calib=json.loads(a.calib), result=Path(a.result), deadline=a.deadline)

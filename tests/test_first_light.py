@@ -120,7 +120,7 @@ def test_markdown_flags_ratios_outside_the_band(bench_path):
 def test_prediction_uses_the_calibrated_peaks(bench_path, monkeypatch, tmp_path):
     """On a known GPU the roofline runs at the measured rates (MFU against the nominal peak); on an unknown one at
     the measured rates with MFU against the measured GEMM rate; uncalibrated, at the roofline's assumptions."""
-    import first_light_items as fli
+    import first_light_ctx as fli
     import roofline
 
     s = dict(matmul_flops=6e12, attention_flops=1e12, attention_model_flops=0.8e12, attention_bytes=2e9,
