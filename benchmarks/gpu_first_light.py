@@ -10,8 +10,9 @@ down) within a global budget of 6 minutes (:data:`PLAN`, :mod:`first_light_items
 
     1 env             GPU, SM count, driver, versions; bf16 GEMM 8192^3 and a 1 GiB device copy: the calibrated peaks
     2 validate        kernels.validate at model sizes in bf16 / fp16 / fp32, every op against its fp64 reference
-    3 dit_step        LightningDiT-XL/1 training step, batch 32 (halved on OOM), bf16 compute weights, compiled with
-                      CUDA graphs, fused_adamw_ema and torch AdamW: ms/step, MFU, peak memory
+    3 dit_step        LightningDiT-XL/1 training step, batch 32 (halved on OOM), bf16 compute weights: eager with
+                      fused_adamw_ema, then compiled with CUDA graphs with fused_adamw_ema and with torch AdamW:
+                      ms/step, MFU, peak memory
     4 tokenizer_step  PAE-DINOv2-L-d32 tokenizer step (LPIPS and GAN on), ms/step and peak memory
     5 optimizer       fused_adamw_ema vs torch AdamW + EMA: states after 10 steps, time per step
     6 attention       SDPA flash / cuDNN / efficient / math, flash-attn and xformers when importable, DiT and VFM shapes
@@ -33,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,8 +308,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[first light] {item.name}: {rec['status']} in {rec['seconds']:.1f} s"
                       + (f" ({rec['error']})" if rec.get("error") else ""), flush=True)
             write_report(out, rep)
-    print(f"[first light] wrote {out / 'first_light.md'} and first_light.json", flush=True)
+    name = report_name(rep["device"])
+    print(f"[first light] wrote {out / 'first_light.md'} and first_light.json; commit them as "
+          f"benchmarks/results/first_light/{name}.md and {name}.json", flush=True)
     return 1 if failed else 0
+
+
+def report_name(device: str) -> str:
+    """The file name a report is committed under: ``NVIDIA H100 80GB HBM3`` -> ``h100-80gb-hbm3``."""
+    words = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-").split("-")
+    return "-".join(w for w in words if w != "nvidia") or "unknown"
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -115,6 +115,7 @@ def test_markdown_flags_ratios_outside_the_band(bench_path):
     assert table["1. x: r0.8"][4] == "0.80" and table["1. x: r1.25"][4] == "1.25"
     assert table["1. x: none"][1:] == ["skipped", "—", "—", "—"]
     assert table["2. y: u"][1] == "timeout"
+    assert fl.report_name("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and fl.report_name("cpu") == "cpu"
 
 
 def test_prediction_uses_the_calibrated_peaks(bench_path, monkeypatch, tmp_path):
