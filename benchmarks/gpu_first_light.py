@@ -79,11 +79,13 @@ def bootstrap_checkout() -> None:
     """Make ``pae_fast.kernels`` (+ ``.tools``) and ``pae_fast.configs`` importable from a bare checkout.
 
     The package maps them from ``kernels/`` and ``configs/`` at install time (setup.py ``package_dir``); with only
-    ``PYTHONPATH=.`` they are loaded here from those folders under the same names (an installed package wins)."""
+    ``PYTHONPATH=.`` they are loaded here from this checkout's folders under the same names (an install of another
+    checkout is not mixed in: ``pae_fast`` itself comes from this checkout, first on ``sys.path``)."""
     import pae_fast
 
     for name, folder in (("pae_fast.kernels", ROOT / "kernels"), ("pae_fast.configs", ROOT / "configs")):
-        if name in sys.modules or importlib.util.find_spec(name) is not None:
+        found = importlib.util.find_spec(name) if name not in sys.modules else None
+        if name in sys.modules or (found is not None and Path(found.origin or "").resolve().parent == folder):
             continue
         spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
                                                       submodule_search_locations=[str(folder)])
