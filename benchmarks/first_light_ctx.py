@@ -53,10 +53,17 @@ class Ctx:
         return SIZES["dry" if self.dry else "gpu"]
 
     def row(self, label: str, measured: float | None, predicted: float | None = None, unit: str = "",
-            status: str = "ok", note: str = "") -> None:
-        ratio = measured / predicted if measured is not None and predicted else None
-        self.rows.append(dict(label=label, status=status, measured=measured, predicted=predicted, unit=unit,
-                              ratio=ratio, note=note))
+            status: str = "ok", note: str = "") -> dict[str, Any]:
+        """Add (and write) one measurement; ratio = measured / predicted. Returns the row, for :meth:`predicted`."""
+        r = dict(label=label, status=status, measured=measured, predicted=None, unit=unit, ratio=None, note=note)
+        self.rows.append(r)
+        self.predicted(r, predicted)
+        return r
+
+    def predicted(self, r: dict[str, Any], value: float | None) -> None:
+        """Set a row's prediction once it is counted (the measurement is already written, in case of a cut-off)."""
+        r["predicted"] = value
+        r["ratio"] = r["measured"] / value if r["measured"] is not None and value else None
         self.flush()
 
     def flush(self, status: str = "running", error: str | None = None) -> None:

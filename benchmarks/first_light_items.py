@@ -158,17 +158,17 @@ def item_dit_step(ctx: Ctx) -> None:
         if rec is not None:
             rec.pop("environment", None)
             ctx.details[key] = rec
-            ctx.flush()
-            if (rec["batch"], opt) not in counts:  # counted once per batch and optimizer (fake tensors, CPU)
-                counts[rec["batch"], opt] = roofline.step_traffic(build, rec["batch"], "bf16", "fused", opt)
-            pred = predict(ctx, counts[rec["batch"], opt])
-            rec["predicted_calibrated"] = pred
-            ctx.row(f"{label} step, {key} (batch {rec['batch']}, bf16 compute weights)", rec["step_seconds"] * 1e3,
-                    pred and pred["step_s"] * 1e3, "ms/step")
-            if rec.get("mfu") is not None:
-                ctx.row(f"{label} MFU, {key}", rec["mfu"] * 100, pred and pred["mfu"] * 100, "%")
+            step = ctx.row(f"{label} step, {key} (batch {rec['batch']}, bf16 compute weights)",
+                           rec["step_seconds"] * 1e3, None, "ms/step")
+            mfu = ctx.row(f"{label} MFU, {key}", rec["mfu"] * 100, None, "%") if rec.get("mfu") is not None else None
             ctx.row(f"{label} peak memory, {key}", rec["peak_memory_bytes"] / 2**30, None, "GiB",
                     note=rec["peak_memory_method"])
+            if (rec["batch"], opt) not in counts:  # counted once per batch and optimizer (fake tensors, CPU)
+                counts[rec["batch"], opt] = roofline.step_traffic(build, rec["batch"], "bf16", "fused", opt)
+            pred = rec["predicted_calibrated"] = predict(ctx, counts[rec["batch"], opt])
+            ctx.predicted(step, pred and pred["step_s"] * 1e3)
+            if mfu is not None:
+                ctx.predicted(mfu, pred and pred["mfu"] * 100)
         rec = None
         torch._dynamo.reset()  # drops the compiled graphs and their CUDA graph memory pool
         free(ctx)
@@ -190,15 +190,16 @@ def item_tokenizer_step(ctx: Ctx) -> None:
     rec = _fit_batch(ctx, s["tok_batch"], run)
     rec.pop("environment", None)
     ctx.details["measured"] = rec
-    ctx.flush()
+    step = ctx.row(f"{s['tok']} step (batch {rec['batch']}, {rec['precision']}, LPIPS + GAN; prediction without the "
+                   "optimizer + EMA)", rec["step_seconds"] * 1e3, None, "ms/step",
+                   note="measured: fp32 weights under autocast (bench_tokenizer_step.py), torch AdamW + EMA inside "
+                   "the step; counted: bf16 weights and activations (roofline_tokenizer.py), forward + backward of "
+                   "both sides")
+    ctx.row(f"{s['tok']} peak memory", rec["peak_memory_bytes"] / 2**30, None, "GiB", note=rec["peak_memory_method"])
     ctx.check()
     pred = predict(ctx, roofline_tokenizer.tokenizer_step_traffic(s["tok"], rec["batch"], torch.bfloat16, "fused"))
     ctx.details["predicted_calibrated"] = pred
-    ctx.row(f"{s['tok']} step (batch {rec['batch']}, {rec['precision']}, LPIPS + GAN; prediction without the "
-            "optimizer + EMA)", rec["step_seconds"] * 1e3, pred and pred["step_s"] * 1e3, "ms/step",
-            note="measured: fp32 weights under autocast (bench_tokenizer_step.py), torch AdamW + EMA inside the step; "
-            "counted: bf16 weights and activations (roofline_tokenizer.py), forward + backward of both sides")
-    ctx.row(f"{s['tok']} peak memory", rec["peak_memory_bytes"] / 2**30, None, "GiB", note=rec["peak_memory_method"])
+    ctx.predicted(step, pred and pred["step_s"] * 1e3)
 
 
 # ---------------------------------------------------------------------------------------------------- 5. optimizer
