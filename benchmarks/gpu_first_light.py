@@ -202,7 +202,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
             ratio = r.get("ratio")
             rs = "—" if ratio is None else (f"{ratio:.2f}" if lo <= ratio <= hi else f"**{ratio:.2f}**")
             st = r["status"] if it["status"] in ("ok", "failed") else f"{r['status']} (item: {it['status']})"
-            lines.append(f"| {head}: {r['label']} | {st} | {_fmt(r['measured'], r['unit'])} | "
+            label = r["label"].replace("|", "\\|")  # a table cell
+            lines.append(f"| {head}: {label} | {st} | {_fmt(r['measured'], r['unit'])} | "
                          f"{_fmt(r['predicted'], r['unit'])} | {rs} |")
     lines += ["", "## Details", ""]
     for i, it in enumerate(rep["items"], 1):
