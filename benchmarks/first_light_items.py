@@ -49,6 +49,10 @@ def item_env(ctx: Ctx) -> None:
     if ctx.dev.type == "cuda":
         p = torch.cuda.get_device_properties(ctx.dev)
         env["accelerator"].update(sm_count=p.multi_processor_count, peak_bf16_tflops=(peak_flops(ctx.dev) or 0) / 1e12)
+        try:  # the CUDA version the driver supports (e.g. 12080); the driver's own version comes from nvidia-smi
+            env["accelerator"]["driver_cuda_version"] = torch._C._cuda_getDriverVersion()
+        except Exception as e:  # a private call: its absence must not cost the calibration
+            env["accelerator"]["driver_cuda_version"] = f"unknown ({type(e).__name__})"
         try:
             q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20)  # fmt: skip

@@ -186,6 +186,9 @@ def to_markdown(rep: dict[str, Any]) -> str:
         f"Started {rep['started']} UTC; {rep['spent_s']:.0f} s of the {rep['budget_s']:.0f} s budget; git "
         f"{(rep['git'].get('commit') or 'unknown')[:12]}{' (dirty)' if rep['git'].get('dirty') else ''}; torch "
         f"{ver.get('torch', '?')}, triton {ver.get('triton', '?')}, CUDA {ver.get('cuda', '?')}.",
+        *([f"GPU: {acc.get('name')}, compute capability {acc.get('capability')}, {acc.get('sm_count')} SMs, "
+            f"{(acc.get('memory_bytes') or 0) / 2**30:.0f} GiB; nvidia-smi (driver, max SM clock, power limit): "
+            f"{acc.get('nvidia_smi')}."] if (acc := env.get("accelerator")) else []),
         "",
         "Ratio = measured / predicted. Predictions: the roofline (`benchmarks/roofline.py`, `roofline_tokenizer.py`) "
         "at the peaks calibrated by item 1; ratios outside "
