@@ -11,7 +11,7 @@ JOBS ?= 2
 # The demo's models are tiny: one intra-op thread per process (two were up to 10x slower on a busy CPU here).
 DEMO_THREADS ?= 1
 
-.PHONY: install test test-all demo bench lint clean
+.PHONY: install test test-all demo bench first-light lint clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: install
 
 bench: install
 	$(KERNEL_ENV) $(PY) benchmarks/run_all.py
+
+# Run first on any new GPU (benchmarks/README.md § GPU first light): the machine's own python3 on the bare checkout,
+# no venv, no install, nothing downloaded; <= 6 min on one H100; the report goes to benchmarks/results/first_light/.
+first-light:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_first_light.py --out benchmarks/results/first_light
 
 lint: install
 	$(PY) -m ruff check .

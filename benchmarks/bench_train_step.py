@@ -105,6 +105,7 @@ def run(
     build: Callable[[], Any] | None = None,
     json_out: str | Path | None = None,
     optimizer: str = "auto",
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """Time ``steps`` training steps after ``warmup`` untimed ones and return the result record.
 
@@ -121,6 +122,8 @@ def run(
         json_out: write the record there (atomically) as JSON.
         optimizer: ``auto`` (as the engine resolves it for ``device`` and ``backend``), ``adamw`` (torch fused AdamW +
             foreach EMA) or ``fused_adamw_ema``.
+        compile_mode: ``torch.compile`` mode with ``compile`` (None: default; ``reduce-overhead``: CUDA graphs, each
+            step marked with ``torch.compiler.cudagraph_mark_step_begin`` as ``train.compile`` does in the engine).
 
     Returns:
         ``images_per_s``, ``step_seconds`` (median), ``step_seconds_all``, ``warmup_seconds``, ``peak_memory_bytes``,
@@ -170,12 +173,15 @@ def run(
     scaler = torch.amp.GradScaler(dev.type) if policy == "fp16" else None
     loss_fn = FlowLoss(shift=0.7)
     trained = compute.module if compute is not None else net
-    fwd = torch.compile(trained) if compile else trained
+    fwd = torch.compile(trained, mode=compile_mode) if compile else trained
+    graphs = compile and compile_mode == "reduce-overhead"
     C, S = spec["in_channels"], spec["input_size"]
     x1 = torch.randn(batch, C, S, S, device=dev)
     y = torch.randint(0, spec["num_classes"], (batch,), device=dev)
 
     def step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, _ = loss_fn(fwd, (x1, y))
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -203,6 +209,7 @@ def run(
         "batch": batch,
         "device": str(dev),
         "compile": compile,
+        "compile_mode": compile_mode if compile else None,
         "backend": backend,
         "precision": policy,
         "optimizer": optimizer,
