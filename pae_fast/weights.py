@@ -27,6 +27,7 @@ __all__ = [
     "resolve_weights_file",
     "read_state_dict",
     "read_metadata",
+    "check_finite",
     "strip_prefixes",
     "key_diff",
     "load_into",
@@ -137,7 +138,22 @@ def read_state_dict(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {list(state)[:6]}"
         raise WeightsError(f"{key}: {file} holds {found}, not a state dict of tensors (tried keys {list(prefer)})")
+    check_finite(state, f"{key}: {file}")
     return strip_prefixes(state, prefixes), dict(meta)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN/Inf (a diverged or damaged file loads, then silently gives NaN outputs).
+
+    Raises:
+        WeightsError: naming ``where``, the first bad tensor and how many values are non-finite (exit code 3).
+    """
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise WeightsError(f"{where} holds NaN/Inf weights: {bad} of {t.numel()} values of {name!r} are not "
+                                   "finite; use an earlier checkpoint")
 
 
 def read_metadata(

@@ -279,6 +279,7 @@ def pretrain_vfm(
     log_every: int = 100,
     progress: bool | None = None,
     reuse: bool = True,
+    overwrite: bool = True,
 ) -> PretrainResult:
     """Train ``VisionTransformer(**VIT_TINY_KWARGS)`` as an MAE and save its encoder to ``out`` (safetensors).
 
@@ -292,11 +293,13 @@ def pretrain_vfm(
         log_every: steps between log lines when no progress bar is shown.
         progress: tqdm bar (default: when stderr is a terminal).
         reuse: return at once when ``out`` already holds weights of the same configuration and data.
+        overwrite: replace an existing ``out`` that is not reused; False refuses it (``OutputError``, exit code 3)
+            before training, as the ``pretrain-vfm`` command does without ``--overwrite``.
 
     Returns:
         :class:`PretrainResult`; ``final_loss`` is the mean training loss of the last 10 % of the steps.
     """
-    from pae_fast.io import save_safetensors
+    from pae_fast.io import check_output_file, save_safetensors
 
     cfg = cfg or MAEConfig()
     cfg.validate()
@@ -322,6 +325,7 @@ def pretrain_vfm(
     if reuse and (done := _existing(out, config_hash)) is not None:
         log.info("VFM weights %s already trained with this configuration (hash %s); reusing them", out, config_hash)
         return done
+    check_output_file(out, overwrite)  # before training: a folder, an existing file or an unwritable place
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was

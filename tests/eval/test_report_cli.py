@@ -105,11 +105,13 @@ def test_evaluate_cli_with_local_random_inception_weights(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fid" in printed and "protocol   torch-fidelity" in printed and "statistics only, for pae_fast" in printed
     assert "arr_0" not in np.load(stats).files
-    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images"]) == 0
+    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images"]) == 3  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images", "--overwrite"]) == 0
     assert json.loads(out.read_text())["protocol"] == "adm" and "an ADM reference batch" in capsys.readouterr().out
     assert {"arr_0", "mu", "sigma", "mu_s", "sigma_s"} <= set(np.load(stats).files)
     # without weights: a clear error, no traceback
-    assert cli_main(["evaluate", str(samples), str(reference), "--out", str(out)]) == 2
+    assert cli_main(["evaluate", str(samples), str(reference), "--out", str(out), "--overwrite"]) == 2
     assert "eval.inception_weights" in capsys.readouterr().err
 
 
