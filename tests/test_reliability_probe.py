@@ -123,9 +123,12 @@ def _cache_argv(out: Path, root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def paired_run(tmp_path_factory, photos, tokenizers) -> Path:
-    """A 2-step generator run on a cache written by tokenizer ``a``, without --config or --data.batch_size."""
+    """A 2-step generator run on a cache written by tokenizer ``a`` with the README's command as written (no
+    --config, --data.batch_size or --data.num_classes; the tiny tokenizer's image size added)."""
     d = tmp_path_factory.mktemp("paired")
-    assert main(_cache_argv(d / "cache", photos, "--weights", str(tokenizers["a"]))) == 0
+    readme = ["cache-latents", "--tokenizer", "PAE-tiny", "--weights", str(tokenizers["a"]), "--data.root",
+              str(photos), "--out", str(d / "cache")]
+    assert main([*readme, "--data.image_size", "64"]) == 0
     run = d / "run"
     assert main(["train-dit", "--config", TINY, "--out_dir", str(run), "--data.root", str(d / "cache"),
                  "--train.steps", "2", "--data.batch_size", "4", "--train.global_batch_size", "4", *ON_PAE_TINY,
@@ -332,7 +335,31 @@ def test_sample_refuses_another_tokenizer(paired_run, tokenizers, tmp_path, caps
 # ------------------------------------------------------------------------------------------------ 6: README command
 def test_readme_cache_latents_command_without_config(paired_run):
     cache = paired_run.parent / "cache"  # written by the README's command (no --config, no --data.batch_size)
-    assert (cache / "index.json").is_file() and len(list(cache.glob("shard-*.safetensors"))) == 3
+    assert (cache / "index.json").is_file() and len(list(cache.glob("shard-*.safetensors"))) == 1
+    import json
+
+    index = json.loads((cache / "index.json").read_text())
+    assert index["num_items"] == 6 and index["num_classes"] == 3
+
+
+def test_nan_latents_leave_no_shard(tmp_path, photos):
+    from pae_fast.config import load_config
+    from pae_fast.errors import DataError
+    from pae_fast.stages.cache_latents import write_shards
+
+    class NaNEncoder(torch.nn.Module):  # finite weights whose encoding overflows: item 1 of each batch
+        image_size, latent_shape, stats_mode = 32, (2, 4, 4), "channel"
+
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.zeros(x.shape[0], 2, 4, 4)
+            z[1:2] = float("inf")
+            return z
+
+    data = load_config(None, {"data.root": str(photos), "data.num_classes": 3, "data.image_size": 32,
+                              "data.loader": "pil", "data.num_workers": 0, "data.batch_size": 2}).data
+    with pytest.raises(DataError, match="latents of item 1 hold NaN/Inf"):
+        write_shards(NaNEncoder(), data, tmp_path / "c", tokenizer_name="x", weights_hash="h", shard_size=2)
+    assert not list((tmp_path / "c").glob("shard-*"))
 
 
 # ------------------------------------------------------------------------------------------------ 8: reconstruct
@@ -415,7 +442,9 @@ def test_sample_writes_beside_its_checkpoint_and_never_over_it(paired_run, tmp_p
     one_error_line(capsys, str(out), "--overwrite")
     assert snapshot(out) == before
     assert main([*argv, "--overwrite"]) == 0
-    assert snapshot(out) == before  # the same samples again, byte for byte
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    # the same samples again, byte for byte (the lock file records the time it was taken)
 
 
 def test_cache_latents_logs_progress(tmp_path, photos, caplog):

@@ -10,7 +10,8 @@ Examples:
 Writes shard-*.safetensors (latents, latents_flip, labels), stats.safetensors, class_mapping.json, cache.json and,
 last, index.json into --out. Re-running resumes from the finished shards; a folder written by another tokenizer or
 other weights, or a folder holding other files, is refused. data.image_size must be the tokenizer's resolution;
-data.batch_size defaults to 64 images per process. The folder is locked while written.
+data.batch_size defaults to 64 images per process; without --config or --data.num_classes the classes are the
+folder's (any number). The folder is locked while written.
 A progress line per shard is logged (a bar on a terminal).
 
 Exit codes: 0 done, 2 usage/config (unknown tokenizer, no --weights without --random-init), 3 data (image folder,
@@ -61,6 +62,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                           "resume; choose an empty or new folder")
     if cfg.data.batch_size is None:  # the presets' training layout leaves it unset
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=DEFAULT_BATCH_SIZE))
+    if not args.config and not any(a.split("=")[0] == "--data.num_classes" for a in extra):
+        # no class count asked for: the cache takes the folder's classes (train-dit checks them against the model)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=None))
     with stop_on_signal("cache-latents", "the finished shards are kept; run the same command again to resume") \
             as check_stop:
         out = run_cache_latents(cfg, args.tokenizer, args.weights, Path(args.out), shard_size=args.shard_size,

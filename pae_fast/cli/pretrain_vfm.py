@@ -61,8 +61,12 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
 
     demo = build_demo_images(train_per_class=args.images_per_class, heldout_per_class=args.images_per_class // 4,
                              seed=args.seed)
-    r = pretrain_vfm(args.out, cfg, demo.train.images, demo.train.labels, demo.heldout.images, demo.heldout.labels,
-                     log_every=args.log_every, reuse=not args.no_reuse, overwrite=args.overwrite)
+    from pae_fast.cli.common import stop_on_signal
+
+    with stop_on_signal("pretrain-vfm", f"{args.out} was not written; run the same command again") as check_stop:
+        r = pretrain_vfm(args.out, cfg, demo.train.images, demo.train.labels, demo.heldout.images,
+                         demo.heldout.labels, log_every=args.log_every, reuse=not args.no_reuse,
+                         overwrite=args.overwrite, check_stop=check_stop)
     state = "reused" if r.skipped else f"trained in {r.seconds:.0f} s"
     print(f"VFM weights {r.path} ({state}): {r.steps} steps, MAE loss {r.initial_loss:.4f} -> {r.final_loss:.4f} "
           f"(held-out {r.heldout_loss:.4f}); linear probe on held-out crops {r.probe_accuracy:.3f} "

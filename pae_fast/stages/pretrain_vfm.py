@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pae_fast.errors import NonFiniteError
 from pae_fast.models.vfm import TINY_VIT_KWARGS
 
 __all__ = [
@@ -280,6 +282,7 @@ def pretrain_vfm(
     progress: bool | None = None,
     reuse: bool = True,
     overwrite: bool = True,
+    check_stop: Callable[[], None] | None = None,
 ) -> PretrainResult:
     """Train ``VisionTransformer(**VIT_TINY_KWARGS)`` as an MAE and save its encoder to ``out`` (safetensors).
 
@@ -295,6 +298,8 @@ def pretrain_vfm(
         reuse: return at once when ``out`` already holds weights of the same configuration and data.
         overwrite: replace an existing ``out`` that is not reused; False refuses it (``OutputError``, exit code 3)
             before training, as the ``pretrain-vfm`` command does without ``--overwrite``.
+        check_stop: called before each step; it raises to stop (the command's SIGTERM / SIGINT check). Nothing is
+            written before the end, so ``out`` stays as it was.
 
     Returns:
         :class:`PretrainResult`; ``final_loss`` is the mean training loss of the last 10 % of the steps.
@@ -355,6 +360,8 @@ def pretrain_vfm(
     t_train = time.perf_counter()
     try:
         for step in range(cfg.steps):
+            if check_stop is not None:
+                check_stop()
             if pos + cfg.batch_size > n:
                 perm, pos = torch.randperm(n, generator=g), 0
             idx = perm[pos : pos + cfg.batch_size]
@@ -364,7 +371,7 @@ def pretrain_vfm(
                 group["lr"] = _lr_at(step, cfg)
             loss = model(batch, cfg.mask_ratio, g)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"MAE loss is {loss.item()} at step {step}; lower the learning rate "
+                raise NonFiniteError(f"MAE loss is {loss.item()} at step {step}; lower the learning rate "
                                          f"(lr={cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()

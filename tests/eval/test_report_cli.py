@@ -68,16 +68,18 @@ def test_diffusability_cli_on_caches_and_raw_latents(tmp_path, capsys):
     seg = torch.zeros(len(y1), 8, 8, dtype=torch.long)
     seg[:, :, 4:] = 1
     save_file({"segments": seg}, str(tmp_path / "seg.safetensors"))
-    rc = cli_main(["diffusability", str(cache), "--out", str(out), "--segments", str(tmp_path / "seg.safetensors")])
+    argv = ["diffusability", str(cache), "--out", str(out), "--segments", str(tmp_path / "seg.safetensors")]
+    assert cli_main(argv) == 3 and "--overwrite" in capsys.readouterr().err  # the report exists
+    rc = cli_main([*argv, "--overwrite"])
     assert rc == 0 and "ssc" in json.loads((out / "diffusability.json").read_text())["inputs"]["cache_a"]
 
     # clear errors
     bad = tmp_path / "bad.safetensors"
     save_file({"latents": z2}, str(bad))
-    assert cli_main(["diffusability", str(bad), "--out", str(out)]) == 2
+    assert cli_main(["diffusability", str(bad), "--out", str(out), "--overwrite"]) == 3  # a data file
     assert "labels" in capsys.readouterr().err
     assert cli_main(["diffusability", str(cache), str(raw), "--names", "A", "--out", str(out)]) == 2
-    assert cli_main(["diffusability", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert cli_main(["diffusability", str(tmp_path / "nothing"), "--out", str(out), "--overwrite"]) == 3
     assert cli_main(["diffusability", str(cache), "--dry-run", "--eval.viv_iters", "3"]) == 0
     assert "viv_iters: 3" in capsys.readouterr().out
 
