@@ -125,8 +125,12 @@ def read_state_dict(
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors name classes that weights_only refuses; keep the cause
+            why = str(e)
+            if "Unsupported global" in why:  # torch's advice to load it unsafely is left out of the one line
+                found = why.split("Unsupported global: ", 1)[1].split(" was not", 1)[0]
+                why = f"it holds pickled objects ({found}); only tensors and primitives are read"
             raise WeightsError(f"{key}: {file} cannot be read as a tensors-only torch file "
-                               f"(weights_only=True): {e}") from e
+                               f"(weights_only=True): {why}") from e
         if isinstance(state, dict):
             for name in prefer:
                 if isinstance(state.get(name), dict):

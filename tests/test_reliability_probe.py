@@ -309,6 +309,33 @@ def test_tokenizer_data_honours_on_bad_file_skip(tmp_path, photos):
         [strict[i] for i in range(len(strict))]
 
 
+@pytest.mark.parametrize("policy,code", [("skip", 0), ("error", EXIT_DATA)])
+def test_train_tokenizer_on_a_folder_with_a_bad_jpeg(tmp_path, photos, capsys, policy, code):
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(photos, root)
+    (root / "c2" / "5.jpg").write_bytes(b"\xff\xd8 truncated")
+    argv = ["train-tokenizer", "--config", str(ROOT / "configs" / "tokenizer_tiny_cpu.yaml"), "--data.source",
+            "folder", "--data.root", str(root), "--data.num_classes", "3", "--data.on_bad_file", policy,
+            "--tokenizer.heldout_items", "1", "--train.steps", "2", "--train.global_batch_size", "4",
+            "--data.num_workers", "0", "--out_dir", str(tmp_path / "run"), *FAST]
+    capsys.readouterr()
+    assert main(argv) == code
+    if code:
+        one_error_line(capsys, "5.jpg", "data.on_bad_file=skip")
+
+
+def test_os_errors_map_to_one_line_exit_3():
+    from pae_fast.errors import describe, exit_code_for
+
+    e = PermissionError(13, "Permission denied", "/out/x.png")
+    assert exit_code_for(e) == EXIT_DATA and describe(e) == "'/out/x.png': Permission denied"
+    e = OSError(30, "Read-only file system", "/ro/a", None, "/ro/b")  # (errno, strerror, filename, winerror, filename2)
+    assert exit_code_for(e) == EXIT_DATA and describe(e) == "'/ro/a' -> '/ro/b': Read-only file system"
+    assert exit_code_for(FileExistsError(17, "File exists", "/f")) == EXIT_DATA
+
+
 # ------------------------------------------------------------------------------------------------ 4: pairing
 def test_sample_refuses_another_tokenizer(paired_run, tokenizers, tmp_path, capsys):
     from pae_fast.stages.tokenizer_pairing import RECORD_KEY
