@@ -215,7 +215,7 @@ def test_same_contents_same_bytes(tmp_path):
     assert snapshot(caches[0]) == snapshot(caches[1]) == snapshot(caches[2])
     state = {"w": torch.randn(3, 3)}
     ckpts = []
-    for i in range(2):
-        files = {"model.safetensors": save_weights(state, meta)}
-        ckpts.append(write_checkpoint(tmp_path / f"run{i}" / "checkpoints", 7, files, info={"b": 1, "a": 2}))
+    for i, info in enumerate(({"b": 1, "a": 2}, {"a": 2, "b": 1})):  # the same contents in another order
+        files = {"model.safetensors": save_weights(state, dict(reversed(meta.items())) if i else meta)}
+        ckpts.append(write_checkpoint(tmp_path / f"run{i}" / "checkpoints", 7, files, info=info))
     assert snapshot(ckpts[0]) == snapshot(ckpts[1])

@@ -317,6 +317,11 @@ def test_sample_writes_beside_its_checkpoint_and_never_over_it(paired_run, tmp_p
     assert main(argv) == EXIT_DATA
     one_error_line(capsys, str(out), "--overwrite")
     assert snapshot(out) == before
+    f = _existing_file(tmp_path)
+    assert main([*argv, "--out", str(f)]) == EXIT_DATA  # an output folder that is a file: one line, kept
+    one_error_line(capsys, str(f), "is a file")
+    assert main([*argv, "--out", str(unwritable(tmp_path) / "s")]) == EXIT_DATA
+    one_error_line(capsys, "cannot write")
     assert main([*argv, "--overwrite"]) == 0
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
