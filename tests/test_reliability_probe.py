@@ -297,8 +297,8 @@ def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, photos, toke
 
 def test_sigterm_during_sample_exits_4(paired_run, tmp_path):
     out = tmp_path / "s"
-    argv = _sample_argv(paired_run, out, "--sample.num_samples", "400", "--sample.batch_size", "1",
-                        "--sample.steps", "50")
+    argv = _sample_argv(paired_run, out, "--sample.num_samples", "200", "--sample.batch_size", "1",
+                        "--sample.steps", "20")
     code, err = _run_until(argv, "sampling: ")
     assert code == EXIT_PREEMPTED, err
     assert err.strip().splitlines()[-1].startswith("error: sample stopped by SIGTERM")
