@@ -89,7 +89,8 @@ def stop_on_signal(command: str, resume: str) -> Iterator[Callable[[], None]]:
     ``evaluate``): the training engine's handler (:class:`pae_fast.engine.monitor.Preemption`, a second Ctrl-C
     still interrupts at once) records the signal, and the yielded ``check()`` - called by the command between
     batches - raises :class:`~pae_fast.errors.PreemptedError` (exit code 4, one line naming the signal and
-    ``resume``: what is kept and how to go on). Outputs are written atomically, so what was finished stays.
+    ``resume``: what is kept and how to go on). Outputs are written atomically, so what was finished stays; a
+    signal that comes after the last check (while the final files are written) lets the command finish.
     """
     import signal
 
@@ -102,5 +103,4 @@ def stop_on_signal(command: str, resume: str) -> Iterator[Callable[[], None]]:
             if preempt.requested is not None:
                 raise PreemptedError(f"{command} stopped by {signal.Signals(preempt.requested).name}; {resume}")
 
-        yield check
-        check()  # a signal after the last check: still exit code 4, not success
+        yield check  # a signal after the last check: the work finished, so the command reports its success
