@@ -10,8 +10,10 @@ code   meaning
 0      success
 1      internal error (a bug: rerun with ``--debug`` for the traceback)
 2      usage / config: a bad key, value, device or command line; a resume that does not match the run
-3      data / weights / checkpoint: a missing, damaged or malformed input file
-4      preempted: SIGTERM / SIGINT stopped the run after it wrote a checkpoint; rerun the same command to resume
+3      data / weights / checkpoint / output: a missing, damaged or malformed input file (weights holding NaN/Inf
+       too); an output that exists (no ``--overwrite``), is a file where a folder is needed, or cannot be written
+4      preempted: SIGTERM / SIGINT stopped the command after its last complete output (a checkpoint, a shard);
+       rerun the same command to resume
 5      non-finite: training stopped on NaN/Inf losses or gradients
 6      busy: another process holds the output folder's lock
 130    a second Ctrl-C (KeyboardInterrupt)
@@ -39,7 +41,9 @@ __all__ = [
     "NonFiniteError",
     "PreemptedError",
     "RunLockedError",
+    "OutputError",
     "exit_code_for",
+    "describe",
     "record_preemption",
     "take_preemption",
     "raise_if_preempted",
@@ -92,20 +96,38 @@ class RunLockedError(PaeError):
     exit_code = EXIT_BUSY
 
 
+class OutputError(PaeError):
+    """An output cannot be written as asked: it exists and ``--overwrite`` was not given, it is a file where a folder
+    is needed (or the reverse), or its folder is not writable. Nothing was written; the message names the path."""
+
+    exit_code = EXIT_DATA
+
+
 def exit_code_for(exc: BaseException) -> int:
-    """The process exit code of an exception: :class:`PaeError` subclasses (``CheckpointError`` is a
-    :class:`DataError`) carry theirs; ``pae_fast.weights.WeightsError`` and missing user files are data errors (3);
-    anything else is internal (1)."""
+    """The process exit code of an exception (the one place that maps exception types to exit codes):
+    :class:`PaeError` subclasses (``CheckpointError`` is a :class:`DataError`) carry theirs;
+    ``pae_fast.weights.WeightsError`` (missing, truncated, pickled, wrong layout, NaN/Inf weights) and every
+    ``OSError`` (a missing input, an unwritable / read-only output, an output that is a file where a folder is
+    needed, a full disk) are data errors (3); anything else is internal (1)."""
     if isinstance(exc, PaeError):
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_KEYBOARD
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, OSError):
         return EXIT_DATA
     weights = sys.modules.get("pae_fast.weights")  # not imported: the exception cannot be one of its errors
     if weights is not None and isinstance(exc, weights.WeightsError):
         return EXIT_DATA
     return EXIT_INTERNAL
+
+
+def describe(exc: BaseException) -> str:
+    """The one-line message of an expected error; an ``OSError`` names its path(s) and the system's reason."""
+    if isinstance(exc, OSError) and not isinstance(exc, PaeError) and exc.strerror:
+        paths = " -> ".join(repr(str(p)) for p in (exc.filename, exc.filename2) if p is not None)
+        return f"{paths}: {exc.strerror}" if paths else exc.strerror
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 _pending_preemption: list[PreemptedError] = []  # process-wide: signals are process-wide too

@@ -8,7 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "save_safetensors", "load_safetensors"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "save_safetensors", "load_safetensors",
+           "check_output_file", "check_output_dir"]
 
 
 @contextlib.contextmanager
@@ -31,6 +32,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, key: str = "--out") -> Path:
+    """Before any work: ``path`` can be written as a new file (docs/method.md § Reliability).
+
+    Raises:
+        OutputError: ``path`` is a folder; it exists and ``overwrite`` is False; its folder (or the nearest existing
+            ancestor) is a file or cannot be written. The message names ``key`` and the path.
+    """
+    from pae_fast.errors import OutputError
+
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{key}={str(p)!r} is a folder; expected the path of a file to write")
+    if p.exists() and not overwrite:
+        raise OutputError(f"{key}={str(p)!r} exists; pass --overwrite to replace it, or choose another path")
+    _check_writable(p.parent, key)
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "--out") -> Path:
+    """Before any work: ``path`` is (or can be created as) a writable folder.
+
+    Raises:
+        OutputError: ``path`` (or an ancestor) is a file, or the folder cannot be written; names ``key``.
+    """
+    p = Path(path)
+    _check_writable(p, key)
+    return p
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """The nearest existing ancestor of ``folder`` (itself included) is a folder where a file can be created."""
+    from pae_fast.errors import OutputError
+
+    d = folder
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise OutputError(f"{key}: {str(d)!r} is a file, so the folder {str(folder)!r} cannot be created")
+    try:  # the only reliable test (read-only mounts, ACLs, root): create a file
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=d)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{key}: cannot write in {str(d)!r} ({e.strerror or e})") from e
 
 
 def _umask() -> int:
@@ -79,7 +126,39 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         clean[k] = t
-    atomic_write_with(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+    def write(tmp: Path) -> None:
+        save_file(clean, str(tmp), metadata=metadata)
+        _sort_safetensors_header(tmp)
+
+    atomic_write_with(path, write)
+
+
+def _sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, so that the same tensors and metadata always give
+    the same bytes (the writer emits ``__metadata__`` in hash-map order, which changes from call to call).
+
+    The header is 8 bytes of little-endian length, then JSON padded with spaces; the data offsets are relative to
+    its end, so a header of the same length is rewritten in place, else the file is rewritten."""
+    import json
+    import shutil
+    import struct
+
+    with open(path, "rb+") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        header += b" " * (-(8 + len(header)) % 8)
+        if header == raw:
+            return
+        if len(header) == n:
+            f.seek(8)
+            f.write(header)
+            return
+        tmp = path.with_name(path.name + ".sorted")
+        with open(tmp, "wb") as g:
+            g.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(f, g, 1 << 24)
+    os.replace(tmp, path)
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict[str, str]]:

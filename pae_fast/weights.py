@@ -38,6 +38,7 @@ __all__ = [
     "read_metadata",
     "read_shapes",
     "read_latent_stats",
+    "check_finite",
     "strip_prefixes",
     "key_diff",
     "load_into",
@@ -190,8 +191,12 @@ def read_state_dict(
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors name classes that weights_only refuses; keep the cause
+            why = str(e)
+            if "Unsupported global" in why:  # torch's advice to load it unsafely is left out of the one line
+                found = why.split("Unsupported global: ", 1)[1].split(" was not", 1)[0]
+                why = f"it holds pickled objects ({found}); only tensors and primitives are read"
             raise WeightsError(f"{key}: {file} cannot be read as a tensors-only torch file "
-                               f"(weights_only=True): {e}") from e
+                               f"(weights_only=True): {why}") from e
         if isinstance(state, dict):
             for name in prefer:
                 if isinstance(state.get(name), dict):
@@ -203,7 +208,22 @@ def read_state_dict(
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = type(state).__name__ if not isinstance(state, dict) else f"a dict with keys {list(state)[:6]}"
         raise WeightsError(f"{key}: {file} holds {found}, not a state dict of tensors (tried keys {list(prefer)})")
+    check_finite(state, f"{key}: {file}")
     return strip_prefixes(state, prefixes), dict(meta)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN/Inf (a diverged or damaged file loads, then silently gives NaN outputs).
+
+    Raises:
+        WeightsError: naming ``where``, the first bad tensor and how many values are non-finite (exit code 3).
+    """
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise WeightsError(f"{where} holds NaN/Inf weights: {bad} of {t.numel()} values of {name!r} are not "
+                                   "finite; use an earlier checkpoint")
 
 
 def read_metadata(

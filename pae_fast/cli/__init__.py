@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 2
-    from pae_fast.errors import EXIT_INTERNAL, exit_code_for, take_preemption
+    from pae_fast.errors import EXIT_INTERNAL, describe, exit_code_for, take_preemption
 
     take_preemption()  # a preemption recorded by an earlier in-process call is not this command's
     try:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: internal error {type(e).__name__}: {_one_line(e)} (a bug; rerun with --debug for the "
                   "traceback)", file=sys.stderr)
         else:
-            print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+            print(f"error: {describe(e)}", file=sys.stderr)
         return code
     preempted = take_preemption()  # a command that did not check for it itself
     if preempted is not None and code == 0:

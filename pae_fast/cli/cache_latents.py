@@ -9,10 +9,14 @@ Examples:
 
 Writes shard-*.safetensors (latents, latents_flip, labels), stats.safetensors, class_mapping.json, cache.json and,
 last, index.json into --out. Re-running resumes from the finished shards; a folder written by another tokenizer or
-other weights is refused. data.image_size must be the tokenizer's resolution. The folder is locked while written.
+other weights, or a folder holding other files, is refused. data.image_size must be the tokenizer's resolution;
+data.batch_size defaults to 64 images per process; without --config or --data.num_classes the classes are the
+folder's (any number). The folder is locked while written.
+A progress line per shard is logged (a bar on a terminal).
 
 Exit codes: 0 done, 2 usage/config (unknown tokenizer, no --weights without --random-init), 3 data (image folder,
-weights file, a folder holding another cache), 6 the folder is in use.
+weights file, a folder holding another cache or other files, an unwritable --out), 4 stopped by SIGTERM/SIGINT
+(the finished shards are kept: rerun the same command to resume), 6 the folder is in use.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 
 from pae_fast.cli.common import add_config_arguments, resolve_config
+
+DEFAULT_BATCH_SIZE = 64  # images per process and encoder call when data.batch_size is unset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,12 +42,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
+    import dataclasses
+    import logging
+    from pathlib import Path
+
     cfg = resolve_config(args, extra)
     if cfg is None:  # --dry-run printed the config
         return 0
-    from pae_fast.stages.cache_latents import run_cache_latents
+    from pae_fast.cli.common import check_output_dir, stop_on_signal
+    from pae_fast.errors import OutputError
+    from pae_fast.stages.cache_latents import CACHE_FILE, run_cache_latents
 
-    out = run_cache_latents(cfg, args.tokenizer, args.weights, args.out, shard_size=args.shard_size,
-                            stats_items=args.stats_items or None, random_init=args.random_init)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    out = check_output_dir(args.out)
+    others = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    if others and not (out / CACHE_FILE).is_file():
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise OutputError(f"--out {str(out)!r} holds other files ({shown}) and no {CACHE_FILE}: not a cache to "
+                          "resume; choose an empty or new folder")
+    if cfg.data.batch_size is None:  # the presets' training layout leaves it unset
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=DEFAULT_BATCH_SIZE))
+    if not args.config and not any(a.split("=")[0] == "--data.num_classes" for a in extra):
+        # no class count asked for: the cache takes the folder's classes (train-dit checks them against the model)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=None))
+    with stop_on_signal("cache-latents", "the finished shards are kept; run the same command again to resume") \
+            as check_stop:
+        out = run_cache_latents(cfg, args.tokenizer, args.weights, Path(args.out), shard_size=args.shard_size,
+                                stats_items=args.stats_items or None, random_init=args.random_init,
+                                check_stop=check_stop)
     print(f"latent cache: {out}")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pae_fast.config import (
@@ -16,8 +18,10 @@ from pae_fast.config import (
     save_resolved,
 )
 from pae_fast.config_checks import check_command_devices
+from pae_fast.io import check_output_dir, check_output_file
 
-__all__ = ["add_config_arguments", "resolve_config", "run_training_stage", "preset_path", "list_presets", "no_extra"]
+__all__ = ["add_config_arguments", "resolve_config", "run_training_stage", "preset_path", "list_presets", "no_extra",
+           "check_output_dir", "check_output_file", "stop_on_signal"]
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,3 +82,26 @@ def run_training_stage(args: argparse.Namespace, extra: list[str], stage: str, l
     raise_if_preempted()  # SIGTERM: checkpoint written, exit code 4 instead of the success line
     print(f"{label}: {out}")
     return 0
+
+
+@contextmanager
+def stop_on_signal(command: str, resume: str) -> Iterator[Callable[[], None]]:
+    """SIGTERM / SIGINT during a long command that is not a training run (``cache-latents``, ``sample``,
+    ``evaluate``): the training engine's handler (:class:`pae_fast.engine.monitor.Preemption`, a second Ctrl-C
+    still interrupts at once) records the signal, and the yielded ``check()`` - called by the command between
+    batches - raises :class:`~pae_fast.errors.PreemptedError` (exit code 4, one line naming the signal and
+    ``resume``: what is kept and how to go on). Outputs are written atomically, so what was finished stays; a
+    signal that comes after the last check (while the final files are written) lets the command finish.
+    """
+    import signal
+
+    from pae_fast.engine.monitor import Preemption
+    from pae_fast.errors import PreemptedError
+
+    with Preemption() as preempt:
+
+        def check() -> None:
+            if preempt.requested is not None:
+                raise PreemptedError(f"{command} stopped by {signal.Signals(preempt.requested).name}; {resume}")
+
+        yield check  # a signal after the last check: the work finished, so the command reports its success

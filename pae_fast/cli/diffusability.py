@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--names", nargs="+", help="one display name per input (default: folder / file names)")
     p.add_argument("--out", help="report folder (default: out_dir)")
     p.add_argument("--segments", help="safetensors with 'segments' (N, H, W) segment ids: adds SSC")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in the output folder")
     add_config_arguments(p)
 
 
@@ -35,10 +36,16 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     if len(set(names)) != len(names):
         print(f"error: input names must be distinct, got {names}; pass --names", file=sys.stderr)
         return 2
+    from pae_fast.cli.common import check_output_dir
+    from pae_fast.config import ConfigError
+    from pae_fast.errors import DataError, OutputError
     from pae_fast.eval.report import METRIC_DOCS, run_diffusability
     from pae_fast.io import load_safetensors
 
-    out = Path(args.out or cfg.out_dir)
+    out = check_output_dir(args.out or cfg.out_dir)
+    if (out / "diffusability.json").exists() and not args.overwrite:
+        raise OutputError(f"{out} already holds a diffusability report; pass --overwrite to replace it, or --out "
+                          "another folder")
     try:
         segments = None
         if args.segments:
@@ -47,9 +54,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                 raise KeyError(f"{args.segments} has no 'segments' tensor (has {sorted(tensors)})")
             segments = tensors["segments"]
         report = run_diffusability(dict(zip(names, args.inputs)), out, cfg.eval, segments=segments)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError:
+        raise
+    except (KeyError, ValueError) as e:  # a malformed cache / latents / segments file: a data error (exit code 3)
+        raise DataError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from e
     write_run_config(cfg, out)
     width = max(len(n) for n in names)
     print(f"{'':<8}" + "".join(f"{n:>{max(width, 9) + 2}}" for n in names))

@@ -8,6 +8,9 @@ Examples:
 
 --weights takes a pae_fast tokenizer file / checkpoint folder / run folder, or the PAE authors' released checkpoint
 (converted by name). Without --weights, --random-init must be given: the tokenizer is then random (never silently).
+Inputs of the same file name from different folders get distinct outputs (eval.reconstruct.output_names); outputs
+already in --out are refused unless --overwrite. Exit codes: 0 done, 2 usage, 3 an image / weights file / the
+output folder (see README "When things go wrong").
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out (default: refuse)")
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
@@ -38,24 +42,22 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     import logging
 
     from pae_fast.config import ConfigError
-    from pae_fast.eval.reconstruct import reconstruct_files
+    from pae_fast.eval.reconstruct import output_names, reconstruct_files
+    from pae_fast.io import check_output_dir
     from pae_fast.registry import create_tokenizer
-    from pae_fast.weights import WeightsError
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    try:
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size}: expected >= 1")
+    check_output_dir(args.out)  # a file or an unwritable place: refused before the tokenizer is built
+    output_names(args.images)  # the same file twice: refused now
+    try:  # a weights problem (missing, damaged, pickled, wrong layout, NaN/Inf) is a WeightsError: exit code 3
         tok = create_tokenizer(args.tokenizer, pretrained=args.weights is not None, weights=args.weights,
                                vfm_weights=args.vfm_weights)
     except KeyError as e:
         raise ConfigError(f"--tokenizer: {e.args[0]}") from None
-    except WeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        metrics = reconstruct_files(tok, args.images, args.out, batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    metrics = reconstruct_files(tok, args.images, args.out, batch_size=args.batch_size, device=args.device,
+                                overwrite=args.overwrite)
     for row in metrics["images"]:
         print(f"{row['file']}\tPSNR {row['psnr']:.2f} dB\tSSIM {row['ssim']:.4f}")
     print(f"mean\tPSNR {metrics['mean_psnr']:.2f} dB\tSSIM {metrics['mean_ssim']:.4f}\t-> {args.out}")

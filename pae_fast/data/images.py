@@ -38,6 +38,7 @@ __all__ = [
     "ImageDataError",
     "BadImageError",
     "ImageSamples",
+    "to_rgb",
     "scan_image_folder",
     "read_file_list",
     "find_samples",
@@ -286,16 +287,46 @@ def center_crop_adm(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully into an RGB image.
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image, path: str | os.PathLike = "") -> Image.Image:
+    """An opened image as 8-bit RGB, scaled correctly whatever its bit depth (docs/method.md § Reliability).
+
+    The one home of this conversion (the loaders, ``reconstruct`` and ``evaluate``'s image folders use it).
+    ``Image.convert("RGB")`` clips 16-bit grey pixels (modes ``I;16*``, and ``I`` for a 16-bit PNG) at 255, which
+    turns a photograph all white; they are scaled here as ``round(v / 257)`` (65535 -> 255), the rounding DALI's
+    decoder uses. 16-bit RGB / RGBA PNGs are already reduced to 8 bits by Pillow (their high byte, within one level
+    of ``round(v / 257)``). Pixels without a known range (32-bit integers of other formats, floats) are refused.
 
     Raises:
-        BadImageError: the file is missing, unreadable, not an image, or its data is truncated / corrupt.
+        BadImageError: a pixel format that cannot be scaled to 8 bits without guessing (names the file and mode).
+    """
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_GREY or (mode == "I" and im.format == "PNG"):
+        v = np.asarray(im).astype(np.float64)  # (H, W) in [0, 65535]
+        grey = np.clip(np.rint(v / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("I", "F") or mode.startswith(("I;", "F;")):
+        what = "floating-point" if mode.startswith("F") else "32-bit integer"
+        raise BadImageError(path, f"{what} pixels (PIL mode {mode!r}, format {im.format}) have no known 8-bit "
+                                  "scale; convert the file to an 8- or 16-bit PNG / JPEG")
+    return im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully into an RGB image (:func:`to_rgb`: 16-bit images scaled, not clipped).
+
+    Raises:
+        BadImageError: the file is missing, unreadable, not an image, its data is truncated / corrupt, or its pixels
+            have no known 8-bit scale.
     """
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im, path)
+    except BadImageError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(path, f"{type(e).__name__}: {e}") from e
 

@@ -181,7 +181,7 @@ def write_checkpoint(
             sizes[name] = (tmp / name).stat().st_size
             sums[name] = file_sha256(tmp / name)
         manifest = {**(info or {}), "step": step, "files": sizes, "sha256": sums, "clean": bool(clean)}
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))  # same contents, same bytes
         if final.exists():  # e.g. the same step written again after a resume: replace it as a unit
             trash = root / f".old-{final.name}-{time.monotonic_ns()}"
             os.replace(final, trash)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -215,6 +215,7 @@ def extract_features(
     dino: DINOv2Features | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Features of image batches.
 
@@ -222,6 +223,7 @@ def extract_features(
         batches: ``(B, 3, H, W)`` tensors, uint8 or float in [0, 1].
         inception: gives ``pool (N, 2048)``, ``logits (N, 1008)``, ``spatial (N, 2023)``.
         dino: gives ``dino (N, D)``.
+        check_stop: called before each batch; it raises to stop (the command's SIGTERM / SIGINT check).
     Returns:
         float32 numpy arrays by name.
     """
@@ -229,6 +231,8 @@ def extract_features(
     from pae_fast.progress import progress as report
 
     for batch in report(batches, "features", enabled=progress, unit="batch"):
+        if check_stop is not None:
+            check_stop()
         x = batch.to(device)
         feats: dict[str, torch.Tensor] = {}
         if inception is not None:
@@ -255,6 +259,7 @@ def evaluate_generation(
     progress: bool = False,
     reference_stats_out: str | os.PathLike | None = None,
     reference_stats_images: bool = False,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """FID, sFID, IS, precision, recall (and FD_DINOv2 with ``dino``) of samples against a reference.
 
@@ -269,6 +274,7 @@ def evaluate_generation(
         reference_stats_out: write the reference statistics (ADM keys) to this npz for reuse.
         reference_stats_images: also embed the reference images as ``arr_0`` in that npz, which makes it a
             reference batch ADM's evaluator reads; without them the file serves pae_fast only.
+        check_stop: see :func:`extract_features`.
     Returns:
         ``{"protocol", "fid", "sfid", "is", "precision", "recall", ["fd_dinov2"], "num_samples", "num_reference",
         "reference_stats_layout"}``; metrics
@@ -285,8 +291,8 @@ def evaluate_generation(
     ref = ImageSource(reference, "reference")
     if not src.has_images:
         raise ValueError(f"samples {src.name} hold no images (an npz needs arr_0)")
-    fs = extract_features(src.batches(batch_size), inception, dino, dev, progress)
-    fr = extract_features(ref.batches(batch_size), inception, dino, dev, progress) if ref.has_images else {}
+    fs = extract_features(src.batches(batch_size), inception, dino, dev, progress, check_stop)
+    fr = extract_features(ref.batches(batch_size), inception, dino, dev, progress, check_stop) if ref.has_images else {}
 
     ref_stats = dict(ref.stats)  # precomputed statistics of a reference batch win over recomputing them
     for feat, (mu_key, sigma_key) in _STAT_KEYS.items():

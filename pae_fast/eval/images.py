@@ -155,9 +155,11 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 def _read_image(path: Path) -> np.ndarray:
     from PIL import Image
 
+    from pae_fast.data.images import to_rgb
+
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return np.asarray(to_rgb(im, path), dtype=np.uint8)  # 16-bit files scaled, not clipped
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 

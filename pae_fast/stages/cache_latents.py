@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import nn
 from pae_fast import __version__
 from pae_fast.data.images import ImageSamples, find_samples, save_class_mapping
 from pae_fast.data.latent_cache import FORMAT_VERSION, INDEX_FILE, STATS_FILE
+from pae_fast.data.latent_cache import _check_finite as check_finite
 from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
 from pae_fast.data.loaders import build_image_loader
 from pae_fast.errors import ConfigError, DataError
@@ -131,12 +132,16 @@ def _shard_done(path: Path, ident: dict[str, Any], start: int, stop: int) -> boo
 
 @torch.no_grad()
 def _encode_range(tokenizer: nn.Module, data_cfg, samples: ImageSamples, start: int, stop: int,
-                  device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
-    """Latents of items ``[start, stop)`` and of their mirror images, in item order; and the bad-file count."""
+                  device: torch.device, check_stop: Callable[[], None] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], int]:
+    """Latents of items ``[start, stop)`` and of their mirror images, in item order; and the bad-file count.
+    ``check_stop`` is called before each batch (it raises to stop; the shard is then not written)."""
     part = samples.subset(range(start, stop))
     loader = build_image_loader(data_cfg, 0, 1, device, shuffle=False, hflip=False, drop_last=False, samples=part)
     zs, zfs, labels, index = [], [], [], []
     for batch in loader:
+        if check_stop is not None:
+            check_stop()
         x = batch.images  # (B, 3, S, S) in [0, 1]
         zs.append(tokenizer.encode(x).float().cpu())  # (B, C, h, w)
         zfs.append(tokenizer.encode(x.flip(-1)).float().cpu())
@@ -155,7 +160,7 @@ def _encode_range(tokenizer: nn.Module, data_cfg, samples: ImageSamples, start: 
 def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, tokenizer_name: str,
                  weights_hash: str, shard_size: int = 4096, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", samples: ImageSamples | None = None,
-                 tokenizer_weights: str = "raw") -> list[Path]:
+                 tokenizer_weights: str = "raw", check_stop: Callable[[], None] | None = None) -> list[Path]:
     """Write this rank's shards (``k = rank, rank + world_size, ...``), skipping finished ones.
 
     Args:
@@ -171,6 +176,8 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
         samples: the items (default: from ``data_cfg``).
         tokenizer_weights: which of the tokenizer's weights encode (``"raw"``, non-EMA, or ``"ema"``); recorded and
             checked like the weights hash.
+        check_stop: called between batches; it raises (``PreemptedError`` on SIGTERM / SIGINT) to stop before the
+            current shard is written, so a re-run resumes from the finished shards.
     Returns:
         The shard files this rank wrote now (not those already finished).
     Raises:
@@ -186,15 +193,19 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
     _barrier(world_size)
     if rank != 0:
         _claim_folder(out, ident)  # checks what rank 0 wrote
+    from pae_fast.progress import progress
+
     written = []
     ranges = shard_ranges(len(samples), shard_size)
-    for k in range(rank, len(ranges), world_size):
+    for k in progress(range(rank, len(ranges), world_size), "cache-latents", unit="shard", enabled=rank == 0):
         start, stop = ranges[k]
         path = out / _shard_name(k)
         if _shard_done(path, ident, start, stop):
             log.info("shard %s is already written; kept", path.name)
             continue
-        tensors, bad = _encode_range(tokenizer, data_cfg, samples, start, stop, device)
+        tensors, bad = _encode_range(tokenizer, data_cfg, samples, start, stop, device, check_stop)
+        for key in ("latents", "latents_flip"):  # no NaN shard is ever written (the reader would refuse it later)
+            check_finite(tensors[key], key, f"tokenizer {tokenizer_name} encoding shard {path.name}", start)
         meta = {"tokenizer": tokenizer_name, "weights_hash": weights_hash, "tokenizer_weights": tokenizer_weights,
                 "start": str(start), "stop": str(stop), "bad_files": str(bad)}
         save_safetensors(tensors, path, metadata=meta)
@@ -269,7 +280,8 @@ def _barrier(world_size: int) -> None:
 def cache_latents(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, tokenizer_name: str,
                   weights_hash: str, shard_size: int = 4096, rank: int = 0, world_size: int = 1,
                   device: torch.device | str = "cpu", stats_items: int | None = 10_000,
-                  samples: ImageSamples | None = None, tokenizer_weights: str = "raw") -> LatentStats | None:
+                  samples: ImageSamples | None = None, tokenizer_weights: str = "raw",
+                  check_stop: Callable[[], None] | None = None) -> LatentStats | None:
     """Write (or finish) a latent cache: this rank's shards, then on rank 0 the statistics and the index.
 
     Arguments as :func:`write_shards` and :func:`finalize_cache`. Under ``torch.distributed`` ranks meet at a barrier
@@ -277,7 +289,7 @@ def cache_latents(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *,
     """
     write_shards(tokenizer, data_cfg, out_dir, tokenizer_name=tokenizer_name, weights_hash=weights_hash,
                  shard_size=shard_size, rank=rank, world_size=world_size, device=device, samples=samples,
-                 tokenizer_weights=tokenizer_weights)
+                 tokenizer_weights=tokenizer_weights, check_stop=check_stop)
     _barrier(world_size)
     if rank != 0:
         return None
@@ -286,7 +298,8 @@ def cache_latents(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *,
 
 
 def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | None, out_dir: str | os.PathLike, *,
-                      shard_size: int = 4096, stats_items: int | None = 10_000, random_init: bool = False) -> Path:
+                      shard_size: int = 4096, stats_items: int | None = 10_000, random_init: bool = False,
+                      check_stop: Callable[[], None] | None = None) -> Path:
     """``cache-latents``: build the frozen tokenizer (:func:`~pae_fast.stages.frozen_tokenizer.load_frozen_tokenizer`),
     start the process group under torchrun, and write the cache (:func:`cache_latents`) on ``cfg.train.device``.
 
@@ -304,6 +317,7 @@ def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | Non
         shard_size: items per shard (>= 1).
         stats_items: latents the statistics are computed from (None: all).
         random_init: allow a random tokenizer (seeded by ``cfg.seed``; pipeline checks only).
+        check_stop: see :func:`write_shards` (the command passes its SIGTERM / SIGINT check).
     Returns:
         The cache folder.
     """
@@ -330,7 +344,7 @@ def run_cache_latents(cfg, tokenizer_name: str, weights: str | os.PathLike | Non
             cache_latents(tokenizer.to(device), cfg.data, out, tokenizer_name=tokenizer_name,
                           weights_hash=weights_hash, shard_size=shard_size, rank=rank,
                           world_size=dist_utils.get_world_size(), device=device, stats_items=stats_items,
-                          samples=samples, tokenizer_weights=which)
+                          samples=samples, tokenizer_weights=which, check_stop=check_stop)
     finally:
         if owns_group:
             dist_utils.cleanup()

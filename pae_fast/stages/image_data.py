@@ -5,7 +5,8 @@ index, which the stages ignore). Sources (``data.source``):
 
 - ``folder`` / ``imagenet``: an ImageFolder tree at ``data.root`` (or ``data.file_list``), ADM centre crop to
   ``data.image_size``; the held-out set is ``tokenizer.heldout_items`` items drawn with the run seed and removed
-  from the training set.
+  from the training set. ``data.on_bad_file: skip`` drops undecodable files (the training set's ``collate_fn``
+  drops them from their batch and logs each; bad held-out files are dropped when the set is opened).
 - ``skimage``: the demo photographs of :func:`pae_fast.data.demo_images.build_demo_images` (scikit-image's sample
   images, shipped with the package): ``data.synthetic_size`` training crops and ``tokenizer.heldout_items``
   pixel-disjoint held-out crops over ``min(data.num_classes, 8)`` classes.
@@ -37,6 +38,38 @@ class TensorImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
+
+
+class _SkippingCollate:
+    """Batches of the good items of a ``data.on_bad_file: skip`` image set; each bad file is logged once with the
+    count so far (:class:`~pae_fast.data.images.BadFileLog`). Picklable for DataLoader workers."""
+
+    def __init__(self) -> None:
+        from pae_fast.data.images import BadFileLog
+
+        self.bad_files = BadFileLog()
+
+    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from pae_fast.data.pil_loader import _collate
+
+        images, labels, indices, bad = _collate(items)
+        for path, reason in bad:
+            self.bad_files.add(path, reason)
+        return images, labels, indices  # images (B', 3, S, S), B' = the good items
+
+
+def _decodable(samples: Any) -> Any:
+    """The items of ``samples`` that decode (a bad one is logged and dropped)."""
+    from pae_fast.data.images import BadFileLog, BadImageError, load_image
+
+    log, keep = BadFileLog(), []
+    for i, path in enumerate(samples.paths):
+        try:
+            load_image(path)
+            keep.append(i)
+        except BadImageError as e:
+            log.add(e.path, e.reason)
+    return samples.subset(keep)
 
 
 def check_image_size(cfg: Any, tokenizer_image_size: int) -> None:
@@ -87,10 +120,15 @@ def open_image_data(cfg: Any, heldout_items: int = 0) -> tuple[torch.utils.data.
             g = torch.Generator().manual_seed(cfg.seed)
             order = torch.randperm(len(samples), generator=g).tolist()
             held_idx, keep = sorted(order[:heldout_items]), sorted(order[heldout_items:])
-            held = ImageDataset(samples.subset(held_idx), d.image_size, hflip=False, on_bad_file="error")
+            held_samples = samples.subset(held_idx)
+            if d.on_bad_file == "skip":  # the evaluator reads items directly: drop the bad ones once, here
+                held_samples = _decodable(held_samples)
+            held = ImageDataset(held_samples, d.image_size, hflip=False, on_bad_file="error")
             samples = samples.subset(keep)
-        train = ImageDataset(samples, d.image_size, hflip=d.hflip, on_bad_file="error", seed=cfg.seed)
+        train = ImageDataset(samples, d.image_size, hflip=d.hflip, on_bad_file=d.on_bad_file, seed=cfg.seed)
         train.path = d.root  # named in logs and the run identity
+        if d.on_bad_file == "skip":  # bad items come as (None, path, reason): the collate drops and counts them
+            train.collate_fn = _SkippingCollate()
         return train, held
     raise ConfigError(f"data.source={d.source!r}: the tokenizer stages read images; expected 'folder', 'imagenet' "
                       "(data.root) or 'skimage' (the bundled demo photographs)")

@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pae_fast.errors import NonFiniteError
 from pae_fast.models.vfm import TINY_VIT_KWARGS
 
 __all__ = [
@@ -279,6 +281,8 @@ def pretrain_vfm(
     log_every: int = 100,
     progress: bool | None = None,
     reuse: bool = True,
+    overwrite: bool = True,
+    check_stop: Callable[[], None] | None = None,
 ) -> PretrainResult:
     """Train ``VisionTransformer(**VIT_TINY_KWARGS)`` as an MAE and save its encoder to ``out`` (safetensors).
 
@@ -292,11 +296,15 @@ def pretrain_vfm(
         log_every: steps between log lines when no progress bar is shown.
         progress: tqdm bar (default: when stderr is a terminal).
         reuse: return at once when ``out`` already holds weights of the same configuration and data.
+        overwrite: replace an existing ``out`` that is not reused; False refuses it (``OutputError``, exit code 3)
+            before training, as the ``pretrain-vfm`` command does without ``--overwrite``.
+        check_stop: called before each step; it raises to stop (the command's SIGTERM / SIGINT check). Nothing is
+            written before the end, so ``out`` stays as it was.
 
     Returns:
         :class:`PretrainResult`; ``final_loss`` is the mean training loss of the last 10 % of the steps.
     """
-    from pae_fast.io import save_safetensors
+    from pae_fast.io import check_output_file, save_safetensors
 
     cfg = cfg or MAEConfig()
     cfg.validate()
@@ -322,6 +330,7 @@ def pretrain_vfm(
     if reuse and (done := _existing(out, config_hash)) is not None:
         log.info("VFM weights %s already trained with this configuration (hash %s); reusing them", out, config_hash)
         return done
+    check_output_file(out, overwrite)  # before training: a folder, an existing file or an unwritable place
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
@@ -351,6 +360,8 @@ def pretrain_vfm(
     t_train = time.perf_counter()
     try:
         for step in range(cfg.steps):
+            if check_stop is not None:
+                check_stop()
             if pos + cfg.batch_size > n:
                 perm, pos = torch.randperm(n, generator=g), 0
             idx = perm[pos : pos + cfg.batch_size]
@@ -360,7 +371,7 @@ def pretrain_vfm(
                 group["lr"] = _lr_at(step, cfg)
             loss = model(batch, cfg.mask_ratio, g)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"MAE loss is {loss.item()} at step {step}; lower the learning rate "
+                raise NonFiniteError(f"MAE loss is {loss.item()} at step {step}; lower the learning rate "
                                          f"(lr={cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()

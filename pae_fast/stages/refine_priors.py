@@ -127,7 +127,8 @@ def build_refine_task(cfg: Config, dataset: torch.utils.data.Dataset | None = No
     shared = Shared(vfm=vfm, cfg=cfg.refine, image_size=tok.image_size)
     metadata = recipe_metadata(cfg, tok)
     return TrainTask(name="refine", model=model, loss_fn=_refine_loss_fn(shared), dataset=ds, metadata=metadata,
-                     num_workers=cfg.data.num_workers if dataset is None else 0)
+                     num_workers=cfg.data.num_workers if dataset is None else 0,
+                     collate_fn=getattr(ds, "collate_fn", None))  # data.on_bad_file=skip drops bad files
 
 
 def recipe_metadata(cfg: Config, tok: Any) -> dict[str, str]:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "initial_noise",
     "generate_latents",
     "sample_labels",
+    "default_output_dir",
     "sample",
 ]
 
@@ -215,11 +217,13 @@ def generate_latents(
     guide: nn.Module | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    check_stop: Callable[[], None] | None = None,
 ) -> Tensor:
     """Sample standardised latents for ``labels`` in batches of ``sample.batch_size``.
 
     The initial noise of sample ``i`` depends only on ``sample.seed`` and ``i`` (:func:`initial_noise`), so the ODE
-    samplers' results do not depend on the batch size.
+    samplers' results do not depend on the batch size. ``check_stop`` is called before each batch (it raises to
+    stop: SIGTERM / SIGINT).
 
     Returns:
         ``(N, C, H, W)`` float32 on the CPU, in the model's (standardised) latent space.
@@ -234,6 +238,8 @@ def generate_latents(
     out = []
     starts = range(0, n, sample_cfg.batch_size)
     for s in report(starts, "sampling", enabled=progress, unit="batch"):
+        if check_stop is not None:
+            check_stop()
         y = labels[s : s + sample_cfg.batch_size].to(device)
         fn = make_velocity_fn(model, y, sample_cfg, guide)
 
@@ -257,14 +263,38 @@ def generate_latents(
     return torch.cat(out)
 
 
-def sample(cfg: Config) -> list[Path]:
+_FINAL_OUTPUTS = ("samples.npz", "grid.png", "latents.safetensors", "latent_grid.png")  # written last
+
+
+def default_output_dir(weights_file: Path) -> Path:
+    """Where samples go without ``sample.output_dir``: beside the checkpoint sampled, ``<run>/samples/<step>`` for
+    a checkpoint folder written by the engine, else ``<folder of the file>/samples_<file stem>``."""
+    from pae_fast.engine.checkpoint import MANIFEST
+
+    ckpt = weights_file.parent
+    if (ckpt / MANIFEST).is_file():
+        root = ckpt.parent  # <run>/checkpoints
+        run = root.parent if root.name == "checkpoints" else root
+        return run / "samples" / ckpt.name
+    return ckpt / f"samples_{weights_file.stem}"
+
+
+def sample(cfg: Config, *, overwrite: bool = True, allow_tokenizer_mismatch: bool = False,
+           check_stop: Callable[[], None] | None = None) -> list[Path]:
     """Sample a trained generator (``sample``); returns the files (and the per-image folder) written.
 
     With ``sample.tokenizer_checkpoint`` the de-normalised latents are decoded by the registered tokenizer
     ``tokenizer.name`` into ``grid.png``, ``images/<i>.png`` and ``samples.npz`` (ADM: ``arr_0`` uint8
     ``(N, H, W, 3)``, plus ``labels``); otherwise ``latents.safetensors`` (``latents (N, C, H, W)`` de-normalised,
-    ``labels (N,)``) and ``latent_grid.png`` are written. Output folder: ``sample.output_dir`` or
-    ``<out_dir>/samples``.
+    ``labels (N,)``) and ``latent_grid.png`` are written. Output folder: ``sample.output_dir``, else beside the
+    checkpoint (:func:`default_output_dir`).
+
+    Args:
+        overwrite: False refuses an output folder that holds finished samples (``OutputError``, before sampling);
+            a folder left by an interrupted run is written again.
+        allow_tokenizer_mismatch: decode even when the tokenizer is not the one the generator's latents came from
+            (:func:`pae_fast.stages.tokenizer_pairing.check_decoder`; refused otherwise).
+        check_stop: called between batches; it raises to stop (the command's SIGTERM / SIGINT check).
     """
     from pae_fast.engine.distributed import default_device, get_world_size
 
@@ -303,23 +333,43 @@ def sample(cfg: Config) -> list[Path]:
     num_classes = int(getattr(model, "num_classes", cfg.model.num_classes))
     labels = sample_labels(num_classes, sc)
 
-    tokenizer = _load_tokenizer(cfg, device) if sc.tokenizer_checkpoint else None
-    out_dir = Path(sc.output_dir) if sc.output_dir else Path(cfg.out_dir) / "samples"
+    out_dir = Path(sc.output_dir) if sc.output_dir else default_output_dir(weights_file)
+    _check_output(out_dir, overwrite)
+    tokenizer = None
+    if sc.tokenizer_checkpoint:
+        from pae_fast.stages.tokenizer_pairing import check_decoder
+
+        decoder_file = check_decoder(meta, weights_file, cfg.tokenizer.name, sc.tokenizer_checkpoint,
+                                     prefer_ema=sc.use_ema, vfm_weights=cfg.tokenizer.vfm_weights,
+                                     allow_mismatch=allow_tokenizer_mismatch)
+        tokenizer = _load_tokenizer(cfg, device, decoder_file)
     log.info("sampling %d latents %s from %s (%s, guidance %s) into %s",
              labels.numel(), shape, weights_file, plan_from_config(sc, shape).describe(), sc.guidance, out_dir)
-    z = generate_latents(model, labels, shape, sc, guide, device)
+    z = generate_latents(model, labels, shape, sc, guide, device, check_stop=check_stop)
     if not torch.isfinite(z).all():  # refuse before anything is written
         bad = (~torch.isfinite(z)).flatten(1).any(1).sum().item()
         raise NonFiniteError(f"sampling {weights_file} produced NaN/Inf latents ({bad} of {z.shape[0]} samples); "
                              "nothing was written")
     z = stats.denormalize(z)  # back to the tokenizer's latent space
     with RunLock(out_dir):
-        return _write_samples(cfg, z, labels, tokenizer, weights_file, shape, out_dir, device)
+        return _write_samples(cfg, z, labels, tokenizer, weights_file, shape, out_dir, device, check_stop)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Before sampling: the folder can be written, and holds no finished samples unless ``overwrite``."""
+    from pae_fast.errors import OutputError
+    from pae_fast.io import check_output_dir
+
+    check_output_dir(out_dir, key="sample.output_dir / --out")
+    done = [n for n in _FINAL_OUTPUTS if (out_dir / n).exists()]
+    if done and not overwrite:
+        raise OutputError(f"{out_dir} already holds samples ({', '.join(done)}); pass --overwrite to replace them, "
+                          "or --out another folder")
 
 
 def _write_samples(
     cfg: Config, z: Tensor, labels: Tensor, tokenizer: nn.Module | None, weights_file: Path,
-    shape: tuple[int, ...], out_dir: Path, device: torch.device,
+    shape: tuple[int, ...], out_dir: Path, device: torch.device, check_stop: Callable[[], None] | None = None,
 ) -> list[Path]:
     sc = cfg.sample
     written = [save_resolved(cfg, out_dir)]
@@ -332,11 +382,11 @@ def _write_samples(
             nrow = min(shape[0], 8)  # one row per sample, one column per channel
             written.append(save_image_grid(preview, out_dir / "latent_grid.png", nrow=nrow))
         return written
-    written += _decode_and_save(tokenizer, z, labels, sc, out_dir, device, cfg.data.image_size)
+    written += _decode_and_save(tokenizer, z, labels, sc, out_dir, device, cfg.data.image_size, check_stop)
     return written
 
 
-def _load_tokenizer(cfg: Config, device: torch.device) -> nn.Module:
+def _load_tokenizer(cfg: Config, device: torch.device, weights_file: Path) -> nn.Module:
     from pae_fast.registry import create_tokenizer
     from pae_fast.weights import load_weights
 
@@ -347,24 +397,27 @@ def _load_tokenizer(cfg: Config, device: torch.device) -> nn.Module:
                           f"{cfg.sample.tokenizer_checkpoint!r}: {e.args[0]}") from e
     if not callable(getattr(tok, "decode", None)):
         raise ConfigError(f"tokenizer {cfg.tokenizer.name!r} has no decode(latents) method")
-    prefer = ("ema", "model") if cfg.sample.use_ema else ("model", "ema")
-    load_weights(tok, cfg.sample.tokenizer_checkpoint, prefer=prefer, key="sample.tokenizer_checkpoint")
+    load_weights(tok, weights_file, key="sample.tokenizer_checkpoint")
     return tok.to(device).eval()
 
 
 @torch.no_grad()
 def _decode_and_save(
-    tok: nn.Module, z: Tensor, labels: Tensor, sc: Any, out_dir: Path, device: torch.device, image_size: int
+    tok: nn.Module, z: Tensor, labels: Tensor, sc: Any, out_dir: Path, device: torch.device, image_size: int,
+    check_stop: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Decode in batches into one preallocated uint8 ``(N, H, W, 3)`` array (50k ImageNet samples: 9.8 GB).
 
     ``image_size`` is the run's ``data.image_size``: decoded images of another size are written as they are, with a
     warning (the reference statistics of an FID evaluation are computed at that size)."""
     from pae_fast.eval.images import save_npz_images, to_uint8_hwc
+    from pae_fast.progress import progress
 
     arr = None
     img_dir = out_dir / "images"
-    for s in range(0, z.shape[0], sc.batch_size):
+    for s in progress(range(0, z.shape[0], sc.batch_size), "decoding", unit="batch"):
+        if check_stop is not None:
+            check_stop()
         x = tok.decode(z[s : s + sc.batch_size].to(device))  # (B, 3, H, W) in [0, 1]
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"tokenizer.decode returned shape {tuple(x.shape)}; expected images (B, 3, H, W)")

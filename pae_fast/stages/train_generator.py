@@ -81,6 +81,7 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
     from pae_fast.engine.task import TrainTask
     from pae_fast.models.generator import generator_from_config
     from pae_fast.models.profile import train_flops_per_sample
+    from pae_fast.stages.tokenizer_pairing import RECORD_KEY, tokenizer_record
 
     online = None
     if dataset is None and cfg.data.latents == "online":  # images encoded on the fly (stages/online_latents.py)
@@ -111,6 +112,9 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
         "latent_cache": str(getattr(ds, "path", "")),
         **(online.metadata() if online is not None else {}),
     }
+    record = tokenizer_record(online.metadata() if online is not None else getattr(ds, "metadata", None), stats)
+    if record is not None:  # which tokenizer made these latents: sample checks its decoder against it
+        metadata[RECORD_KEY] = json.dumps(record, sort_keys=True)
     flow_loss = FlowLoss.from_config(cfg.flow)
     task = TrainTask(
         name="generator",

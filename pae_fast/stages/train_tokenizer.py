@@ -20,6 +20,7 @@ and written into every checkpoint's metadata (``losses``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -65,7 +66,8 @@ def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -
     proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
     if t.raw_prior_projection == "pca":
         n = min(RAW_FIT_IMAGES, len(dataset))
-        x = torch.stack([dataset[i][0].float() for i in range(n)]).to(device)
+        items = (dataset[i][0] for i in range(len(dataset)))  # None: a bad file skipped (data.on_bad_file=skip)
+        x = torch.stack(list(itertools.islice((x for x in items if x is not None), n))).float().to(device)
         with torch.no_grad():  # on the training device (the engine moves the VFM there anyway)
             proj.fit(tok.vfm.to(device).tokens(tok.vfm.preprocess(x)))
     return proj
@@ -160,6 +162,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     flops = tokenizer_flops_fn(tok, loss, t, projector, raw_projection)  # per image and step: TFLOP/s and MFU
     task = TrainTask(name="tokenizer", model=model, loss_fn=tokenizer_loss_fn(shared, rank), dataset=dataset,
                      metadata=metadata, extra_optimized=extras, on_checkpoint=on_checkpoint, flops_per_sample=flops,
+                     collate_fn=getattr(dataset, "collate_fn", None),  # data.on_bad_file=skip drops bad files
                      num_workers=cfg.data.num_workers if getattr(dataset, "samples", None) is not None else 0)
     return task, evaluator
 

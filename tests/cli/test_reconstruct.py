@@ -70,12 +70,12 @@ def test_reconstruct_refuses_silent_random_and_bad_input(photos, tmp_path, capsy
     assert main(["reconstruct", "--tokenizer", "PAE-tiny", photos[0], "--out", str(tmp_path / "a")]) == 2
     assert "--random-init" in capsys.readouterr().err
     missing = str(tmp_path / "nope.png")
-    assert main(["reconstruct", "--tokenizer", "PAE-tiny", "--random-init", missing, "--out", str(tmp_path)]) == 2
+    assert main(["reconstruct", "--tokenizer", "PAE-tiny", "--random-init", missing, "--out", str(tmp_path)]) == 3
     assert "nope.png does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     save_safetensors({"vfm.model.x": torch.zeros(1)}, bad)
     args = ["reconstruct", "--tokenizer", "PAE-tiny", "--weights", str(bad), photos[0], "--out", str(tmp_path)]
-    assert main(args) == 2
+    assert main(args) == 3  # a weights problem: exit code 3 in every command
     assert "does not fit PAE-tiny" in capsys.readouterr().err
 
 

@@ -129,7 +129,7 @@ def test_sampling_denormalises_with_the_cache_stats(tmp_path):
     cfg.sample.batch_size = 2
     cfg.sample.steps = 3
     paths = sample(cfg)
-    out = Path(cfg.out_dir) / "samples"
+    out = tmp_path / "run" / "samples" / ckpt.name  # beside the checkpoint sampled
     assert out / "latents.safetensors" in paths
     t, _ = load_safetensors(out / "latents.safetensors")
     expected = task.dataset.stats.denormalize(initial_noise(cfg.sample.seed, range(5), (4, 8, 8)))

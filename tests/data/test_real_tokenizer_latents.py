@@ -158,7 +158,8 @@ def test_online_encoding_trains_and_samples(tokenizer, tmp_path, image_tree, cap
     assert main(["sample", "--config", TINY, "--out_dir", str(run), "--sample.checkpoint", str(run),
                  "--sample.num_samples", "2", "--sample.batch_size", "2", "--sample.steps", "2",
                  "--sample.device", "cpu"]) == 0
-    latents = load_safetensors(run / "samples" / "latents.safetensors")[0]["latents"]
+    newest = sorted((run / "checkpoints").iterdir())[-1].name  # samples go beside the checkpoint sampled
+    latents = load_safetensors(run / "samples" / newest / "latents.safetensors")[0]["latents"]
     assert tuple(latents.shape) == (2, *LATENT[tokenizer]) and bool(torch.isfinite(latents).all())
     # a resumed run standardises with the statistics of the checkpoint it resumes, not recomputed ones
     assert main([*args[:-1], "5", "--tokenizer.random_init", "true"]) == 0

@@ -68,16 +68,18 @@ def test_diffusability_cli_on_caches_and_raw_latents(tmp_path, capsys):
     seg = torch.zeros(len(y1), 8, 8, dtype=torch.long)
     seg[:, :, 4:] = 1
     save_file({"segments": seg}, str(tmp_path / "seg.safetensors"))
-    rc = cli_main(["diffusability", str(cache), "--out", str(out), "--segments", str(tmp_path / "seg.safetensors")])
+    argv = ["diffusability", str(cache), "--out", str(out), "--segments", str(tmp_path / "seg.safetensors")]
+    assert cli_main(argv) == 3 and "--overwrite" in capsys.readouterr().err  # the report exists
+    rc = cli_main([*argv, "--overwrite"])
     assert rc == 0 and "ssc" in json.loads((out / "diffusability.json").read_text())["inputs"]["cache_a"]
 
     # clear errors
     bad = tmp_path / "bad.safetensors"
     save_file({"latents": z2}, str(bad))
-    assert cli_main(["diffusability", str(bad), "--out", str(out)]) == 2
+    assert cli_main(["diffusability", str(bad), "--out", str(out), "--overwrite"]) == 3  # a data file
     assert "labels" in capsys.readouterr().err
     assert cli_main(["diffusability", str(cache), str(raw), "--names", "A", "--out", str(out)]) == 2
-    assert cli_main(["diffusability", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert cli_main(["diffusability", str(tmp_path / "nothing"), "--out", str(out), "--overwrite"]) == 3
     assert cli_main(["diffusability", str(cache), "--dry-run", "--eval.viv_iters", "3"]) == 0
     assert "viv_iters: 3" in capsys.readouterr().out
 
@@ -105,11 +107,13 @@ def test_evaluate_cli_with_local_random_inception_weights(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fid" in printed and "protocol   torch-fidelity" in printed and "statistics only, for pae_fast" in printed
     assert "arr_0" not in np.load(stats).files
-    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images"]) == 0
+    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images"]) == 3  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(args + overrides + ["--save-reference-stats", str(stats), "--with-images", "--overwrite"]) == 0
     assert json.loads(out.read_text())["protocol"] == "adm" and "an ADM reference batch" in capsys.readouterr().out
     assert {"arr_0", "mu", "sigma", "mu_s", "sigma_s"} <= set(np.load(stats).files)
     # without weights: a clear error, no traceback
-    assert cli_main(["evaluate", str(samples), str(reference), "--out", str(out)]) == 2
+    assert cli_main(["evaluate", str(samples), str(reference), "--out", str(out), "--overwrite"]) == 2
     assert "eval.inception_weights" in capsys.readouterr().err
 
 
