@@ -36,7 +36,13 @@ from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
 from pae_fast.losses.scr import scr_losses
 from pae_fast.losses.ssr import ssr_loss
 
-__all__ = ["PriorTargets", "GeneratorLossOutput", "TokenizerLoss"]
+__all__ = ["PriorTargets", "GeneratorLossOutput", "TokenizerLoss", "term_on"]
+
+
+def term_on(cfg: Any, name: str) -> bool:
+    """Whether the regularizer ``name`` (``"ssr" | "mcr" | "scr"``) runs: its switch ``cfg.<name>`` is on AND its
+    weight ``cfg.lambda_<name>`` is > 0 (docs/method.md § Tokenizer losses). The one home of this rule."""
+    return bool(getattr(cfg, name)) and float(getattr(cfg, f"lambda_{name}")) > 0
 
 
 @dataclass
@@ -111,15 +117,15 @@ class TokenizerLoss(nn.Module):
     # ------------------------------------------------------------------ switches
     @property
     def ssr_on(self) -> bool:
-        return bool(self.cfg.ssr) and float(self.cfg.lambda_ssr) > 0
+        return term_on(self.cfg, "ssr")
 
     @property
     def mcr_on(self) -> bool:
-        return bool(self.cfg.mcr) and float(self.cfg.lambda_mcr) > 0
+        return term_on(self.cfg, "mcr")
 
     @property
     def scr_on(self) -> bool:
-        return bool(self.cfg.scr) and float(self.cfg.lambda_scr) > 0
+        return term_on(self.cfg, "scr")
 
     @property
     def needs_targets(self) -> bool:
@@ -246,14 +252,19 @@ class TokenizerLoss(nn.Module):
 
     # ------------------------------------------------------------------ discriminator side
     def discriminator_loss(
-        self, images: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator | None = None
+        self, images: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator | None = None,
+        discriminator: nn.Module | None = None,
     ) -> dict[str, torch.Tensor] | None:
-        """Hinge loss of the discriminator on real images vs detached reconstructions.
+        """Hinge loss of the discriminator on real images vs detached reconstructions (the one implementation: the
+        training stage calls it too).
 
         Args:
             images: ``(B, 3, H, W)`` real images in [0, 1].
-            recon: ``(B, 3, H, W)`` reconstructions (detached here).
+            recon: ``(B, 3, H, W)`` reconstructions (detached here, cast to the images' dtype).
             step: optimizer step (``disc_start_step``).
+            generator: RNG of the DiffAug draws (None: the global one).
+            discriminator: the module to call, e.g. the engine's wrapped copy of :attr:`discriminator` (DDP, bf16
+                compute weights); None: :attr:`discriminator` itself.
         Returns:
             ``{"disc": loss (with grad on the heads), "logits_real": mean, "logits_fake": mean}``, or None when
             the discriminator is not trained at this step (no GAN, or before its start step).
@@ -263,7 +274,8 @@ class TokenizerLoss(nn.Module):
             return None
         # two passes (not one concatenated batch): the heads' BatchNorm statistics stay per source, as in the
         # generator pass, which sees reconstructions only
-        real = self.discriminator(diff_augment(images, self.aug_policy, generator=generator))
-        fake = self.discriminator(diff_augment(recon.detach(), self.aug_policy, generator=generator))
-        return {"disc": hinge_d_loss(real, fake), "logits_real": real.detach().mean(),
-                "logits_fake": fake.detach().mean()}  # fmt: skip
+        d = self.discriminator if discriminator is None else discriminator
+        real = d(diff_augment(images, self.aug_policy, generator=generator))
+        fake = d(diff_augment(recon.detach().to(images.dtype), self.aug_policy, generator=generator))
+        return {"disc": hinge_d_loss(real, fake), "logits_real": real.detach().float().mean(),
+                "logits_fake": fake.detach().float().mean()}  # fmt: skip

@@ -20,23 +20,13 @@ import torch
 from torch import nn
 
 from pae_fast.config import Config, ConfigError, dump_yaml
+from pae_fast.engine.task import Shared
 
-__all__ = ["PRIORS_FILE", "build_refine_task", "refine_priors", "load_priors", "Shared"]
+__all__ = ["PRIORS_FILE", "build_refine_task", "refine_priors", "load_priors"]
 
 log = logging.getLogger("pae_fast.train.refine")
 
 PRIORS_FILE = "priors.safetensors"
-
-
-class Shared:
-    """A holder of frozen helpers (VFM, losses) referenced by a trained module but not part of its state dict:
-    ``copy.deepcopy`` (the engine's EMA copy) shares it instead of copying it."""
-
-    def __init__(self, **items: Any) -> None:
-        self.__dict__.update(items)
-
-    def __deepcopy__(self, memo: dict) -> Shared:
-        return self
 
 
 def frozen_vfm(cfg: Config) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pae_fast.config import Config, ConfigError, dump_yaml
+from pae_fast.losses.total import term_on
 
 __all__ = ["build_tokenizer_task", "train_tokenizer", "RAW_FIT_IMAGES"]
 
@@ -38,8 +39,7 @@ RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted o
 def _check_config(cfg: Config, tok: Any = None) -> None:
     """Settings that cannot work together; without ``tok`` only those that need no model (run before building)."""
     t = cfg.tokenizer
-    ssr_on = t.ssr and t.lambda_ssr > 0
-    scr_on = t.scr and t.lambda_scr > 0
+    ssr_on, scr_on = term_on(t, "ssr"), term_on(t, "scr")
     if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
         raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
     if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
@@ -59,7 +59,7 @@ def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -
     from pae_fast.losses.refine import RawProjection
 
     t = cfg.tokenizer
-    if not (t.scr and t.lambda_scr > 0):
+    if not term_on(t, "scr"):
         return None
     proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
     if t.raw_prior_projection == "pca":
@@ -86,16 +86,16 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     """
     from pae_fast.engine.distributed import default_device
     from pae_fast.engine.state import seed_all
-    from pae_fast.engine.task import TrainTask
+    from pae_fast.engine.task import Shared, TrainTask
     from pae_fast.losses.total import TokenizerLoss
     from pae_fast.registry import create_tokenizer
     from pae_fast.stages.image_data import check_image_size, open_image_data
-    from pae_fast.stages.refine_priors import Shared, load_priors
+    from pae_fast.stages.refine_priors import load_priors
     from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
     from pae_fast.stages.tokenizer_flops import tokenizer_flops_fn
     from pae_fast.stages.tokenizer_task import (
         TokenizerTrainModule,
-        discriminator_loss_fn,
+        disc_unit_loss_fn,
         init_projector_from_priors,
         tokenizer_loss_fn,
     )
@@ -138,7 +138,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     model = TokenizerTrainModule(tok, shared)
     extras = {}
     if loss.discriminator is not None:
-        extras["disc"] = (loss.discriminator, discriminator_loss_fn(shared))
+        extras["disc"] = (loss.discriminator, disc_unit_loss_fn(shared))
     inception = None
     if cfg.eval.inception_weights is not None and heldout is not None:
         from pae_fast.eval.inception import load_inception
