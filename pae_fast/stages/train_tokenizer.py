@@ -7,8 +7,8 @@
   :class:`~pae_fast.losses.total.TokenizerLoss` (L1, LPIPS, GAN, SSR, MCR, SCR, RAE noise augmentation), EMA,
   exact resume, SIGTERM, bf16 and DDP from the engine;
 - ``extra_optimized["disc"]``: the DINO discriminator's heads with their own AdamW and schedule (hinge loss);
-- ``on_checkpoint``: held-out PSNR / SSIM (/ LPIPS / rFID) and input | reconstruction grids of the EMA weights
-  (:mod:`pae_fast.stages.tokenizer_eval`).
+- ``on_checkpoint``: held-out PSNR / SSIM (/ LPIPS / rFID) and input | reconstruction grids of the EMA weights,
+  recorded as ``"weights": "ema"`` (:mod:`pae_fast.stages.tokenizer_eval`).
 
 SSR / SCR targets come from the refined projector ``P_t`` of ``refine-priors`` (``tokenizer.priors: refined``,
 ``tokenizer.priors_file``; it also initialises the PAE projector) or from the raw VFM tokens (``priors: raw``).
@@ -158,7 +158,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     }
 
     def on_checkpoint(step: int, model_: Any, ema: Any, out_dir: str) -> None:
-        evaluator.evaluate(ema.tok, step, out_dir)
+        evaluator.evaluate(ema.tok, step, out_dir, weights="ema")
 
     flops = tokenizer_flops_fn(tok, loss, t, projector, raw_projection)  # per image and step: TFLOP/s and MFU
     task = TrainTask(name="tokenizer", model=model, loss_fn=tokenizer_loss_fn(shared, rank), dataset=dataset,
@@ -193,6 +193,6 @@ def train_tokenizer(cfg: Config, dataset: torch.utils.data.Dataset | None = None
     with open_run(out, identity, cfg.train.resume, main=is_main()):
         fresh = cfg.train.resume == "none" or (cfg.train.resume == "auto" and latest_checkpoint(out) is None)
         if fresh and is_main():  # the held-out row of the initial weights (step 0)
-            evaluator.evaluate(task.model.tok.to(default_device(cfg.train.device)), 0, out)
+            evaluator.evaluate(task.model.tok.to(default_device(cfg.train.device)), 0, out, weights="raw")
         train(task, cfg.train, out, seed=cfg.seed, config_yaml=dump_yaml(cfg))
     return out

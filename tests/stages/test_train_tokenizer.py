@@ -223,8 +223,9 @@ def test_heldout_metrics_add_lpips_and_rfid_when_their_networks_are_given(tmp_pa
     tok = create_tokenizer("PAE-tiny")
     g = torch.Generator().manual_seed(0)
     ds = TensorImageDataset(torch.rand(4, 3, 64, 64, generator=g), torch.zeros(4, dtype=torch.long))
-    plain = HeldoutEvaluator(ds, 4, 2).evaluate(tok, 0, tmp_path)
-    full = HeldoutEvaluator(ds, 4, 2, LPIPS("vgg"), FIDInceptionV3(input_size=75).eval()).evaluate(tok, 3, tmp_path)
+    plain = HeldoutEvaluator(ds, 4, 2).evaluate(tok, 0, tmp_path, weights="raw")
+    full = HeldoutEvaluator(ds, 4, 2, LPIPS("vgg"), FIDInceptionV3(input_size=75).eval()).evaluate(tok, 3, tmp_path,
+                                                                                                   weights="ema")
     assert set(plain) == {"step", "weights", "psnr", "ssim", "num_images"}
     assert {"lpips", "rfid"} <= set(full) and full["psnr"] == pytest.approx(plain["psnr"])
     assert [r["step"] for r in rows(tmp_path / "eval.jsonl")] == [0, 3]
