@@ -61,7 +61,7 @@ def build_step(name: str, device: torch.device | str = "cpu", lpips: bool = True
 
     from pae_fast.config import load_config
     from pae_fast.engine.task import Shared
-    from pae_fast.eval.recon import LPIPS
+    from pae_fast.losses.lpips import LPIPS
     from pae_fast.losses.total import TokenizerLoss, term_on
     from pae_fast.models.discriminator import create_discriminator
     from pae_fast.models.refine import PriorProjector
