@@ -109,11 +109,6 @@ class RawProjection(nn.Module):
         self.register_buffer("weight", w)  # (D, out_dim), orthonormal columns
         self.register_buffer("fitted", torch.tensor(kind == "random"))
 
-    @classmethod
-    def from_config(cls, cfg: Any, dim: int, seed: int = 0) -> RawProjection:
-        """From a :class:`~pae_fast.config.TokenizerConfig` (``raw_prior_projection``, ``latent_channels``)."""
-        return cls(dim, cfg.latent_channels, cfg.raw_prior_projection, seed)
-
     @torch.no_grad()
     def fit(self, tokens: torch.Tensor) -> RawProjection:
         """PCA on ``(..., D)`` tokens: mean and the top ``out_dim`` principal directions (no-op for ``random``)."""

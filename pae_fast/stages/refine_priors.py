@@ -1,8 +1,9 @@
 """Stage 0: refined priors (``refine-priors``), docs/method.md § Refined priors.
 
-Trains :class:`~pae_fast.models.refine.RefinedPriors` (projector ``P_t: D -> refine.latent_dim`` and the ViT
-reconstructor ``Q_t``) on the frozen VFM tokens of the images with :func:`pae_fast.losses.refine.refine_step_loss`
-through the shared engine, then writes ``<out_dir>/priors.safetensors``: the projector's weights (keys of
+Trains :class:`~pae_fast.models.refine.RefinedPriors` (projector ``P_t: D -> C``, C the tokenizer's latent width,
+and the ViT reconstructor ``Q_t``) on the frozen VFM tokens of the images with
+:func:`pae_fast.losses.refine.refine_step_loss` through the shared engine, then writes
+``<out_dir>/priors.safetensors``: the projector's weights (keys of
 :class:`~pae_fast.models.refine.PriorProjector`: ``attn.qkv.*``, ``attn.proj.*``, ``conv.*``) from the newest
 checkpoint's trained (not EMA) model [choice], and the targets' recipe in its metadata (``upsampler``,
 ``lowpass_strength``, ``grid``, ``latent_dim``, ``vfm_dim``, ``image_size``, the tokenizer and encoder names).
@@ -84,14 +85,11 @@ def build_refine_task(cfg: Config, dataset: torch.utils.data.Dataset | None = No
     if cfg.refine.reconstructor_hidden % cfg.refine.reconstructor_heads:
         raise ConfigError(f"refine.reconstructor_heads={cfg.refine.reconstructor_heads} does not divide "
                           f"refine.reconstructor_hidden={cfg.refine.reconstructor_hidden}")
-    if tok.kind == "pae" and cfg.refine.latent_dim != tok.latent_shape[0]:
-        raise ConfigError(f"refine.latent_dim={cfg.refine.latent_dim} but {cfg.tokenizer.name} has "
-                          f"{tok.latent_shape[0]} latent channels (the projector initialises the tokenizer's)")
     ds = open_image_data(cfg)[0] if dataset is None else dataset
     if len(ds) == 0:
         raise ConfigError(f"the image data {getattr(ds, 'path', type(ds).__name__)} is empty")
     seed_all(cfg.seed)
-    model = RefinedPriors.from_config(cfg.refine, vfm.embed_dim, vfm.grid_size)
+    model = RefinedPriors.from_config(cfg.refine, vfm.embed_dim, vfm.grid_size, tok.latent_shape[0])
     shared = Shared(vfm=vfm, cfg=cfg.refine, image_size=tok.image_size)
     metadata = recipe_metadata(cfg, tok)
     return TrainTask(name="refine", model=model, loss_fn=_refine_loss_fn(shared), dataset=ds, metadata=metadata,
@@ -108,7 +106,7 @@ def recipe_metadata(cfg: Config, tok: Any) -> dict[str, str]:
         "vfm_dim": str(tok.vfm_dim),
         "grid": str(tok.vfm.grid_size),
         "image_size": str(tok.image_size),
-        "latent_dim": str(r.latent_dim),
+        "latent_dim": str(tok.latent_shape[0]),
         "projector_heads": str(r.projector_heads),
         "upsampler": r.upsampler,
         "lowpass_strength": repr(float(r.lowpass_strength)),

@@ -50,9 +50,6 @@ def _check_config(cfg: Config, tok: Any = None) -> None:
     if tok.kind == "rae" and (ssr_on or scr_on):
         raise ConfigError(f"tokenizer {t.name!r} is an RAE (its latent is the frozen VFM's tokens): SSR / SCR cannot "
                           "train it; set tokenizer.ssr: false and tokenizer.scr: false")
-    if tok.kind == "pae" and t.latent_channels != tok.latent_shape[0]:
-        raise ConfigError(f"tokenizer.latent_channels={t.latent_channels} but {t.name!r} has {tok.latent_shape[0]} "
-                          "latent channels")
 
 
 def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -> Any:
