@@ -39,11 +39,11 @@ ELSEWHERE = {
     "tokenizer.vfm_weights": "tests/models/test_tokenizers.py (encoder weights loaded from the file)",
     "tokenizer.priors": "tests/losses/test_refine.py::test_build_prior_targets_modes",
     "tokenizer.priors_file": "tests/stages/test_tokenizer_cli.py (missing_priors) and test_refine_priors.py",
-    "tokenizer.raw_prior_projection": "tests/losses/test_refine.py (pca vs random RawProjection)",
+    "tokenizer.raw_prior_projection": "tests/stages/test_tokenizer_fields.py",
     "tokenizer.lpips_weights": "tests/losses/test_recon_gan.py (build_lpips: none / files / missing)",
-    "tokenizer.lpips_backbone_weights": "tests/losses/test_recon_gan.py (build_lpips with the backbone file)",
-    "tokenizer.heldout_items": "tests/stages/test_tokenizer_cli.py and test_train_tokenizer.py (held-out split)",
-    "tokenizer.grid_items": "tests/stages/test_train_tokenizer.py (grids/step_*.png of grid_items images)",
+    "tokenizer.lpips_backbone_weights": "tests/stages/test_tokenizer_fields.py",
+    "tokenizer.heldout_items": "tests/stages/test_tokenizer_fields.py",
+    "tokenizer.grid_items": "tests/stages/test_tokenizer_fields.py",
 }
 DISC_CHANGES = {"disc_model": "vit_small_patch8_224", "disc_blocks": (1,), "disc_input_size": 48}
 REFINE_CHANGES = {"lambda_rep": 0.0, "lambda_gram": 0.0, "lowpass_strength": 0.9, "upsampler": "nearest_area",
