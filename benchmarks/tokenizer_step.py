@@ -83,7 +83,7 @@ def build_step(name: str, device: torch.device | str = "cpu", lpips: bool = True
             projector = PriorProjector(tok.vfm_dim, tok.latent_shape[0], tok.vfm.num_heads).eval().requires_grad_(False)
             t = dataclasses.replace(t, priors="refined")
     loss = TokenizerLoss(t, lp, disc)
-    shared = Shared(loss=loss, cfg=t, projector=projector, raw_projection=None, seed=0, recons=[],
+    shared = Shared(loss=loss, projector=projector, raw_projection=None, seed=0, recons=[],
                     has_disc=disc is not None, status={}, announced=True)
     model = TokenizerTrainModule(tok, shared).to(dev).train()
     return StepParts(model, disc, tokenizer_loss_fn(shared), disc_unit_loss_fn(shared) if gan else None, t,

@@ -34,8 +34,9 @@ class TokenizerTrainModule(nn.Module):
 
     Args:
         tok: the tokenizer (its VFM frozen).
-        shared: holder with ``loss`` (:class:`~pae_fast.losses.total.TokenizerLoss`), ``cfg`` (the tokenizer config),
-            ``projector`` (frozen ``P_t`` or None), ``raw_projection`` (or None), ``seed`` (int), ``recons`` (list).
+        shared: holder with ``loss`` (:class:`~pae_fast.losses.total.TokenizerLoss`, which holds the tokenizer
+            config), ``projector`` (frozen ``P_t`` or None), ``raw_projection`` (or None), ``seed`` (int),
+            ``recons`` (list).
     """
 
     def __init__(self, tok: nn.Module, shared: Shared) -> None:
@@ -66,7 +67,7 @@ class TokenizerTrainModule(nn.Module):
         feats = self.tok.encode_features(images)
         targets = None
         if sh.loss.needs_targets:
-            targets = build_prior_targets(feats.vfm_tokens, sh.cfg, sh.projector, sh.raw_projection)
+            targets = build_prior_targets(feats.vfm_tokens, sh.loss.cfg, sh.projector, sh.raw_projection)
         out = sh.loss.generator_loss(images, feats.z, self.tok.decode, step, seed=seed,
                                      last_layer=self.tok.last_decoder_layer.weight, targets=targets)
         return out.total, out.terms, out.recon.detach()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pae_fast.config import Config, ConfigError, dump_yaml
+from pae_fast.config import Config, ConfigError, TokenizerConfig, dump_yaml
 from pae_fast.losses.total import term_on
 
 __all__ = ["build_tokenizer_task", "train_tokenizer", "RAW_FIT_IMAGES"]
@@ -36,9 +36,9 @@ log = logging.getLogger("pae_fast.train.tokenizer")
 RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted on the tokens of this many images
 
 
-def _check_config(cfg: Config, tok: Any = None) -> None:
-    """Settings that cannot work together; without ``tok`` only those that need no model (run before building)."""
-    t = cfg.tokenizer
+def _check_config(t: TokenizerConfig, tok: Any = None) -> None:
+    """Tokenizer settings that cannot work together; without ``tok`` only those that need no model (run before
+    building)."""
     ssr_on, scr_on = term_on(t, "ssr"), term_on(t, "scr")
     if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
         raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
@@ -52,13 +52,13 @@ def _check_config(cfg: Config, tok: Any = None) -> None:
                           "train it; set tokenizer.ssr: false and tokenizer.scr: false")
 
 
-def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -> Any:
+def _raw_projection(t: TokenizerConfig, seed: int, tok: Any, dataset: Any, device: torch.device) -> Any:
+    """The fixed SCR projection of raw VFM tokens (``priors: raw``), fitted on the first images for ``pca``."""
     from pae_fast.losses.refine import RawProjection
 
-    t = cfg.tokenizer
     if not term_on(t, "scr"):
         return None
-    proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
+    proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=seed)
     if t.raw_prior_projection == "pca":
         n = min(RAW_FIT_IMAGES, len(dataset))
         x = torch.stack([dataset[i][0].float() for i in range(n)]).to(device)
@@ -98,13 +98,13 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     )
 
     t = cfg.tokenizer
-    _check_config(cfg)
+    _check_config(t)
     device = default_device(cfg.train.device)
     seed_all(cfg.seed)  # before any module is built: the seed sets the initial weights
     tok = create_tokenizer(t.name, weights=t.checkpoint, vfm_weights=t.vfm_weights)
     if t.vfm_weights is None and t.checkpoint is None:
         log.warning("tokenizer.vfm_weights is unset: the frozen VFM has RANDOM weights (tests / demos only)")
-    _check_config(cfg, tok)
+    _check_config(t, tok)
     check_image_size(cfg, tok.image_size)
     if dataset is None:
         dataset, held_default = open_image_data(cfg, t.heldout_items)
@@ -122,7 +122,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
                 log.warning("the refined projector used %s heads, the tokenizer's projector %d: the initialisation "
                             "copies the weights only", priors_meta.get("projector_heads"), tok.vfm.num_heads)
     elif loss.needs_targets:
-        raw_projection = _raw_projection(cfg, tok, dataset, device)
+        raw_projection = _raw_projection(t, cfg.seed, tok, dataset, device)
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
         if m is not None:
             m.to(device)
@@ -130,7 +130,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     for term, line in status.items():  # before the engine's log exists: what is off or random shows as a warning
         if line.startswith("off") or "RANDOM" in line:
             log.warning("loss %s: %s", term, line)
-    shared = Shared(loss=loss, cfg=t, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
+    shared = Shared(loss=loss, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
                     has_disc=loss.discriminator is not None, status=status, announced=False)
     model = TokenizerTrainModule(tok, shared)
     extras = {}

@@ -77,7 +77,7 @@ def setup(parts):
     with torch.no_grad():
         projector.conv.bias.normal_(0, 0.5)
     loss = TokenizerLoss(cfg, lpips=lp, discriminator=disc, kernel_backend="torch")
-    shared = Shared(loss=loss, cfg=cfg, projector=projector, raw_projection=None, seed=RUN_SEED, recons=[],
+    shared = Shared(loss=loss, projector=projector, raw_projection=None, seed=RUN_SEED, recons=[],
                     has_disc=True, status={}, announced=True)
     model = TokenizerTrainModule(tok, shared).train()
     g = torch.Generator().manual_seed(1)

@@ -58,7 +58,7 @@ def test_raw_prior_projection_selects_pca_or_random(tmp_path):
     got = {}
     for kind in ("pca", "random"):
         c = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, raw_prior_projection=kind))
-        got[kind] = _raw_projection(c, tok, _images(4), torch.device("cpu"))
+        got[kind] = _raw_projection(c.tokenizer, c.seed, tok, _images(4), torch.device("cpu"))
     assert got["pca"].kind == "pca" and got["random"].kind == "random"
     assert bool(got["pca"].fitted) and float(got["pca"].mean.abs().sum()) > 0  # fitted on the images' tokens
     assert not torch.allclose(got["pca"].weight, got["random"].weight)
