@@ -11,7 +11,7 @@ The stage wires it like this (per step)::
 
     z, vfm = tok.encode_features(images)                       # (B, C, h, w), (B, N, D)
     targets = build_prior_targets(vfm, cfg.tokenizer, projector=P_t)   # losses.refine; no grad
-    out = loss.generator_loss(images, z, tok.decode, step, seed=mcr_step_seed(cfg.seed, step, rank),  # losses.mcr
+    out = loss.generator_loss(images, z, tok.decode, step, seed=mcr_step_seed(cfg.seed, step, rank),  # per (step, rank)
                               last_layer=tok.last_decoder_layer.weight, targets=targets)
     out.total.backward(); opt_g.step()
     d = loss.discriminator_loss(images, out.recon, step)       # None before disc_start_step / without GAN
@@ -190,7 +190,8 @@ class TokenizerLoss(nn.Module):
             z: ``(B, C, h, w)`` latents from the encoder (gradients flow to the trainable encoder parts).
             decode: the tokenizer's decoder, ``(B', C, h, w) -> (B', 3, H, W)``.
             step: optimizer step (GAN start step).
-            seed: Philox seed of the MCR noise (vary per step).
+            seed: Philox seed of the MCR noise; the stage passes :func:`~pae_fast.losses.mcr.mcr_step_seed` of
+                (run seed, step, rank), distinct for every (step, rank) at any world size and the same on resume.
             last_layer: the decoder's last layer weight (``tok.last_decoder_layer.weight``); needed with the GAN term.
             targets: SSR / SCR targets (needed when either is on).
             generator: RNG for the noise augmentation and DiffAug (None: the global one).
