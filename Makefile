@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[dev,dali]"
+	$(PY) -m pip install -q -e ".[dev,dali,hf]"
 	touch $@
 
 install: $(VENV)/.installed

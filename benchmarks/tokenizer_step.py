@@ -1,7 +1,7 @@
 """One full tokenizer training step, assembled as ``train-tokenizer`` assembles it, for the benchmarks.
 
 :func:`build_step` builds the stage's own pieces (:class:`pae_fast.stages.tokenizer_task.TokenizerTrainModule`, the
-discriminator loss of :func:`pae_fast.stages.tokenizer_task.discriminator_loss_fn`, :class:`TokenizerLoss`) from a
+discriminator loss of :func:`pae_fast.stages.tokenizer_task.disc_unit_loss_fn`, :class:`TokenizerLoss`) from a
 preset, with RANDOM weights everywhere (timing and traffic only: LPIPS, the discriminator's frozen backbone and the
 refined projector have the real shapes, not the real values), on any device including ``meta``. One step
 (:func:`step_losses`) = generator side (frozen VFM forward, DAM, projector, the reconstruction + two MCR decoder
@@ -60,13 +60,13 @@ def build_step(name: str, device: torch.device | str = "cpu", lpips: bool = True
     import dataclasses
 
     from pae_fast.config import load_config
-    from pae_fast.eval.recon import LPIPS
-    from pae_fast.losses.total import TokenizerLoss
+    from pae_fast.engine.task import Shared
+    from pae_fast.losses.lpips import LPIPS
+    from pae_fast.losses.total import TokenizerLoss, term_on
     from pae_fast.models.discriminator import create_discriminator
     from pae_fast.models.refine import PriorProjector
     from pae_fast.registry import create_tokenizer
-    from pae_fast.stages.refine_priors import Shared
-    from pae_fast.stages.tokenizer_task import TokenizerTrainModule, discriminator_loss_fn, tokenizer_loss_fn
+    from pae_fast.stages.tokenizer_task import TokenizerTrainModule, disc_unit_loss_fn, tokenizer_loss_fn
 
     t = load_config(preset_for(name)).tokenizer
     over = {"name": name, "gan_start_step": 0, "disc_start_step": 0, "disc_weights": "random",
@@ -77,16 +77,16 @@ def build_step(name: str, device: torch.device | str = "cpu", lpips: bool = True
         tok = create_tokenizer(name)
         lp = LPIPS("vgg") if lpips else None
         disc = create_discriminator(t) if gan else None
-        needs = (t.ssr and t.lambda_ssr > 0) or (t.scr and t.lambda_scr > 0)
+        needs = term_on(t, "ssr") or term_on(t, "scr")
         projector = None
         if needs and tok.kind == "pae":
             projector = PriorProjector(tok.vfm_dim, tok.latent_shape[0], tok.vfm.num_heads).eval().requires_grad_(False)
             t = dataclasses.replace(t, priors="refined")
     loss = TokenizerLoss(t, lp, disc)
-    shared = Shared(loss=loss, cfg=t, projector=projector, raw_projection=None, seed=0, recons=[],
+    shared = Shared(loss=loss, projector=projector, raw_projection=None, seed=0, recons=[],
                     has_disc=disc is not None, status={}, announced=True)
     model = TokenizerTrainModule(tok, shared).to(dev).train()
-    return StepParts(model, disc, tokenizer_loss_fn(shared), discriminator_loss_fn(shared) if gan else None, t,
+    return StepParts(model, disc, tokenizer_loss_fn(shared), disc_unit_loss_fn(shared) if gan else None, t,
                      tok.image_size)
 
 

@@ -5,7 +5,7 @@
 
 One pass reads x, y and the modulation and writes both the new residual stream ``r`` and the next input ``h``.
 ``bias`` (optional, ``(D,)``) is the bias of the sub-block's last linear (attention ``proj``, MLP ``w3``/``fc2``),
-folded here so the linear runs without it (docs/method/adaln-fold.md).
+folded here so the linear runs without it (docs/method.md § Gated-residual bias fold).
 ``x, y (B, N, D)``; ``gate``, ``shift``, ``scale`` per sample ``(B, D)`` or per token ``(B, N, D)``, each
 independently; ``shift`` may be None. Layout and normalisation math: ``_adaln_common``.
 

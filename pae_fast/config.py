@@ -102,8 +102,8 @@ class TokenizerConfig:
     # which weights of a tokenizer run / checkpoint encode latents (cache-latents, data.latents online): raw = the
     # trained, non-EMA weights, as the authors' extract_latents.py; recorded as tokenizer_weights in the metadata
     encode_weights: Literal["raw", "ema"] = "raw"
-    latent_channels: int = 32
-    decoder: str = "ViT-L"
+    # The latent width and the decoder are the variant's (``name``, docs/method.md § PAE tokenizer): no key repeats
+    # them.
     # Loss weights and switches (docs/method.md §Tokenizer losses). A term is computed only when its switch is on
     # AND its weight is > 0; an off term is absent from the loss dict and costs nothing.
     lambda_l1: float = 1.0
@@ -121,7 +121,7 @@ class TokenizerConfig:
     scr_terms: Literal["pooled", "patch", "both"] = "both"
     priors: Literal["refined", "raw"] = "refined"  # SSR/SCR targets from the refined projector or raw VFM tokens
     priors_file: str | None = None  # priors=refined: the priors.safetensors written by refine-priors
-    raw_prior_projection: Literal["pca", "random"] = "pca"  # priors=raw: VFM D -> latent_channels for SCR
+    raw_prior_projection: Literal["pca", "random"] = "pca"  # priors=raw: VFM D -> the latent width for SCR
     noise_aug_tau: float = 0.0  # RAE noise-augmented decoding (0 = off; RAE uses 0.8)
     noise_aug_dist: Literal["uniform", "half_normal"] = "uniform"  # code: U(0, tau); paper: |N(0, tau^2)|
     gan_start_step: int = 0  # generator GAN term from this step on
@@ -142,7 +142,7 @@ class TokenizerConfig:
 class RefineConfig:
     """Stage 0: refined priors (a projector D->latent_dim and a ViT reconstructor), docs/method.md § Refined priors."""
 
-    latent_dim: int = 32
+    # P_t's output width is the tokenizer's latent width (the variant's; P_t initialises its projector): no key
     reconstructor_depth: int = 4
     reconstructor_hidden: int = 1024
     lambda_rep: float = 1.0

@@ -68,7 +68,6 @@ RULES: tuple[Rule, ...] = tuple(
              "data.latent_size data.dali_threads data.prefetch data.stats_items", _ge(1), _POS)
     + _rules("data.num_workers", _ge(0), _NONNEG)
     # tokenizer
-    + _rules("tokenizer.latent_channels", _ge(1), _POS)
     + _rules("tokenizer.lambda_l1 tokenizer.lambda_lpips tokenizer.lambda_gan tokenizer.lambda_ssr "
              "tokenizer.lambda_mcr tokenizer.lambda_scr tokenizer.noise_aug_tau tokenizer.gan_start_step "
              "tokenizer.disc_start_step",
@@ -79,7 +78,7 @@ RULES: tuple[Rule, ...] = tuple(
     + _rules("tokenizer.disc_blocks", _ge(0), "each >= 0 (a block index of the discriminator's backbone)")
     + _rules("tokenizer.heldout_items tokenizer.grid_items", _ge(0), _NONNEG)
     # refine
-    + _rules("refine.latent_dim refine.reconstructor_depth refine.reconstructor_hidden refine.projector_heads "
+    + _rules("refine.reconstructor_depth refine.reconstructor_hidden refine.projector_heads "
              "refine.reconstructor_heads", _ge(1), _POS)
     + _rules("refine.lambda_rep refine.lambda_gram", _ge(0), _NONNEG)
     + _rules("refine.lowpass_strength", _closed(0, 1), _PROB)

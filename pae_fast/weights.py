@@ -377,3 +377,12 @@ def load_weights(
     load_into(module, state, what=f"{key}={str(file)!r}", strict=strict, skip=skip)
     meta["weights_file"] = str(file)
     return meta
+
+
+def load_state_dict_file(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A state dict from a local safetensors or ``.pth``/``.pt`` file, read by :func:`read_state_dict`
+    (``weights_only=True``); a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file {p} does not exist (no download here: pass a local file)")
+    return read_state_dict(p, prefer=("state_dict", "model"), prefixes=(), key=what)[0]

@@ -54,3 +54,19 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps(idx))
     with pytest.raises(ValueError, match="shard-00000.safetensors is damaged"):
         LatentCache(tmp_path)[0]
+
+
+def test_default_latents_flip_mirrors_the_width_axis(tmp_path):
+    """Without ``latents_flip`` the cache stores each latent mirrored left-right: entry (c, h, w) of the flipped latent
+    is entry (c, h, W-1-w) of the latent (horizontal flip = last axis of (C, H, W); the H axis and channels stay)."""
+    from pae_fast.io import load_safetensors
+
+    z = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)  # square: an H flip has the same shape
+    write_latent_cache(tmp_path / "c", z, torch.tensor([0, 1]), shard_size=8)
+    (shard,) = sorted((tmp_path / "c").glob("shard-*.safetensors"))
+    stored = load_safetensors(shard)[0]["latents_flip"]
+    for n in range(2):
+        for c in range(3):
+            for h in range(4):
+                for w in range(4):
+                    assert float(stored[n, c, h, w]) == float(z[n, c, h, 3 - w]), (n, c, h, w)

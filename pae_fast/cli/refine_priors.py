@@ -1,5 +1,5 @@
-"""Stage 0: train the refined priors (projector P_t: D -> refine.latent_dim and a ViT reconstructor Q_t) on the
-frozen VFM tokens of the images in data (docs/method.md § Refined priors).
+"""Stage 0: train the refined priors (projector P_t: D -> the tokenizer's latent width and a ViT reconstructor Q_t)
+on the frozen VFM tokens of the images in data (docs/method.md § Refined priors).
 
 Examples:
     python -m pae_fast refine-priors --config tokenizer_tiny_cpu --out_dir runs/priors

@@ -13,12 +13,23 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TrainTask", "LossFn"]
+__all__ = ["TrainTask", "LossFn", "Shared"]
 
 # loss_fn(model, batch, step) -> (scalar loss, {term name: scalar tensor}); ``model`` may be wrapped (DDP, compile),
 # ``batch`` is what the data yields, already moved to the training device; ``step`` is the 0-based index of the
 # optimizer step being computed (the same for every micro-batch of a step). Terms are logged as running means.
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Shared:
+    """A holder of frozen helpers (VFM, losses, projectors) a trained module references but that are not part of its
+    state dict: ``copy.deepcopy`` (the engine's EMA copy, the bf16 compute copy) shares it instead of copying it."""
+
+    def __init__(self, **items: Any) -> None:
+        self.__dict__.update(items)
+
+    def __deepcopy__(self, memo: dict) -> Shared:
+        return self
 
 
 @dataclass

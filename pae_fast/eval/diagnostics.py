@@ -115,7 +115,7 @@ def lpc(
     Args:
         decode_fn: latents ``(B, C, H, W)`` -> images ``(B, 3, h, w)`` in [0, 1].
         latents: ``(N, C, H, W)``.
-        lpips_fn: ``(x, y) -> (B,)`` distances (e.g. :class:`pae_fast.eval.recon.LPIPS`).
+        lpips_fn: ``(x, y) -> (B,)`` distances (e.g. :class:`pae_fast.losses.lpips.LPIPS`).
     Returns:
         ``{"lpc": score, "per_rho": {rho: mean LPIPS}}``.
     """

@@ -19,11 +19,12 @@ TF's HWC order -> 2023-d).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pae_fast.weights import load_state_dict_file  # re-exported: the FID / LPIPS weight readers use it
 
 __all__ = ["FIDInceptionV3", "load_inception", "tf1_resize_bilinear", "load_state_dict_file"]
 
@@ -263,17 +264,6 @@ class FIDInceptionV3(nn.Module):
         pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # pool_3, (B, 2048)
         logits = pool @ self.fc.weight.t()
         return {"pool": pool, "logits": logits, "spatial": spatial}
-
-
-def load_state_dict_file(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
-    """A state dict from a local safetensors or ``.pth``/``.pt`` file, read by :func:`pae_fast.weights.read_state_dict`
-    (``weights_only=True``); a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped."""
-    from pae_fast.weights import read_state_dict
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file {p} does not exist (no download here: pass a local file)")
-    return read_state_dict(p, prefer=("state_dict", "model"), prefixes=(), key=what)[0]
 
 
 def load_inception(

@@ -36,9 +36,17 @@ def mcr_angles_for(angles: Sequence[float], cascade: str) -> tuple[float, ...]:
 
 
 def mcr_step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A Philox seed for one (run seed, step, process rank): a SplitMix64 mix, so every step and every DDP rank
-    draws different noise and a resumed run draws the same noise again. Returns a signed 64-bit int."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + int(rank) * 0x94D049BB133111EB) % 2**64
+    """The Philox seed of the MCR noise of one (run seed, optimizer step, process rank) (docs/method.md § MCR).
+
+    ``(step, rank)`` is packed into 64 bits (``step << 32 | rank``), added to the run seed times an odd constant and
+    mixed by the SplitMix64 finaliser, a bijection of 64-bit words: for one run seed, every ``(step, rank)`` with
+    ``0 <= step, rank < 2**32`` gets a different seed at ANY world size (no ``rank < world`` assumption), and a
+    resumed run draws the same noise again. Returns a signed 64-bit int.
+    """
+    step, rank = int(step), int(rank)
+    if not (0 <= step < 2**32 and 0 <= rank < 2**32):
+        raise ValueError(f"mcr_step_seed: step {step} and rank {rank} must lie in [0, 2**32)")
+    x = (int(seed) * 0x9E3779B97F4A7C15 + ((step << 32) | rank)) % 2**64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
     x ^= x >> 31

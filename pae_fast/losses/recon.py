@@ -1,6 +1,6 @@
 """Reconstruction terms of the tokenizer loss: L1 and LPIPS (docs/method.md §Tokenizer losses).
 
-LPIPS is the one in :mod:`pae_fast.eval.recon` (VGG-16 through torchvision's layer layout + the linear heads, frozen,
+LPIPS is :mod:`pae_fast.losses.lpips` (VGG-16 through torchvision's layer layout + the linear heads, frozen,
 differentiable w.r.t. its inputs); this module only decides, from :class:`~pae_fast.config.TokenizerConfig`, whether
 the term is on and from which local files it is built:
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pae_fast.eval.recon import LPIPS
+from pae_fast.losses.lpips import LPIPS
 
 __all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_enabled", "lpips_status", "build_lpips"]
 
@@ -47,7 +47,7 @@ def lpips_loss(lpips: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean LPIPS distance of a batch (differentiable w.r.t. both images; the network itself is frozen).
 
     Args:
-        lpips: a frozen :class:`~pae_fast.eval.recon.LPIPS`.
+        lpips: a frozen :class:`~pae_fast.losses.lpips.LPIPS`.
         x, y: ``(B, 3, H, W)`` images in [0, 1].
     Returns:
         0-dim loss (mean over images), computed in fp32.

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pae_fast.losses.total import PriorTargets
+from pae_fast.losses.total import PriorTargets, term_on
 from pae_fast.models.refine import RefinedPriors
 
 __all__ = ["refine_loss", "refine_step_loss", "RawProjection", "build_prior_targets"]
@@ -109,11 +109,6 @@ class RawProjection(nn.Module):
         self.register_buffer("weight", w)  # (D, out_dim), orthonormal columns
         self.register_buffer("fitted", torch.tensor(kind == "random"))
 
-    @classmethod
-    def from_config(cls, cfg: Any, dim: int, seed: int = 0) -> RawProjection:
-        """From a :class:`~pae_fast.config.TokenizerConfig` (``raw_prior_projection``, ``latent_channels``)."""
-        return cls(dim, cfg.latent_channels, cfg.raw_prior_projection, seed)
-
     @torch.no_grad()
     def fit(self, tokens: torch.Tensor) -> RawProjection:
         """PCA on ``(..., D)`` tokens: mean and the top ``out_dim`` principal directions (no-op for ``random``)."""
@@ -153,8 +148,7 @@ def build_prior_targets(
     Returns:
         :class:`~pae_fast.losses.total.PriorTargets` with only the targets of the terms that are on.
     """
-    ssr_on = bool(cfg.ssr) and float(cfg.lambda_ssr) > 0
-    scr_on = bool(cfg.scr) and float(cfg.lambda_scr) > 0
+    ssr_on, scr_on = term_on(cfg, "ssr"), term_on(cfg, "scr")
     h = vfm_tokens.detach()
     if not (ssr_on or scr_on):
         return PriorTargets()

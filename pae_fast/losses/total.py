@@ -11,7 +11,7 @@ The stage wires it like this (per step)::
 
     z, vfm = tok.encode_features(images)                       # (B, C, h, w), (B, N, D)
     targets = build_prior_targets(vfm, cfg.tokenizer, projector=P_t)   # losses.refine; no grad
-    out = loss.generator_loss(images, z, tok.decode, step, seed=mcr_step_seed(cfg.seed, step, rank),  # losses.mcr
+    out = loss.generator_loss(images, z, tok.decode, step, seed=mcr_step_seed(cfg.seed, step, rank),  # per (step, rank)
                               last_layer=tok.last_decoder_layer.weight, targets=targets)
     out.total.backward(); opt_g.step()
     d = loss.discriminator_loss(images, out.recon, step)       # None before disc_start_step / without GAN
@@ -36,7 +36,13 @@ from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
 from pae_fast.losses.scr import scr_losses
 from pae_fast.losses.ssr import ssr_loss
 
-__all__ = ["PriorTargets", "GeneratorLossOutput", "TokenizerLoss"]
+__all__ = ["PriorTargets", "GeneratorLossOutput", "TokenizerLoss", "term_on"]
+
+
+def term_on(cfg: Any, name: str) -> bool:
+    """Whether the regularizer ``name`` (``"ssr" | "mcr" | "scr"``) runs: its switch ``cfg.<name>`` is on AND its
+    weight ``cfg.lambda_<name>`` is > 0 (docs/method.md § Tokenizer losses). The one home of this rule."""
+    return bool(getattr(cfg, name)) and float(getattr(cfg, f"lambda_{name}")) > 0
 
 
 @dataclass
@@ -111,15 +117,15 @@ class TokenizerLoss(nn.Module):
     # ------------------------------------------------------------------ switches
     @property
     def ssr_on(self) -> bool:
-        return bool(self.cfg.ssr) and float(self.cfg.lambda_ssr) > 0
+        return term_on(self.cfg, "ssr")
 
     @property
     def mcr_on(self) -> bool:
-        return bool(self.cfg.mcr) and float(self.cfg.lambda_mcr) > 0
+        return term_on(self.cfg, "mcr")
 
     @property
     def scr_on(self) -> bool:
-        return bool(self.cfg.scr) and float(self.cfg.lambda_scr) > 0
+        return term_on(self.cfg, "scr")
 
     @property
     def needs_targets(self) -> bool:
@@ -184,7 +190,8 @@ class TokenizerLoss(nn.Module):
             z: ``(B, C, h, w)`` latents from the encoder (gradients flow to the trainable encoder parts).
             decode: the tokenizer's decoder, ``(B', C, h, w) -> (B', 3, H, W)``.
             step: optimizer step (GAN start step).
-            seed: Philox seed of the MCR noise (vary per step).
+            seed: Philox seed of the MCR noise; the stage passes :func:`~pae_fast.losses.mcr.mcr_step_seed` of
+                (run seed, step, rank), distinct for every (step, rank) at any world size and the same on resume.
             last_layer: the decoder's last layer weight (``tok.last_decoder_layer.weight``); needed with the GAN term.
             targets: SSR / SCR targets (needed when either is on).
             generator: RNG for the noise augmentation and DiffAug (None: the global one).
@@ -246,14 +253,19 @@ class TokenizerLoss(nn.Module):
 
     # ------------------------------------------------------------------ discriminator side
     def discriminator_loss(
-        self, images: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator | None = None
+        self, images: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator | None = None,
+        discriminator: nn.Module | None = None,
     ) -> dict[str, torch.Tensor] | None:
-        """Hinge loss of the discriminator on real images vs detached reconstructions.
+        """Hinge loss of the discriminator on real images vs detached reconstructions (the one implementation: the
+        training stage calls it too).
 
         Args:
             images: ``(B, 3, H, W)`` real images in [0, 1].
-            recon: ``(B, 3, H, W)`` reconstructions (detached here).
+            recon: ``(B, 3, H, W)`` reconstructions (detached here, cast to the images' dtype).
             step: optimizer step (``disc_start_step``).
+            generator: RNG of the DiffAug draws (None: the global one).
+            discriminator: the module to call, e.g. the engine's wrapped copy of :attr:`discriminator` (DDP, bf16
+                compute weights); None: :attr:`discriminator` itself.
         Returns:
             ``{"disc": loss (with grad on the heads), "logits_real": mean, "logits_fake": mean}``, or None when
             the discriminator is not trained at this step (no GAN, or before its start step).
@@ -263,7 +275,8 @@ class TokenizerLoss(nn.Module):
             return None
         # two passes (not one concatenated batch): the heads' BatchNorm statistics stay per source, as in the
         # generator pass, which sees reconstructions only
-        real = self.discriminator(diff_augment(images, self.aug_policy, generator=generator))
-        fake = self.discriminator(diff_augment(recon.detach(), self.aug_policy, generator=generator))
-        return {"disc": hinge_d_loss(real, fake), "logits_real": real.detach().mean(),
-                "logits_fake": fake.detach().mean()}  # fmt: skip
+        d = self.discriminator if discriminator is None else discriminator
+        real = d(diff_augment(images, self.aug_policy, generator=generator))
+        fake = d(diff_augment(recon.detach().to(images.dtype), self.aug_policy, generator=generator))
+        return {"disc": hinge_d_loss(real, fake), "logits_real": real.detach().float().mean(),
+                "logits_fake": fake.detach().float().mean()}  # fmt: skip

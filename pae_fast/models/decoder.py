@@ -16,8 +16,9 @@ from torch import nn
 
 from pae_fast.kernels.attention import attention
 from pae_fast.models.layers import Attention, head_dim_of, sincos_pos_embed_2d, unpatchify
+from pae_fast.models.vfm import FrozenVFM
 
-__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES"]
+__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES", "decoder_for"]
 
 # name -> (hidden, depth, heads, mlp hidden)
 DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -111,3 +112,24 @@ class ViTDecoder(nn.Module):
             x = blk(x)
         x = self.pred(self.norm(x))[:, 1:]  # (B, N, p*p*3), CLS dropped
         return unpatchify(x, self.patch_size, 3, self.grid_size, self.grid_size)
+
+
+def _decoder_size(decoder: str | tuple | list) -> tuple[int, int, int, int]:
+    if isinstance(decoder, str):
+        decoder = decoder.removeprefix("ViT-")  # "ViT-L" (the config's spelling) == "L"
+        if decoder not in DECODER_SIZES:
+            raise ValueError(f"unknown decoder size {decoder!r}; valid: {', '.join(DECODER_SIZES)} (or ViT-<size>) or "
+                             "(hidden, depth, heads, mlp_hidden)")
+        return DECODER_SIZES[decoder]
+    if len(decoder) != 4:
+        raise ValueError(f"decoder must be a size name or (hidden, depth, heads, mlp_hidden), got {decoder!r}")
+    return tuple(int(v) for v in decoder)  # type: ignore[return-value]
+
+
+def decoder_for(vfm: FrozenVFM, in_dim: int, image_size: int, decoder: str | tuple | list) -> ViTDecoder:
+    """The ViT decoder on the VFM's token grid whose patch makes ``image_size`` (16 for 16x16 tokens at 256)."""
+    g = vfm.grid_size
+    if image_size % g:
+        raise ValueError(f"image_size {image_size} is not a multiple of the {g}x{g} token grid of {vfm.name}")
+    hidden, depth, heads, mlp = _decoder_size(decoder)
+    return ViTDecoder(in_dim, g, image_size // g, hidden, depth, heads, mlp)

@@ -9,7 +9,7 @@ Every bandwidth-bound piece of a block is one fused op (docs/method.md § Comput
     attention             softmax(q k^T / sqrt(hd)) v  (the attention backend registry)
 
 ``Attention``, ``SwiGLU``, ``Mlp``: ``forward_unbiased`` returns (output without the last linear's bias ``b``, ``b``);
-the blocks fold ``b`` into the gated residual, which returns its gradient (docs/method/adaln-fold.md).
+the blocks fold ``b`` into the gated residual, which returns its gradient (docs/method.md § Gated-residual bias fold).
 
 Module and parameter names follow LightningDiT's and RAE's code (``x_embedder.proj``, ``t_embedder.mlp``,
 ``y_embedder.embedding_table``, ``attn.qkv``, ``mlp.w12``/``mlp.w3``, ``adaLN_modulation.1``, ``pos_embed``), so

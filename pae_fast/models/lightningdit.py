@@ -13,7 +13,7 @@ the attention residual with ``norm2``, the MLP residual with the *next* block's 
 norm), so the residual stream is read and written once per add. :func:`run_blocks` threads that chain. The biases
 of ``attn.proj`` and ``mlp.w3`` are folded into that op, ``x += g * (y + b)`` (``forward_unbiased``): their
 gradients come out of its backward kernel instead of a ``sum`` over each ``(B*N, D)`` gradient
-(docs/method/adaln-fold.md).
+(docs/method.md § Gated-residual bias fold).
 
 Time convention (docs/method.md § Conventions): ``t = 1`` is data, ``t = 0`` noise; the model predicts
 ``v = x1 - x0``. Guidance lives in ``pae_fast.flow``; the unconditional label is ``model.null_class``.

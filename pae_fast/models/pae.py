@@ -17,10 +17,10 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
 from pae_fast.kernels.latent_norm import latent_norm
-from pae_fast.models.decoder import DECODER_SIZES, CrossAttention, ViTDecoder
+from pae_fast.models.decoder import CrossAttention, decoder_for
 from pae_fast.models.layers import Attention, sincos_pos_embed_2d
 from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, register_tokenizer_variants
-from pae_fast.models.vfm import FrozenVFM, build_vfm
+from pae_fast.models.vfm import build_vfm
 
 __all__ = ["DAMBlock", "DAM", "Projector", "Decompressor", "PAETokenizer", "PAE_VARIANTS", "LATENT_EPS"]
 
@@ -114,27 +114,6 @@ class Decompressor(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.attn(self.conv(z).flatten(2).transpose(1, 2))
-
-
-def _decoder_size(decoder: str | tuple | list) -> tuple[int, int, int, int]:
-    if isinstance(decoder, str):
-        decoder = decoder.removeprefix("ViT-")  # "ViT-L" (the config's spelling) == "L"
-        if decoder not in DECODER_SIZES:
-            raise ValueError(f"unknown decoder size {decoder!r}; valid: {', '.join(DECODER_SIZES)} (or ViT-<size>) or "
-                             "(hidden, depth, heads, mlp_hidden)")
-        return DECODER_SIZES[decoder]
-    if len(decoder) != 4:
-        raise ValueError(f"decoder must be a size name or (hidden, depth, heads, mlp_hidden), got {decoder!r}")
-    return tuple(int(v) for v in decoder)  # type: ignore[return-value]
-
-
-def decoder_for(vfm: FrozenVFM, in_dim: int, image_size: int, decoder: str | tuple | list) -> ViTDecoder:
-    """The ViT decoder on the VFM's token grid whose patch makes ``image_size`` (16 for 16x16 tokens at 256)."""
-    g = vfm.grid_size
-    if image_size % g:
-        raise ValueError(f"image_size {image_size} is not a multiple of the {g}x{g} token grid of {vfm.name}")
-    hidden, depth, heads, mlp = _decoder_size(decoder)
-    return ViTDecoder(in_dim, g, image_size // g, hidden, depth, heads, mlp)
 
 
 class PAETokenizer(Tokenizer):

@@ -11,7 +11,9 @@ What the conversion changes besides names:
 - DINOv2: the CLS position is folded into ``cls_token``; the 37x37 position table is resampled to the encoder's
   grid as transformers does at run time (bicubic, antialias, fp32); ``mask_token`` is dropped (never used);
 - DINOv3: ``mask_token`` dropped; the absent k bias stays the encoder's fixed zero;
-- SigLIP2: the attention-pooling ``head.*`` is dropped (computed but unused by the authors' encode);
+- SigLIP2: the attention-pooling ``head.*`` is dropped (computed but unused by the authors' encode); a table of
+  another grid is resampled as transformers' SigLIP does at run time (bicubic, no antialias; the 256-px encoder's
+  16x16 table is kept as is);
 - MAE: the 14x14 table is resampled to the grid (bicubic, no antialias, CLS slot kept), as the authors' run time.
 
 Every other key must map; leftovers and gaps are reported with :func:`pae_fast.weights.key_diff`.
@@ -215,7 +217,7 @@ def convert_authors_pae(state: Mapping[str, torch.Tensor], family: str, grid: in
             elif family == "dinov2" and k in ("embeddings.cls_token", "embeddings.position_embeddings"):
                 continue  # folded below
             elif family == "siglip" and k == "embeddings.position_embedding.weight":
-                out["vfm.model.pos_embed"] = _resample_grid(t.unsqueeze(0), grid, antialias=True)
+                out["vfm.model.pos_embed"] = _resample_grid(t.unsqueeze(0), grid, antialias=False)
             elif family == "mae" and k == "embeddings.position_embeddings":
                 out["vfm.model.pos_embed"] = torch.cat([t[:, :1], _resample_grid(t[:, 1:], grid, False)], dim=1)
             elif (new := _apply(_ENCODER_RULES[family], k)) is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pae_fast.models.pae import decoder_for
+from pae_fast.models.decoder import decoder_for
 from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, register_tokenizer_variants
 from pae_fast.models.vfm import build_vfm
 

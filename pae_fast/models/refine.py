@@ -196,7 +196,7 @@ class RefinedPriors(nn.Module):
     Args:
         dim: VFM width D.
         grid: side of the VFM / latent token grid.
-        latent_dim: latent channels C (the tokenizer's).
+        latent_dim: the tokenizer's latent width (P_t's output; it initialises the tokenizer's projector).
         hidden, depth, reconstructor_heads: ``Q_t``'s ViT (see :class:`~pae_fast.config.RefineConfig`).
         projector_heads: heads of the projector's and the decompressor's attention (the tokenizer's: the VFM's).
     """
@@ -210,9 +210,9 @@ class RefinedPriors(nn.Module):
         self.dim, self.grid, self.latent_dim = dim, grid, latent_dim
 
     @classmethod
-    def from_config(cls, cfg: Any, dim: int, grid: int = 16) -> RefinedPriors:
-        """From a :class:`~pae_fast.config.RefineConfig` and the VFM width / token grid."""
-        return cls(dim, grid, cfg.latent_dim, cfg.reconstructor_hidden, cfg.reconstructor_depth,
+    def from_config(cls, cfg: Any, dim: int, grid: int = 16, latent_dim: int = 32) -> RefinedPriors:
+        """From a :class:`~pae_fast.config.RefineConfig`, the VFM width / token grid and the latent width."""
+        return cls(dim, grid, latent_dim, cfg.reconstructor_hidden, cfg.reconstructor_depth,
                    cfg.projector_heads, cfg.reconstructor_heads)  # fmt: skip
 
     def tokenizer_state(self) -> dict[str, torch.Tensor]:

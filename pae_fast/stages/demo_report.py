@@ -111,6 +111,16 @@ def _finite(x: Any) -> bool:
     return True
 
 
+def run_relative(path: Any, out: Path) -> str:
+    """``path`` relative to the run folder ``out`` when it lies inside it (summaries must not name the machine's
+    folders), else as given (e.g. local weights the user passed)."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path(out).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def write_summary(cfg: Any, demo: Any, stages: dict[str, Any], runner: Any, out: Path, fast: bool,
                   seconds: float) -> dict[str, Any]:
     """Measure the reconstructions, draw the grids and plots, and write ``summary.json`` / ``summary.md``."""
@@ -142,12 +152,13 @@ def write_summary(cfg: Any, demo: Any, stages: dict[str, Any], runner: Any, out:
         "data": {"source": "scikit-image photographs, one class per photograph", "classes": list(demo.classes),
                  "train_images": len(demo.train), "heldout_images": len(demo.heldout),
                  "image_size": int(demo.train.images.shape[-1])},
-        "vfm": {k: v for k, v in stages["vfm"].items() if k not in ("skipped", "seconds")},
-        "priors": {"file": stages["priors"]["path"], "steps": stages["priors"]["steps"],
+        "vfm": {k: run_relative(v, out) if k == "path" else v for k, v in stages["vfm"].items()
+                if k not in ("skipped", "seconds")},
+        "priors": {"file": run_relative(stages["priors"]["path"], out), "steps": stages["priors"]["steps"],
                    "batch_size": stages["priors"]["batch_size"]},
         "losses": {m.upper(): toks[m]["losses"] for m in ("pae", "rae")},
-        "tokenizers": {m.upper(): {k: toks[m][k] for k in ("name", "steps", "batch_size", "priors", "latent_shape",
-                                                             "weights")} for m in ("pae", "rae")},
+        "tokenizers": {m.upper(): {**{k: toks[m][k] for k in ("name", "steps", "batch_size", "priors", "latent_shape")},
+                                   "weights": run_relative(toks[m]["weights"], out)} for m in ("pae", "rae")},
         "reconstruction": recon,
         "diffusability": stages["diffusability"]["metrics"],
         "generator": {m.upper(): {"steps": gens[m]["steps"], "batch_size": gens[m]["batch_size"],
@@ -157,10 +168,11 @@ def write_summary(cfg: Any, demo: Any, stages: dict[str, Any], runner: Any, out:
                         for m in ("pae", "rae")}, "reference_train_vs_heldout": reference_fd},
         "files": {},
     }
-    files = {"grid_" + k: str(v) for k, v in grids.items()}
-    files["comparison"] = str(_plot_comparison(grids, out / "comparison.png"))
-    files["curves"] = str(_plot_curves(stages, out / "training_curves.png"))
+    files = {"grid_" + k: v for k, v in grids.items()}
+    files["comparison"] = _plot_comparison(grids, out / "comparison.png")
+    files["curves"] = _plot_curves(stages, out / "training_curves.png")
     files.update({"diffusability_" + k: v for k, v in stages["diffusability"]["files"].items()})
+    files = {k: run_relative(v, out) for k, v in files.items()}  # relative to the run folder
     summary["files"] = files
     bad = [s for s in SECTIONS if not _finite(summary[s])]
     if bad:
@@ -236,6 +248,6 @@ def summary_markdown(s: dict[str, Any], cfg: Any) -> str:
               "LPIPS and the GAN discriminator need pretrained VGG / DINO features: they run only when local weights "
               "are given (tokenizer.lpips_weights, tokenizer.disc_weights); otherwise they are off, as stated above.",
               "", "## Files", ""]
-    lines += [f"- {k}: `{p}`" for k, p in s["files"].items()]
+    lines += ["Paths are relative to the run folder.", ""] + [f"- {k}: `{p}`" for k, p in s["files"].items()]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items())]
     return "\n".join(lines) + "\n"

@@ -63,7 +63,9 @@ class OnlineImages(Dataset):
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    from pae_fast.engine.precision import autocast_dtype  # the engine's mapping, the only one
+
+    dtype = autocast_dtype(precision)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 

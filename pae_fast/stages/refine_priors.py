@@ -1,9 +1,9 @@
 """Stage 0: refined priors (``refine-priors``), docs/method.md § Refined priors.
 
-Trains :class:`~pae_fast.models.refine.RefinedPriors` (projector ``P_t: D -> refine.latent_dim``, the tokenizer's
-own projector, and ``Q_t`` = the tokenizer's decompressor + a ViT) on the frozen VFM tokens of the images with
-:func:`pae_fast.losses.refine.refine_step_loss` through the shared engine. Only what it trains is built, plus the
-frozen encoder: the tokenizer is read on the meta device for its sizes, never built. It then writes
+Trains :class:`~pae_fast.models.refine.RefinedPriors` (projector ``P_t: D -> C``, C the tokenizer's latent width:
+the tokenizer's own projector; and ``Q_t`` = the tokenizer's decompressor + a ViT) on the frozen VFM tokens of the
+images with :func:`pae_fast.losses.refine.refine_step_loss` through the shared engine. Only what it trains is built,
+plus the frozen encoder: the tokenizer is read on the meta device for its sizes, never built. It then writes
 ``<out_dir>/priors.safetensors``: the tokenizer's ``projector.*`` and ``decompressor.*`` keys
 (:meth:`~pae_fast.models.refine.RefinedPriors.tokenizer_state`) from the newest checkpoint's trained (not EMA) model
 [choice], and the targets' recipe in its metadata (``upsampler``, ``lowpass_strength``, ``grid``, ``latent_dim``,
@@ -23,23 +23,13 @@ import torch
 from torch import nn
 
 from pae_fast.config import Config, ConfigError, dump_yaml
+from pae_fast.engine.task import Shared
 
-__all__ = ["PRIORS_FILE", "build_refine_task", "refine_priors", "load_priors", "init_tokenizer_from_priors", "Shared"]
+__all__ = ["PRIORS_FILE", "build_refine_task", "refine_priors", "load_priors", "init_tokenizer_from_priors"]
 
 log = logging.getLogger("pae_fast.train.refine")
 
 PRIORS_FILE = "priors.safetensors"
-
-
-class Shared:
-    """A holder of frozen helpers (VFM, losses) referenced by a trained module but not part of its state dict:
-    ``copy.deepcopy`` (the engine's EMA copy) shares it instead of copying it."""
-
-    def __init__(self, **items: Any) -> None:
-        self.__dict__.update(items)
-
-    def __deepcopy__(self, memo: dict) -> Shared:
-        return self
 
 
 def tokenizer_sizes(name: str) -> Any:
@@ -113,9 +103,6 @@ def build_refine_task(cfg: Config, dataset: torch.utils.data.Dataset | None = No
     if cfg.refine.reconstructor_hidden % cfg.refine.reconstructor_heads:
         raise ConfigError(f"refine.reconstructor_heads={cfg.refine.reconstructor_heads} does not divide "
                           f"refine.reconstructor_hidden={cfg.refine.reconstructor_hidden}")
-    if tok.kind == "pae" and cfg.refine.latent_dim != tok.latent_shape[0]:
-        raise ConfigError(f"refine.latent_dim={cfg.refine.latent_dim} but {cfg.tokenizer.name} has "
-                          f"{tok.latent_shape[0]} latent channels (the projector initialises the tokenizer's)")
     if tok.kind == "pae" and cfg.refine.projector_heads != vfm.num_heads:
         raise ConfigError(f"refine.projector_heads={cfg.refine.projector_heads} but {cfg.tokenizer.name}'s projector "
                           f"has {vfm.num_heads} heads (P_t and the decompressor initialise the tokenizer's)")
@@ -123,7 +110,7 @@ def build_refine_task(cfg: Config, dataset: torch.utils.data.Dataset | None = No
     if len(ds) == 0:
         raise ConfigError(f"the image data {getattr(ds, 'path', type(ds).__name__)} is empty")
     seed_all(cfg.seed)
-    model = RefinedPriors.from_config(cfg.refine, vfm.embed_dim, vfm.grid_size)
+    model = RefinedPriors.from_config(cfg.refine, vfm.embed_dim, vfm.grid_size, tok.latent_shape[0])
     shared = Shared(vfm=vfm, cfg=cfg.refine, image_size=tok.image_size)
     metadata = recipe_metadata(cfg, tok)
     return TrainTask(name="refine", model=model, loss_fn=_refine_loss_fn(shared), dataset=ds, metadata=metadata,
@@ -141,7 +128,7 @@ def recipe_metadata(cfg: Config, tok: Any) -> dict[str, str]:
         "vfm_dim": str(tok.vfm_dim),
         "grid": str(tok.vfm.grid_size),
         "image_size": str(tok.image_size),
-        "latent_dim": str(r.latent_dim),
+        "latent_dim": str(tok.latent_shape[0]),
         "projector_heads": str(r.projector_heads),
         "upsampler": r.upsampler,
         "lowpass_strength": repr(float(r.lowpass_strength)),

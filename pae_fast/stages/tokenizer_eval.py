@@ -1,10 +1,11 @@
 """What ``train-tokenizer`` writes beside its checkpoints: held-out reconstruction metrics and input | reconstruction
 grids (docs/method.md § Tokenizer training).
 
-- ``<out_dir>/eval.jsonl``: one row per evaluation ``{"step", "weights": "ema", "psnr", "ssim", ["lpips"],
-  ["rfid"], "num_images"}`` over the held-out images, reconstructed by the EMA weights (what ``create_tokenizer(
-  weights=<run folder>)`` loads); a row at step 0 (the initial weights) starts every fresh run. Rows of steps after
-  a resumed checkpoint are dropped, so the file always describes one history.
+- ``<out_dir>/eval.jsonl``: one row per evaluation ``{"step", "weights", "psnr", "ssim", ["lpips"], ["rfid"],
+  "num_images"}`` over the held-out images. ``weights`` names the weights that were evaluated, as the caller passed
+  them: ``"ema"`` at every checkpoint (the EMA weights, what ``create_tokenizer(weights=<run folder>)`` loads),
+  ``"raw"`` for the row at step 0 that starts every fresh run (the initial weights). Rows of steps after a resumed
+  checkpoint are dropped, so the file always describes one history.
 - ``<out_dir>/grids/step_<step>.png``: the first ``tokenizer.grid_items`` held-out images (top row) above their
   reconstructions (bottom row), clamped to [0, 1].
 """
@@ -21,11 +22,12 @@ from torch import nn
 
 from pae_fast.io import atomic_write_text
 
-__all__ = ["EVAL_FILE", "HeldoutEvaluator"]
+__all__ = ["EVAL_FILE", "WEIGHTS", "HeldoutEvaluator"]
 
 log = logging.getLogger("pae_fast.train.tokenizer")
 
 EVAL_FILE = "eval.jsonl"
+WEIGHTS = ("ema", "raw")  # the values of a row's "weights": which weights of the run were evaluated
 
 
 class HeldoutEvaluator:
@@ -53,8 +55,15 @@ class HeldoutEvaluator:
         return self._images
 
     @torch.no_grad()
-    def evaluate(self, tok: nn.Module, step: int, out_dir: str | Path) -> dict[str, Any] | None:
-        """Metrics of ``tok`` on the held-out images; appends the row to ``eval.jsonl`` and writes the grid."""
+    def evaluate(self, tok: nn.Module, step: int, out_dir: str | Path, weights: str) -> dict[str, Any] | None:
+        """Metrics of ``tok`` on the held-out images; appends the row to ``eval.jsonl`` and writes the grid.
+
+        Args:
+            tok: the tokenizer to evaluate.
+            weights: which weights ``tok`` holds, one of :data:`WEIGHTS` (recorded in the row).
+        """
+        if weights not in WEIGHTS:
+            raise ValueError(f"HeldoutEvaluator.evaluate: weights={weights!r}, expected one of {WEIGHTS}")
         if self.heldout is None or len(self.heldout) == 0:
             return None
         from pae_fast.eval.recon import reconstruction_metrics
@@ -67,7 +76,7 @@ class HeldoutEvaluator:
         try:
             batches = [(x[i : i + self.batch_size],) for i in range(0, x.shape[0], self.batch_size)]
             m = reconstruction_metrics(tok, batches, inception=self.inception, lpips=self.lpips, device=device)
-            row = {"step": int(step), "weights": "ema", **{k: float(v) for k, v in m.items()}}
+            row = {"step": int(step), "weights": weights, **{k: float(v) for k, v in m.items()}}
             row["num_images"] = int(m["num_images"])
             if self.grid_items > 0:
                 from pae_fast.io_images import save_image_grid

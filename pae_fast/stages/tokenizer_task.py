@@ -5,10 +5,12 @@
   ``model`` / ``ema.safetensors`` loads with ``create_tokenizer(name, weights=<run folder>)``. Its ``forward`` runs
   the whole generator-side loss (frozen VFM, DAM, projector, the concatenated decoder passes, LPIPS, the GAN's
   generator term, SSR / MCR / SCR), so DDP sees one forward per micro-batch. The frozen helpers (loss modules,
-  prior projector, raw projection) live in a :class:`~pae_fast.stages.refine_priors.Shared` holder: not in the
-  state dict, not copied by the EMA.
-- The discriminator is the engine's ``extra_optimized["disc"]`` (own optimizer and schedule): its loss reads the
-  detached reconstructions the generator pass of the same micro-batches left in the holder.
+  prior projector, raw projection) live in a :class:`~pae_fast.engine.task.Shared` holder: not in the
+  state dict, not copied by the EMA. The MCR noise of each (step, rank) is seeded by
+  :func:`~pae_fast.losses.mcr.mcr_step_seed` (distinct at any world size, the same again after a resume).
+- The discriminator is the engine's ``extra_optimized["disc"]`` (own optimizer and schedule): its loss,
+  :meth:`~pae_fast.losses.total.TokenizerLoss.discriminator_loss` (the only implementation), reads the detached
+  reconstructions the generator pass of the same micro-batches left in the holder.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pae_fast.stages.refine_priors import Shared
+from pae_fast.engine.task import Shared
+from pae_fast.losses.mcr import mcr_step_seed
 
 log = logging.getLogger("pae_fast.train.tokenizer")
 
-__all__ = ["TokenizerTrainModule", "tokenizer_loss_fn", "discriminator_loss_fn"]
+__all__ = ["TokenizerTrainModule", "tokenizer_loss_fn", "disc_unit_loss_fn"]
 
 
 class TokenizerTrainModule(nn.Module):
@@ -31,8 +34,9 @@ class TokenizerTrainModule(nn.Module):
 
     Args:
         tok: the tokenizer (its VFM frozen).
-        shared: holder with ``loss`` (:class:`~pae_fast.losses.total.TokenizerLoss`), ``cfg`` (the tokenizer config),
-            ``projector`` (frozen ``P_t`` or None), ``raw_projection`` (or None), ``seed`` (int), ``recons`` (list).
+        shared: holder with ``loss`` (:class:`~pae_fast.losses.total.TokenizerLoss`, which holds the tokenizer
+            config), ``projector`` (frozen ``P_t`` or None), ``raw_projection`` (or None), ``seed`` (int),
+            ``recons`` (list).
     """
 
     def __init__(self, tok: nn.Module, shared: Shared) -> None:
@@ -63,7 +67,7 @@ class TokenizerTrainModule(nn.Module):
         feats = self.tok.encode_features(images)
         targets = None
         if sh.loss.needs_targets:
-            targets = build_prior_targets(feats.vfm_tokens, sh.cfg, sh.projector, sh.raw_projection)
+            targets = build_prior_targets(feats.vfm_tokens, sh.loss.cfg, sh.projector, sh.raw_projection)
         out = sh.loss.generator_loss(images, feats.z, self.tok.decode, step, seed=seed,
                                      last_layer=self.tok.last_decoder_layer.weight, targets=targets)
         return out.total, out.terms, out.recon.detach()
@@ -84,7 +88,7 @@ def tokenizer_loss_fn(shared: Shared, rank: int = 0):
             for term, line in shared.status.items():
                 log.info("loss %-9s %s", term, line)
         images = _as_float(batch[0])
-        seed = (shared.seed * 1_000_003 + step) * 64 + rank  # MCR noise: new per step and per rank
+        seed = mcr_step_seed(shared.seed, step, rank)  # MCR noise: new per (step, rank), replayed on resume
         total, terms, recon = model(images, step, seed)
         if shared.has_disc:
             shared.recons.append(recon)
@@ -93,23 +97,17 @@ def tokenizer_loss_fn(shared: Shared, rank: int = 0):
     return loss_fn
 
 
-def discriminator_loss_fn(shared: Shared):
-    """The engine's ``loss_fn`` of the discriminator unit: hinge loss on DiffAug'd real images vs the detached
-    reconstructions of the same micro-batch (two passes: the heads' batch-norm statistics stay per source). Before
+def disc_unit_loss_fn(shared: Shared):
+    """The engine's ``loss_fn`` of the discriminator unit: :meth:`TokenizerLoss.discriminator_loss` called with the
+    engine's (possibly wrapped) discriminator on the detached reconstructions of the same micro-batch. Before
     ``tokenizer.disc_start_step`` it returns a zero loss that touches no parameter (AdamW skips them)."""
-    from pae_fast.losses.diffaug import diff_augment
-    from pae_fast.losses.gan import disc_active, hinge_d_loss
 
     def loss_fn(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = _as_float(batch[0])
         recon = shared.recons.pop(0)
-        c = shared.cfg
-        if not disc_active(step, float(c.lambda_gan), c.disc_start_step):
+        d = shared.loss.discriminator_loss(images, recon, step, discriminator=model)
+        if d is None:
             return torch.zeros((), device=images.device, requires_grad=True), {}
-        policy = shared.loss.aug_policy
-        real = model(diff_augment(images, policy))
-        fake = model(diff_augment(recon.to(images.dtype), policy))
-        loss = hinge_d_loss(real, fake)
-        return loss, {"logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
+        return d["disc"], {"logits_real": d["logits_real"], "logits_fake": d["logits_fake"]}
 
     return loss_fn

@@ -7,8 +7,8 @@
   :class:`~pae_fast.losses.total.TokenizerLoss` (L1, LPIPS, GAN, SSR, MCR, SCR, RAE noise augmentation), EMA,
   exact resume, SIGTERM, bf16 and DDP from the engine;
 - ``extra_optimized["disc"]``: the DINO discriminator's heads with their own AdamW and schedule (hinge loss);
-- ``on_checkpoint``: held-out PSNR / SSIM (/ LPIPS / rFID) and input | reconstruction grids of the EMA weights
-  (:mod:`pae_fast.stages.tokenizer_eval`).
+- ``on_checkpoint``: held-out PSNR / SSIM (/ LPIPS / rFID) and input | reconstruction grids of the EMA weights,
+  recorded as ``"weights": "ema"`` (:mod:`pae_fast.stages.tokenizer_eval`).
 
 SSR / SCR targets come from the refined projector ``P_t`` of ``refine-priors`` (``tokenizer.priors: refined``,
 ``tokenizer.priors_file``; with the decompressor it also initialises the PAE tokenizer) or from the raw VFM tokens
@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from pae_fast.config import Config, ConfigError, dump_yaml
+from pae_fast.config import Config, ConfigError, TokenizerConfig, dump_yaml
+from pae_fast.losses.total import term_on
 
 __all__ = ["build_tokenizer_task", "train_tokenizer", "RAW_FIT_IMAGES"]
 
@@ -37,11 +38,10 @@ log = logging.getLogger("pae_fast.train.tokenizer")
 RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted on the tokens of this many images
 
 
-def _check_config(cfg: Config, tok: Any = None) -> None:
-    """Settings that cannot work together; without ``tok`` only those that need no model (run before building)."""
-    t = cfg.tokenizer
-    ssr_on = t.ssr and t.lambda_ssr > 0
-    scr_on = t.scr and t.lambda_scr > 0
+def _check_config(t: TokenizerConfig, tok: Any = None) -> None:
+    """Tokenizer settings that cannot work together; without ``tok`` only those that need no model (run before
+    building)."""
+    ssr_on, scr_on = term_on(t, "ssr"), term_on(t, "scr")
     if t.lambda_l1 <= 0 and t.lambda_lpips <= 0:
         raise ConfigError("tokenizer.lambda_l1 and tokenizer.lambda_lpips are both 0: no reconstruction loss")
     if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
@@ -52,18 +52,15 @@ def _check_config(cfg: Config, tok: Any = None) -> None:
     if tok.kind == "rae" and (ssr_on or scr_on):
         raise ConfigError(f"tokenizer {t.name!r} is an RAE (its latent is the frozen VFM's tokens): SSR / SCR cannot "
                           "train it; set tokenizer.ssr: false and tokenizer.scr: false")
-    if tok.kind == "pae" and t.latent_channels != tok.latent_shape[0]:
-        raise ConfigError(f"tokenizer.latent_channels={t.latent_channels} but {t.name!r} has {tok.latent_shape[0]} "
-                          "latent channels")
 
 
-def _raw_projection(cfg: Config, tok: Any, dataset: Any, device: torch.device) -> Any:
+def _raw_projection(t: TokenizerConfig, seed: int, tok: Any, dataset: Any, device: torch.device) -> Any:
+    """The fixed SCR projection of raw VFM tokens (``priors: raw``), fitted on the first images for ``pca``."""
     from pae_fast.losses.refine import RawProjection
 
-    t = cfg.tokenizer
-    if not (t.scr and t.lambda_scr > 0):
+    if not term_on(t, "scr"):
         return None
-    proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=cfg.seed)
+    proj = RawProjection(tok.vfm_dim, tok.latent_shape[0], t.raw_prior_projection, seed=seed)
     if t.raw_prior_projection == "pca":
         n = min(RAW_FIT_IMAGES, len(dataset))
         items = (dataset[i][0] for i in range(len(dataset)))  # None: a bad file skipped (data.on_bad_file=skip)
@@ -89,27 +86,27 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     """
     from pae_fast.engine.distributed import default_device
     from pae_fast.engine.state import seed_all
-    from pae_fast.engine.task import TrainTask
+    from pae_fast.engine.task import Shared, TrainTask
     from pae_fast.losses.total import TokenizerLoss
     from pae_fast.registry import create_tokenizer
     from pae_fast.stages.image_data import check_image_size, open_image_data
-    from pae_fast.stages.refine_priors import Shared, init_tokenizer_from_priors, load_priors
+    from pae_fast.stages.refine_priors import init_tokenizer_from_priors, load_priors
     from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
     from pae_fast.stages.tokenizer_flops import tokenizer_flops_fn
     from pae_fast.stages.tokenizer_task import (
         TokenizerTrainModule,
-        discriminator_loss_fn,
+        disc_unit_loss_fn,
         tokenizer_loss_fn,
     )
 
     t = cfg.tokenizer
-    _check_config(cfg)
+    _check_config(t)
     device = default_device(cfg.train.device)
     seed_all(cfg.seed)  # before any module is built: the seed sets the initial weights
     tok = create_tokenizer(t.name, weights=t.checkpoint, vfm_weights=t.vfm_weights)
     if t.vfm_weights is None and t.checkpoint is None:
         log.warning("tokenizer.vfm_weights is unset: the frozen VFM has RANDOM weights (tests / demos only)")
-    _check_config(cfg, tok)
+    _check_config(t, tok)
     check_image_size(cfg, tok.image_size)
     if dataset is None:
         dataset, held_default = open_image_data(cfg, t.heldout_items)
@@ -124,7 +121,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
         if tok.kind == "pae" and t.checkpoint is None:  # start at the refined prior (docs/method.md § Refined priors)
             init_tokenizer_from_priors(tok, t.priors_file)
     elif loss.needs_targets:
-        raw_projection = _raw_projection(cfg, tok, dataset, device)
+        raw_projection = _raw_projection(t, cfg.seed, tok, dataset, device)
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
         if m is not None:
             m.to(device)
@@ -132,12 +129,12 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     for term, line in status.items():  # before the engine's log exists: what is off or random shows as a warning
         if line.startswith("off") or "RANDOM" in line:
             log.warning("loss %s: %s", term, line)
-    shared = Shared(loss=loss, cfg=t, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
+    shared = Shared(loss=loss, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
                     has_disc=loss.discriminator is not None, status=status, announced=False)
     model = TokenizerTrainModule(tok, shared)
     extras = {}
     if loss.discriminator is not None:
-        extras["disc"] = (loss.discriminator, discriminator_loss_fn(shared))
+        extras["disc"] = (loss.discriminator, disc_unit_loss_fn(shared))
     inception = None
     if cfg.eval.inception_weights is not None and heldout is not None:
         from pae_fast.eval.inception import load_inception
@@ -157,7 +154,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     }
 
     def on_checkpoint(step: int, model_: Any, ema: Any, out_dir: str) -> None:
-        evaluator.evaluate(ema.tok, step, out_dir)
+        evaluator.evaluate(ema.tok, step, out_dir, weights="ema")
 
     flops = tokenizer_flops_fn(tok, loss, t, projector, raw_projection)  # per image and step: TFLOP/s and MFU
     task = TrainTask(name="tokenizer", model=model, loss_fn=tokenizer_loss_fn(shared, rank), dataset=dataset,
@@ -193,6 +190,6 @@ def train_tokenizer(cfg: Config, dataset: torch.utils.data.Dataset | None = None
     with open_run(out, identity, cfg.train.resume, main=is_main()):
         fresh = cfg.train.resume == "none" or (cfg.train.resume == "auto" and latest_checkpoint(out) is None)
         if fresh and is_main():  # the held-out row of the initial weights (step 0)
-            evaluator.evaluate(task.model.tok.to(default_device(cfg.train.device)), 0, out)
+            evaluator.evaluate(task.model.tok.to(default_device(cfg.train.device)), 0, out, weights="raw")
         train(task, cfg.train, out, seed=cfg.seed, config_yaml=dump_yaml(cfg))
     return out

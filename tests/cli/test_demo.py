@@ -62,8 +62,8 @@ def test_fast_demo_summary_has_every_section_measured_and_finite(demo_run):
     assert s["losses"]["PAE"]["lpips"].startswith("off") and s["losses"]["PAE"]["gan"].startswith("off")
     assert s["generator"]["PAE"]["steps"] == s["generator"]["RAE"]["steps"]
     assert s["fast"] is True and s["stages_skipped"] == []
-    for key, f in s["files"].items():
-        assert Path(f).is_file() and Path(f).stat().st_size > 0, key
+    for key, f in s["files"].items():  # named relative to the run folder, never by the machine's folders
+        assert not Path(f).is_absolute() and (out / f).is_file() and (out / f).stat().st_size > 0, key
     md = (out / "summary.md").read_text()
     for heading in ("## Comparison", "## Losses and priors that ran", "pre-trained in this run", "image FD"):
         assert heading in md
@@ -97,3 +97,13 @@ def test_a_bad_demo_setting_is_one_line_exit_2_and_writes_nothing(tmp_path):
                         "--demo.tokenizer_steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and not out.exists()
     assert r.stderr.strip().splitlines() == ["error: demo.tokenizer_steps=0 is out of range: expected >= 1"]
+
+
+def test_summary_paths_are_relative_to_the_run_folder(tmp_path):
+    from pae_fast.stages.demo_report import run_relative
+
+    out = tmp_path / "run"
+    assert run_relative(out / "grids" / "a.png", out) == "grids/a.png"
+    assert run_relative(str(out / "priors" / "priors.safetensors"), out) == "priors/priors.safetensors"
+    elsewhere = tmp_path / "weights" / "vgg.pth"  # a file the user passed stays as given
+    assert run_relative(elsewhere, out) == str(elsewhere)

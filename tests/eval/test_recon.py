@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from skimage.metrics import structural_similarity
 
 from pae_fast.eval.inception import FIDInceptionV3
-from pae_fast.eval.recon import LPIPS, create_lpips, psnr, reconstruction_metrics, ssim
+from pae_fast.eval.recon import create_lpips, psnr, reconstruction_metrics, ssim
+from pae_fast.losses.lpips import LPIPS
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,30 @@ def test_cfg_formula_interval_and_batching():
     assert m.batches == [3, 3]
 
 
+def test_cfg_guides_every_channel():
+    """v = v_u + w (v_c - v_u) on EVERY channel of a 37-channel latent whose channels are each guided differently
+    (guiding only the first channels, as the original LightningDiT did, fails here)."""
+
+    class PerChannel(nn.Module):
+        null_class = 9
+
+        def forward(self, x, t, y):
+            C = x.shape[1]
+            k = torch.arange(1, C + 1, dtype=x.dtype).view(1, C, 1, 1)  # channel c depends on the label by c + 1
+            return x * (1 + k * y.float().view(-1, 1, 1, 1) / C) + t.view(-1, 1, 1, 1) * k
+
+    m = PerChannel()
+    x, y = torch.randn(2, 37, 2, 3), torch.tensor([1, 4])
+    t = torch.full((2,), 0.6)
+    out = ClassifierFreeGuidance(m, y, scale=3.0)(x, t)
+    for c in range(37):
+        xc, k = x[:, c], (c + 1) / 37
+        v_c = xc * (1 + k * y.float().view(-1, 1, 1)) + 0.6 * (c + 1)
+        v_u = xc * (1 + k * 9.0) + 0.6 * (c + 1)
+        torch.testing.assert_close(out[:, c], v_u + 3.0 * (v_c - v_u), msg=f"channel {c}")
+        assert float((v_c - v_u).abs().max()) > 0  # every channel really is guided
+
+
 def test_cfg_errors():
     class NoNull(nn.Module):
         def forward(self, x, t, y):

@@ -1,5 +1,5 @@
 """The branch-bias fold of gated_residual_adaln, the two-tile forward geometry of both adaLN ops, and their op-boundary
-traffic against the floor (docs/method/adaln-fold.md)."""
+traffic against the floor (docs/method.md § Gated-residual bias fold)."""
 
 import sys
 from pathlib import Path

@@ -123,7 +123,40 @@ def test_mcr_step_seed_differs_per_step_and_rank_and_is_reproducible(parts):
     assert len(seeds) == 1600 and all(-(2**63) <= s < 2**63 for s in seeds)
     assert mcr_step_seed(5, 17, 3) == mcr_step_seed(5, 17, 3) != mcr_step_seed(6, 17, 3)
     z = parts.rms1(1, 2, 2, 8).permute(0, 3, 1, 2)
-    mcr_perturb(z, (42.5,), seed=mcr_step_seed(1, 2**40, 7), backend="torch")  # a valid kernel seed
+    mcr_perturb(z, (42.5,), seed=mcr_step_seed(1, 2**32 - 1, 2**32 - 1), backend="torch")  # a valid kernel seed
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        mcr_step_seed(0, 2**32, 0)
+
+
+@pytest.mark.parametrize("world", [1, 64, 1000])
+def test_mcr_noise_streams_never_repeat_at_any_world_size(world):
+    """Every (step, rank) of a run draws its own MCR noise, however many ranks (a ``step * 64 + rank`` style formula
+    repeats streams from 64 ranks on), and the same (step, rank) draws the same noise again (resume)."""
+    steps = range(0, 40_000 // world + 2)
+    seeds = [mcr_step_seed(123, s, r) for s in steps for r in range(world)]
+    assert len(set(seeds)) == len(seeds)
+    # near the ends of the range too, and across steps that a linear mix could alias
+    far = {mcr_step_seed(123, s, r) for s in (2**31, 2**32 - 1) for r in {0, world - 1}}
+    assert len(far | set(seeds)) == len(far) + len(seeds)
+    assert mcr_step_seed(123, 7, world - 1) == mcr_step_seed(123, 7, world - 1)
+
+
+def test_the_stage_seeds_mcr_with_mcr_step_seed(parts, monkeypatch):
+    """The training stage draws the MCR noise of (step, rank) from mcr_step_seed(run seed, step, rank)."""
+    from pae_fast.engine.task import Shared
+    from pae_fast.stages.tokenizer_task import tokenizer_loss_fn
+
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, images, step, seed):
+            seen.append(seed)
+            return images.sum(), {}, images
+
+    shared = Shared(seed=9, has_disc=False, announced=True, status={}, recons=[])
+    for rank in (0, 70):
+        tokenizer_loss_fn(shared, rank)(Model(), (torch.zeros(1, 3, 2, 2),), 3)
+    assert seen == [mcr_step_seed(9, 3, 0), mcr_step_seed(9, 3, 70)]
 
 
 def test_decode_concat_runs_one_pass_and_splits(parts):

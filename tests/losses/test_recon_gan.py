@@ -42,7 +42,7 @@ def test_lpips_off_mode_and_missing_weight_errors(tmp_path):
 
 
 def test_lpips_from_a_whole_state_dict_file_is_the_eval_module(tmp_path):
-    from pae_fast.eval.recon import LPIPS
+    from pae_fast.losses.lpips import LPIPS
 
     ref = LPIPS("vgg")
     f = tmp_path / "lpips.safetensors"

@@ -1,5 +1,6 @@
 """The branch-bias fold in the generator blocks: ``forward_unbiased`` of the branch modules, the gated residual with a
-bias (fused and plain), and whole models whose gradients match the unfolded computation (docs/method/adaln-fold.md)."""
+bias (fused and plain), and whole models whose gradients match the unfolded computation
+(docs/method.md § Gated-residual bias fold)."""
 
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ def _dinov3():
     return T.DINOv3ViTModel(c), spec, lambda m, p: m(pixel_values=p, output_hidden_states=True).hidden_states[-1], 5
 
 
-def _siglip():
+def _siglip(image_size: int = 256):
     c = T.SiglipVisionConfig(hidden_size=D, intermediate_size=4 * D, num_hidden_layers=L, num_attention_heads=H,
-                             image_size=256, patch_size=16, layer_norm_eps=1e-6)
+                             image_size=image_size, patch_size=16, layer_norm_eps=1e-6)
     spec = VFMSpec("vit_base_patch16_siglip_256.v2_webli", 256,
                    kwargs=dict(SMALL, mlp_ratio=4.0, act_layer="gelu_tanh"))
 
@@ -60,8 +60,12 @@ def _mae():
     return T.ViTMAEModel(c), spec, fwd, 1
 
 
+def _siglip_384():  # a 24x24 position table, resampled down to our 16x16 grid (transformers at run time)
+    return _siglip(384)
+
+
 @pytest.mark.parametrize("family, build", [("dinov2", _dinov2), ("dinov3", _dinov3), ("siglip", _siglip),
-                                           ("mae", _mae)])
+                                           ("siglip", _siglip_384), ("mae", _mae)])
 def test_hf_encoder_converts_to_same_tokens(family, build):
     torch.manual_seed(0)
     hf, spec, fwd, prefix_tokens = build()

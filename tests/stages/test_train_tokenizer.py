@@ -134,8 +134,8 @@ def test_flops_per_sample_count_lpips_pairs(tmp_path, photos):
     FlopCounterMode over one real step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pae_fast.eval.recon import LPIPS
     from pae_fast.kernels import use_backend
+    from pae_fast.losses.lpips import LPIPS
     from pae_fast.stages.tokenizer_flops import count_tokenizer_step
 
     cfg = tiny_cfg(tmp_path / "l", **{"tokenizer.lambda_lpips": 1.0})
@@ -217,14 +217,15 @@ def test_gan_with_gradient_accumulation_pairs_each_micro_batch(tmp_path, photos)
 
 def test_heldout_metrics_add_lpips_and_rfid_when_their_networks_are_given(tmp_path):
     from pae_fast.eval.inception import FIDInceptionV3
-    from pae_fast.eval.recon import LPIPS
+    from pae_fast.losses.lpips import LPIPS
     from pae_fast.stages.tokenizer_eval import HeldoutEvaluator
 
     tok = create_tokenizer("PAE-tiny")
     g = torch.Generator().manual_seed(0)
     ds = TensorImageDataset(torch.rand(4, 3, 64, 64, generator=g), torch.zeros(4, dtype=torch.long))
-    plain = HeldoutEvaluator(ds, 4, 2).evaluate(tok, 0, tmp_path)
-    full = HeldoutEvaluator(ds, 4, 2, LPIPS("vgg"), FIDInceptionV3(input_size=75).eval()).evaluate(tok, 3, tmp_path)
+    plain = HeldoutEvaluator(ds, 4, 2).evaluate(tok, 0, tmp_path, weights="raw")
+    full = HeldoutEvaluator(ds, 4, 2, LPIPS("vgg"), FIDInceptionV3(input_size=75).eval()).evaluate(tok, 3, tmp_path,
+                                                                                                   weights="ema")
     assert set(plain) == {"step", "weights", "psnr", "ssim", "num_images"}
     assert {"lpips", "rfid"} <= set(full) and full["psnr"] == pytest.approx(plain["psnr"])
     assert [r["step"] for r in rows(tmp_path / "eval.jsonl")] == [0, 3]
