@@ -44,6 +44,7 @@ ELSEWHERE = {
     "tokenizer.lpips_backbone_weights": "tests/stages/test_tokenizer_fields.py",
     "tokenizer.heldout_items": "tests/stages/test_tokenizer_fields.py",
     "tokenizer.grid_items": "tests/stages/test_tokenizer_fields.py",
+    "tokenizer.encode_weights": "tests/data/test_encode_weights.py (raw vs EMA weights encode, recorded and checked)",
 }
 DISC_CHANGES = {"disc_model": "vit_small_patch8_224", "disc_blocks": (1,), "disc_input_size": 48}
 REFINE_CHANGES = {"lambda_rep": 0.0, "lambda_gram": 0.0, "lowpass_strength": 0.9, "upsampler": "nearest_area",

@@ -117,7 +117,7 @@ def test_tokenizer_starts_at_the_refined_prior(tmp_path, priors, photos):
         prior = task.model.shared.projector(feats.vfm_tokens)  # P_t(u), the SCR / SSR target
         # stage 0's own modules, loaded from its checkpoint: the latent and the decompressor's output agree
         state, _ = load_safetensors(priors.parent / "checkpoints" / "0000016" / "model.safetensors")
-        stage0 = RefinedPriors.from_config(cfg.refine, tok.vfm_dim, tok.vfm.grid_size)
+        stage0 = RefinedPriors.from_config(cfg.refine, tok.vfm_dim, tok.vfm.grid_size, tok.latent_shape[0])
         stage0.load_state_dict(state)
         p = stage0.projector(feats.vfm_tokens)
         dec_tok = tok.decompressor(feats.z)
