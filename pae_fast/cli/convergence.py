@@ -24,8 +24,6 @@ from pathlib import Path
 
 from pae_fast.cli.common import add_config_arguments
 
-DEFAULT_ROOFLINE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "roofline.json"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
@@ -44,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=8, help="samples per class per evaluation (default 8)")
     p.add_argument("--sample-steps", type=int, default=10, help="sampler steps per evaluation (default 10)")
     p.add_argument("--guidance", default="none", choices=["none", "cfg"], help="guidance of the evaluations")
-    p.add_argument("--roofline", help=f"roofline results for predicted H100-hours (default {DEFAULT_ROOFLINE} "
-                   "when present; 'none': no hours)")
+    p.add_argument("--roofline", help="roofline results for predicted H100-hours (default: this checkout's "
+                   "benchmarks/results/roofline.json when present; 'none': no hours)")
     p.add_argument("--roofline-model", default="LightningDiT-XL/1", help="the roofline model pricing a step")
 
 
@@ -68,7 +66,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     vfm = args.vfm_weights or cfg.tokenizer.vfm_weights
     if not vfm:
         raise ConfigError("convergence needs the VFM's weights for its FD feature space: pass --vfm-weights FILE")
-    roofline = args.roofline or (str(DEFAULT_ROOFLINE) if DEFAULT_ROOFLINE.is_file() else None)
+    from pae_fast.stages.convergence_report import default_roofline
+
+    roofline = args.roofline or (str(default_roofline()) if default_roofline() else None)
     inception = args.inception_weights or cfg.eval.inception_weights
     plan = ConvergencePlan(
         baseline=args.baseline or (spaces[-1].name if spaces else ""), vfm_weights=vfm, vfm=args.vfm,

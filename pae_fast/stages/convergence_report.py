@@ -17,12 +17,18 @@ from pae_fast.errors import DataError
 from pae_fast.io import atomic_write_text
 from pae_fast.stages.convergence_math import gpu_hours, speedup_summary
 
-__all__ = ["METRICS", "read_roofline", "write_results", "convergence_markdown"]
+__all__ = ["METRICS", "default_roofline", "read_roofline", "write_results", "convergence_markdown"]
 
 METRICS = {"fd_vfm": "FD to the reference, VFM features", "fid": "FID (Inception)"}
 
 _ASSUMPTION_KEYS = ("batch", "precision", "optimizer_h100", "optimizer_reference", "ema", "gemm_efficiency",
                     "hbm_efficiency", "attention")
+
+
+def default_roofline() -> Path | None:
+    """``benchmarks/results/roofline.json`` of this checkout, when present (absent from an installed package)."""
+    p = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "roofline.json"
+    return p if p.is_file() else None
 
 
 def read_roofline(path: str | Path, model: str, hardware: str = "H100") -> dict[str, Any]:
