@@ -1,12 +1,13 @@
 """Convergence of generators on two or more latent spaces: metric against steps, speed-up, predicted GPU-hours.
 
     python -m pae_fast convergence --config PRESET --out_dir runs/conv \\
-        --space PAE runs/demo/latents_pae/train runs/demo/tokenizer_pae/run \\
-        --space RAE runs/demo/latents_rae/train runs/demo/tokenizer_rae/run --baseline RAE \\
+        --space PAE runs/demo/latents_pae/train runs/demo/tokenizer_pae \\
+        --space RAE runs/demo/latents_rae/train runs/demo/tokenizer_rae --baseline RAE \\
         --reference runs/demo/images/heldout --vfm-weights runs/demo/vfm/vit_tiny_mae.safetensors --seeds 0 1
 
-Each --space is NAME SOURCE TOKENIZER_WEIGHTS: SOURCE a latent cache (its metadata names the tokenizer), or with
---data.latents online an image folder (then also --space-tokenizer NAME REGISTERED_TOKENIZER). One generator per
+Each --space is NAME SOURCE TOKENIZER_WEIGHTS (a weights file or a run folder): SOURCE a latent cache (its
+metadata names the tokenizer), or with --data.latents online an image folder (then also --space-tokenizer NAME
+REGISTERED_TOKENIZER). One generator per
 space and seed is trained with the config's model / flow / train settings (train-dit's library function) and its
 EMA weights are evaluated at log-spaced steps: FD of decoded samples to --reference (image folder or ADM npz) in
 the VFM's feature space, and FID with --inception-weights. Writes <out_dir>/convergence.{json,md,png} and the runs

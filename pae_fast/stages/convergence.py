@@ -98,7 +98,7 @@ def _space_config(cfg: Config, space: LatentSpace, out: Path) -> Config:
     src = Path(space.source)
     if not src.is_dir():
         raise DataError(f"convergence space {space.name!r}: {src} is not a latent cache or image folder")
-    if not Path(space.tokenizer_weights).is_file():
+    if not Path(space.tokenizer_weights).exists():  # a weights file, or a run / checkpoint folder
         raise DataError(f"convergence space {space.name!r}: tokenizer weights {space.tokenizer_weights} not found")
     if cfg.data.latents == "online":
         if not space.tokenizer:
