@@ -35,6 +35,8 @@ def read_roofline(path: str | Path, model: str, hardware: str = "H100") -> dict[
     """Predicted step seconds of ``model`` on one ``hardware`` GPU at the roofline's batch, for pae_fast (the
     ``fused`` row) and the authors' code (the ``reference`` row), with the roofline's assumptions."""
     p = Path(path)
+    if p.is_absolute() and p.is_relative_to(Path.cwd()):  # shown relative to where the command ran
+        p = p.relative_to(Path.cwd())
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         m = data["models"][model]
@@ -118,6 +120,7 @@ def _plot(curves: dict[str, dict[int, dict[int, dict[str, float]]]], metrics: li
     final value (seed mean) dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(4.6 * len(metrics), 3.6), dpi=110)
     FigureCanvasAgg(fig)
@@ -130,10 +133,13 @@ def _plot(curves: dict[str, dict[int, dict[int, dict[str, float]]]], metrics: li
             ax.plot(steps, mean, marker="o", color=f"C{i}", label=f"{sp} ({len(c)} seeds)")
             if len(c) > 1:
                 ax.fill_between(steps, [min(r) for r in vals], [max(r) for r in vals], color=f"C{i}", alpha=0.2)
-        t = speed[k]["target"]
-        ax.axhline(sum(t.values()) / len(t), color="grey", ls="--", lw=1, label=f"{speed[k]['baseline']} final")
+        t = list(speed[k]["target"].values())
+        ax.axhline(math.exp(sum(math.log(v) for v in t) / len(t)), color="grey", ls="--", lw=1,
+                   label=f"{speed[k]['baseline']} final")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps])  # the evaluated steps, no minor labels
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("generator training steps")
         ax.set_ylabel(METRICS[k])
         ax.set_title("lower is better; band: range over seeds", fontsize=9)
