@@ -192,6 +192,50 @@ def test_convergence_end_to_end_on_two_tiny_caches(tiny_spaces, tmp_path):
     assert "convergence.png" in md and "Steps to reach RAE's final value" in md and "H100-hours" in md
     assert "nan" not in md.lower()
 
+    # one point re-measured independently: the `sample` stage on the step-8 EMA checkpoint (same sampler, labels,
+    # noise seed), decoded by the tokenizer into samples.npz, then the demo's image FD to the reference
+    import dataclasses
+
+    from pae_fast.stages.demo_measure import image_fd, load_npz_images, load_vfm
+    from pae_fast.stages.sample import sample
+
+    cfg = _tiny_cfg(tmp_path / "resample")
+    sc = dataclasses.replace(cfg.sample, checkpoint=str(out / "runs" / "RAE" / "seed1"),
+                             tokenizer_checkpoint=spaces["RAE"][1], output_dir=str(tmp_path / "resample"),
+                             per_class=2, steps=2, guidance="none", seed=1, save_png=False, device="cpu")
+    sample(dataclasses.replace(cfg, sample=sc, tokenizer=dataclasses.replace(cfg.tokenizer, name="RAE-tiny"),
+                               data=dataclasses.replace(cfg.data, image_size=64)))
+    images, _ = load_npz_images(tmp_path / "resample" / "samples.npz")
+    fd = image_fd(load_vfm(vfm), images, reference)
+    assert j["points"]["RAE"]["1"]["8"]["fd_vfm"] == pytest.approx(fd, rel=1e-4)
+
+
+def test_convergence_reports_fid_with_inception_weights(tiny_spaces, tmp_path):
+    """With Inception weights (random ones here, at the 75 px minimum input) every point also has an FID, and the
+    summary a speed-up section for it."""
+    from pae_fast.config import load_config
+    from pae_fast.eval.inception import FIDInceptionV3
+    from pae_fast.io import save_safetensors
+    from pae_fast.stages.convergence import ConvergencePlan, LatentSpace, run_convergence
+
+    root, spaces, vfm, reference = tiny_spaces
+    torch.manual_seed(0)
+    w = tmp_path / "inception.safetensors"
+    save_safetensors({k: v.contiguous() for k, v in FIDInceptionV3(input_size=75).state_dict().items()}, w)
+    out = tmp_path / "conv"
+    cfg = load_config(TINY, {"out_dir": str(out), "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2,
+                             "train.steps": 4, "train.global_batch_size": 8, "train.progress": False,
+                             "data.batch_size": 8, "eval.inception_size": 75})
+    plan = ConvergencePlan(baseline="PAE", vfm_weights=vfm, seeds=(3,), points=2, per_class=2, sample_steps=1,
+                           inception_weights=str(w))
+    r = run_convergence(cfg, [LatentSpace("PAE", *spaces["PAE"]), LatentSpace("RAE", *spaces["RAE"])], plan,
+                        reference)
+    assert set(r["metrics"]) == {"fd_vfm", "fid"} and set(r["speedup"]) == {"fd_vfm", "fid"}
+    for sp in ("PAE", "RAE"):
+        assert sorted(r["points"][sp]["3"]) == ["2", "4"]
+        assert all(math.isfinite(p["fid"]) and p["fid"] >= 0 for p in r["points"][sp]["3"].values())
+    assert "## FID (Inception)" in (out / "convergence.md").read_text()
+
 
 def test_convergence_refuses_bad_input_before_writing(tiny_spaces, tmp_path):
     from pae_fast.stages.convergence import ConvergencePlan, LatentSpace, run_convergence
