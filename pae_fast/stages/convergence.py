@@ -93,8 +93,9 @@ def generator_config(cfg: Config, out: Path, cache: str, latent_shape: list[int]
     return dataclasses.replace(cfg, out_dir=str(out), model=model, data=data, tokenizer=tok)
 
 
-def _space_config(cfg: Config, space: LatentSpace, out: Path) -> Config:
-    """The run config of ``space`` (refuses a missing source or tokenizer file, naming it: exit code 3)."""
+def _space_config(cfg: Config, space: LatentSpace, out: Path) -> tuple[Config, nn.Module | None]:
+    """The run config of ``space`` (refuses a missing source or tokenizer file, naming it: exit code 3), and for
+    online latents the tokenizer it loaded to read the latent shape."""
     src = Path(space.source)
     if not src.is_dir():
         raise DataError(f"convergence space {space.name!r}: {src} is not a latent cache or image folder")
@@ -103,9 +104,15 @@ def _space_config(cfg: Config, space: LatentSpace, out: Path) -> Config:
     if cfg.data.latents == "online":
         if not space.tokenizer:
             raise ConfigError(f"convergence space {space.name!r}: online latents need the tokenizer's name")
+        from pae_fast.registry import create_tokenizer
+
+        tokenizer = create_tokenizer(space.tokenizer, weights=space.tokenizer_weights).eval()
+        c, h, _ = (int(d) for d in tokenizer.latent_shape)
         tok = dataclasses.replace(cfg.tokenizer, name=space.tokenizer, checkpoint=space.tokenizer_weights)
         data = dataclasses.replace(cfg.data, root=str(src))
-        return dataclasses.replace(cfg, out_dir=str(out), tokenizer=tok, data=data)
+        model = dataclasses.replace(cfg.model, in_channels=c, input_size=h, checkpoint=None,
+                                    num_classes=cfg.data.num_classes or cfg.model.num_classes)
+        return dataclasses.replace(cfg, out_dir=str(out), tokenizer=tok, data=data, model=model), tokenizer
     if not (src / "index.json").is_file():
         raise DataError(f"convergence space {space.name!r}: {src} holds no latent cache (no index.json); with "
                         "data.latents=online give an image folder")
@@ -115,8 +122,7 @@ def _space_config(cfg: Config, space: LatentSpace, out: Path) -> Config:
     name = space.tokenizer or cache.metadata.get("tokenizer")
     if not name:
         raise ConfigError(f"convergence space {space.name!r}: the cache {src} records no tokenizer; name it")
-    return generator_config(cfg, out, str(src), [cache.channels, *cache.size], name,
-                            getattr(cache, "num_classes", None))
+    return generator_config(cfg, out, str(src), [cache.channels, *cache.size], name, cache.num_classes), None
 
 
 class _Evaluator:
@@ -245,7 +251,7 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
         raise ConfigError(f"convergence evaluation steps must lie in 1..train.steps={total}, got {plan.eval_steps}")
     eval_steps = sorted(set(plan.eval_steps) | {total}) if plan.eval_steps else log_spaced_steps(total, plan.points)
     out = Path(out_dir if out_dir is not None else cfg.out_dir)
-    run_cfgs = {s.name: _space_config(cfg, s, out / "runs" / s.name) for s in spaces}  # reads only
+    run_cfgs = {s.name: _space_config(cfg, s, out / "runs" / s.name) for s in spaces}  # reads only: (cfg, tok)
     if not isinstance(reference, Tensor):
         from pae_fast.eval.images import ImageSource
 
@@ -258,8 +264,10 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
     curves: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
     runs: dict[str, dict[int, str]] = {}
     for space in spaces:
-        base = run_cfgs[space.name]
-        tokenizer = create_tokenizer(base.tokenizer.name, weights=space.tokenizer_weights).to(device).eval()
+        base, tokenizer = run_cfgs[space.name]
+        if tokenizer is None:
+            tokenizer = create_tokenizer(base.tokenizer.name, weights=space.tokenizer_weights).eval()
+        tokenizer = tokenizer.to(device)
         for seed in plan.seeds:
             run_cfg = dataclasses.replace(base, seed=seed, out_dir=str(out / "runs" / space.name / f"seed{seed}"))
             log.info("convergence: %s seed %d, %d steps, evaluations at %s", space.name, seed, total, eval_steps)

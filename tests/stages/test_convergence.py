@@ -268,3 +268,37 @@ def test_cli_names_a_missing_cache_with_exit_code_3(tiny_spaces, tmp_path, capsy
                  "--space", "PAE", *spaces["PAE"], "--space", "RAE", *spaces["RAE"], "--baseline", "nope",
                  "--reference", str(root), "--vfm-weights", vfm])
     assert code == EXIT_USAGE and "baseline 'nope'" in capsys.readouterr().err
+
+
+def test_convergence_on_online_latents(tiny_spaces, tmp_path):
+    """data.latents=online: each space is an image folder encoded on the fly by its tokenizer (the generator's
+    latent shape read from the tokenizer)."""
+    import numpy as np
+    from PIL import Image
+
+    from pae_fast.config import load_config
+    from pae_fast.stages.convergence import ConvergencePlan, LatentSpace, run_convergence
+
+    root, spaces, vfm, reference = tiny_spaces
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (images / f"class{k}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"class{k}" / f"{i}.png")
+    out = tmp_path / "conv"
+    cfg = load_config(TINY, {"out_dir": str(out), "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2,
+                             "train.steps": 2, "train.global_batch_size": 4, "train.progress": False,
+                             "data.batch_size": 4, "data.latents": "online", "data.source": "folder",
+                             "data.image_size": 64, "data.num_classes": 2, "data.loader": "pil"})
+    plan = ConvergencePlan(baseline="RAE", vfm_weights=vfm, seeds=(0,), points=2, per_class=1, sample_steps=1)
+    spaces_ = [LatentSpace("PAE", str(images), spaces["PAE"][1], "PAE-tiny"),
+               LatentSpace("RAE", str(images), spaces["RAE"][1], "RAE-tiny")]
+    r = run_convergence(cfg, spaces_, plan, reference)
+    assert sorted(r["points"]["PAE"]["0"]) == ["1", "2"] and sorted(r["points"]["RAE"]["0"]) == ["1", "2"]
+    from pae_fast.weights import read_metadata
+
+    _, meta = read_metadata(out / "runs" / "PAE" / "seed0", True, "run")
+    assert meta["latent_source"] == "online" and json.loads(meta["latent_shape"]) == [8, 8, 8]
+    with pytest.raises(ConfigError, match="tokenizer's name"):
+        run_convergence(cfg, [LatentSpace("PAE", str(images), spaces["PAE"][1]), spaces_[1]], plan, reference)
