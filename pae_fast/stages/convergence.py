@@ -237,7 +237,7 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
     from pae_fast.engine.distributed import default_device
     from pae_fast.registry import create_tokenizer
     from pae_fast.stages.convergence_math import log_spaced_steps
-    from pae_fast.stages.convergence_report import write_results
+    from pae_fast.stages.convergence_report import read_roofline, write_results
 
     names = [s.name for s in spaces]
     if len(spaces) < 2 or len(set(names)) != len(names):
@@ -259,6 +259,7 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
             raise DataError(f"convergence reference images {reference} not found")
         reference = torch.from_numpy(ImageSource(reference, "reference").read_all()).permute(0, 3, 1, 2)
     reference = reference.float() / 255 if reference.dtype == torch.uint8 else reference.float()
+    roofline = read_roofline(plan.roofline, plan.roofline_model) if plan.roofline else None  # before any training
     device = default_device(cfg.train.device)
     evaluator = _Evaluator(cfg, plan, reference, device)
     curves: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
@@ -274,4 +275,4 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
             curves.setdefault(space.name, {})[seed] = _train_and_evaluate(run_cfg, evaluator, tokenizer, eval_steps,
                                                                           base.model.num_classes)
             runs.setdefault(space.name, {})[seed] = run_cfg.out_dir
-    return write_results(out, cfg, plan, curves, runs, reference_count=len(reference))
+    return write_results(out, cfg, plan, curves, runs, len(reference), roofline)

@@ -71,8 +71,10 @@ def _hours(speed: dict[str, Any], roof: dict[str, Any], global_batch: int) -> di
 
 
 def write_results(out: Path, cfg: Any, plan: Any, curves: dict[str, dict[int, dict[int, dict[str, float]]]],
-                  runs: dict[str, dict[int, str]], reference_count: int) -> dict[str, Any]:
-    """Compute the speed-ups from ``curves`` (``{space: {seed: {step: {metric: value}}}}``) and write the files."""
+                  runs: dict[str, dict[int, str]], reference_count: int, roofline: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Compute the speed-ups from ``curves`` (``{space: {seed: {step: {metric: value}}}}``) and write the files;
+    ``roofline`` (:func:`read_roofline`) adds the predicted GPU-hours."""
     metrics = [k for k in METRICS if all(k in p for c in curves.values() for pts in c.values() for p in pts.values())]
     speed = {}
     for k in metrics:
@@ -95,9 +97,8 @@ def write_results(out: Path, cfg: Any, plan: Any, curves: dict[str, dict[int, di
         "speedup": {k: _json_keys(v) for k, v in speed.items()},
         "runs": {sp: {str(k): v for k, v in r.items()} for sp, r in runs.items()},
     }
-    if plan.roofline:
-        roof = read_roofline(plan.roofline, plan.roofline_model)
-        result["gpu_hours"] = {k: _hours(v, roof, cfg.train.global_batch_size) for k, v in speed.items()}
+    if roofline is not None:
+        result["gpu_hours"] = {k: _hours(v, roofline, cfg.train.global_batch_size) for k, v in speed.items()}
     files = {"json": out / "convergence.json", "md": out / "convergence.md", "png": out / "convergence.png"}
     result["files"] = {k: str(v) for k, v in files.items()}
     _plot(curves, metrics, speed, files["png"])

@@ -248,6 +248,10 @@ def test_convergence_refuses_bad_input_before_writing(tiny_spaces, tmp_path):
     with pytest.raises(ConfigError, match="baseline 'X'"):
         run_convergence(cfg, [LatentSpace("PAE", *spaces["PAE"]), LatentSpace("RAE", *spaces["RAE"])],
                         ConvergencePlan(baseline="X", vfm_weights=vfm), reference)
+    with pytest.raises(DataError, match="roofline file"):  # checked before any training
+        run_convergence(cfg, [LatentSpace("PAE", *spaces["PAE"]), LatentSpace("RAE", *spaces["RAE"])],
+                        ConvergencePlan(baseline="RAE", vfm_weights=vfm, roofline=str(tmp_path / "none.json")),
+                        reference)
     with pytest.raises(DataError, match="nowhere"):
         run_convergence(cfg, [LatentSpace("PAE", str(tmp_path / "nowhere"), spaces["PAE"][1]),
                               LatentSpace("RAE", *spaces["RAE"])], plan, reference)
