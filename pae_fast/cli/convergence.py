@@ -80,6 +80,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     r = run_convergence(cfg, spaces, plan, args.reference)
     raise_if_preempted()
+    if not r:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print(Path(r["files"]["md"]).read_text(encoding="utf-8"))
     print(f"convergence: {r['files']['md']}")
     return 0

@@ -188,9 +188,10 @@ def _read_points(path: Path) -> dict[int, dict[str, float]]:
     return {int(k): v for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
 
 
-def _train_and_evaluate(run_cfg: Config, evaluator: _Evaluator, tokenizer: nn.Module, eval_steps: list[int],
+def _train_and_evaluate(run_cfg: Config, evaluator: _Evaluator | None, tokenizer: nn.Module, eval_steps: list[int],
                         num_classes: int) -> dict[int, dict[str, float]]:
-    """One ``train-dit`` run with an evaluation at each of ``eval_steps`` (recorded in ``POINTS_FILE``)."""
+    """One ``train-dit`` run with an evaluation at each of ``eval_steps`` (recorded in ``POINTS_FILE``); under
+    ``torchrun`` only rank 0 evaluates (the engine calls ``on_checkpoint`` there), the others get ``{}``."""
     from pae_fast.stages.train_generator import train_generator
     from pae_fast.weights import read_metadata
 
@@ -206,7 +207,10 @@ def _train_and_evaluate(run_cfg: Config, evaluator: _Evaluator, tokenizer: nn.Mo
         log.info("%s step %d: %s", run, step, " ".join(f"{k}={v:.4g}" for k, v in points[step].items()))
         atomic_write_text(points_file, json.dumps({str(k): v for k, v in sorted(points.items())}, indent=1) + "\n")
 
-    train_generator(run_cfg, on_checkpoint=on_checkpoint, checkpoint_steps=eval_steps)
+    train_generator(run_cfg, on_checkpoint=on_checkpoint if evaluator is not None else None,
+                    checkpoint_steps=eval_steps)
+    if evaluator is None:
+        return {}
     missing = [s for s in eval_steps if s not in points]
     if missing:
         raise DataError(f"{points_file} lacks the evaluations of steps {missing} (the run finished before they "
@@ -234,7 +238,7 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
         ConfigError: fewer than two spaces, duplicate names, an unknown baseline, no seed, bad evaluation steps.
         DataError: a missing cache / image folder / tokenizer weights file (named).
     """
-    from pae_fast.engine.distributed import default_device
+    from pae_fast.engine.distributed import default_device, is_main
     from pae_fast.registry import create_tokenizer
     from pae_fast.stages.convergence_math import log_spaced_steps
     from pae_fast.stages.convergence_report import read_roofline, write_results
@@ -261,7 +265,7 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
     reference = reference.float() / 255 if reference.dtype == torch.uint8 else reference.float()
     roofline = read_roofline(plan.roofline, plan.roofline_model) if plan.roofline else None  # before any training
     device = default_device(cfg.train.device)
-    evaluator = _Evaluator(cfg, plan, reference, device)
+    evaluator = _Evaluator(cfg, plan, reference, device) if is_main() else None
     curves: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
     runs: dict[str, dict[int, str]] = {}
     for space in spaces:
@@ -275,4 +279,6 @@ def run_convergence(cfg: Config, spaces: list[LatentSpace], plan: ConvergencePla
             curves.setdefault(space.name, {})[seed] = _train_and_evaluate(run_cfg, evaluator, tokenizer, eval_steps,
                                                                           base.model.num_classes)
             runs.setdefault(space.name, {})[seed] = run_cfg.out_dir
+    if evaluator is None:  # a rank other than 0 of a torchrun launch: it trained; rank 0 evaluates and writes
+        return {}
     return write_results(out, cfg, plan, curves, runs, len(reference), roofline)
