@@ -315,6 +315,12 @@ class DemoConfig:
     tokenizer_lr: float = 1e-3
     baseline: str = "RAE-tiny"  # the RAE-style tokenizer on the same VFM (no priors, same decoder)
     val_draws: int = 4  # (time, noise) draws per held-out latent for the generator validation loss
+    # convergence (docs/method.md § Convergence): the generators of seeds seed .. seed + convergence_seeds - 1 per
+    # latent space, each evaluated (unguided image FD in the VFM's features) at convergence_points log-spaced steps
+    convergence_seeds: int = 2
+    convergence_points: int = 6
+    convergence_per_class: int = 8  # samples per class per evaluation
+    convergence_sample_steps: int = 10  # sample.sampler steps per evaluation
 
 
 @dataclass

@@ -114,7 +114,8 @@ RULES: tuple[Rule, ...] = tuple(
     # demo
     + _rules("demo.train_per_class demo.heldout_per_class", _ge(2), ">= 2")
     + _rules("demo.mae_steps demo.mae_batch_size demo.refine_steps demo.refine_batch_size demo.tokenizer_steps "
-             "demo.tokenizer_batch_size demo.val_draws", _ge(1), _POS)
+             "demo.tokenizer_batch_size demo.val_draws demo.convergence_seeds demo.convergence_points "
+             "demo.convergence_per_class demo.convergence_sample_steps", _ge(1), _POS)
     + _rules("demo.tokenizer_lr", _gt(0), "> 0")
     + _rules("eval.ssc_sigma", _gt(0), "> 0")
 )

@@ -341,7 +341,8 @@ class _Trainer(TrainerOutputs):
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or stop:
                     self._check_stop_policy()
                     self._log(norm)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                if (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop
+                        or self.step in self.task.checkpoint_steps):
                     self._checkpoint()
                 if stop:
                     self.log.warning("stopped at step %d on a signal; resume with train.resume=auto", self.step)

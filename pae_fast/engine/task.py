@@ -49,6 +49,9 @@ class TrainTask:
             ``{name: (module, loss_fn)}``; each is stepped after the main model every step.
         on_checkpoint: optional ``fn(step, model, ema_model, out_dir)`` called on rank 0 after each checkpoint
             (sample grids, reconstructions).
+        checkpoint_steps: further steps (besides every ``train.ckpt_every`` and the last) at which a checkpoint is
+            written and ``on_checkpoint`` called, e.g. the log-spaced evaluation steps of a convergence run
+            (docs/method.md § Convergence).
         flops_per_sample: training FLOPs per sample (forward + backward) for MFU, or ``fn(step) -> FLOPs`` when
             the step's work changes during training (a GAN that starts later); None: not reported.
         num_workers: DataLoader worker processes (0 loads in the training process).
@@ -64,6 +67,7 @@ class TrainTask:
     metadata: dict[str, str] = field(default_factory=dict)
     extra_optimized: dict[str, tuple[nn.Module, LossFn]] = field(default_factory=dict)
     on_checkpoint: Callable[[int, nn.Module, nn.Module, str], None] | None = None
+    checkpoint_steps: frozenset[int] = frozenset()
     flops_per_sample: float | Callable[[int], float] | None = None
     num_workers: int = 0
     counters: Callable[[], dict[str, int]] | None = None

@@ -13,8 +13,12 @@ reruns that stage and every stage after it; :mod:`pae_fast.stages.demo_stages`):
    ``tokenizer_rae``   the RAE-style baseline on the same VFM: no priors, the same decoder, the same steps;
 5. ``latents_pae/rae`` latent caches of both splits (``cache-latents`` on the ImageFolder trees);
 6. ``diffusability``   VIV, LNC, SEC, LDS/CDS, GSQ, eRank of both latent spaces, with plots (``diffusability``);
-7. ``generator_pae/rae`` a tiny LightningDiT per latent space, the same steps (``train-dit``), its untrained
-                       initialisation saved beside it, validation loss of both on held-out latents;
+7. ``convergence``     a tiny LightningDiT per latent space and seed (``demo.convergence_seeds`` seeds from
+                       ``seed``), the same steps (``train-dit``), each evaluated at log-spaced steps by the unguided
+                       image FD of its samples (``convergence``: docs/method.md § Convergence): the plot and the
+                       speed-up with its spread over the seeds;
+   ``generator_pae/rae`` the run of ``seed`` of each space, its untrained initialisation saved beside it,
+                       validation loss of both on held-out latents;
 8. ``samples_pae/rae`` class-balanced samples of the trained and the untrained generator, decoded by the tokenizer
                        (``sample``), and their Fréchet distance to the held-out images in the VFM's feature space;
 9. the summary: ``summary.md`` / ``summary.json``, per-class grids, plots (:mod:`pae_fast.stages.demo_report`).
@@ -53,6 +57,8 @@ def stage_costs(cfg: Config) -> dict[str, float]:
     width = (cfg.model.hidden_size or 96) / 96
     gen_step = 0.13 * t.global_batch_size / 32 * width**2 * (cfg.model.depth or 3) / 3
     n_samples = 8 * (s.per_class or 8)
+    conv_evals = d.convergence_seeds * 2 * d.convergence_points
+    conv_eval = 0.004 * 8 * d.convergence_per_class * d.convergence_sample_steps + 0.5
     sample_cost = 0.004 * n_samples * s.steps * (2 if s.sampler == "heun" else 1) * (2 if s.guidance == "cfg" else 1)
     tok_step = d.tokenizer_batch_size / 16
     return {
@@ -64,8 +70,9 @@ def stage_costs(cfg: Config) -> dict[str, float]:
         "latents_pae": 0.01 * n_img,
         "latents_rae": 0.01 * n_img,
         "diffusability": 10.0,
-        "generator_pae": gen_step * t.steps,
-        "generator_rae": gen_step * t.steps,
+        "convergence": d.convergence_seeds * 2 * gen_step * t.steps + conv_evals * conv_eval,
+        "generator_pae": 2.0,
+        "generator_rae": 2.0,
         "samples_pae": 2 * sample_cost,
         "samples_rae": 2 * sample_cost,
     }
@@ -99,16 +106,6 @@ def tokenizer_config(cfg: Config, model: str, out: Path, vfm: str, priors: str |
 def _image_data(cfg: Config, root: str) -> Any:
     return dataclasses.replace(cfg.data, source="folder", root=root, file_list=None, num_classes=8, loader="pil",
                                num_workers=0, hflip=False, drop_last=False, batch_size=64)
-
-
-def generator_config(cfg: Config, out: Path, cache: str, latent_shape: list[int], tokenizer: str) -> Config:
-    """The ``train-dit`` config on one latent cache (channels / size from the tokenizer's latent shape; the
-    tokenizer that wrote the cache, which ``train-dit`` checks against the cache's metadata)."""
-    c, h, _ = latent_shape
-    model = dataclasses.replace(cfg.model, in_channels=c, input_size=h, num_classes=8, checkpoint=None)
-    data = dataclasses.replace(cfg.data, source="latent_cache", root=cache, num_workers=0, file_list=None)
-    tok = dataclasses.replace(cfg.tokenizer, name=tokenizer)
-    return dataclasses.replace(cfg, out_dir=str(out), model=model, data=data, tokenizer=tok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,15 +183,36 @@ def _stage_latents(cfg: Config, tok: dict[str, Any], images: dict[str, Any], fol
     return out
 
 
-def _stage_generator(cfg: Config, cache: dict[str, str], tok: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _stage_convergence(cfg: Config, caches: dict[str, dict[str, str]], toks: dict[str, dict[str, Any]], vfm: str,
+                       heldout: torch.Tensor, folder: Path) -> dict[str, Any]:
+    from pae_fast.stages.convergence import ConvergencePlan, LatentSpace, run_convergence
+    from pae_fast.stages.convergence_report import default_roofline
+
+    d = cfg.demo
+    roofline = default_roofline()
+    seeds = tuple(cfg.seed + k for k in range(d.convergence_seeds))
+    plan = ConvergencePlan(baseline="RAE", vfm_weights=vfm, seeds=seeds, points=d.convergence_points,
+                           per_class=d.convergence_per_class, sample_steps=d.convergence_sample_steps,
+                           roofline=str(roofline) if roofline else None)
+    spaces = [LatentSpace(m.upper(), caches[m]["train"], toks[m]["weights"], toks[m]["name"]) for m in MODELS]
+    model = dataclasses.replace(cfg.model, num_classes=8)
+    r = run_convergence(dataclasses.replace(cfg, model=model), spaces, plan, heldout, folder)
+    keep = ("baseline", "seeds", "settings", "points", "speedup", "gpu_hours", "runs", "files")
+    return {k: r[k] for k in keep if k in r}
+
+
+def _stage_generator(cfg: Config, cache: dict[str, str], tok: dict[str, Any], run: str | Path, folder: Path
+                     ) -> dict[str, Any]:
+    """The measurements of the trained run ``run`` (the convergence stage's run of ``seed``) and of its
+    initialisation."""
     from pae_fast.data.latent_cache import LatentCache
+    from pae_fast.stages.convergence import generator_config
     from pae_fast.stages.demo_measure import save_untrained_generator, validation_loss
     from pae_fast.stages.sample import load_generator
-    from pae_fast.stages.train_generator import train_generator
 
-    gcfg = generator_config(cfg, folder / "run", cache["train"], tok["latent_shape"], tok["name"])
+    run = Path(run)
+    gcfg = generator_config(cfg, run, cache["train"], tok["latent_shape"], tok["name"], 8)
     untrained = save_untrained_generator(gcfg, folder / "untrained.safetensors")
-    run = train_generator(gcfg)
     train_stats = LatentCache(cache["train"], normalize=False, hflip=False).stats
     z, y = LatentCache(cache["heldout"], normalize=False, hflip=False).load_all()
     z = train_stats.normalize(z)
@@ -279,8 +297,19 @@ def run_demo(cfg: Config, fast: bool = False) -> dict[str, Any]:
     diff = runner.run("diffusability", _sections(cfg, "eval"), lambda f: _diffusability(cfg, caches, f),
                       upstream=tuple(f"latents_{m}" for m in MODELS))
     gen_settings = _sections(cfg, "model", "flow", "train", "seed")
+    sample = config_to_dict(cfg.sample)  # what the evaluations read of it (steps, per_class, guidance: demo.*)
+    conv_settings = {**gen_settings,
+                     "sample": {k: sample[k] for k in ("sampler", "shift", "t_start", "t_end", "sde_noise_scale",
+                                                       "batch_size", "precision")},
+                     "convergence": [d.convergence_seeds, d.convergence_points, d.convergence_per_class,
+                                     d.convergence_sample_steps]}
+    conv = runner.run("convergence", conv_settings,
+                      lambda f: _stage_convergence(cfg, caches, toks, vfm["path"], demo.heldout.images, f),
+                      upstream=(*(f"latents_{m}" for m in MODELS), "vfm", "images"))
     gens = {m: runner.run(f"generator_{m}", {**gen_settings, "val_draws": d.val_draws},
-                          lambda f, m=m: _stage_generator(cfg, caches[m], toks[m], f), upstream=(f"latents_{m}",))
+                          lambda f, m=m: _stage_generator(cfg, caches[m], toks[m],
+                                                          conv["runs"][m.upper()][str(cfg.seed)], f),
+                          upstream=("convergence",))
             for m in MODELS}
     samples = {m: runner.run(f"samples_{m}", _sections(cfg, "sample", "tokenizer"),
                              lambda f, m=m: _stage_samples(cfg, gens[m], toks[m], vfm["path"], demo.heldout.images,
@@ -288,7 +317,7 @@ def run_demo(cfg: Config, fast: bool = False) -> dict[str, Any]:
                              upstream=(f"generator_{m}", "vfm"))
                for m in MODELS}
     stages = dict(images=images, vfm=vfm, priors=priors, tokenizers=toks, caches=caches, diffusability=diff,
-                  generators=gens, samples=samples)
+                  convergence=conv, generators=gens, samples=samples)
     return write_summary(cfg, demo, stages, runner, out, fast=fast, seconds=time.perf_counter() - t0)
 
 

@@ -130,11 +130,15 @@ def build_generator_task(cfg: Config, dataset: Any = None, world_size: int = 1) 
     return task, cfg
 
 
-def train_generator(cfg: Config) -> Path:
+def train_generator(cfg: Config, on_checkpoint: Any = None, checkpoint_steps: Any = ()) -> Path:
     """Train a generator on latents with the shared engine (``train-dit``).
 
     Writes ``<out_dir>/config.yaml`` (resolved) and the engine's checkpoints
     (``<out_dir>/checkpoints/<step>/{model,ema}.safetensors``, the latent statistics in their metadata).
+
+    Args:
+        on_checkpoint: the engine's ``fn(step, model, ema, out_dir)`` after each checkpoint (an evaluation).
+        checkpoint_steps: further steps to checkpoint (and evaluate) at (:class:`~pae_fast.engine.task.TrainTask`).
 
     Returns:
         the run folder.
@@ -148,6 +152,7 @@ def train_generator(cfg: Config) -> Path:
                           "weights (t = 1 data); the rae convention is for sampling RAE's released checkpoints")
     # everything below only reads until open_run: a bad cache or config changes nothing in the run folder
     task, cfg = build_generator_task(cfg, world_size=get_world_size())
+    task = dataclasses.replace(task, on_checkpoint=on_checkpoint, checkpoint_steps=frozenset(checkpoint_steps))
     if cfg.flow.dimension_shift:
         log.info("dimension-dependent training shift s = %.4f (m = %s)", cfg.flow.shift, task.metadata["latent_shape"])
     with open_run(cfg.out_dir, run_identity(cfg), cfg.train.resume, main=is_main()):

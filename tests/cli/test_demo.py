@@ -71,6 +71,32 @@ def test_fast_demo_summary_has_every_section_measured_and_finite(demo_run):
     assert "image FD trained (untrained)" in r.stdout
 
 
+def test_fast_demo_measures_convergence_over_two_seeds(demo_run):
+    """The convergence stage: 2 seeds x (PAE, RAE), image FD at the log-spaced steps of demo_fast (300 -> 4 points),
+    the speed-up read off those points by the pure function, and the plot in the summary."""
+    from pae_fast.stages.convergence_math import speedup_summary
+
+    out, _ = demo_run
+    s = json.loads((out / "summary.json").read_text())
+    c = s["convergence"]
+    assert c["baseline"] == "RAE" and c["seeds"] == [0, 1]
+    for sp in ("PAE", "RAE"):
+        for seed in ("0", "1"):
+            assert sorted(int(k) for k in c["image_fd"][sp][seed]) == [38, 75, 150, 300]
+    curves = {sp: {int(d): ([38, 75, 150, 300], [c["image_fd"][sp][d][str(k)]["fd_vfm"] for k in (38, 75, 150, 300)])
+                   for d in ("0", "1")} for sp in ("PAE", "RAE")}
+    want = speedup_summary(curves, "RAE")
+    for sp in ("PAE", "RAE"):
+        assert [c["spaces"][sp]["steps"][d] for d in ("0", "1")] == [want["spaces"][sp]["steps"][d] for d in (0, 1)]
+    # the generator stages measure the convergence runs of the demo's seed (no second training)
+    g = json.loads((out / "generator_pae" / "stage.json").read_text())["result"]
+    conv = json.loads((out / "convergence" / "convergence.json").read_text())
+    assert g["run"] == conv["runs"]["PAE"]["0"]
+    assert Path(s["files"]["convergence"]).is_file()
+    md = (out / "summary.md").read_text()
+    assert "## Convergence" in md and "convergence/convergence.png" in md and "speed-up" in md
+
+
 def test_rerun_skips_finished_stages_and_reruns_what_changed(demo_run):
     out, _ = demo_run
     r = _demo(out, "--sample.steps", "6")

@@ -196,3 +196,23 @@ def test_compiled_step_matches_eager(tiny, tmp_path):
                                                      compile_scope=scope), tmp_path / f"{mode}-{scope}")
         for k, v in tiny.state_of(eager.model).items():
             torch.testing.assert_close(tiny.state_of(comp.model)[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_steps_add_checkpoints_and_callbacks(tiny, tmp_path):
+    """TrainTask.checkpoint_steps: checkpoints (and the on_checkpoint call with the EMA weights) at those steps as
+    well as every ckpt_every and the last; the EMA passed is the one saved in that checkpoint."""
+    seen: dict[int, dict] = {}
+
+    def on_checkpoint(step, model, ema, out_dir):
+        seen[step] = tiny.state_of(ema)
+
+    task = tiny.make_task()
+    task.on_checkpoint = on_checkpoint
+    task.checkpoint_steps = frozenset({1, 3, 5})
+    train(task, tiny.tiny_cfg(steps=9, ckpt_every=4), tmp_path, seed=0)
+    assert sorted(seen) == [1, 3, 4, 5, 8, 9]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
+        f"{s:07d}" for s in (1, 3, 4, 5, 8, 9)]
+    from pae_fast.io import load_safetensors
+
+    assert _equal(seen[3], load_safetensors(tmp_path / "checkpoints" / "0000003" / "ema.safetensors")[0])
