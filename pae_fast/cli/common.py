@@ -98,7 +98,7 @@ def stop_on_signal(command: str, resume: str) -> Iterator[Callable[[], None]]:
     from pae_fast.engine.monitor import Preemption
     from pae_fast.errors import PreemptedError
 
-    with Preemption() as preempt:
+    with Preemption(then=f"stopping {command} before its next batch") as preempt:
 
         def check() -> None:
             if preempt.requested is not None:

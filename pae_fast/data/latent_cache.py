@@ -32,7 +32,7 @@ from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
 from pae_fast.errors import DataError
 from pae_fast.io import atomic_write_text, load_safetensors, save_safetensors
 
-__all__ = ["write_latent_cache", "LatentCache", "INDEX_FILE", "STATS_FILE", "STATS_MAX_ITEMS"]
+__all__ = ["write_latent_cache", "LatentCache", "check_latents_finite", "INDEX_FILE", "STATS_FILE", "STATS_MAX_ITEMS"]
 
 INDEX_FILE = "index.json"
 STATS_FILE = "stats.safetensors"
@@ -75,8 +75,8 @@ def write_latent_cache(
         raise ValueError(f"latents_flip shape {tuple(latents_flip.shape)} != latents shape {tuple(latents.shape)}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    _check_finite(latents, "latents", str(out))
-    _check_finite(latents_flip, "latents_flip", str(out))
+    check_latents_finite(latents, "latents", str(out))
+    check_latents_finite(latents_flip, "latents_flip", str(out))
     bad_label = labels < 0 if num_classes is None else (labels < 0) | (labels >= num_classes)
     if bool(bad_label.any()):
         i = int(bad_label.nonzero()[0])
@@ -110,7 +110,7 @@ def write_latent_cache(
     return out
 
 
-def _check_finite(z: torch.Tensor, key: str, where: str, offset: int = 0) -> None:
+def check_latents_finite(z: torch.Tensor, key: str, where: str, offset: int = 0) -> None:
     """Refuse NaN/Inf in ``z (N, ...)``, naming ``where``, the tensor and the first bad item (``offset`` + row)."""
     if not z.is_floating_point() or z.numel() == 0:
         return
@@ -208,7 +208,7 @@ class LatentCache(Dataset):
             raise DataError(f"{f} holds {int(tensors['labels'].shape[0])} items, {INDEX_FILE} records {count}")
         start = self._starts[k]
         for key in ("latents", "latents_flip"):
-            _check_finite(tensors[key], key, f"latent cache shard {f}", start)
+            check_latents_finite(tensors[key], key, f"latent cache shard {f}", start)
         labels = tensors["labels"]
         bad = ((labels < 0) | (labels >= self.num_classes)).nonzero().flatten().tolist()
         if bad:

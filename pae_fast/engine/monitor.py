@@ -153,8 +153,9 @@ class Preemption:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "finishing the current step, then writing a checkpoint") -> None:
         self.requested: int | None = None
+        self.then = then  # what the logged line says happens next
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -162,7 +163,7 @@ class Preemption:
             raise KeyboardInterrupt
         self.requested = signum
         logging.getLogger(LOGGER_NAME).warning(
-            "received %s: finishing the current step, then writing a checkpoint", signal.Signals(signum).name
+            "received %s: %s", signal.Signals(signum).name, self.then
         )
 
     def __enter__(self) -> Preemption:

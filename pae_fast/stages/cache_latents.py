@@ -34,8 +34,7 @@ from torch import nn
 
 from pae_fast import __version__
 from pae_fast.data.images import ImageSamples, find_samples, save_class_mapping
-from pae_fast.data.latent_cache import FORMAT_VERSION, INDEX_FILE, STATS_FILE
-from pae_fast.data.latent_cache import _check_finite as check_finite
+from pae_fast.data.latent_cache import FORMAT_VERSION, INDEX_FILE, STATS_FILE, check_latents_finite
 from pae_fast.data.latent_stats import LatentStats, compute_latent_stats
 from pae_fast.data.loaders import build_image_loader
 from pae_fast.errors import ConfigError, DataError
@@ -205,7 +204,7 @@ def write_shards(tokenizer: nn.Module, data_cfg, out_dir: str | os.PathLike, *, 
             continue
         tensors, bad = _encode_range(tokenizer, data_cfg, samples, start, stop, device, check_stop)
         for key in ("latents", "latents_flip"):  # no NaN shard is ever written (the reader would refuse it later)
-            check_finite(tensors[key], key, f"tokenizer {tokenizer_name} encoding shard {path.name}", start)
+            check_latents_finite(tensors[key], key, f"tokenizer {tokenizer_name} encoding shard {path.name}", start)
         meta = {"tokenizer": tokenizer_name, "weights_hash": weights_hash, "tokenizer_weights": tokenizer_weights,
                 "start": str(start), "stop": str(stop), "bad_files": str(bad)}
         save_safetensors(tensors, path, metadata=meta)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from pae_fast.config import Config, ConfigError, config_from_dict, dump_yaml, save_resolved
 from pae_fast.data.latent_stats import LatentStats
 from pae_fast.engine.lock import RunLock
+from pae_fast.engine.precision import autocast_dtype
 from pae_fast.errors import NonFiniteError
 from pae_fast.flow.grid import plan_from_config, sample_shift
 from pae_fast.flow.guidance import (
@@ -233,8 +234,8 @@ def generate_latents(
     device = torch.device(device)
     n = labels.numel()
     sde_gen = torch.Generator(device=device).manual_seed(sample_cfg.seed + 1)
-    amp = device.type == "cuda" and sample_cfg.precision != "fp32"
-    dtype = torch.bfloat16 if sample_cfg.precision == "bf16" else torch.float16
+    dtype = autocast_dtype(sample_cfg.precision)  # the engine's one precision -> dtype mapping (None for fp32)
+    amp = device.type == "cuda" and dtype is not None
     out = []
     starts = range(0, n, sample_cfg.batch_size)
     for s in report(starts, "sampling", enabled=progress, unit="batch"):
@@ -387,17 +388,17 @@ def _write_samples(
 
 
 def _load_tokenizer(cfg: Config, device: torch.device, weights_file: Path) -> nn.Module:
-    from pae_fast.registry import create_tokenizer
-    from pae_fast.weights import load_weights
+    """The decoder: ``tokenizer.name`` filled from ``weights_file`` in any layout ``create_tokenizer`` reads (ours,
+    the PAE authors', RAE's released decoder ``.pt`` with the encoder from ``tokenizer.vfm_weights``)."""
+    from pae_fast.registry import TOKENIZERS, create_tokenizer
 
-    try:
-        tok = create_tokenizer(cfg.tokenizer.name)
-    except KeyError as e:
+    if cfg.tokenizer.name not in TOKENIZERS:
         raise ConfigError(f"tokenizer.name={cfg.tokenizer.name!r} cannot decode sample.tokenizer_checkpoint="
-                          f"{cfg.sample.tokenizer_checkpoint!r}: {e.args[0]}") from e
+                          f"{cfg.sample.tokenizer_checkpoint!r}: not a registered tokenizer "
+                          f"(have: {', '.join(TOKENIZERS.names())})")
+    tok = create_tokenizer(cfg.tokenizer.name, weights=weights_file, vfm_weights=cfg.tokenizer.vfm_weights)
     if not callable(getattr(tok, "decode", None)):
         raise ConfigError(f"tokenizer {cfg.tokenizer.name!r} has no decode(latents) method")
-    load_weights(tok, weights_file, key="sample.tokenizer_checkpoint")
     return tok.to(device).eval()
 
 

@@ -95,10 +95,15 @@ def check_decoder(meta: dict[str, str], generator_file: str | os.PathLike, name:
         log.warning("%s records no tokenizer (trained on synthetic latents, or before pae_fast recorded it): the "
                     "decoder %s cannot be checked against it", generator_file, name)
         return preferred
+    known = rec.get("weights_hash") not in (None, "", "unknown")
+    if not known and rec.get("name") == name:  # a cache that named its tokenizer but not its weights
+        log.warning("%s records tokenizer %s but not its weights: only the name of the decoder is checked",
+                    generator_file, name)
+        return preferred
     other = resolve_weights_file(weights, prefer_ema=not prefer_ema, key=key)
     vfm_digest = file_sha256(vfm_weights) if vfm_weights is not None else None
     digests: dict[Path, str] = {}
-    weights_match = False
+    weights_match = not known  # unknown weights: only the name can differ
     for file in dict.fromkeys((preferred, other)):  # the preferred file first; the other one in a folder
         digest = digests[file] = file_sha256(file)
         accepted = {digest}

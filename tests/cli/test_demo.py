@@ -92,7 +92,7 @@ def test_fast_demo_measures_convergence_over_two_seeds(demo_run):
     g = json.loads((out / "generator_pae" / "stage.json").read_text())["result"]
     conv = json.loads((out / "convergence" / "convergence.json").read_text())
     assert g["run"] == conv["runs"]["PAE"]["0"]
-    assert Path(s["files"]["convergence"]).is_file()
+    assert s["files"]["convergence"] == "convergence/convergence.png" and (out / s["files"]["convergence"]).is_file()
     md = (out / "summary.md").read_text()
     assert "## Convergence" in md and "convergence/convergence.png" in md and "speed-up" in md
 

@@ -252,3 +252,20 @@ def test_sample_takes_raes_bare_ditdh_and_guide(tmp_path, wrap):
     cfg.sample.guide_checkpoint = str(tmp_path / "guide8.pt")
     with pytest.raises(ConfigError, match=r"the guide works on 8x4\^2 latents, the main model on 12x4\^2"):
         sample(cfg)
+
+
+def test_sample_decodes_with_raes_released_decoder(released):
+    """``sample.tokenizer_checkpoint`` may be RAE's bare decoder ``model.pt`` (its layout converted on load), with the
+    encoder from ``tokenizer.vfm_weights``: the decoder sample uses is the released one, value for value."""
+    from pae_fast.stages.sample import _load_tokenizer
+
+    src, root, _ = released
+    cfg = Config()
+    cfg.tokenizer.name, cfg.tokenizer.vfm_weights = "RAE-tiny", str(root / "encoder.safetensors")
+    cfg.sample.tokenizer_checkpoint = str(root / "model.pt")
+    tok = _load_tokenizer(cfg, torch.device("cpu"), root / "model.pt")
+    z = torch.randn(2, *src.latent_shape)
+    torch.testing.assert_close(tok.decode(z), src.decode(z), rtol=0, atol=0)
+    cfg.tokenizer.name = "No-such-tokenizer"
+    with pytest.raises(ConfigError, match="not a registered tokenizer"):
+        _load_tokenizer(cfg, torch.device("cpu"), root / "model.pt")
