@@ -146,7 +146,8 @@ class TokenizerLoss(nn.Module):
             "l1": onoff(float(c.lambda_l1) > 0, f"on (weight {c.lambda_l1})"),
             "lpips": lpips_status(c, self.lpips),
             "gan": gan,
-            "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, priors {c.priors})"),
+            "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, {c.ssr_gram} Gram {c.ssr_reduction}, "
+                                      f"priors {c.priors})"),
             "mcr": onoff(
                 self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, {c.mcr_mode})"
             ),  # fmt: skip
@@ -232,7 +233,7 @@ class TokenizerLoss(nn.Module):
         if self.ssr_on:
             if targets.structure is None:
                 raise ValueError("generator_loss: SSR is on but targets.structure is None")
-            terms["ssr"] = ssr_loss(z, targets.structure, backend=self.kernel_backend)
+            terms["ssr"] = ssr_loss(z, targets.structure, self.kernel_backend, c.ssr_gram, c.ssr_reduction)
             weighted.append(c.lambda_ssr * terms["ssr"])
         if self.mcr_on:
             mcr = mcr_losses(recon, decoded[1:], c.mcr_cascade, self.lpips)
