@@ -117,6 +117,9 @@ class TokenizerConfig:
     # the squared Gram difference summed per image / (N^2: mean, N: row_mean, 1: sum), averaged over the batch
     ssr_gram: Literal["cosine", "raw"] = "cosine"
     ssr_reduction: Literal["mean", "row_mean", "sum"] = "mean"
+    # on logged steps (train.log_every): each regularizer's gradient norm at z over the reconstruction's, in
+    # stats.jsonl as grad_share/<ssr|mcr|scr> (docs/method.md § Tokenizer training; extra backward passes then only)
+    log_grad_shares: bool = True
     mcr: bool = True  # manifold-continuity regularizer (decode perturbed latents)
     scr: bool = True  # global-semantics regularizer (cosine to the 32-d semantic target)
     mcr_angles: tuple[float, ...] = (42.5, 85.0)  # (medium, large) degrees, one shared noise draw

@@ -205,7 +205,7 @@ def test_the_stage_seeds_mcr_with_mcr_step_seed(parts, monkeypatch):
     seen = []
 
     class Model(torch.nn.Module):
-        def forward(self, images, step, seed):
+        def forward(self, images, step, seed, grad_shares=False):
             seen.append(seed)
             return images.sum(), {}, images
 
