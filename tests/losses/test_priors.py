@@ -71,7 +71,7 @@ def test_ssr_options_match_naive_formula_value_and_gradient(backend, gram, reduc
     z = z0.float().requires_grad_()
     got = ssr_loss(z, t.float(), backend=backend, gram=gram, reduction=reduction)
     (g_got,) = torch.autograd.grad(got, z)
-    assert float(got) == pytest.approx(float(want), rel=1e-4)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
     torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-5 * float(g_want.abs().max()))
     other = _naive_ssr_options(z0, t, "raw" if gram == "cosine" else "cosine", reduction)
     assert abs(float(other) / float(want) - 1) > 0.05  # the inputs tell raw from cosine
