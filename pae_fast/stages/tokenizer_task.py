@@ -84,18 +84,24 @@ def tokenizer_loss_fn(shared: Shared, rank: int = 0):
     """The engine's ``loss_fn`` of the tokenizer: the generator-side loss; stashes the reconstructions for the
     discriminator's step when there is one. On the logged steps of ``shared.train`` (the run's TrainConfig; a holder
     without it, e.g. a benchmark's, never logs them) with ``tokenizer.log_grad_shares`` on, the terms include the
-    regularizers' gradient shares (docs/method.md § Tokenizer training)."""
+    regularizers' gradient shares (docs/method.md § Tokenizer training), except under FSDP sharding: there the
+    extra ``autograd.grad`` inside the sharded forward would reach parameters FSDP has already resharded."""
+    from pae_fast.engine.parallel import is_sharded
     from pae_fast.engine.runtime import is_log_step
 
     def loss_fn(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        train = getattr(shared, "train", None)
+        want_shares = train is not None and shared.loss.cfg.log_grad_shares
         if not shared.announced:  # inside the engine: the lines reach its log.txt
             shared.announced = True
             for term, line in shared.status.items():
                 log.info("loss %-9s %s", term, line)
+            if want_shares and is_sharded(model):
+                log.warning("tokenizer.log_grad_shares: not computed under train.distributed=fsdp (the extra "
+                            "autograd.grad would reach resharded parameters); use ddp to see them")  # fmt: skip
         images = _as_float(batch[0])
         seed = mcr_step_seed(shared.seed, step, rank)  # MCR noise: new per (step, rank), replayed on resume
-        train = getattr(shared, "train", None)
-        shares = train is not None and shared.loss.cfg.log_grad_shares and is_log_step(step, train)
+        shares = want_shares and is_log_step(step, train) and not is_sharded(model)
         total, terms, recon = model(images, step, seed, grad_shares=shares)
         if shared.has_disc:
             shared.recons.append(recon)

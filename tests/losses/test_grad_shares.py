@@ -2,6 +2,7 @@
 by hand with torch.autograd.grad on single-term objectives; linear in lambda; only on logged steps; free otherwise."""
 
 import dataclasses
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -125,3 +126,31 @@ def test_the_stage_asks_for_shares_on_logged_steps_only(enabled):
     del shared.train
     fn(Model(), (torch.zeros(1, 3, 2, 2),), 3)
     assert asked == [False]
+
+
+def test_no_shares_under_fsdp_sharding(monkeypatch, caplog):
+    """FSDP2 reshards parameters after each block's forward: the extra autograd.grad inside the sharded forward
+    would reach them, so a sharded model is never asked (and the run log says why)."""
+    import pae_fast.engine.parallel as parallel
+
+    asked = []
+
+    class Model(torch.nn.Module):
+        def forward(self, images, step, seed, grad_shares=False):
+            asked.append(grad_shares)
+            return images.sum(), {}, images
+
+    monkeypatch.setattr(parallel, "is_sharded", lambda m: True)
+    train = dataclasses.replace(TrainConfig(), log_every=1, steps=3)
+    shared = Shared(loss=SimpleNamespace(cfg=SimpleNamespace(log_grad_shares=True)), seed=0, has_disc=False,
+                    announced=False, status={}, recons=[], train=train)  # fmt: skip
+    logger = logging.getLogger("pae_fast.train.tokenizer")  # the engine's logger tree may not propagate to root
+    logger.addHandler(caplog.handler)
+    try:
+        fn = tokenizer_loss_fn(shared)
+        for step in range(3):
+            fn(Model(), (torch.zeros(1, 3, 2, 2),), step)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert asked == [False, False, False]
+    assert "not computed under train.distributed=fsdp" in caplog.text
