@@ -1,13 +1,15 @@
 """gram_loss: the SSR loss, mean squared difference of two token x token Gram matrices, tiled (never N x N in memory).
 
     G_z = Z^ Z^T,  G_T = T^ T^T         (x^_i = x_i / max(||x_i||, eps): cosine Gram; normalize=False: x^ = x)
-    L   = mean_b mean_ij (G_z - G_T)_ij^2            z (B, N, C1), target (B, N, C2): channel dims may differ
+    L   = sum_b sum_ij (G_z - G_T)_ij^2 / den        z (B, N, C1), target (B, N, C2): channel dims may differ
+    den = B N^2 (reduction "mean": mean over every entry), B N ("row_mean": per sample, the mean over the N rows of
+          each row's sum), B ("sum": per sample ||G_z - G_T||_F^2, mean over the batch) -- docs/method.md § SSR
 
 Forward: one program per (sample, tile (i, j) with j >= i) computes both Gram tiles with ``tl.dot`` over the
 channel dim (row norms accumulated in the same loop: the normalisation is a scale ``r_i r_j`` of the raw dot), and
 writes ``w * sum(D^2)`` (w = 2 off the diagonal: D is symmetric) to a (B, tiles) buffer that is summed once.
 
-Backward (D = G_z - G_T, c = 4 dL / (B N^2); the factor 4 = 2 from the square times 2 from the symmetry):
+Backward (D = G_z - G_T, c = 4 dL / den; the factor 4 = 2 from the square times 2 from the symmetry):
     dz^_i = c sum_j D_ij z^_j          dT^_i = -c sum_j D_ij T^_j
     dx_i  = r_i (dx^_i - x^_i (x^_i . dx^_i))   (normalize; r_i = 1/||x_i||, plain dx^_i / eps below eps)
 One program per (sample, row block i, channel block of the differentiated input) loops over the column blocks j,
@@ -81,7 +83,7 @@ def _gram_loss_bwd_kernel(
     C2,
     szb, szn, szc,
     stb, stn, stc,
-    scale,  # 4 / (B N^2)
+    scale,  # 4 / den (den of the reduction: B N^2, B N or B)
     eps,
     WRT_T: tl.constexpr,  # differentiate w.r.t. the target (else z)
     NORMALIZE: tl.constexpr,
@@ -197,7 +199,15 @@ def _loss_dtype(z: torch.Tensor, target: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(z.dtype, target.dtype), torch.float32)
 
 
-def _fwd(z: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor:
+REDUCTIONS = ("mean", "row_mean", "sum")
+
+
+def _denominator(B: int, N: int, reduction: str) -> int:
+    """What the sum of squares over the batch is divided by (docs/method.md § SSR): the one home of the reductions."""
+    return {"mean": B * N * N, "row_mean": B * N, "sum": B}[reduction]
+
+
+def _fwd(z: torch.Tensor, target: torch.Tensor, normalize: bool, reduction: str) -> torch.Tensor:
     B, N, C1 = z.shape
     C2 = target.shape[-1]
     BM, BK1, BK2, _ = _tile_sizes(N, C1, C2)
@@ -207,10 +217,11 @@ def _fwd(z: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor
         z, target, part, N, C1, C2, *z.stride(), *target.stride(), _EPS,
         NORMALIZE=normalize, BLOCK_M=BM, BLOCK_K1=BK1, BLOCK_K2=BK2, num_warps=_NUM_WARPS,
     )  # fmt: skip
-    return (part.sum() / (B * N * N)).to(_loss_dtype(z, target))
+    return (part.sum() / _denominator(B, N, reduction)).to(_loss_dtype(z, target))
 
 
-def _grad_of(which_t: bool, g: torch.Tensor, z: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor:
+def _grad_of(which_t: bool, g: torch.Tensor, z: torch.Tensor, target: torch.Tensor, normalize: bool,
+             reduction: str) -> torch.Tensor:  # fmt: skip
     """Gradient of the loss w.r.t. z (which_t False) or the target, in that input's dtype and shape."""
     B, N, C1 = z.shape
     C2 = target.shape[-1]
@@ -224,7 +235,7 @@ def _grad_of(which_t: bool, g: torch.Tensor, z: torch.Tensor, target: torch.Tens
     out = torch.empty((B, N, CX), dtype=torch.float32 if two_pass else x.dtype, device=x.device)
     g = g.reshape(()).contiguous()
     _gram_loss_bwd_kernel[(triton.cdiv(N, BM), n_cb, B)](
-        z, target, g, out, N, C1, C2, *z.stride(), *target.stride(), 4.0 / (B * N * N), _EPS,
+        z, target, g, out, N, C1, C2, *z.stride(), *target.stride(), 4.0 / _denominator(B, N, reduction), _EPS,
         WRT_T=which_t, NORMALIZE=normalize, FUSE_NORM=normalize and fuse,
         BLOCK_M=BM, BLOCK_K1=BK1, BLOCK_K2=BK2, BLOCK_C=BLOCK_C, num_warps=_NUM_WARPS,
     )  # fmt: skip
@@ -247,42 +258,44 @@ def _grad_of(which_t: bool, g: torch.Tensor, z: torch.Tensor, target: torch.Tens
 
 
 @torch.library.custom_op("pae_fast::gram_loss", mutates_args=())
-def _gram_loss_op(z: torch.Tensor, target: torch.Tensor, normalize: bool) -> torch.Tensor:
-    return _fwd(z, target, normalize)
+def _gram_loss_op(z: torch.Tensor, target: torch.Tensor, normalize: bool, reduction: str) -> torch.Tensor:
+    return _fwd(z, target, normalize, reduction)
 
 
 @_gram_loss_op.register_fake
-def _(z, target, normalize):
+def _(z, target, normalize, reduction):
     return z.new_empty((), dtype=_loss_dtype(z, target))
 
 
 @torch.library.custom_op("pae_fast::gram_loss_backward", mutates_args=())
 def _gram_loss_backward_op(
-    g: torch.Tensor, z: torch.Tensor, target: torch.Tensor, normalize: bool, need_dz: bool, need_dt: bool
+    g: torch.Tensor, z: torch.Tensor, target: torch.Tensor, normalize: bool, reduction: str, need_dz: bool,
+    need_dt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dz = _grad_of(False, g, z, target, normalize) if need_dz else z.new_empty(0)
-    dt = _grad_of(True, g, z, target, normalize) if need_dt else target.new_empty(0)
+    dz = _grad_of(False, g, z, target, normalize, reduction) if need_dz else z.new_empty(0)
+    dt = _grad_of(True, g, z, target, normalize, reduction) if need_dt else target.new_empty(0)
     return dz, dt
 
 
 @_gram_loss_backward_op.register_fake
-def _(g, z, target, normalize, need_dz, need_dt):
+def _(g, z, target, normalize, reduction, need_dz, need_dt):
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if need_dz else z.new_empty(0)
     dt = torch.empty_like(target, memory_format=torch.contiguous_format) if need_dt else target.new_empty(0)
     return dz, dt
 
 
 def _setup_context(ctx, inputs, output):
-    z, target, normalize = inputs
+    z, target, normalize, reduction = inputs
     ctx.save_for_backward(z, target)
     ctx.normalize = normalize
+    ctx.reduction = reduction
 
 
 def _backward(ctx, g):
     z, target = ctx.saved_tensors
     need_dz, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dz, dt = _gram_loss_backward_op(g, z, target, ctx.normalize, need_dz, need_dt)
-    return dz if need_dz else None, dt if need_dt else None, None
+    dz, dt = _gram_loss_backward_op(g, z, target, ctx.normalize, ctx.reduction, need_dz, need_dt)
+    return dz if need_dz else None, dt if need_dt else None, None, None
 
 
 _gram_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -293,7 +306,9 @@ _gram_loss_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_args(z: torch.Tensor, target: torch.Tensor) -> None:
+def _check_args(z: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"gram_loss: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     for name, t in (("z", z), ("target", target)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"gram_loss: {name} must be a floating-point tensor (B, N, C)")
@@ -309,23 +324,26 @@ def _check_args(z: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def gram_loss(
-    z: torch.Tensor, target: torch.Tensor, normalize: bool = True, backend: str | None = None
+    z: torch.Tensor, target: torch.Tensor, normalize: bool = True, backend: str | None = None, reduction: str = "mean"
 ) -> torch.Tensor:
-    """SSR loss ``mean_b mean_ij (G_z - G_T)_ij^2`` between token x token Gram matrices, tiled.
+    """SSR loss ``sum_b sum_ij (G_z - G_T)_ij^2 / den`` between token x token Gram matrices, tiled.
 
     Args:
         z: ``(B, N, C1)`` latent tokens.
         target: ``(B, N, C2)`` target tokens (C2 may differ from C1; gradients flow to it when it requires grad).
         normalize: cosine Gram of l2-normalised tokens (``x / max(||x||, 1e-12)``); False: raw inner products.
         backend: ``auto | triton | torch`` (None: the scope / process default).
+        reduction: ``mean`` (den = B N^2: the mean over every Gram entry), ``row_mean`` (den = B N: per sample the
+            mean over rows of each row's sum of squares) or ``sum`` (den = B: per sample the squared Frobenius norm
+            ``||G_z - G_T||_F^2``, averaged over the batch); docs/method.md § SSR.
 
     Returns:
         0-dim loss, fp32 (fp64 when either input is fp64), computed with fp32 accumulation.
     """
-    _check_args(z, target)
+    _check_args(z, target, reduction)
     if resolve_backend(backend, z) == "torch":
-        return gram_loss_ref(z, target, normalize)
-    return _gram_loss_op(z, target, bool(normalize))
+        return gram_loss_ref(z, target, normalize, reduction)
+    return _gram_loss_op(z, target, bool(normalize), reduction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,12 +351,13 @@ def gram_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def gram_loss_ref(z: torch.Tensor, target: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def gram_loss_ref(z: torch.Tensor, target: torch.Tensor, normalize: bool = True, reduction: str = "mean"
+                  ) -> torch.Tensor:  # fmt: skip
     """PyTorch reference of :func:`gram_loss` (fp32 math for half inputs; fp64 stays fp64).
 
     The batch is processed in chunks so that at most ~2^22 Gram entries per matrix exist at a time.
     """
-    _check_args(z, target)
+    _check_args(z, target, reduction)
     dt = _loss_dtype(z, target)
     x, t = z.to(dt), target.to(dt)
     if normalize:
@@ -348,7 +367,7 @@ def gram_loss_ref(z: torch.Tensor, target: torch.Tensor, normalize: bool = True)
     total = x.new_zeros(())
     for xc, tc in zip(x.split(chunk), t.split(chunk)):
         total = total + (xc @ xc.transpose(1, 2) - tc @ tc.transpose(1, 2)).pow(2).sum()
-    return total / (B * N * N)
+    return total / _denominator(B, N, reduction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,8 +387,8 @@ def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
 def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, tuple, dict]]:
     g = torch.Generator(device="cpu").manual_seed(0)
 
-    def rnd(*shape, grad=True):  # tokens of norm ~1: raw Gram entries O(1) like cosine ones (no cancellation)
-        t = torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+    def rnd(*shape, grad=True, s=1.0):  # tokens of norm ~s: raw Gram entries O(s^2), cosine ones O(1)
+        t = torch.randn(*shape, generator=g) * (s / shape[-1] ** 0.5)
         return t.to(device=device, dtype=dtype).requires_grad_(grad)
 
     if size == "model":
@@ -382,6 +401,13 @@ def _cases(size: str, device: torch.device, dtype: torch.dtype) -> list[tuple[st
         ("(1,33,33) vs (1,33,40) both grads", (rnd(1, 33, 33), rnd(1, 33, 40)), {}),
         ("(2,20,16) vs (2,20,24) raw", (rnd(2, 20, 16), rnd(2, 20, 24)), {"normalize": False}),
         ("non-contiguous (2,40,33)", (rnd(40, 2, 33).transpose(0, 1), rnd(2, 33, 40).transpose(1, 2)), {}),
+        # the other reductions multiply the loss by N (row_mean) or N^2 (sum): raw tokens scaled by that factor's
+        # -1/3 power (raw gradients scale as the cube of the tokens) keep the gradients at the size the declared
+        # absolute tolerances are set for
+        ("(2,20,16) vs (2,20,24) raw row_mean", (rnd(2, 20, 16, s=20 ** (-1 / 3)), rnd(2, 20, 24, s=20 ** (-1 / 3))),
+         {"normalize": False, "reduction": "row_mean"}),
+        ("(1,19,16) vs (1,19,8) raw sum", (rnd(1, 19, 16, s=19 ** (-2 / 3)), rnd(1, 19, 8, s=19 ** (-2 / 3))),
+         {"normalize": False, "reduction": "sum"}),
     ]
 
 

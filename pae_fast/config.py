@@ -113,6 +113,13 @@ class TokenizerConfig:
     lambda_mcr: float = 0.5
     lambda_scr: float = 1.0
     ssr: bool = True  # spatial-structure regularizer (Gram of latent tokens vs the structural target)
+    # SSR's scale (docs/method.md § SSR): cosine Grams of l2-normalised tokens or raw inner products (both sides), and
+    # the squared Gram difference summed per image / (N^2: mean, N: row_mean, 1: sum), averaged over the batch
+    ssr_gram: Literal["cosine", "raw"] = "cosine"
+    ssr_reduction: Literal["mean", "row_mean", "sum"] = "mean"
+    # on logged steps (train.log_every): each regularizer's gradient norm at z over the reconstruction's, in
+    # stats.jsonl as grad_share/<ssr|mcr|scr> (docs/method.md § Tokenizer training; extra backward passes then only)
+    log_grad_shares: bool = True
     mcr: bool = True  # manifold-continuity regularizer (decode perturbed latents)
     scr: bool = True  # global-semantics regularizer (cosine to the 32-d semantic target)
     mcr_angles: tuple[float, ...] = (42.5, 85.0)  # (medium, large) degrees, one shared noise draw

@@ -45,6 +45,7 @@ from pae_fast.engine.runtime import (
     TrainResult,
     check_loss_output,
     check_train_config,
+    is_log_step,
     kernel_scope,
     micro_batch_size,
     precision_flags,
@@ -189,7 +190,7 @@ class _Trainer(TrainerOutputs):
     # ------------------------------------------------------------------------------------------------ step
     def _reset_meters(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.n_ok = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.counts: dict[str, torch.Tensor] = {}  # per term: the ok steps that reported it (some only on log steps)
         self.n_bad = torch.zeros((), dtype=torch.float32, device=self.device)
         self.t_last = time.perf_counter()
         self.step_last = self.step
@@ -263,8 +264,8 @@ class _Trainer(TrainerOutputs):
             key = prefix + name
             v = torch.where(ok, v, 0.0)
             self.sums[key] = self.sums[key] + v if key in self.sums else v
+            self.counts[key] = self.counts[key] + okf if key in self.counts else okf
         if unit.name == "model":
-            self.n_ok += okf
             self.n_bad += 1.0 - okf
         return ok, norm
 
@@ -331,7 +332,7 @@ class _Trainer(TrainerOutputs):
         it = iter(loader)
         try:
             while self.step < cfg.steps:
-                want_norm = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+                want_norm = is_log_step(self.step, cfg)
                 norm = self._train_step(it, self.step, want_norm)
                 self.step += 1
                 self.pos = self.pos.advance(self.num_samples, cfg.global_batch_size)

@@ -60,18 +60,20 @@ class TrainerOutputs:
 
     def _log(self, norm: Any) -> None:
         keys = list(self.sums)
-        vec = torch.stack([self.n_ok, self.n_bad, self.skipped_total.float()] + [self.sums[k] for k in keys])
+        vec = torch.stack([self.n_bad, self.skipped_total.float()] + [self.sums[k] for k in keys]
+                          + [self.counts[k] for k in keys])  # fmt: skip
         if self.world > 1:
             torch.distributed.all_reduce(vec)
-            vec[:3] /= self.world
+            vec[:2] /= self.world
         vals = vec.tolist()  # the one host sync of the interval
-        n_ok, n_bad, skipped_total, sums = vals[0], vals[1], vals[2], vals[3:]
+        n_bad, skipped_total = vals[0], vals[1]
+        sums, counts = vals[2:2 + len(keys)], vals[2 + len(keys):]
         elapsed = max(time.perf_counter() - self.t_last, 1e-9)
         steps = self.step - self.step_last
         ips = steps * self.cfg.global_batch_size / elapsed
         rec: dict[str, Any] = {"step": self.step, "epoch": self.pos.epoch}
-        for k, s in zip(keys, sums):
-            rec[k] = s / self.world / n_ok if n_ok > 0 else float("nan")
+        for k, s, c in zip(keys, sums, counts):  # each term's mean over the ok steps (all ranks) that reported it
+            rec[k] = s / c if c > 0 else float("nan")
         rec["lr"] = self.lr_used  # the learning rate of the last step
         rec["grad_norm"] = float(norm.item()) if norm is not None else None
         rec["images_per_s"] = ips

@@ -24,6 +24,7 @@ __all__ = [
     "kernel_scope",
     "check_loss_output",
     "flops_text",
+    "is_log_step",
 ]
 
 
@@ -55,6 +56,12 @@ class TrainResult:
     checkpoint_dir: Path | None
     interrupted: bool
     skipped_steps: int = 0
+
+
+def is_log_step(step: int, cfg) -> bool:
+    """Whether the 0-based optimizer step ``step`` ends a logging interval (``train.log_every``, and the last step):
+    the engine writes a ``stats.jsonl`` record after it. Tasks use it to compute diagnostics only for logged steps."""
+    return (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
 
 
 def micro_batch_size(global_batch_size: int, world_size: int, grad_accum: int) -> int:

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from pae_fast.losses.diffaug import diff_augment, parse_policy
 from pae_fast.losses.gan import adaptive_weight, disc_active, gan_active, hinge_d_loss, vanilla_g_loss
+from pae_fast.losses.grad_shares import SHARED_TERMS, gradient_shares
 from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
 from pae_fast.losses.noise_aug import noise_augment
 from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
@@ -146,7 +147,8 @@ class TokenizerLoss(nn.Module):
             "l1": onoff(float(c.lambda_l1) > 0, f"on (weight {c.lambda_l1})"),
             "lpips": lpips_status(c, self.lpips),
             "gan": gan,
-            "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, priors {c.priors})"),
+            "ssr": onoff(self.ssr_on, f"on (weight {c.lambda_ssr}, {c.ssr_gram} Gram {c.ssr_reduction}, "
+                                      f"priors {c.priors})"),
             "mcr": onoff(
                 self.mcr_on, f"on (weight {c.lambda_mcr}, {c.mcr_cascade}, angles {self.mcr_angles}, {c.mcr_mode})"
             ),  # fmt: skip
@@ -182,6 +184,7 @@ class TokenizerLoss(nn.Module):
         last_layer: torch.Tensor | None = None,
         targets: PriorTargets | None = None,
         generator: torch.Generator | None = None,
+        grad_shares: bool = False,
     ) -> GeneratorLossOutput:
         """Generator-side loss of one batch.
 
@@ -195,6 +198,9 @@ class TokenizerLoss(nn.Module):
             last_layer: the decoder's last layer weight (``tok.last_decoder_layer.weight``); needed with the GAN term.
             targets: SSR / SCR targets (needed when either is on).
             generator: RNG for the noise augmentation and DiffAug (None: the global one).
+            grad_shares: also return ``grad_share/<ssr|mcr|scr>`` terms, each regularizer's gradient norm at z over
+                the reconstruction term's (:func:`~pae_fast.losses.grad_shares.gradient_shares`; extra backward
+                passes: the stage asks on logged steps only).
 
         Returns:
             :class:`GeneratorLossOutput`.
@@ -232,7 +238,7 @@ class TokenizerLoss(nn.Module):
         if self.ssr_on:
             if targets.structure is None:
                 raise ValueError("generator_loss: SSR is on but targets.structure is None")
-            terms["ssr"] = ssr_loss(z, targets.structure, backend=self.kernel_backend)
+            terms["ssr"] = ssr_loss(z, targets.structure, self.kernel_backend, c.ssr_gram, c.ssr_reduction)
             weighted.append(c.lambda_ssr * terms["ssr"])
         if self.mcr_on:
             mcr = mcr_losses(recon, decoded[1:], c.mcr_cascade, self.lpips)
@@ -246,6 +252,9 @@ class TokenizerLoss(nn.Module):
             terms.update(scr)
             terms["scr"] = sum(scr.values())
             weighted.append(c.lambda_scr * terms["scr"])
+        if grad_shares and rec is not None and z.requires_grad and torch.is_grad_enabled():
+            regs = {k: getattr(c, f"lambda_{k}") * terms[k] for k in SHARED_TERMS if k in terms}
+            terms.update(gradient_shares(z, rec, regs) if regs else {})
         if not weighted:
             raise ValueError("generator_loss: every term is off (check the tokenizer.lambda_* weights and switches)")
         total = torch.stack([w.float() for w in weighted]).sum()

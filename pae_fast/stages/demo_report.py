@@ -17,7 +17,7 @@ import torch
 
 from pae_fast.io import atomic_write_text
 
-__all__ = ["SECTIONS", "write_summary", "class_grid", "machine_info"]
+__all__ = ["SECTIONS", "write_summary", "class_grid", "machine_info", "grad_shares"]
 
 # the sections of summary.json whose numbers must all be finite (tests/cli/test_demo.py checks each)
 SECTIONS = ("vfm", "reconstruction", "diffusability", "generator", "image_fd", "convergence")
@@ -50,12 +50,23 @@ def class_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int, path:
     return save_image_grid(torch.cat(rows), path, nrow=per_class)
 
 
-def _curve(stats: str) -> tuple[list[int], list[float]]:
+def _rows(stats: str) -> list[dict[str, Any]]:
     p = Path(stats)
-    if not p.is_file():
-        return [], []
-    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if isinstance(r.get("loss"), (int, float)) and "step" in r]
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def grad_shares(stats: str) -> dict[str, Any]:
+    """The regularizers' gradient shares at the latent (``grad_share/<term>``, docs/method.md § Tokenizer training)
+    of the last ``stats.jsonl`` record that has them: ``{"step": int, "shares": {term: value}}``, or ``{}``."""
+    for r in reversed(_rows(stats)):
+        shares = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("grad_share/") and isinstance(v, float)}
+        if shares:
+            return {"step": r["step"], "shares": shares}
+    return {}
+
+
+def _curve(stats: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in _rows(stats) if isinstance(r.get("loss"), (int, float)) and "step" in r]
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
@@ -158,7 +169,8 @@ def write_summary(cfg: Any, demo: Any, stages: dict[str, Any], runner: Any, out:
                    "batch_size": stages["priors"]["batch_size"]},
         "losses": {m.upper(): toks[m]["losses"] for m in ("pae", "rae")},
         "tokenizers": {m.upper(): {**{k: toks[m][k] for k in ("name", "steps", "batch_size", "priors", "latent_shape")},
-                                   "weights": run_relative(toks[m]["weights"], out)} for m in ("pae", "rae")},
+                                   "weights": run_relative(toks[m]["weights"], out),
+                                   "grad_shares": grad_shares(toks[m]["stats"])} for m in ("pae", "rae")},
         "reconstruction": recon,
         "diffusability": stages["diffusability"]["metrics"],
         "generator": {m.upper(): {"steps": gens[m]["steps"], "batch_size": gens[m]["batch_size"],
@@ -295,6 +307,11 @@ def summary_markdown(s: dict[str, Any], cfg: Any) -> str:
     terms = sorted(set(s["losses"]["PAE"]) | set(s["losses"]["RAE"]))
     for t in terms:
         lines.append(f"| {t} | {s['losses']['PAE'].get(t, '-')} | {s['losses']['RAE'].get(t, '-')} |")
+    gs = tk["PAE"].get("grad_shares") or {}
+    if gs:
+        lines += ["", f"Effective strength of each prior (PAE, step {gs['step']}): the norm of its weighted gradient "
+                  "at the latent over the reconstruction term's, ‖∂(λ·L)/∂z‖ / ‖∂L_rec/∂z‖: "
+                  + ", ".join(f"{k.upper()} {v:.3g}" for k, v in gs["shares"].items()) + "."]
     lines += ["", f"PAE priors: {tk['PAE']['priors']}; the baseline trains with no prior regularizer.", "",
               "LPIPS and the GAN discriminator need pretrained VGG / DINO features: they run only when local weights "
               "are given (tokenizer.lpips_weights, tokenizer.disc_weights); otherwise they are off, as stated above.",

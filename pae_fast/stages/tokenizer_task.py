@@ -36,7 +36,7 @@ class TokenizerTrainModule(nn.Module):
         tok: the tokenizer (its VFM frozen).
         shared: holder with ``loss`` (:class:`~pae_fast.losses.total.TokenizerLoss`, which holds the tokenizer
             config), ``projector`` (frozen ``P_t`` or None), ``raw_projection`` (or None), ``seed`` (int),
-            ``recons`` (list).
+            ``recons`` (list), optionally ``train`` (the TrainConfig whose logged steps get gradient shares).
     """
 
     def __init__(self, tok: nn.Module, shared: Shared) -> None:
@@ -54,9 +54,10 @@ class TokenizerTrainModule(nn.Module):
         self.tok.train(mode)  # keeps the VFM frozen and in eval mode
         return self
 
-    def forward(self, images: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                          torch.Tensor]:
-        """Generator-side loss of ``images (B, 3, S, S)`` in [0, 1].
+    def forward(self, images: torch.Tensor, step: int, seed: int, grad_shares: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+        """Generator-side loss of ``images (B, 3, S, S)`` in [0, 1] (``grad_shares``: add the regularizers'
+        gradient shares at z to the terms, docs/method.md § Tokenizer training).
 
         Returns:
             ``(total loss, {term: value}, reconstruction (B, 3, S, S) detached)``.
@@ -69,7 +70,8 @@ class TokenizerTrainModule(nn.Module):
         if sh.loss.needs_targets:
             targets = build_prior_targets(feats.vfm_tokens, sh.loss.cfg, sh.projector, sh.raw_projection)
         out = sh.loss.generator_loss(images, feats.z, self.tok.decode, step, seed=seed,
-                                     last_layer=self.tok.last_decoder_layer.weight, targets=targets)
+                                     last_layer=self.tok.last_decoder_layer.weight, targets=targets,
+                                     grad_shares=grad_shares)
         return out.total, out.terms, out.recon.detach()
 
 
@@ -80,16 +82,27 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 
 def tokenizer_loss_fn(shared: Shared, rank: int = 0):
     """The engine's ``loss_fn`` of the tokenizer: the generator-side loss; stashes the reconstructions for the
-    discriminator's step when there is one."""
+    discriminator's step when there is one. On the logged steps of ``shared.train`` (the run's TrainConfig; a holder
+    without it, e.g. a benchmark's, never logs them) with ``tokenizer.log_grad_shares`` on, the terms include the
+    regularizers' gradient shares (docs/method.md § Tokenizer training), except under FSDP sharding: there the
+    extra ``autograd.grad`` inside the sharded forward would reach parameters FSDP has already resharded."""
+    from pae_fast.engine.parallel import is_sharded
+    from pae_fast.engine.runtime import is_log_step
 
     def loss_fn(model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        train = getattr(shared, "train", None)
+        want_shares = train is not None and shared.loss.cfg.log_grad_shares
         if not shared.announced:  # inside the engine: the lines reach its log.txt
             shared.announced = True
             for term, line in shared.status.items():
                 log.info("loss %-9s %s", term, line)
+            if want_shares and is_sharded(model):
+                log.warning("tokenizer.log_grad_shares: not computed under train.distributed=fsdp (the extra "
+                            "autograd.grad would reach resharded parameters); use ddp to see them")  # fmt: skip
         images = _as_float(batch[0])
         seed = mcr_step_seed(shared.seed, step, rank)  # MCR noise: new per (step, rank), replayed on resume
-        total, terms, recon = model(images, step, seed)
+        shares = want_shares and is_log_step(step, train) and not is_sharded(model)
+        total, terms, recon = model(images, step, seed, grad_shares=shares)
         if shared.has_disc:
             shared.recons.append(recon)
         return total, terms

@@ -130,7 +130,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
         if line.startswith("off") or "RANDOM" in line:
             log.warning("loss %s: %s", term, line)
     shared = Shared(loss=loss, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
-                    has_disc=loss.discriminator is not None, status=status, announced=False)
+                    has_disc=loss.discriminator is not None, status=status, announced=False, train=cfg.train)
     model = TokenizerTrainModule(tok, shared)
     extras = {}
     if loss.discriminator is not None:

@@ -61,11 +61,15 @@ def test_fast_demo_summary_has_every_section_measured_and_finite(demo_run):
     assert s["losses"]["PAE"]["ssr"].startswith("on") and s["losses"]["RAE"]["ssr"] == "off"
     assert s["losses"]["PAE"]["lpips"].startswith("off") and s["losses"]["PAE"]["gan"].startswith("off")
     assert s["generator"]["PAE"]["steps"] == s["generator"]["RAE"]["steps"]
+    shares = s["tokenizers"]["PAE"]["grad_shares"]  # the priors' gradient shares at z, from stats.jsonl
+    assert "ssr" in shares["shares"] and set(shares["shares"]) <= {"ssr", "mcr", "scr"}
+    assert all(0 < v < math.inf for v in shares["shares"].values()) and s["tokenizers"]["RAE"]["grad_shares"] == {}
     assert s["fast"] is True and s["stages_skipped"] == []
     for key, f in s["files"].items():  # named relative to the run folder, never by the machine's folders
         assert not Path(f).is_absolute() and (out / f).is_file() and (out / f).stat().st_size > 0, key
     md = (out / "summary.md").read_text()
-    for heading in ("## Comparison", "## Losses and priors that ran", "pre-trained in this run", "image FD"):
+    for heading in ("## Comparison", "## Losses and priors that ran", "pre-trained in this run", "image FD",
+                    "Effective strength of each prior"):
         assert heading in md
     assert "nan" not in md.lower().replace("nans", "")
     assert "image FD trained (untrained)" in r.stdout
@@ -133,3 +137,14 @@ def test_summary_paths_are_relative_to_the_run_folder(tmp_path):
     assert run_relative(str(out / "priors" / "priors.safetensors"), out) == "priors/priors.safetensors"
     elsewhere = tmp_path / "weights" / "vgg.pth"  # a file the user passed stays as given
     assert run_relative(elsewhere, out) == str(elsewhere)
+
+
+def test_grad_shares_come_from_the_last_record_that_has_them(tmp_path):
+    from pae_fast.stages.demo_report import grad_shares
+
+    stats = tmp_path / "stats.jsonl"
+    recs = [{"step": 5, "loss": 1.0, "grad_share/ssr": 0.5, "grad_share/scr": 2.0}, {"step": 10, "loss": 0.9,
+            "grad_share/ssr": 0.25, "grad_share/mcr": 1.5}, {"step": 12, "loss": 0.8}]  # fmt: skip
+    stats.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert grad_shares(str(stats)) == {"step": 10, "shares": {"ssr": 0.25, "mcr": 1.5}}
+    assert grad_shares(str(tmp_path / "missing.jsonl")) == {}

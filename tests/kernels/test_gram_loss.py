@@ -1,7 +1,8 @@
 """gram_loss (SSR): the tiled Triton kernels against the PyTorch reference, loss and both gradients, fp32 and fp16.
 
-The loss is a mean over B N^2 entries, so its gradients are tiny (~1e-5); the comparisons below multiply loss and
-reference by B N^2 (the sum of squares) so the gradients are O(1) and absolute tolerances actually bite.
+The default loss is a mean over B N^2 entries, so its gradients are tiny (~1e-5); the comparisons below multiply loss
+and reference by the reduction's denominator (B N^2, B N or B: the sum of squares) so the gradients are O(1) and
+absolute tolerances actually bite. The reductions and the raw / cosine Grams are also pinned to a naive formula.
 """
 
 import importlib
@@ -18,16 +19,16 @@ gram_module = importlib.import_module("pae_fast.kernels.gram_loss")
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3)}  # on the B N^2-scaled loss and its gradients
 
 
-def _check(z, target, normalize=True, dtype=torch.float32):
-    """Fused vs fp64 reference on the summed loss (loss * B N^2): value, grad z and grad target (if required)."""
+def _check(z, target, normalize=True, dtype=torch.float32, reduction="mean"):
+    """Fused vs fp64 reference on the summed loss (loss * den): value, grad z and grad target (if required)."""
     B, N, _ = z.shape
-    k = float(B * N * N)
+    k = float({"mean": B * N * N, "row_mean": B * N, "sum": B}[reduction])
     atol, rtol = TOL[dtype]
     assert_op_matches(
-        lambda a, b, normalize, backend: gram_loss(a, b, normalize, backend=backend) * k,
-        lambda a, b, normalize: gram_loss_ref(a, b, normalize) * k,
-        (z, target), {"normalize": normalize}, atol=atol, rtol=rtol, ref_dtype=torch.float64,
-        name=f"gram_loss {tuple(z.shape)} vs {tuple(target.shape)} normalize={normalize} {dtype}",
+        lambda a, b, normalize, reduction, backend: gram_loss(a, b, normalize, backend, reduction) * k,
+        lambda a, b, normalize, reduction: gram_loss_ref(a, b, normalize, reduction) * k,
+        (z, target), {"normalize": normalize, "reduction": reduction}, atol=atol, rtol=rtol, ref_dtype=torch.float64,
+        name=f"gram_loss {tuple(z.shape)} vs {tuple(target.shape)} normalize={normalize} {reduction} {dtype}",
     )  # fmt: skip
 
 
@@ -62,6 +63,65 @@ def test_small_tiles_multi_block(monkeypatch, normalize):
     z[0, 5] = 0.0
     t[0, 19] = 0.0
     _check(z.requires_grad_(), t.requires_grad_(), normalize)
+
+
+@pytest.mark.parametrize("reduction", ["row_mean", "sum"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reductions_match_reference(reduction, normalize):
+    """The reductions are one scale of the same sum (forward and backward share the denominator): odd shapes, both
+    gradients, fp32 and fp16."""
+    _check(_rnd(2, 37, 33), _rnd(2, 37, 20), normalize, reduction=reduction)
+    _check(_rnd(1, 41, 24, dtype=torch.float16), _rnd(1, 41, 17, dtype=torch.float16), normalize, torch.float16,
+           reduction)  # fmt: skip
+
+
+def _naive(z, t, gram, reduction):
+    """The SSR formula written out: Grams of the (cosine: l2-normalised) tokens, squared differences summed over the
+    N^2 entries of each sample, then / (B N^2) (mean), / (B N) (row_mean) or / B (sum)."""
+    B, N = z.shape[:2]
+    total = 0.0
+    for b in range(B):
+        x, y = z[b], t[b]
+        if gram == "cosine":
+            x = x / x.norm(dim=-1, keepdim=True)
+            y = y / y.norm(dim=-1, keepdim=True)
+        gz = torch.stack([torch.stack([x[i] @ x[j] for j in range(N)]) for i in range(N)])
+        gt = torch.stack([torch.stack([y[i] @ y[j] for j in range(N)]) for i in range(N)])
+        total = total + ((gz - gt) ** 2).sum()
+    return total / {"mean": B * N * N, "row_mean": B * N, "sum": B}[reduction]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gram_and_reduction_options_match_the_naive_formula(backend):
+    """Value and gradient of every (gram, reduction) pair against :func:`_naive`, on tokens whose norms vary (so raw
+    and cosine differ) and B = 2, N = 5 (so the three reductions differ: factors N and N^2 = 5 and 25)."""
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(2, 5, 3, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0, 1.5, 0.7]).view(1, 5, 1)
+    t0 = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    values = {}
+    for gram in ("cosine", "raw"):
+        for reduction in ("mean", "row_mean", "sum"):
+            z = z0.clone().requires_grad_()
+            want_z = z0.clone().requires_grad_()
+            want = _naive(want_z, t0, gram, reduction)
+            (gw,) = torch.autograd.grad(want, want_z)
+            dtype = torch.float64 if backend == "torch" else torch.float32
+            zz = z.to(dtype)
+            got = gram_loss(zz, t0.to(dtype), normalize=gram == "cosine", reduction=reduction, backend=backend)
+            (gg,) = torch.autograd.grad(got, z)
+            tol = 1e-10 if backend == "torch" else 1e-5
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=0)
+            torch.testing.assert_close(gg, gw, rtol=tol, atol=tol * float(gw.abs().max()))
+            values[gram, reduction] = float(want.detach())
+    for gram in ("cosine", "raw"):  # the reductions differ by exactly N and N^2 on the same Grams
+        assert values[gram, "row_mean"] == pytest.approx(5 * values[gram, "mean"], rel=1e-12)
+        assert values[gram, "sum"] == pytest.approx(25 * values[gram, "mean"], rel=1e-12)
+    assert abs(values["raw", "mean"] / values["cosine", "mean"] - 1) > 0.1  # raw and cosine really differ here
+
+
+def test_bad_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction must be one of mean, row_mean, sum, got 'avg'"):
+        gram_loss(torch.randn(1, 4, 3), torch.randn(1, 4, 2), reduction="avg")
 
 
 def test_op_table_cases_with_declared_tolerances():

@@ -30,6 +30,7 @@ LOSS_CHANGES = {
     "lambda_scr": 0.1, "ssr": False, "mcr": False, "scr": False, "mcr_angles": (30.0, 70.0), "mcr_mode": "geodesic",
     "mcr_cascade": "medium", "scr_terms": "patch", "noise_aug_tau": 0.0, "noise_aug_dist": "half_normal",
     "gan_start_step": 11, "disc_start_step": 11, "adaptive_weight_max": 1e-3, "disc_aug": "color",
+    "ssr_gram": "raw", "ssr_reduction": "row_mean",
 }  # fmt: skip
 BASE = {"lpips_weights": "stand-in", "lambda_gan": 0.5, "noise_aug_tau": 0.4, "gan_start_step": 0,
         "disc_start_step": 0, "disc_aug": "color,translation,cutout"}  # fmt: skip

@@ -43,6 +43,62 @@ def test_ssr_matches_naive_formula(backend):
     assert float(got) == pytest.approx(_naive_ssr(z, t), rel=1e-4)
 
 
+def _naive_ssr_options(z, t, gram, reduction):
+    """L_SSR for every (gram, reduction): Gram entries written out per pair of tokens; (B, C, H, W) latent."""
+    B, C, H, W = z.shape
+    N = H * W
+    per_sample = []
+    for b in range(B):
+        zt = [z[b, :, i // W, i % W] for i in range(N)]
+        tt = [t[b, i] for i in range(N)]
+        if gram == "cosine":
+            zt, tt = [x / x.norm() for x in zt], [x / x.norm() for x in tt]
+        per_sample.append(sum((zt[i] @ zt[j] - tt[i] @ tt[j]) ** 2 for i in range(N) for j in range(N)))
+    frob = sum(per_sample) / B  # ||G_z - G_T||_F^2, mean over the batch
+    return frob / {"mean": N * N, "row_mean": N, "sum": 1}[reduction]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gram, reduction", [("cosine", "mean"), ("cosine", "row_mean"), ("raw", "mean"),
+                                             ("raw", "row_mean"), ("raw", "sum"), ("cosine", "sum")])
+def test_ssr_options_match_naive_formula_value_and_gradient(backend, gram, reduction):
+    g = torch.Generator().manual_seed(11)
+    z0 = torch.randn(2, 4, 2, 3, generator=g, dtype=torch.float64) * (torch.rand(2, 1, 2, 3, generator=g) + 0.5)
+    t = torch.randn(2, 6, 5, generator=g, dtype=torch.float64) * 1.7  # target tokens of norm ~4, latent ~2
+    z_ref = z0.clone().requires_grad_()
+    want = _naive_ssr_options(z_ref, t, gram, reduction)
+    (g_want,) = torch.autograd.grad(want, z_ref)
+    z = z0.float().requires_grad_()
+    got = ssr_loss(z, t.float(), backend=backend, gram=gram, reduction=reduction)
+    (g_got,) = torch.autograd.grad(got, z)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-5 * float(g_want.abs().max()))
+    other = _naive_ssr_options(z0, t, "raw" if gram == "cosine" else "cosine", reduction)
+    assert abs(float(other) / float(want) - 1) > 0.05  # the inputs tell raw from cosine
+
+
+def test_ssr_scale_factors_at_paper_size(parts):
+    """docs/method.md § SSR: with unit-RMS 32-channel tokens on both sides (the latent and P_t(H) are per-token RMS
+    normalised) on a 16x16 grid, raw Grams are exactly C x the cosine ones, so the literal sum is C^2 N^2 = 2^26
+    (6.7e7) times the default (cosine, mean) and the per-row mean C^2 N = 2^18 (2.6e5) times it."""
+    g = torch.Generator().manual_seed(0)
+    z = parts.rms1(2, 16, 16, 32, dtype=torch.float64, generator=g).permute(0, 3, 1, 2)
+    t = parts.rms1(2, 256, 32, dtype=torch.float64, generator=g)
+    base = ssr_loss(z, t, backend="torch")
+    ratio = {(gr, r): float(ssr_loss(z, t, backend="torch", gram=gr, reduction=r) / base)
+             for gr in ("cosine", "raw") for r in ("mean", "row_mean", "sum")}  # fmt: skip
+    assert ratio["raw", "sum"] == pytest.approx(32**2 * 256**2, rel=1e-9) == pytest.approx(6.7e7, rel=0.002)
+    assert ratio["raw", "row_mean"] == pytest.approx(32**2 * 256, rel=1e-9) == pytest.approx(2.62e5, rel=0.002)
+    assert ratio["raw", "mean"] == pytest.approx(32**2, rel=1e-9)
+    assert ratio["cosine", "sum"] == pytest.approx(256**2, rel=1e-12)
+    assert ratio["cosine", "row_mean"] == pytest.approx(256, rel=1e-12)
+
+
+def test_ssr_refuses_an_unknown_gram():
+    with pytest.raises(ValueError, match="tokenizer.ssr_gram"):
+        ssr_loss(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 3), gram="dot")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_ssr_is_zero_when_grams_agree_and_target_gets_no_grad(backend):
     z = torch.randn(2, 8, 4, 4, requires_grad=True)
@@ -149,7 +205,7 @@ def test_the_stage_seeds_mcr_with_mcr_step_seed(parts, monkeypatch):
     seen = []
 
     class Model(torch.nn.Module):
-        def forward(self, images, step, seed):
+        def forward(self, images, step, seed, grad_shares=False):
             seen.append(seed)
             return images.sum(), {}, images
 

@@ -57,6 +57,9 @@ def test_tiny_pae_learns_on_photographs(tmp_path, photos):
     assert_learns(out, 1.0)
     keys = set(rows(out / "stats.jsonl")[-1])
     assert {"l1", "ssr", "mcr", "mcr_medium", "mcr_large", "scr", "scr_pooled", "scr_patch"} <= keys
+    # every record has each regularizer's gradient share at z (computed on the logged steps only)
+    shares = [[r[f"grad_share/{k}"] for k in ("ssr", "mcr", "scr")] for r in rows(out / "stats.jsonl")]
+    assert len(shares) == 5 and all(0 < v < float("inf") for row in shares for v in row)
     # the run folder loads strictly with create_tokenizer (the newest checkpoint's EMA = the tokenizer's state dict)
     tok = create_tokenizer("PAE-tiny", weights=out)
     ema, meta = load_safetensors(out / "checkpoints" / "0000024" / "ema.safetensors")
@@ -74,6 +77,7 @@ def test_tiny_rae_learns_with_noise_augmentation(tmp_path, photos):
     train_tokenizer(cfg, photos[0], photos[1])
     assert_learns(out, 1.0)
     assert set(rows(out / "stats.jsonl")[-1]) & {"ssr", "mcr", "scr"} == set()
+    assert not any(k.startswith("grad_share/") for r in rows(out / "stats.jsonl") for k in r)
     tok = create_tokenizer("RAE-tiny", weights=out)
     assert tok.kind == "rae"
 
