@@ -30,6 +30,8 @@ import torch.nn as nn
 
 from pae_fast.losses.diffaug import diff_augment, parse_policy
 from pae_fast.losses.gan import adaptive_weight, disc_active, gan_active, hinge_d_loss, vanilla_g_loss
+from pae_fast.losses.kl import kl_loss, reparameterize
+from pae_fast.losses.latent_diffusion import LatentDenoiser, fixed_parameters, flow_matching_loss
 from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
 from pae_fast.losses.noise_aug import noise_augment
 from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
@@ -85,14 +87,20 @@ class TokenizerLoss(nn.Module):
         discriminator: the :class:`~pae_fast.models.discriminator.DinoDiscriminator`, or None when ``lambda_gan``
             is 0.
         kernel_backend: backend of the Gram / sphere kernels (None: the scope default).
+        latent_denoiser: the diffusion-loss regulariser's :class:`~pae_fast.losses.latent_diffusion.LatentDenoiser`
+            (needed when ``lambda_diffusion > 0``).
     """
 
     def __init__(self, cfg: Any, lpips: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 kernel_backend: str | None = None) -> None:  # fmt: skip
+                 kernel_backend: str | None = None, latent_denoiser: nn.Module | None = None) -> None:  # fmt: skip
         super().__init__()
         self.cfg = cfg
         self.lpips = lpips
         self.discriminator = discriminator
+        self.latent_denoiser = latent_denoiser
+        if self.diffusion_on and latent_denoiser is None:
+            raise ValueError("tokenizer.lambda_diffusion > 0 needs a latent denoiser (TokenizerLoss(..., "
+                             "latent_denoiser=...) or from_config(..., latent_channels=C))")
         self.kernel_backend = kernel_backend
         self.aug_policy = parse_policy(cfg.disc_aug)
         if float(cfg.lambda_gan) > 0 and discriminator is None:
@@ -102,8 +110,10 @@ class TokenizerLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device | str | None = None, allow_random_disc: bool = False,
-                    kernel_backend: str | None = None, **disc_overrides: Any) -> TokenizerLoss:  # fmt: skip
-        """Build LPIPS (:func:`~pae_fast.losses.recon.build_lpips`) and the discriminator from their local files."""
+                    kernel_backend: str | None = None, latent_channels: int | None = None,
+                    **disc_overrides: Any) -> TokenizerLoss:  # fmt: skip
+        """Build LPIPS (:func:`~pae_fast.losses.recon.build_lpips`) and the discriminator from their local files, and
+        the diffusion-loss regulariser's denoiser (``latent_channels`` wide) when ``lambda_diffusion > 0``."""
         from pae_fast.models.discriminator import create_discriminator
 
         lpips = build_lpips(cfg, device)
@@ -112,7 +122,13 @@ class TokenizerLoss(nn.Module):
             disc = create_discriminator(cfg, allow_random=allow_random_disc, **disc_overrides)
             if device is not None:
                 disc = disc.to(device)
-        return cls(cfg, lpips, disc, kernel_backend)
+        den = None
+        if float(cfg.lambda_diffusion) > 0:
+            if latent_channels is None:
+                raise ValueError("TokenizerLoss.from_config: lambda_diffusion > 0 needs latent_channels")
+            den = LatentDenoiser(latent_channels, int(cfg.diffusion_hidden))
+            den = den if device is None else den.to(device)
+        return cls(cfg, lpips, disc, kernel_backend, den)
 
     # ------------------------------------------------------------------ switches
     @property
@@ -126,6 +142,15 @@ class TokenizerLoss(nn.Module):
     @property
     def scr_on(self) -> bool:
         return term_on(self.cfg, "scr")
+
+    # ablation regularisers of Table 3a (docs/method.md § KL and diffusion-loss regularisers): on when weighted
+    @property
+    def kl_on(self) -> bool:
+        return float(self.cfg.lambda_kl) > 0
+
+    @property
+    def diffusion_on(self) -> bool:
+        return float(self.cfg.lambda_diffusion) > 0
 
     @property
     def needs_targets(self) -> bool:
@@ -152,6 +177,9 @@ class TokenizerLoss(nn.Module):
             ),  # fmt: skip
             "scr": onoff(self.scr_on, f"on (weight {c.lambda_scr}, {c.scr_terms}, priors {c.priors})"),
             "noise_aug": onoff(float(c.noise_aug_tau) > 0, f"on (tau {c.noise_aug_tau}, {c.noise_aug_dist})"),
+            "kl": onoff(self.kl_on, f"on (weight {c.lambda_kl})"),
+            "diffusion": onoff(self.diffusion_on, f"on (weight {c.lambda_diffusion}, denoiser width "
+                                                  f"{c.diffusion_hidden})"),
         }
 
     # ------------------------------------------------------------------ generator side
@@ -182,6 +210,7 @@ class TokenizerLoss(nn.Module):
         last_layer: torch.Tensor | None = None,
         targets: PriorTargets | None = None,
         generator: torch.Generator | None = None,
+        logvar: torch.Tensor | None = None,
     ) -> GeneratorLossOutput:
         """Generator-side loss of one batch.
 
@@ -195,6 +224,8 @@ class TokenizerLoss(nn.Module):
             last_layer: the decoder's last layer weight (``tok.last_decoder_layer.weight``); needed with the GAN term.
             targets: SSR / SCR targets (needed when either is on).
             generator: RNG for the noise augmentation and DiffAug (None: the global one).
+            logvar: ``(B, C, h, w)`` the latent's log-variance (``*-kl`` tokenizers; needed when ``lambda_kl > 0``):
+                the reconstruction then decodes ``reparameterize(z, logvar)``.
 
         Returns:
             :class:`GeneratorLossOutput`.
@@ -202,7 +233,10 @@ class TokenizerLoss(nn.Module):
         c = self.cfg
         if self.needs_targets and targets is None:
             raise ValueError("generator_loss: SSR / SCR are on but no PriorTargets were given")
-        z_in = noise_augment(z, float(c.noise_aug_tau), c.noise_aug_dist, generator)
+        if self.kl_on and logvar is None:
+            raise ValueError("generator_loss: tokenizer.lambda_kl > 0 needs logvar (a *-kl tokenizer variant)")
+        z_dec = reparameterize(z, logvar, generator) if self.kl_on else z  # KL ablation: decode a sample
+        z_in = noise_augment(z_dec, float(c.noise_aug_tau), c.noise_aug_dist, generator)
         latents = [z_in]
         if self.mcr_on:
             latents += list(mcr_perturb(z, self.mcr_angles, seed, c.mcr_mode, self.kernel_backend))
@@ -246,6 +280,13 @@ class TokenizerLoss(nn.Module):
             terms.update(scr)
             terms["scr"] = sum(scr.values())
             weighted.append(c.lambda_scr * terms["scr"])
+        if self.kl_on:  # Table 3a ablations (docs/method.md § KL and diffusion-loss regularisers)
+            terms["kl"] = kl_loss(z, logvar)
+            weighted.append(c.lambda_kl * terms["kl"])
+        if self.diffusion_on:
+            with fixed_parameters(self.latent_denoiser):  # the encoder's pull; the denoiser trains in its own unit
+                terms["diffusion"] = flow_matching_loss(self.latent_denoiser, z, generator)
+            weighted.append(c.lambda_diffusion * terms["diffusion"])
         if not weighted:
             raise ValueError("generator_loss: every term is off (check the tokenizer.lambda_* weights and switches)")
         total = torch.stack([w.float() for w in weighted]).sum()

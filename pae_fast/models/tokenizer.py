@@ -49,12 +49,14 @@ class TokenizerFeatures(NamedTuple):
         vfm_tokens: ``(B, N, D)`` frozen VFM patch tokens after the affine-free final LayerNorm (the DAM's input).
         pixels: ``(B, 3, S_vfm, S_vfm)`` the resized, normalised image both the VFM and the DAM saw.
         dam_tokens: ``(B, N, D)`` the DAM output ``H_z`` (PAE), None for RAE.
+        logvar: ``(B, C, H, W)`` the latent's log-variance (the KL ablation's ``*-kl`` variants), else None.
     """
 
     z: torch.Tensor
     vfm_tokens: torch.Tensor
     pixels: torch.Tensor
     dam_tokens: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
 
 
 def to_image_range(images: torch.Tensor) -> torch.Tensor:

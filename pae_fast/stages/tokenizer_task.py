@@ -69,7 +69,10 @@ class TokenizerTrainModule(nn.Module):
         if sh.loss.needs_targets:
             targets = build_prior_targets(feats.vfm_tokens, sh.loss.cfg, sh.projector, sh.raw_projection)
         out = sh.loss.generator_loss(images, feats.z, self.tok.decode, step, seed=seed,
-                                     last_layer=self.tok.last_decoder_layer.weight, targets=targets)
+                                     last_layer=self.tok.last_decoder_layer.weight, targets=targets,
+                                     logvar=feats.logvar)
+        if sh.loss.diffusion_on:  # the denoiser unit of the same micro-batch trains on sg(z)
+            sh.latents.append(feats.z.detach())
         return out.total, out.terms, out.recon.detach()
 
 
