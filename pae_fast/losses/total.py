@@ -167,7 +167,12 @@ class TokenizerLoss(nn.Module):
             gan = (f"on (D from step {c.disc_start_step}, G from step {c.gan_start_step}; {d.model_name} blocks "
                    f"{list(d.blocks)}: {src}; DiffAug {','.join(self.aug_policy) or 'none'})")  # fmt: skip
         onoff = lambda on, s: s if on else "off"  # noqa: E731
-        return {
+        extra = {}  # Table 3a's regularisers: listed only when on (the usual runs never use them)
+        if self.kl_on:
+            extra["kl"] = f"on (weight {c.lambda_kl})"
+        if self.diffusion_on:
+            extra["diffusion"] = f"on (weight {c.lambda_diffusion}, denoiser width {c.diffusion_hidden})"
+        return extra | {
             "l1": onoff(float(c.lambda_l1) > 0, f"on (weight {c.lambda_l1})"),
             "lpips": lpips_status(c, self.lpips),
             "gan": gan,
@@ -177,9 +182,6 @@ class TokenizerLoss(nn.Module):
             ),  # fmt: skip
             "scr": onoff(self.scr_on, f"on (weight {c.lambda_scr}, {c.scr_terms}, priors {c.priors})"),
             "noise_aug": onoff(float(c.noise_aug_tau) > 0, f"on (tau {c.noise_aug_tau}, {c.noise_aug_dist})"),
-            "kl": onoff(self.kl_on, f"on (weight {c.lambda_kl})"),
-            "diffusion": onoff(self.diffusion_on, f"on (weight {c.lambda_diffusion}, denoiser width "
-                                                  f"{c.diffusion_hidden})"),
         }
 
     # ------------------------------------------------------------------ generator side

@@ -127,4 +127,5 @@ def test_from_config_builds_the_denoiser_only_when_weighted(parts):
     assert built.latent_denoiser.net[0].out_channels == 12 and built.latent_denoiser.net[-1].out_channels == C
     with pytest.raises(ValueError, match="latent_channels"):
         TokenizerLoss.from_config(parts.tok_cfg(lambda_diffusion=0.1))
-    assert "diffusion" in built.status() and built.status()["kl"] == "off"
+    assert built.status()["diffusion"].startswith("on") and "kl" not in built.status()
+    assert not {"kl", "diffusion"} & set(TokenizerLoss.from_config(parts.tok_cfg()).status())
