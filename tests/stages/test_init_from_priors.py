@@ -75,3 +75,14 @@ def test_diffusion_loss_gets_its_own_engine_unit(tmp_path, photos):  # noqa: F81
     d_loss.backward()
     assert all(p.grad is not None for p in den.parameters())
     assert task.model.shared.latents == []
+
+
+def test_true_on_an_rae_is_refused():
+    from types import SimpleNamespace
+
+    from pae_fast.stages.train_tokenizer import _check_config
+
+    t = dataclasses.replace(TokenizerConfig(), name="RAE-tiny", init_from_priors=True, priors_file="p.safetensors",
+                            ssr=False, scr=False)
+    with pytest.raises(ConfigError, match="RAE.*no projector"):
+        _check_config(t, SimpleNamespace(kind="rae"))
