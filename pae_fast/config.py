@@ -143,6 +143,13 @@ class TokenizerConfig:
     lpips_backbone_weights: str | None = None  # torchvision vgg16 state dict (not needed for a whole LPIPS file)
     heldout_items: int = 64  # train-tokenizer: held-out images for PSNR / SSIM (/ LPIPS / rFID) at each checkpoint
     grid_items: int = 8  # train-tokenizer: held-out images shown as input | reconstruction at each checkpoint
+    # Ablations (docs/method.md § Ablation presets): the stage-0 initialisation policy and Table 3a's regularisers.
+    # init_from_priors: projector + decompressor start from priors_file; None (auto) = only when SSR / SCR use refined
+    # targets; true needs priors_file whatever the losses; false never initialises from it.
+    init_from_priors: bool | None = None
+    lambda_kl: float = 0.0  # KL(q(z|x) || N(0, I)); needs a *-kl tokenizer variant (log-variance head)
+    lambda_diffusion: float = 0.0  # flow-matching loss of a jointly trained latent denoiser on z
+    diffusion_hidden: int = 256  # that denoiser's width [choice]
 
 
 @dataclass

@@ -31,6 +31,8 @@ import torch.nn as nn
 from pae_fast.losses.diffaug import diff_augment, parse_policy
 from pae_fast.losses.gan import adaptive_weight, disc_active, gan_active, hinge_d_loss, vanilla_g_loss
 from pae_fast.losses.grad_shares import SHARED_TERMS, gradient_shares
+from pae_fast.losses.kl import kl_loss, reparameterize
+from pae_fast.losses.latent_diffusion import LatentDenoiser, fixed_parameters, flow_matching_loss
 from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
 from pae_fast.losses.noise_aug import noise_augment
 from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
@@ -86,14 +88,20 @@ class TokenizerLoss(nn.Module):
         discriminator: the :class:`~pae_fast.models.discriminator.DinoDiscriminator`, or None when ``lambda_gan``
             is 0.
         kernel_backend: backend of the Gram / sphere kernels (None: the scope default).
+        latent_denoiser: the diffusion-loss regulariser's :class:`~pae_fast.losses.latent_diffusion.LatentDenoiser`
+            (needed when ``lambda_diffusion > 0``).
     """
 
     def __init__(self, cfg: Any, lpips: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 kernel_backend: str | None = None) -> None:  # fmt: skip
+                 kernel_backend: str | None = None, latent_denoiser: nn.Module | None = None) -> None:  # fmt: skip
         super().__init__()
         self.cfg = cfg
         self.lpips = lpips
         self.discriminator = discriminator
+        self.latent_denoiser = latent_denoiser
+        if self.diffusion_on and latent_denoiser is None:
+            raise ValueError("tokenizer.lambda_diffusion > 0 needs a latent denoiser (TokenizerLoss(..., "
+                             "latent_denoiser=...) or from_config(..., latent_channels=C))")
         self.kernel_backend = kernel_backend
         self.aug_policy = parse_policy(cfg.disc_aug)
         if float(cfg.lambda_gan) > 0 and discriminator is None:
@@ -103,8 +111,10 @@ class TokenizerLoss(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device | str | None = None, allow_random_disc: bool = False,
-                    kernel_backend: str | None = None, **disc_overrides: Any) -> TokenizerLoss:  # fmt: skip
-        """Build LPIPS (:func:`~pae_fast.losses.recon.build_lpips`) and the discriminator from their local files."""
+                    kernel_backend: str | None = None, latent_channels: int | None = None,
+                    **disc_overrides: Any) -> TokenizerLoss:  # fmt: skip
+        """Build LPIPS (:func:`~pae_fast.losses.recon.build_lpips`) and the discriminator from their local files, and
+        the diffusion-loss regulariser's denoiser (``latent_channels`` wide) when ``lambda_diffusion > 0``."""
         from pae_fast.models.discriminator import create_discriminator
 
         lpips = build_lpips(cfg, device)
@@ -113,7 +123,13 @@ class TokenizerLoss(nn.Module):
             disc = create_discriminator(cfg, allow_random=allow_random_disc, **disc_overrides)
             if device is not None:
                 disc = disc.to(device)
-        return cls(cfg, lpips, disc, kernel_backend)
+        den = None
+        if float(cfg.lambda_diffusion) > 0:
+            if latent_channels is None:
+                raise ValueError("TokenizerLoss.from_config: lambda_diffusion > 0 needs latent_channels")
+            den = LatentDenoiser(latent_channels, int(cfg.diffusion_hidden))
+            den = den if device is None else den.to(device)
+        return cls(cfg, lpips, disc, kernel_backend, den)
 
     # ------------------------------------------------------------------ switches
     @property
@@ -127,6 +143,15 @@ class TokenizerLoss(nn.Module):
     @property
     def scr_on(self) -> bool:
         return term_on(self.cfg, "scr")
+
+    # ablation regularisers of Table 3a (docs/method.md § KL and diffusion-loss regularisers): on when weighted
+    @property
+    def kl_on(self) -> bool:
+        return float(self.cfg.lambda_kl) > 0
+
+    @property
+    def diffusion_on(self) -> bool:
+        return float(self.cfg.lambda_diffusion) > 0
 
     @property
     def needs_targets(self) -> bool:
@@ -143,7 +168,12 @@ class TokenizerLoss(nn.Module):
             gan = (f"on (D from step {c.disc_start_step}, G from step {c.gan_start_step}; {d.model_name} blocks "
                    f"{list(d.blocks)}: {src}; DiffAug {','.join(self.aug_policy) or 'none'})")  # fmt: skip
         onoff = lambda on, s: s if on else "off"  # noqa: E731
-        return {
+        extra = {}  # Table 3a's regularisers: listed only when on (the usual runs never use them)
+        if self.kl_on:
+            extra["kl"] = f"on (weight {c.lambda_kl})"
+        if self.diffusion_on:
+            extra["diffusion"] = f"on (weight {c.lambda_diffusion}, denoiser width {c.diffusion_hidden})"
+        return extra | {
             "l1": onoff(float(c.lambda_l1) > 0, f"on (weight {c.lambda_l1})"),
             "lpips": lpips_status(c, self.lpips),
             "gan": gan,
@@ -185,6 +215,7 @@ class TokenizerLoss(nn.Module):
         targets: PriorTargets | None = None,
         generator: torch.Generator | None = None,
         grad_shares: bool = False,
+        logvar: torch.Tensor | None = None,
     ) -> GeneratorLossOutput:
         """Generator-side loss of one batch.
 
@@ -201,6 +232,8 @@ class TokenizerLoss(nn.Module):
             grad_shares: also return ``grad_share/<ssr|mcr|scr>`` terms, each regularizer's gradient norm at z over
                 the reconstruction term's (:func:`~pae_fast.losses.grad_shares.gradient_shares`; extra backward
                 passes: the stage asks on logged steps only).
+            logvar: ``(B, C, h, w)`` the latent's log-variance (``*-kl`` tokenizers; needed when ``lambda_kl > 0``):
+                the reconstruction then decodes ``reparameterize(z, logvar)``.
 
         Returns:
             :class:`GeneratorLossOutput`.
@@ -208,7 +241,10 @@ class TokenizerLoss(nn.Module):
         c = self.cfg
         if self.needs_targets and targets is None:
             raise ValueError("generator_loss: SSR / SCR are on but no PriorTargets were given")
-        z_in = noise_augment(z, float(c.noise_aug_tau), c.noise_aug_dist, generator)
+        if self.kl_on and logvar is None:
+            raise ValueError("generator_loss: tokenizer.lambda_kl > 0 needs logvar (a *-kl tokenizer variant)")
+        z_dec = reparameterize(z, logvar, generator) if self.kl_on else z  # KL ablation: decode a sample
+        z_in = noise_augment(z_dec, float(c.noise_aug_tau), c.noise_aug_dist, generator)
         latents = [z_in]
         if self.mcr_on:
             latents += list(mcr_perturb(z, self.mcr_angles, seed, c.mcr_mode, self.kernel_backend))
@@ -252,6 +288,13 @@ class TokenizerLoss(nn.Module):
             terms.update(scr)
             terms["scr"] = sum(scr.values())
             weighted.append(c.lambda_scr * terms["scr"])
+        if self.kl_on:  # Table 3a ablations (docs/method.md § KL and diffusion-loss regularisers)
+            terms["kl"] = kl_loss(z, logvar)
+            weighted.append(c.lambda_kl * terms["kl"])
+        if self.diffusion_on:
+            with fixed_parameters(self.latent_denoiser):  # the encoder's pull; the denoiser trains in its own unit
+                terms["diffusion"] = flow_matching_loss(self.latent_denoiser, z, generator)
+            weighted.append(c.lambda_diffusion * terms["diffusion"])
         if grad_shares and rec is not None and z.requires_grad and torch.is_grad_enabled():
             regs = {k: getattr(c, f"lambda_{k}") * terms[k] for k in SHARED_TERMS if k in terms}
             terms.update(gradient_shares(z, rec, regs) if regs else {})

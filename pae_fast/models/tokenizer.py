@@ -5,7 +5,8 @@ Every tokenizer is an ``nn.Module`` with:
 - ``image_size`` (S), ``latent_shape`` ``(C, H, W)``, ``kind`` (``"pae" | "rae"``), ``stats_mode`` (``"channel"``
   for PAE, ``"chw"`` for RAE: the mode of ``pae_fast.data.latent_stats``), ``vfm_dim`` (D), ``mean`` / ``std``
   (the VFM input normalisation, also the decoder's output space);
-- ``vfm``: the frozen encoder (:class:`~pae_fast.models.vfm.FrozenVFM`, eval mode, no grad, always);
+- ``vfm``: the frozen encoder (:class:`~pae_fast.models.vfm.FrozenVFM`, eval mode, no grad, always, except in the
+  ``finetune_vfm`` ablation: docs/method.md § DAM fusion ablation);
 - ``encode(images) -> z``, ``decode(z) -> images``, ``encode_features(images) -> TokenizerFeatures``,
   ``decode_tokens``; ``last_decoder_layer`` (the pixel ``nn.Linear`` of the decoder, for the GAN's adaptive
   weight); ``trainable_parameters()`` (all but the frozen VFM; the fixed position tables are buffers).
@@ -49,12 +50,14 @@ class TokenizerFeatures(NamedTuple):
         vfm_tokens: ``(B, N, D)`` frozen VFM patch tokens after the affine-free final LayerNorm (the DAM's input).
         pixels: ``(B, 3, S_vfm, S_vfm)`` the resized, normalised image both the VFM and the DAM saw.
         dam_tokens: ``(B, N, D)`` the DAM output ``H_z`` (PAE), None for RAE.
+        logvar: ``(B, C, H, W)`` the latent's log-variance (the KL ablation's ``*-kl`` variants), else None.
     """
 
     z: torch.Tensor
     vfm_tokens: torch.Tensor
     pixels: torch.Tensor
     dam_tokens: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
 
 
 def to_image_range(images: torch.Tensor) -> torch.Tensor:

@@ -224,11 +224,14 @@ class FrozenVFM(nn.Module):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        # the finetune_vfm ablation (docs/method.md § DAM fusion ablation) sets this: parameters train, still eval mode
+        self.trainable = False
         self.freeze()
 
     def freeze(self) -> FrozenVFM:
-        """Eval mode and ``requires_grad=False`` on every parameter (called again after any load)."""
-        self.requires_grad_(False)
+        """Eval mode and ``requires_grad=False`` on every parameter (``True`` when :attr:`trainable`); called again
+        after any load."""
+        self.requires_grad_(self.trainable)
         return super().train(False)
 
     def train(self, mode: bool = True) -> FrozenVFM:  # noqa: ARG002 - a frozen VFM never leaves eval mode
@@ -244,8 +247,9 @@ class FrozenVFM(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised ``(B, 3, S, S)`` pixels -> ``(B, N, D)`` patch tokens (prefix tokens dropped), no grad."""
-        with torch.no_grad():
+        """Normalised ``(B, 3, S, S)`` pixels -> ``(B, N, D)`` patch tokens (prefix tokens dropped), no grad unless
+        :attr:`trainable`."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             h = self.model.forward_features(pixels)  # (B, prefix + N, D), final affine-free LayerNorm applied
         return h[:, self.num_prefix_tokens :]
 

@@ -71,7 +71,9 @@ class TokenizerTrainModule(nn.Module):
             targets = build_prior_targets(feats.vfm_tokens, sh.loss.cfg, sh.projector, sh.raw_projection)
         out = sh.loss.generator_loss(images, feats.z, self.tok.decode, step, seed=seed,
                                      last_layer=self.tok.last_decoder_layer.weight, targets=targets,
-                                     grad_shares=grad_shares)
+                                     logvar=feats.logvar, grad_shares=grad_shares)
+        if sh.loss.diffusion_on:  # the denoiser unit of the same micro-batch trains on sg(z)
+            sh.latents.append(feats.z.detach())
         return out.total, out.terms, out.recon.detach()
 
 

@@ -31,11 +31,19 @@ import torch
 from pae_fast.config import Config, ConfigError, TokenizerConfig, dump_yaml
 from pae_fast.losses.total import term_on
 
-__all__ = ["build_tokenizer_task", "train_tokenizer", "RAW_FIT_IMAGES"]
+__all__ = ["build_tokenizer_task", "train_tokenizer", "RAW_FIT_IMAGES", "init_from_priors"]
 
 log = logging.getLogger("pae_fast.train.tokenizer")
 
 RAW_FIT_IMAGES = 16  # priors=raw, raw_prior_projection=pca: the PCA is fitted on the tokens of this many images
+
+
+def init_from_priors(t: TokenizerConfig) -> bool:
+    """Whether a PAE tokenizer starts from ``priors_file``'s projector and decompressor (docs/method.md § Ablation
+    presets): ``tokenizer.init_from_priors``, or when unset (auto) exactly when SSR / SCR use refined targets."""
+    if t.init_from_priors is not None:
+        return bool(t.init_from_priors)
+    return t.priors == "refined" and (term_on(t, "ssr") or term_on(t, "scr"))
 
 
 def _check_config(t: TokenizerConfig, tok: Any = None) -> None:
@@ -47,8 +55,16 @@ def _check_config(t: TokenizerConfig, tok: Any = None) -> None:
     if t.priors == "refined" and (ssr_on or scr_on) and t.priors_file is None:
         raise ConfigError("tokenizer.priors=refined needs tokenizer.priors_file (the priors.safetensors written by "
                           "`python -m pae_fast refine-priors`), or set tokenizer.priors: raw")
+    if t.init_from_priors and t.priors_file is None:
+        raise ConfigError("tokenizer.init_from_priors is true but tokenizer.priors_file is unset (the "
+                          "priors.safetensors of `python -m pae_fast refine-priors`)")
     if tok is None:
         return
+    if t.init_from_priors and tok.kind != "pae":
+        raise ConfigError(f"tokenizer.init_from_priors is true but {t.name!r} is an RAE: it has no projector")
+    if float(t.lambda_kl) > 0 and getattr(tok, "latent_logvar", None) is None:
+        raise ConfigError(f"tokenizer.lambda_kl > 0 needs a tokenizer with a log-variance head (e.g. "
+                          f"'{t.name}-kl'); {t.name!r} has none")
     if tok.kind == "rae" and (ssr_on or scr_on):
         raise ConfigError(f"tokenizer {t.name!r} is an RAE (its latent is the frozen VFM's tokens): SSR / SCR cannot "
                           "train it; set tokenizer.ssr: false and tokenizer.scr: false")
@@ -114,13 +130,17 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     if len(dataset) == 0:
         raise ConfigError(f"the image data {getattr(dataset, 'path', type(dataset).__name__)} is empty")
 
-    loss = TokenizerLoss.from_config(t, device=None, allow_random_disc=allow_random_disc)
+    loss = TokenizerLoss.from_config(t, device=None, allow_random_disc=allow_random_disc,
+                                     latent_channels=tok.latent_shape[0])
     projector, raw_projection, priors_meta = None, None, {}
-    if loss.needs_targets and t.priors == "refined":
-        projector, priors_meta = load_priors(t.priors_file, cfg, tok)
-        if tok.kind == "pae" and t.checkpoint is None:  # start at the refined prior (docs/method.md § Refined priors)
+    init = init_from_priors(t)
+    if (loss.needs_targets and t.priors == "refined") or init:
+        projector, priors_meta = load_priors(t.priors_file, cfg, tok)  # also checks the recipe fits this tokenizer
+        if init and tok.kind == "pae" and t.checkpoint is None:  # start at the refined prior (§ Refined priors)
             init_tokenizer_from_priors(tok, t.priors_file)
-    elif loss.needs_targets:
+        if not (loss.needs_targets and t.priors == "refined"):
+            projector = None  # read for the initialisation only
+    if loss.needs_targets and t.priors == "raw":
         raw_projection = _raw_projection(t, cfg.seed, tok, dataset, device)
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
         if m is not None:
@@ -130,11 +150,16 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
         if line.startswith("off") or "RANDOM" in line:
             log.warning("loss %s: %s", term, line)
     shared = Shared(loss=loss, projector=projector, raw_projection=raw_projection, seed=cfg.seed, recons=[],
-                    has_disc=loss.discriminator is not None, status=status, announced=False, train=cfg.train)
+                    has_disc=loss.discriminator is not None, status=status, announced=False, train=cfg.train,
+                    latents=[])
     model = TokenizerTrainModule(tok, shared)
     extras = {}
     if loss.discriminator is not None:
         extras["disc"] = (loss.discriminator, disc_unit_loss_fn(shared))
+    if loss.latent_denoiser is not None:  # Table 3a's diffusion-loss regulariser: the denoiser's own unit
+        from pae_fast.losses.latent_diffusion import denoiser_unit_loss_fn
+
+        extras["latent_denoiser"] = (loss.latent_denoiser, denoiser_unit_loss_fn(shared))
     inception = None
     if cfg.eval.inception_weights is not None and heldout is not None:
         from pae_fast.eval.inception import load_inception

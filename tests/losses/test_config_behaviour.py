@@ -46,6 +46,14 @@ ELSEWHERE = {
     "tokenizer.heldout_items": "tests/stages/test_tokenizer_fields.py",
     "tokenizer.grid_items": "tests/stages/test_tokenizer_fields.py",
     "tokenizer.encode_weights": "tests/data/test_encode_weights.py (raw vs EMA weights encode, recorded and checked)",
+    # ablation fields (docs/method.md § Ablation presets)
+    "tokenizer.init_from_priors": "tests/stages/test_init_from_priors.py",
+    "tokenizer.lambda_kl": "tests/losses/test_ablation_regularisers.py::test_kl_term_decodes_a_sample_and_adds_its_"
+                           "weighted_kl",
+    "tokenizer.lambda_diffusion": "tests/losses/test_ablation_regularisers.py::test_diffusion_term_pulls_the_latent_"
+                                  "not_the_denoiser_and_the_unit_trains_it",
+    "tokenizer.diffusion_hidden": "tests/losses/test_ablation_regularisers.py::test_from_config_builds_the_denoiser_"
+                                  "only_when_weighted",
 }
 DISC_CHANGES = {"disc_model": "vit_small_patch8_224", "disc_blocks": (1,), "disc_input_size": 48}
 REFINE_CHANGES = {"lambda_rep": 0.0, "lambda_gram": 0.0, "lowpass_strength": 0.9, "upsampler": "nearest_area",

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from pae_fast.cli import main
-from pae_fast.config import load_config
 from pae_fast.errors import EXIT_DATA, EXIT_USAGE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,32 +95,6 @@ PRESETS = sorted(p.name for p in CONFIGS.glob("*tokenizer*.yaml"))
 def test_every_tokenizer_preset_loads(name, capsys):
     assert main(["train-tokenizer", "--config", str(CONFIGS / name), "--dry-run"]) == 0
     assert "tokenizer:" in capsys.readouterr().out
-
-
-ABLATIONS = {
-    "pae_tokenizer_abl_none": {"ssr": False, "mcr": False, "scr": False},
-    "pae_tokenizer_abl_ssr": {"mcr": False, "scr": False},
-    "pae_tokenizer_abl_mcr": {"ssr": False, "scr": False},
-    "pae_tokenizer_abl_scr": {"ssr": False, "mcr": False},
-    "pae_tokenizer_abl_raw_priors": {"priors": "raw"},
-    "pae_tokenizer_abl_mcr_medium": {"mcr_cascade": "medium"},
-    "pae_tokenizer_abl_mcr_large": {"mcr_cascade": "large"},
-    "pae_tokenizer_abl_mcr_cascaded": {},
-    "pae_tokenizer_abl_scr_pooled": {"scr_terms": "pooled"},
-    "pae_tokenizer_abl_scr_patch": {"scr_terms": "patch"},
-    "pae_tokenizer_abl_scr_both": {},
-}
-
-
-@pytest.mark.parametrize("name", sorted(ABLATIONS))
-def test_ablation_presets_change_only_their_switches(name):
-    base = load_config(CONFIGS / "pae_tokenizer_abl_all.yaml")
-    main_cfg = load_config(CONFIGS / "pae_tokenizer_dinov2l_d32.yaml")
-    cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert base.train.steps == 25 * 2502 and base.tokenizer == main_cfg.tokenizer  # 25 epochs, the main recipe
-    diff = {k: v for k, v in vars(cfg.tokenizer).items() if getattr(base.tokenizer, k) != v}
-    assert diff == ABLATIONS[name]
-    assert cfg.train == base.train and cfg.refine == base.refine and cfg.data == base.data
 
 
 def test_same_seed_same_weights(runs, tmp_path):
