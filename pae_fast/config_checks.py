@@ -77,6 +77,8 @@ RULES: tuple[Rule, ...] = tuple(
     + _rules("tokenizer.disc_input_size", _ge(1), _POS)
     + _rules("tokenizer.disc_blocks", _ge(0), "each >= 0 (a block index of the discriminator's backbone)")
     + _rules("tokenizer.heldout_items tokenizer.grid_items", _ge(0), _NONNEG)
+    + _rules("tokenizer.lambda_kl tokenizer.lambda_diffusion", _ge(0), _NONNEG)
+    + _rules("tokenizer.diffusion_hidden", _ge(1), _POS)
     # refine
     + _rules("refine.reconstructor_depth refine.reconstructor_hidden refine.projector_heads "
              "refine.reconstructor_heads", _ge(1), _POS)

@@ -1,6 +1,7 @@
 """Test setup: the Triton interpreter on machines without a CUDA device (must precede the first triton import)."""
 
 import os
+from pathlib import Path
 
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -45,3 +46,20 @@ def run_until_sigterm():
         return proc.returncode, stdout, stderr
 
     return run
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Three classes of two small JPEGs (crops of scikit-image photographs), ``<root>/c<k>/<i>.jpg``."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    for k, name in enumerate(("astronaut", "coffee", "chelsea")):
+        img = getattr(skimage.data, name)()[..., :3]
+        (root / f"c{k}").mkdir()
+        for i in range(2):
+            Image.fromarray(np.ascontiguousarray(img[40 * i : 40 * i + 80, 30:110])).save(root / f"c{k}" / f"{i}.jpg")
+    return root
+

@@ -183,22 +183,6 @@ def test_bad_cache_is_refused_before_the_run_starts(case, tmp_path, capsys):
     assert not out.exists()  # refused before anything was written
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """Three classes of two small JPEGs (crops of scikit-image photographs)."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    for k, name in enumerate(("astronaut", "coffee", "chelsea")):
-        img = getattr(skimage.data, name)()[..., :3]
-        (root / f"c{k}").mkdir()
-        for i in range(2):
-            Image.fromarray(np.ascontiguousarray(img[40 * i : 40 * i + 80, 30 : 110])).save(root / f"c{k}" / f"{i}.jpg")
-    return root
-
-
 def _cache_latents_argv(out: Path, root: Path, *extra: str) -> list[str]:
     return ["cache-latents", "--out", str(out), "--data.root", str(root), "--data.num_classes", "3",
             "--data.image_size", "64", "--data.loader", "pil", "--data.num_workers", "0", "--data.batch_size", "4",

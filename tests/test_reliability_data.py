@@ -50,22 +50,6 @@ def write_png16(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    """Three classes of two small JPEGs (crops of scikit-image photographs)."""
-    import skimage.data
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("photos")
-    for k, name in enumerate(("astronaut", "coffee", "chelsea")):
-        img = getattr(skimage.data, name)()[..., :3]
-        (root / f"c{k}").mkdir()
-        for i in range(2):
-            Image.fromarray(np.ascontiguousarray(img[40 * i : 40 * i + 80, 30:110])).save(root / f"c{k}" / f"{i}.jpg")
-    return root
-
-
-
 # ------------------------------------------------------------------------------------------------ 2: 16-bit PNGs
 def _pixels(path: Path) -> np.ndarray:
     from pae_fast.data.images import load_image
@@ -134,14 +118,14 @@ def test_16bit_png_pil_matches_dali(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 3: on_bad_file
-def test_tokenizer_data_honours_on_bad_file_skip(tmp_path, photos):
+def test_tokenizer_data_honours_on_bad_file_skip(tmp_path, image_folder):
     import shutil
 
     from pae_fast.config import load_config
     from pae_fast.stages.image_data import open_image_data
 
     root = tmp_path / "imgs"
-    shutil.copytree(photos, root)
+    shutil.copytree(image_folder, root)
     (root / "c1" / "9.jpg").write_bytes(b"not a jpeg")
     over = {"data.source": "folder", "data.root": str(root), "data.image_size": 32, "data.on_bad_file": "skip"}
     train, _ = open_image_data(load_config(None, over), 0)
@@ -153,11 +137,11 @@ def test_tokenizer_data_honours_on_bad_file_skip(tmp_path, photos):
 
 
 @pytest.mark.parametrize("policy,code", [("skip", 0), ("error", EXIT_DATA)])
-def test_train_tokenizer_on_a_folder_with_a_bad_jpeg(tmp_path, photos, capsys, policy, code):
+def test_train_tokenizer_on_a_folder_with_a_bad_jpeg(tmp_path, image_folder, capsys, policy, code):
     import shutil
 
     root = tmp_path / "imgs"
-    shutil.copytree(photos, root)
+    shutil.copytree(image_folder, root)
     (root / "c2" / "5.jpg").write_bytes(b"\xff\xd8 truncated")
     argv = ["train-tokenizer", "--config", str(ROOT / "configs" / "tokenizer_tiny_cpu.yaml"), "--data.source",
             "folder", "--data.root", str(root), "--data.num_classes", "3", "--data.on_bad_file", policy,
@@ -179,7 +163,7 @@ def test_os_errors_map_to_one_line_exit_3():
     assert exit_code_for(FileExistsError(17, "File exists", "/f")) == EXIT_DATA
 
 
-def test_nan_latents_leave_no_shard(tmp_path, photos):
+def test_nan_latents_leave_no_shard(tmp_path, image_folder):
     from pae_fast.config import load_config
     from pae_fast.errors import DataError
     from pae_fast.stages.cache_latents import write_shards
@@ -192,7 +176,7 @@ def test_nan_latents_leave_no_shard(tmp_path, photos):
             z[1:2] = float("inf")
             return z
 
-    data = load_config(None, {"data.root": str(photos), "data.num_classes": 3, "data.image_size": 32,
+    data = load_config(None, {"data.root": str(image_folder), "data.num_classes": 3, "data.image_size": 32,
                               "data.loader": "pil", "data.num_workers": 0, "data.batch_size": 2}).data
     with pytest.raises(DataError, match="latents of item 1 hold NaN/Inf"):
         write_shards(NaNEncoder(), data, tmp_path / "c", tokenizer_name="x", weights_hash="h", shard_size=2)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -57,21 +56,6 @@ def unwritable(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    """Three classes of two small JPEGs (crops of scikit-image photographs)."""
-    import skimage.data
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("photos")
-    for k, name in enumerate(("astronaut", "coffee", "chelsea")):
-        img = getattr(skimage.data, name)()[..., :3]
-        (root / f"c{k}").mkdir()
-        for i in range(2):
-            Image.fromarray(np.ascontiguousarray(img[40 * i : 40 * i + 80, 30:110])).save(root / f"c{k}" / f"{i}.jpg")
-    return root
-
-
 def _tokenizer_file(path: Path, seed: int) -> Path:
     from pae_fast.registry import create_tokenizer
 
@@ -103,12 +87,12 @@ def _cache_argv(out: Path, root: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def paired_run(tmp_path_factory, photos, tokenizers) -> Path:
+def paired_run(tmp_path_factory, image_folder, tokenizers) -> Path:
     """A 2-step generator run on a cache written by tokenizer ``a`` with the README's command as written (no
     --config, --data.batch_size or --data.num_classes; the tiny tokenizer's image size added)."""
     d = tmp_path_factory.mktemp("paired")
     readme = ["cache-latents", "--tokenizer", "PAE-tiny", "--weights", str(tokenizers["a"]), "--data.root",
-              str(photos), "--out", str(d / "cache")]
+              str(image_folder), "--out", str(d / "cache")]
     assert main([*readme, "--data.image_size", "64"]) == 0
     run = d / "run"
     assert main(["train-dit", "--config", TINY, "--out_dir", str(run), "--data.root", str(d / "cache"),
@@ -129,7 +113,7 @@ def _existing_file(tmp: Path) -> Path:
     return f
 
 
-# (id, argv builder (tmp, photos, tokenizers) -> argv, words of the error line); each: exit 3, nothing changed
+# (id, argv builder (tmp, image_folder, tokenizers) -> argv, words of the error line); each: exit 3, nothing changed
 OUTPUT_CASES = [
     ("vfm_overwrites_file", lambda t, p, k: ["pretrain-vfm", "--out", str(_existing_file(t)), "--steps", "1",
                                              "--images-per-class", "4"], ["precious.safetensors", "--overwrite"]),
@@ -186,9 +170,9 @@ def _pickled(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", OUTPUT_CASES, ids=[c[0] for c in OUTPUT_CASES])
-def test_outputs_and_weights_problems_are_one_line_exit_3(case, tmp_path, photos, tokenizers, capsys):
+def test_outputs_and_weights_problems_are_one_line_exit_3(case, tmp_path, image_folder, tokenizers, capsys):
     _, build, words = case
-    argv = build(tmp_path, photos, tokenizers)
+    argv = build(tmp_path, image_folder, tokenizers)
     before = snapshot(tmp_path)
     capsys.readouterr()
     assert main(argv) == EXIT_DATA
@@ -238,12 +222,12 @@ def test_readme_cache_latents_command_without_config(paired_run):
 
 
 # ------------------------------------------------------------------------------------------------ 8: reconstruct
-def test_reconstruct_same_names_from_two_folders(tmp_path, photos, capsys):
+def test_reconstruct_same_names_from_two_folders(tmp_path, image_folder, capsys):
     import shutil
 
     for d in ("x", "y"):
         (tmp_path / d).mkdir()
-        shutil.copy(photos / {"x": "c0", "y": "c1"}[d] / "0.jpg", tmp_path / d / "0.jpg")
+        shutil.copy(image_folder / {"x": "c0", "y": "c1"}[d] / "0.jpg", tmp_path / d / "0.jpg")
     argv = ["reconstruct", "--tokenizer", "PAE-tiny", "--random-init", str(tmp_path / "x" / "0.jpg"),
             str(tmp_path / "y" / "0.jpg"), "--out", str(tmp_path / "r")]
     assert main(argv) == 0
@@ -279,9 +263,10 @@ def _run_until(args: list[str], marker: str, timeout: float = 180) -> tuple[int,
     return proc.returncode, "".join(lines) + rest
 
 
-def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, photos, tokenizers):
+def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, image_folder, tokenizers):
     out = tmp_path / "cache"
-    argv = _cache_argv(out, photos, "--weights", str(tokenizers["a"]), "--shard-size", "1", "--data.batch_size", "1")
+    argv = _cache_argv(out, image_folder, "--weights", str(tokenizers["a"]), "--shard-size", "1",
+                       "--data.batch_size", "1")
     code, err = _run_until(argv, "cache-latents: 1/")
     assert code == EXIT_PREEMPTED, err
     last = err.strip().splitlines()[-1]
@@ -289,7 +274,7 @@ def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, photos, toke
     assert not (out / "index.json").exists() and list(out.glob("shard-*.safetensors"))
     assert main(argv) == 0  # the same command resumes ...
     ref = tmp_path / "ref"
-    assert main(_cache_argv(ref, photos, "--weights", str(tokenizers["a"]), "--shard-size", "1",
+    assert main(_cache_argv(ref, image_folder, "--weights", str(tokenizers["a"]), "--shard-size", "1",
                             "--data.batch_size", "1")) == 0
     unlocked = [{k: v for k, v in snapshot(c).items() if k != ".lock"} for c in (out, ref)]  # .lock: pid, time
     assert unlocked[0] == unlocked[1]  # ... to the bytes of an uninterrupted run
@@ -328,10 +313,10 @@ def test_sample_writes_beside_its_checkpoint_and_never_over_it(paired_run, tmp_p
     # the same samples again, byte for byte (the lock file records the time it was taken)
 
 
-def test_cache_latents_logs_progress(tmp_path, photos, caplog):
+def test_cache_latents_logs_progress(tmp_path, image_folder, caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="pae_fast.progress"):
-        assert main(_cache_argv(tmp_path / "c", photos, "--random-init")) == 0
+        assert main(_cache_argv(tmp_path / "c", image_folder, "--random-init")) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "pae_fast.progress"]
     assert "cache-latents: 1/3 shard" in lines and "cache-latents: 3/3 shard done" in lines, lines

@@ -388,17 +388,24 @@ def _write_samples(
 
 
 def _load_tokenizer(cfg: Config, device: torch.device, weights_file: Path) -> nn.Module:
-    """The decoder: ``tokenizer.name`` filled from ``weights_file`` in any layout ``create_tokenizer`` reads (ours,
-    the PAE authors', RAE's released decoder ``.pt`` with the encoder from ``tokenizer.vfm_weights``)."""
-    from pae_fast.registry import TOKENIZERS, create_tokenizer
+    """The decoder: ``tokenizer.name`` filled from ``weights_file``. A pae_fast tokenizer reads any layout
+    ``create_tokenizer`` reads (ours, the PAE authors', RAE's released decoder ``.pt`` with the encoder from
+    ``tokenizer.vfm_weights``); another registered decoder module loads its own state dict."""
+    from pae_fast.models.tokenizer import Tokenizer, load_tokenizer_weights
+    from pae_fast.registry import create_tokenizer
+    from pae_fast.weights import load_weights
 
-    if cfg.tokenizer.name not in TOKENIZERS:
+    try:
+        tok = create_tokenizer(cfg.tokenizer.name)
+    except KeyError as e:
         raise ConfigError(f"tokenizer.name={cfg.tokenizer.name!r} cannot decode sample.tokenizer_checkpoint="
-                          f"{cfg.sample.tokenizer_checkpoint!r}: not a registered tokenizer "
-                          f"(have: {', '.join(TOKENIZERS.names())})")
-    tok = create_tokenizer(cfg.tokenizer.name, weights=weights_file, vfm_weights=cfg.tokenizer.vfm_weights)
+                          f"{cfg.sample.tokenizer_checkpoint!r}: {e.args[0]}") from e
     if not callable(getattr(tok, "decode", None)):
         raise ConfigError(f"tokenizer {cfg.tokenizer.name!r} has no decode(latents) method")
+    if isinstance(tok, Tokenizer):
+        load_tokenizer_weights(tok, False, weights_file, cfg.tokenizer.vfm_weights)
+    else:
+        load_weights(tok, weights_file, key="sample.tokenizer_checkpoint")
     return tok.to(device).eval()
 
 
