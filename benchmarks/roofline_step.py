@@ -110,7 +110,7 @@ def engine_optimizer(requested: str, precision: str, backend: str = "fused") -> 
     return choose_optimizer(requested, kernel_backend=kernel_backend, precision=precision, **H100_RUN).name
 
 
-def _fake_mode():
+def fake_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
@@ -146,7 +146,6 @@ def count_step(
     """
     from pae_fast import kernels
     from pae_fast.config import FlowConfig, TrainConfig
-    from pae_fast.engine.optim import build_optimizer, clip_gradients, ema_update, make_ema, master_grads_read
     from pae_fast.engine.precision import autocast_dtype, compute_weights
     from pae_fast.flow.loss import FlowLoss
     from pae_fast.kernels._dispatch import counting_only
@@ -160,23 +159,14 @@ def count_step(
     optimizer = engine_optimizer(optimizer, precision, backend)
     cfg = TrainConfig(precision=precision, optimizer=optimizer, ema_decay=ema_decay, grad_clip=grad_clip)
     cpu = torch.device("cpu")
-    with _fake_mode(), warnings.catch_warnings():
+    with fake_mode(), warnings.catch_warnings():
         # deep copies of fake modules (the EMA, the compute copy) touch data_ptr: harmless here
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         master = build().train()
         spec = _input_spec(master)
         compute = compute_weights(master, precision)
         model = compute.module if compute is not None else master
-        opt = build_optimizer(master, cfg, torch.device("cuda"))  # the CUDA choice (fused), run on fake CPU tensors
-        if compute is not None:
-            compute.attach(opt)
-        ema = make_ema(master)
-        if hasattr(opt, "set_ema"):  # fused_adamw_ema updates the EMA's parameters in its kernel (as the engine wires)
-            opt.set_ema(ema, master, ema_decay)
-        for p in master.parameters():  # one uncounted step first: the optimizer state exists (steady state)
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt, ema = prepare_update(master, compute, cfg)
         loss_fn = FlowLoss.from_config(FlowConfig())
         x1 = torch.empty(batch, spec["in_channels"], spec["input_size"], spec["input_size"], device=cpu)
         y = torch.zeros(batch, dtype=torch.long, device=cpu)
@@ -193,20 +183,47 @@ def count_step(
                     loss, _ = loss_fn(model, (x1, y), 0)
                 loss.float().backward()
             with TrafficCounter() as tc_update:
-                ok = torch.isfinite(loss.detach())
-                if compute is not None:  # a steady-state step: no norm logged (the engine logs it every log_every)
-                    compute.grads_to_master(needed=master_grads_read(opt, cfg.grad_clip, want_norm=False))
-                norm = clip_gradients(opt, [p for p in master.parameters() if p.requires_grad], cfg.grad_clip, False)
-                if norm is not None:
-                    ok = ok & torch.isfinite(norm)
-                opt.grad_scale, opt.found_inf = None, (~ok).float()
-                opt.step()
-                ema_update(ema, master, ema_decay, ok, params=not getattr(opt, "updates_ema", False))
+                run_update(master, compute, opt, ema, cfg, torch.isfinite(loss.detach()))
         params = sum(p.numel() for p in master.parameters())
         trainable = sum(p.numel() for p in master.parameters() if p.requires_grad)
     return {"step": tc_step.summary(), "update": tc_update.summary(), "params": params, "input": spec,
             "optimizer": optimizer, "trainable_params": trainable, "grad_clip": grad_clip,
             "fused_min_bytes": floor.bytes, "fused_min_unknown": sorted(floor.unknown)}  # fmt: skip
+
+
+def prepare_update(master: nn.Module, compute: Any, cfg: Any, with_ema: bool = True) -> tuple[Any, nn.Module | None]:
+    """The optimizer (``cfg.optimizer`` as the engine builds it for CUDA, attached to the ``compute`` copy) and the EMA
+    of ``master``, wired as the engine wires them, after one uncounted step (steady state: the state exists)."""
+    from pae_fast.engine.optim import build_optimizer, make_ema
+
+    opt = build_optimizer(master, cfg, torch.device("cuda"))  # the CUDA choice (fused), run on fake / meta tensors
+    if compute is not None:
+        compute.attach(opt)
+    ema = make_ema(master) if with_ema else None
+    if ema is not None and hasattr(opt, "set_ema"):  # fused_adamw_ema updates the EMA's parameters in its kernel
+        opt.set_ema(ema, master, cfg.ema_decay)
+    for p in master.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt, ema
+
+
+def run_update(master: nn.Module, compute: Any, opt: Any, ema: nn.Module | None, cfg: Any, ok: torch.Tensor) -> None:
+    """The engine's update after backward (``engine/loop.py``): gradients to the masters where something reads them,
+    clipping (``train.grad_clip``, :func:`pae_fast.engine.optim.clip_gradients`), the skip flag, the optimizer step
+    and the EMA; a steady-state step (no norm logged)."""
+    from pae_fast.engine.optim import clip_gradients, ema_update, master_grads_read
+
+    if compute is not None:
+        compute.grads_to_master(needed=master_grads_read(opt, cfg.grad_clip, want_norm=False))
+    norm = clip_gradients(opt, [p for p in master.parameters() if p.requires_grad], cfg.grad_clip, False)
+    if norm is not None:
+        ok = ok & torch.isfinite(norm)
+    opt.grad_scale, opt.found_inf = None, (~ok).float()
+    opt.step()
+    if ema is not None:
+        ema_update(ema, master, cfg.ema_decay, ok, params=not getattr(opt, "updates_ema", False))
 
 
 def _input_spec(model: nn.Module) -> dict[str, int]:

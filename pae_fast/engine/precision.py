@@ -112,12 +112,15 @@ def compute_weights(master: nn.Module, precision: str, distributed: str = "ddp",
                     ) -> ComputeWeights | None:
     """The compute copy ``train.precision`` asks for (``bf16``), else None (the master module is trained as is).
 
+    A module that sets ``full_precision = True`` (the tokenizer's discriminator: spectral-norm power iterations and
+    fp32 features) keeps its fp32 weights under every precision: None.
+
     Raises:
         ValueError: ``bf16`` with FSDP on several ranks (FSDP shards the module it trains; use ``bf16-autocast``
             there, or FSDP2's own mixed-precision policy).
     """
     autocast_dtype(precision)  # validates the name
-    if precision != "bf16":
+    if precision != "bf16" or getattr(master, "full_precision", False):
         return None
     if distributed == "fsdp" and world_size > 1:
         raise ValueError(

@@ -107,7 +107,8 @@ class ViTDecoder(nn.Module):
         B, N, _ = tokens.shape
         if self.grid_size**2 != N:
             raise ValueError(f"ViTDecoder: expected {self.grid_size**2} tokens, got {N}")
-        x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(tokens)], dim=1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(tokens)], dim=1)
+        x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
         x = self.pred(self.norm(x))[:, 1:]  # (B, N, p*p*3), CLS dropped

@@ -93,6 +93,9 @@ class DinoDiscriminator(nn.Module):
         pae_fast.weights.WeightsError: the file does not fit the backbone.
     """
 
+    full_precision = True  # fp32 weights under train.precision=bf16 (engine.precision.compute_weights): its spectral
+    # norm's power iteration and the fp32 features it computes need them; the heads are a few M parameters
+
     def __init__(
         self,
         model: str = "vit_small_patch8_224.dino",

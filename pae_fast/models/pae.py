@@ -99,7 +99,7 @@ class DAM(nn.Module):
 
     def forward(self, pixels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``pixels (B, 3, S, S)`` normalised, ``u (B, N, D)`` VFM tokens -> ``H_z (B, N, D)``."""
-        x = self.patch_embed(pixels) + self.pos_embed
+        x = self.patch_embed(pixels) + self.pos_embed.to(pixels.dtype)
         for layer in self.layers:
             x = layer(x, u)
         if self.fusion == "add":
@@ -212,7 +212,7 @@ class PAETokenizer(Tokenizer):
         """``(B, 3, H, W)`` in [0, 1] -> z ``(B, C, g, g)`` (every token RMS 1), VFM tokens, pixels, DAM output (and
         the KL variant's log-variance)."""
         self.check_images(images)
-        pixels = self.vfm.preprocess(images)
+        pixels = self.vfm.preprocess(images.to(self.compute_dtype))
         u = self.vfm.tokens(pixels)  # (B, N, D), no grad unless finetune_vfm
         h = self.dam(pixels, u)
         logvar = self.latent_logvar(h) if self.latent_logvar is not None else None

@@ -48,7 +48,7 @@ class RAETokenizer(Tokenizer):
     def encode_features(self, images: torch.Tensor) -> TokenizerFeatures:
         """``(B, 3, H, W)`` in [0, 1] -> z = raw VFM tokens as ``(B, D, g, g)``, the tokens ``(B, N, D)``, pixels."""
         self.check_images(images)
-        pixels = self.vfm.preprocess(images)
+        pixels = self.vfm.preprocess(images.to(self.compute_dtype))
         u = self.vfm.tokens(pixels)  # (B, N, D)
         B, N, D = u.shape
         g = self.latent_shape[1]

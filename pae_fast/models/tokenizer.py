@@ -98,6 +98,12 @@ class Tokenizer(nn.Module, abc.ABC):
         """The decoder's final pixel projection (its weight drives the GAN's adaptive weight)."""
         return self.decoder.pred
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the weights (bf16 under the engine's ``train.precision=bf16`` compute copy, else fp32): the
+        API casts images and latents to it on the way in (fixed tables are buffers and follow the activations)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
     # -- pixels ------------------------------------------------------------------------------------------------------
 
     def check_images(self, images: torch.Tensor) -> None:
@@ -132,7 +138,7 @@ class Tokenizer(nn.Module, abc.ABC):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent ``(B, C, H, W)`` -> images ``(B, 3, S, S)``, nominally in [0, 1] (not clamped)."""
         self.check_latent(z)
-        return self.denormalize(self.decode_tokens(z))
+        return self.denormalize(self.decode_tokens(z.to(self.compute_dtype)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``decode(encode(images))``."""

@@ -5,6 +5,7 @@ the saved weights load with create_tokenizer."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,27 @@ def test_heldout_metrics_add_lpips_and_rfid_when_their_networks_are_given(tmp_pa
     assert {"lpips", "rfid"} <= set(full) and full["psnr"] == pytest.approx(plain["psnr"])
     assert [r["step"] for r in rows(tmp_path / "eval.jsonl")] == [0, 3]
     assert (tmp_path / "grids" / "step_0000003.png").is_file()
+
+
+def test_bf16_compute_weights_train_the_tokenizer_with_the_gan(tmp_path, photos):
+    """``train.precision=bf16`` (the paper preset's): the tokenizer runs on its bf16 compute copy (images and latents
+    cast on the way in, fixed position tables following the activations), the discriminator keeps fp32 weights
+    (``full_precision``), the masters and checkpoints stay fp32, and the loss is finite and falls."""
+    from pae_fast.engine.precision import compute_weights
+    from pae_fast.models.discriminator import create_discriminator
+
+    out = tmp_path / "bf16"
+    cfg = tiny_cfg(out, **{**GAN, "train.precision": "bf16", "train.steps": 6, "train.ckpt_every": 6,
+                           "train.log_every": 3, "train.lr": 2e-3, "tokenizer.gan_start_step": 0,
+                           "tokenizer.disc_start_step": 0})
+    train_tokenizer(cfg, photos[0], photos[1])
+    stats = [r for r in rows(out / "stats.jsonl") if "loss" in r]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["disc/loss"]) for r in stats)
+    assert stats[-1]["l1"] < stats[0]["l1"]
+    model = _tensors(out / "checkpoints" / "0000006", "model")
+    assert all(t.dtype == torch.float32 for t in model.values() if t.is_floating_point())
+    assert compute_weights(create_discriminator(cfg.tokenizer, allow_random=True), "bf16") is None
+    tok = create_tokenizer("PAE-tiny").to(torch.bfloat16)
+    assert tok.compute_dtype == torch.bfloat16
+    x = torch.rand(2, 3, tok.image_size, tok.image_size)  # fp32 images into bf16 weights
+    assert tok.decode(tok.encode(x)).dtype == torch.bfloat16
