@@ -169,10 +169,13 @@ def sampling_cost_rows(configs_dir: Path = REPO_ROOT / "configs") -> list[dict[s
     image); AutoGuidance runs the main model and the guide on every call.
     """
     from pae_fast.config import load_config
+    from pae_fast.config_io import read_preset
     from pae_fast.flow.grid import plan_from_config
 
     rows = []
     for path in sorted(configs_dir.glob("*.yaml")):
+        if "sample" not in read_preset(path):  # a preset that does not sample (tokenizer, stage 0): nothing to count
+            continue
         cfg = load_config(path)
         sc = cfg.sample
         plan = plan_from_config(sc, (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size))
