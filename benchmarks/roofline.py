@@ -50,6 +50,7 @@ from bench_env import RESULTS_DIR, environment  # noqa: E402
 from roofline_report import to_markdown  # noqa: E402
 
 DEFAULT_MODELS = ("LightningDiT-XL/1", "DiTDH-XL")
+DEFAULT_TOKENIZERS = ("PAE-DINOv2-L-d32",)  # the main command's tokenizer rows (roofline_tokenizer.analyse_tokenizer)
 GEMM_EFFICIENCY = 0.70  # of dense bf16 peak, for the large GEMMs of these models
 TRITON_GEMM_EFFICIENCIES = (0.70, 0.60, 0.50)  # the report's sensitivity columns for the fused (Triton) GEMM ops
 # the preset each default model trains with: its train.grad_clip and train.ema_decay are counted ("as it trains")
@@ -251,6 +252,7 @@ def run(
     op_size: str = "model",
     op_dtype: str = "bf16",
     grad_clip: float | None = None,
+    tokenizers: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """Count, predict, and write ``roofline.md`` / ``roofline.json`` (when ``out_dir`` is set).
 
@@ -266,6 +268,8 @@ def run(
         op_dtype: ``bf16 | fp16 | fp32`` of the per-op table.
         grad_clip: ``train.grad_clip`` of every counted step (None: each model's preset, :data:`MODEL_PRESETS`, and
             the engine default, off, for a model without one).
+        tokenizers: tokenizer names whose training step is counted too (``roofline_tokenizer.analyse_tokenizer``:
+            as ``train-tokenizer`` runs it, at ``batch``, its preset's clipping and EMA).
 
     Returns:
         ``{"environment", "date", "assumptions", "models": {name: {...}}, "ops": [...]}``.
@@ -329,6 +333,11 @@ def run(
         result["models"][name] = analyse_model(build, batch, precision, optimizer, top, target, clip)
         result["models"][name]["grad_clip"] = clip
         result["models"][name]["count_seconds"] = time.perf_counter() - t0
+    result["tokenizers"] = {}
+    for name in tokenizers:
+        from roofline_tokenizer import analyse_tokenizer
+
+        result["tokenizers"][name] = analyse_tokenizer(name, batch)
     from roofline_step import op_traffic
 
     for op_name in op_names:
@@ -357,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ops", action="store_true", help="skip the per-op table")
     p.add_argument("--ops", nargs="*", default=None, help="ops of the per-op table (default: all)")
     p.add_argument("--top", type=int, default=10, help="largest bandwidth-bound ops listed per model")
+    p.add_argument("--tokenizers", nargs="*", default=list(DEFAULT_TOKENIZERS),
+                   help="tokenizers whose training step is counted too (none: --tokenizers with no name)")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     a = p.parse_args(argv)
     if a.batch < 1:
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = False if a.no_ops else (a.ops if a.ops else True)
     try:
         res = run(a.models, a.batch, a.precision, a.optimizer, ops=ops, out_dir=a.out_dir, top=a.top,
-                  op_dtype=a.op_dtype)
+                  op_dtype=a.op_dtype, tokenizers=a.tokenizers)
     except ValueError as e:  # unknown op names, precision
         p.error(str(e))
     print(to_markdown(res))

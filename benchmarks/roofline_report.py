@@ -91,6 +91,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         alt_s = (f"{alt['predicted']['H100']['mfu']:.1%} with `{alt['optimizer']}` "
                  f"({alt['update_bytes'] / 1e9:.1f} GB update)") if alt else "—"  # fmt: skip
         lines.append(f"| {name} | {m['params'] / 1e6:.2f}M | {ratio} | {gb} | {mfu} | {alt_s} |")
+    if result.get("tokenizers"):
+        from roofline_tokenizer import format_rows
+
+        lines += ["", "## Tokenizer training step (as `train-tokenizer` runs it: bf16 compute copy, fp32 masters, "
+                  "optimizer with the preset's clipping and EMA inside the step; frozen VFM and discriminator "
+                  "backbone forward counted as work)", ""]
+        for res in result["tokenizers"].values():
+            lines += [format_rows(res), ""]
     for name, m in result["models"].items():
         if "error" in m:
             continue

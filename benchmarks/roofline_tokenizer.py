@@ -12,10 +12,13 @@ for fused and reference alike). It is counted with the same
 helpers are imported): fused = ``use_backend("triton")``, reference = ``use_backend("torch")`` with attention on SDPA.
 
 MFU counts every executed FLOP as work, the frozen VFM's and the frozen discriminator backbone's forward included
-(they are real work of the step even though nothing of theirs is trained). Optimizer + EMA traffic is reported
-beside the step, not inside it: ``train.optimizer: auto`` on an H100 is the one-kernel AdamW + EMA + bf16 copy
-(``fused_adamw_ema``, 36 B per trainable parameter; torch's fused AdamW + EMA would be 40 B, 52 B with the bf16
-copy); the frozen VFM is shared with the EMA, not averaged (``engine.optim.make_ema``).
+(they are real work of the step even though nothing of theirs is trained). The update is inside the step, as
+``train-tokenizer`` runs it: fp32 masters with the engine's bf16 compute copy of the tokenizer (the discriminator
+keeps fp32 weights: ``full_precision``), ``train.optimizer: auto`` as on one H100 (``fused_adamw_ema``: 36 B per
+trainable parameter, + 2 B with the preset's gradient clip applied inside it), the EMA of the tokenizer (the frozen
+VFM is shared with the EMA, not averaged: ``engine.optim.make_ema``); the discriminator's heads have their own
+optimizer and no EMA. The modules are built on the meta device and counted on fake CPU tensors (no memory; torch's
+fused AdamW refuses meta tensors).
 
     python benchmarks/roofline_tokenizer.py                        # PAE-DINOv2-L-d32, batch 32, bf16
     python benchmarks/roofline_tokenizer.py --model PAE-tiny --batch 4
@@ -27,6 +30,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,8 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
-from roofline import HARDWARE, predict  # noqa: E402
+from roofline import HARDWARE, TRITON_GEMM_EFFICIENCIES, predict  # noqa: E402
+from roofline_step import fake_mode  # noqa: E402
 
 TARGET_BANDWIDTH_RATIO = 0.35  # issue 13: fused bandwidth-bound bytes <= 35% of the reference's
 TARGET_MFU = 0.40  # issue 13: predicted H100 MFU with the frozen forward counted as work
@@ -55,34 +60,93 @@ def _scopes(backend: str) -> contextlib.ExitStack:
     return stack
 
 
+def _fake_cpu(root: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Replace every parameter and buffer of ``root`` (built on meta) by an empty CPU tensor of the same shape and
+    ``requires_grad``, floating ones in ``dtype`` (None: their own); call under :func:`roofline_step.fake_mode` (fake
+    tensors: no memory; ``Module.to`` cannot swap fake parameters)."""
+
+    def like(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    for m in root.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[n] = torch.nn.Parameter(like(p), p.requires_grad)
+        for n, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[n] = like(b)
+
+
+def _count(parts: Any, batch: int, dtype: torch.dtype, backend: str, update: bool, name: str) -> dict[str, Any]:
+    """Forward + backward of both units on fake CPU tensors, then (``update``) the engine's update of each
+    (:func:`tokenizer_step_traffic`)."""
+    import dataclasses
+
+    from roofline_step import engine_optimizer, prepare_update, run_update
+    from tokenizer_step import preset_for, step_losses
+
+    from pae_fast.config import load_config
+    from pae_fast.engine.precision import compute_weights
+    from pae_fast.kernels.tools.traffic import TrafficCounter
+
+    precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype) if update else None
+    # the masters are fp32 (without the update: every tokenizer weight in dtype); LPIPS and the discriminator stay
+    # fp32 (their code casts its inputs to fp32); the frozen refined projector in dtype
+    _fake_cpu(parts.model, dtype if precision is None else None)
+    _fake_cpu(parts.model.shared.loss)
+    if parts.model.shared.projector is not None:
+        _fake_cpu(parts.model.shared.projector, dtype)
+    units: list[tuple[Any, Any, Any, Any]] = []  # (master, compute copy, optimizer, ema) per unit
+    model, disc = parts.model, parts.disc
+    if precision is not None:
+        train = load_config(preset_for(name)).train
+        cfg = dataclasses.replace(train, precision=precision,
+                                  optimizer=engine_optimizer(train.optimizer, precision, backend))
+        for master, with_ema in ((parts.model, True), (parts.disc, False)):
+            if master is not None:
+                compute = compute_weights(master, precision)
+                units.append((master, compute, *prepare_update(master, compute, cfg, with_ema)))
+        model = units[0][1].module if units[0][1] is not None else parts.model
+        if parts.disc is not None and units[1][1] is not None:
+            disc = units[1][1].module
+    images = torch.empty(batch, 3, parts.image_size, parts.image_size, dtype=dtype)
+    with _scopes(backend), TrafficCounter() as tc:
+        step_losses(parts, images, step=0, model=model, disc=disc)
+    out = tc.summary()
+    if units:
+        with _scopes(backend), TrafficCounter() as tc_up:
+            for master, compute, opt, ema in units:
+                run_update(master, compute, opt, ema, cfg, torch.ones((), dtype=torch.bool))
+        up = tc_up.summary()
+        out.update(update_bytes=up["other_bytes"] + up["matmul_bytes"], update_launches=up["launches"],
+                   optimizer=cfg.optimizer, grad_clip=cfg.grad_clip)
+    return out
+
+
 def tokenizer_step_traffic(name: str = "PAE-DINOv2-L-d32", batch: int = 32, dtype: torch.dtype = torch.bfloat16,
-                           backend: str = "fused", **tokenizer_overrides: Any) -> dict[str, Any]:
-    """Count one tokenizer training step on the meta device.
+                           backend: str = "fused", update: bool = True, **tokenizer_overrides: Any) -> dict[str, Any]:
+    """Count one tokenizer training step as ``train-tokenizer`` runs it (see the module docstring).
 
     Args:
         name: registered tokenizer.
         batch: images per step (per GPU).
-        dtype: weights and activations.
+        dtype: the compute dtype (bf16: ``train.precision=bf16``; fp32; fp16 counts forward + backward only, every
+            weight in fp16).
         backend: ``"fused"`` or ``"reference"``.
+        update: also count the update (optimizer with the preset's clipping, EMA) after backward.
         tokenizer_overrides: ``tokenizer.*`` values (e.g. ``mcr=False`` to see a regularizer's cost).
     Returns:
-        :meth:`TrafficCounter.summary` plus ``trainable_params`` and ``frozen_params``.
+        :meth:`TrafficCounter.summary` of forward + backward, plus ``update_bytes`` / ``update_launches`` /
+        ``optimizer`` / ``grad_clip`` (with the update), ``trainable_params`` and ``frozen_params``.
     """
-    from tokenizer_step import build_step, step_losses
-
-    from pae_fast.kernels.tools.traffic import TrafficCounter
+    from tokenizer_step import build_step
 
     if backend not in ("fused", "reference"):
         raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")
-    meta = torch.device("meta")
-    parts = build_step(name, meta, **tokenizer_overrides)
-    parts.model.to(dtype)  # LPIPS and the discriminator stay fp32: their code casts its inputs to fp32
-    if parts.model.shared.projector is not None:
-        parts.model.shared.projector.to(dtype)
-    images = torch.empty(batch, 3, parts.image_size, parts.image_size, device=meta, dtype=dtype)
-    with _scopes(backend), TrafficCounter() as tc:
-        step_losses(parts, images, step=0)
-    out = tc.summary()
+    parts = build_step(name, torch.device("meta"), **tokenizer_overrides)  # no memory, no initialisation
+    with fake_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        out = _count(parts, batch, dtype, backend, update, name)
     out["trainable_params"] = parts.trainable_params()
     out["frozen_params"] = sum(p.numel() for p in parts.model.parameters()) - sum(
         p.numel() for p in parts.model.tok.trainable_parameters())
@@ -98,6 +162,8 @@ def analyse_tokenizer(name: str = "PAE-DINOv2-L-d32", batch: int = 32, dtype: to
         res["trainable_params"], res["frozen_params"] = s.pop("trainable_params"), s.pop("frozen_params")
         s["top_rows"] = [r for r in s.pop("rows") if r["category"] == "other"][:top]
         s["predicted"] = {k: predict(s, hw) for k, hw in HARDWARE.items()}
+        s["h100_mfu_by_triton_gemm_efficiency"] = {
+            f"{e:.2f}": predict(s, HARDWARE["H100"], triton_gemm_efficiency=e)["mfu"] for e in TRITON_GEMM_EFFICIENCIES}
         res[backend] = s
     f, r = res["fused"], res["reference"]
     ratio = f["other_bytes"] / r["other_bytes"] if r["other_bytes"] else float("nan")
@@ -105,39 +171,42 @@ def analyse_tokenizer(name: str = "PAE-DINOv2-L-d32", batch: int = 32, dtype: to
     res["targets"] = {"bandwidth_ratio": ratio, "bandwidth_ratio_target": TARGET_BANDWIDTH_RATIO,
                       "bandwidth_ratio_met": bool(ratio <= TARGET_BANDWIDTH_RATIO), "h100_mfu": mfu,
                       "h100_mfu_target": TARGET_MFU, "h100_mfu_met": bool(mfu >= TARGET_MFU)}
-    from roofline_step import OPTIMIZER_EMA_MIN_BYTES_PER_PARAM, engine_optimizer
-
-    n = res["trainable_params"]
-    res["optimizer"] = engine_optimizer("auto", "bf16", "fused")  # what train.optimizer=auto runs on an H100
-    per_param = OPTIMIZER_EMA_MIN_BYTES_PER_PARAM if res["optimizer"] == "fused_adamw_ema" else 52
-    res["optimizer_ema_bytes"] = per_param * n
-    res["optimizer_ema_h100_s"] = per_param * n / HARDWARE["H100"].bandwidth
+    res["optimizer"], res["grad_clip"] = f.get("optimizer"), f.get("grad_clip")
+    res["optimizer_ema_bytes"] = f.get("update_bytes", 0)
+    res["optimizer_ema_h100_s"] = f["predicted"]["H100"]["update_s"]
     return res
 
 
 def format_rows(res: dict[str, Any]) -> str:
     """Markdown rows in roofline.md's step-table layout, plus the targets line."""
-    lines = ["| model | backend | GEMM TFLOP | attn TFLOP | attn GB | bandwidth-bound GB | launches | H100 matmul ms "
-             "| H100 attn ms | H100 bw ms | H100 step ms | H100 MFU | H200 step ms | H200 MFU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    eff = " / ".join(f"{float(e):.0%}" for e in res["fused"]["h100_mfu_by_triton_gemm_efficiency"])
+    lines = ["| model | backend | GEMM TFLOP | attn TFLOP | attn GB | fwd+bwd bandwidth-bound GB | optimizer + EMA GB "
+             "| launches | H100 matmul ms | H100 attn ms | H100 bw ms | H100 update ms | H100 step ms | H100 MFU "
+             f"| H200 step ms | H200 MFU | H100 MFU, Triton GEMMs at {eff} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for backend in ("fused", "reference"):
         s = res[backend]
         h, h2 = s["predicted"]["H100"], s["predicted"]["H200"]
+        sens = " / ".join(f"{v:.1%}" for v in s["h100_mfu_by_triton_gemm_efficiency"].values())
+        clip = f", clip {s['grad_clip']:g}" if s.get("grad_clip") else ""
         lines.append(
-            f"| {res['model']} step (batch {res['batch']}) | {backend} | {s['matmul_flops'] / 1e12:.2f} | "
-            f"{s['attention_flops'] / 1e12:.2f} | {s['attention_bytes'] / 1e9:.1f} | {s['other_bytes'] / 1e9:.1f} | "
-            f"{s['launches']} | {h['matmul_s'] * 1e3:.1f} | {h['attention_s'] * 1e3:.1f} | "
-            f"{h['bandwidth_s'] * 1e3:.1f} | {h['step_s'] * 1e3:.1f} | {h['mfu']:.1%} | {h2['step_s'] * 1e3:.1f} | "
-            f"{h2['mfu']:.1%} |")
+            f"| {res['model']} step (batch {res['batch']}) | {backend} (`{s.get('optimizer', '—')}`{clip}) | "
+            f"{s['matmul_flops'] / 1e12:.2f} | {s['attention_flops'] / 1e12:.2f} | {s['attention_bytes'] / 1e9:.1f} | "
+            f"{s['other_bytes'] / 1e9:.1f} | {s.get('update_bytes', 0) / 1e9:.1f} | "
+            f"{s['launches'] + s.get('update_launches', 0)} | {h['matmul_s'] * 1e3:.1f} | "
+            f"{h['attention_s'] * 1e3:.1f} | {h['bandwidth_s'] * 1e3:.1f} | {h['update_s'] * 1e3:.1f} | "
+            f"{h['step_s'] * 1e3:.1f} | {h['mfu']:.1%} | "
+            f"{h2['step_s'] * 1e3:.1f} | {h2['mfu']:.1%} | {sens} |")
     t = res["targets"]
     lines.append("")
     lines.append(
         f"targets (fused): bandwidth-bound bytes {t['bandwidth_ratio']:.1%} of the reference (target <= "
         f"{t['bandwidth_ratio_target']:.0%}: {'met' if t['bandwidth_ratio_met'] else 'missed'}); predicted H100 MFU "
-        f"{t['h100_mfu']:.1%} (target >= {t['h100_mfu_target']:.0%}: {'met' if t['h100_mfu_met'] else 'missed'}); "
-        f"optimizer + EMA ({res['optimizer']}) outside the step: {res['optimizer_ema_bytes'] / 1e9:.1f} GB = "
-        f"{res['optimizer_ema_h100_s'] * 1e3:.1f} ms on H100 ({res['trainable_params'] / 1e6:.1f}M trainable, "
-        f"{res['frozen_params'] / 1e6:.1f}M frozen tokenizer parameters)")
+        f"{t['h100_mfu']:.1%}, the update inside the step (target >= {t['h100_mfu_target']:.0%}: "
+        f"{'met' if t['h100_mfu_met'] else 'missed'}); update: {res['optimizer']} + EMA, "
+        f"{res['optimizer_ema_bytes'] / 1e9:.1f} GB = {res['optimizer_ema_h100_s'] * 1e3:.1f} ms on H100 "
+        f"({res['trainable_params'] / 1e6:.1f}M trainable, {res['frozen_params'] / 1e6:.1f}M frozen tokenizer "
+        "parameters)")
     return "\n".join(lines)
 
 

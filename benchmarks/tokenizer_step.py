@@ -90,9 +90,11 @@ def build_step(name: str, device: torch.device | str = "cpu", lpips: bool = True
                      tok.image_size)
 
 
-def step_losses(parts: StepParts, images: torch.Tensor, step: int = 0,
-                autocast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Forward + backward of both sides of one step on ``images (B, 3, S, S)``; returns the loss terms."""
+def step_losses(parts: StepParts, images: torch.Tensor, step: int = 0, autocast: torch.dtype | None = None,
+                model: nn.Module | None = None, disc: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Forward + backward of both sides of one step on ``images (B, 3, S, S)``; returns the loss terms.
+
+    ``model`` / ``disc``: the modules the two units run (the engine's compute copies; default: ``parts``')."""
     import contextlib
 
     def amp() -> contextlib.AbstractContextManager:
@@ -101,11 +103,11 @@ def step_losses(parts: StepParts, images: torch.Tensor, step: int = 0,
         return torch.autocast(images.device.type, dtype=autocast)
 
     with amp():
-        loss, terms = parts.gen_loss(parts.model, (images,), step)
+        loss, terms = parts.gen_loss(parts.model if model is None else model, (images,), step)
     loss.float().backward()
     if parts.disc is not None:
         with amp():
-            d_loss, d_terms = parts.disc_loss(parts.disc, (images,), step)
+            d_loss, d_terms = parts.disc_loss(parts.disc if disc is None else disc, (images,), step)
         d_loss.float().backward()
         terms = {**terms, **{f"disc/{k}": v for k, v in d_terms.items()}, "disc/loss": d_loss.detach()}
     return terms

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch._guards import detect_fake_mode
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes, triton_unavailable_reason
 from ._sphere_perturb_common import (
@@ -349,7 +350,8 @@ def sphere_perturb_noise(
     C = shape[-1]
     R = math.prod(shape[:-1])
     seed_t = seed.to(device=device, dtype=torch.int64) if isinstance(seed, torch.Tensor) else None
-    if device.type != "meta" and triton_unavailable_reason(device) is None:
+    # a real launch needs real memory: meta and fake tensors (counting, tracing) take the emulation
+    if device.type != "meta" and detect_fake_mode() is None and triton_unavailable_reason(device) is None:
         return _noise_triton(R, C, 0 if seed_t is not None else seed, seed_t, device).view(shape)
     offsets = torch.arange(R * C, dtype=torch.int64, device=device)
     return _philox_randn_torch(offsets, seed_t if seed_t is not None else seed).view(shape)

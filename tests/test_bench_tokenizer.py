@@ -49,5 +49,28 @@ def test_tokenizer_roofline_row_and_ssr_cost(bench_path):
     res = rt.analyse_tokenizer("PAE-tiny", batch=1, dtype=torch.bfloat16)
     assert set(res["targets"]) >= {"bandwidth_ratio", "h100_mfu"} and res["fused"]["launches"] > 0
     assert "PAE-tiny step (batch 1) | fused" in rt.format_rows(res)
-    # train.optimizer=auto on an H100: the one-kernel AdamW + EMA + bf16 copy, 36 B per trainable parameter
-    assert res["optimizer"] == "fused_adamw_ema" and res["optimizer_ema_bytes"] == 36 * res["trainable_params"]
+    # train.optimizer=auto on an H100: the one-kernel AdamW + EMA + bf16 copy, counted inside the step
+    assert res["optimizer"] == "fused_adamw_ema" and res["optimizer_ema_bytes"] == res["fused"]["update_bytes"] > 0
+
+
+def test_tokenizer_roofline_counts_the_update_as_the_engine_runs_it(bench_path):
+    """The update is counted inside the step: the tokenizer's bf16 compute copy updated by fused_adamw_ema with its
+    EMA (36 B per trainable parameter), the discriminator's fp32 heads (``full_precision``: no compute copy, no EMA,
+    28 B per parameter), plus 2 B per parameter for each unit when the preset clips."""
+    import roofline_tokenizer as rt
+    from tokenizer_step import build_step, preset_for
+
+    from pae_fast.config import load_config
+
+    parts = build_step("PAE-tiny", "meta")
+    n_tok = sum(p.numel() for p in parts.model.tok.trainable_parameters())
+    n_disc = sum(p.numel() for p in parts.disc.trainable_parameters())
+    clip = 2 if load_config(preset_for("PAE-tiny")).train.grad_clip > 0 else 0
+    s = rt.tokenizer_step_traffic("PAE-tiny", batch=1, backend="fused")
+    assert s["optimizer"] == "fused_adamw_ema"
+    assert s["update_bytes"] == pytest.approx((36 + clip) * n_tok + (28 + clip) * n_disc, rel=0.02)
+    res = rt.analyse_tokenizer("PAE-tiny", batch=1)
+    assert res["fused"]["predicted"]["H100"]["update_s"] > 0 and res["optimizer_ema_bytes"] == res["fused"][
+        "update_bytes"]  # fmt: skip
+    assert list(res["fused"]["h100_mfu_by_triton_gemm_efficiency"]) == ["0.70", "0.60", "0.50"]
+    assert "optimizer + EMA GB" in rt.format_rows(res)

@@ -497,3 +497,15 @@ def test_roofline_triton_gemm_efficiency_column(bench_path, tmp_path):
     assert vals[0] == pytest.approx(res["models"]["tiny"]["fused"]["predicted"]["H100"]["mfu"])
     assert vals[0] >= vals[1] >= vals[2]  # the tiny model's fused GEMMs are bandwidth-bound: equal here
     assert "Triton GEMMs at 70% / 60% / 50%" in (tmp_path / "roofline.md").read_text()
+
+
+def test_roofline_reports_the_tokenizer_step(bench_path, tmp_path):
+    """run(tokenizers=...) counts each tokenizer's training step (update inside) and roofline.md shows its rows."""
+    import roofline
+
+    res = roofline.run({"tiny": _tiny_generator}, batch=1, ops=False, out_dir=tmp_path, tokenizers=["PAE-tiny"])
+    tok = res["tokenizers"]["PAE-tiny"]
+    assert tok["fused"]["update_bytes"] > 0 and tok["optimizer"] == "fused_adamw_ema"
+    md = (tmp_path / "roofline.md").read_text()
+    assert "## Tokenizer training step" in md and "| PAE-tiny step (batch 1) | fused (`fused_adamw_ema`" in md
+    assert "PAE-tiny" in json.loads((tmp_path / "roofline.json").read_text())["tokenizers"]
