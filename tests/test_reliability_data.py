@@ -134,6 +134,12 @@ def test_tokenizer_data_honours_on_bad_file_skip(tmp_path, image_folder):
     strict, _ = open_image_data(load_config(None, {**over, "data.on_bad_file": "error"}), 0)
     with pytest.raises(Exception, match="9.jpg"):  # the default still stops on it, naming the file
         [strict[i] for i in range(len(strict))]
+    # a batch with no good item is refused with one line naming a file (never an empty training step)
+    from pae_fast.errors import DataError
+
+    bad = [it for it in (train[i] for i in range(len(train))) if it[0] is None]
+    with pytest.raises(DataError, match=r"every item of a batch of 2 failed to decode .*9\.jpg"):
+        train.collate_fn(bad * 2)
 
 
 @pytest.mark.parametrize("policy,code", [("skip", 0), ("error", EXIT_DATA)])

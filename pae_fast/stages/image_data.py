@@ -55,6 +55,12 @@ class _SkippingCollate:
         images, labels, indices, bad = _collate(items)
         for path, reason in bad:
             self.bad_files.add(path, reason)
+        if bad and len(bad) == len(items):  # nothing to train on: refuse, naming a file, rather than an empty step
+            from pae_fast.errors import DataError
+
+            path, reason = bad[0]
+            raise DataError(f"every item of a batch of {len(items)} failed to decode (data.on_bad_file=skip), e.g. "
+                            f"{path}: {reason}; the image data is mostly unreadable")
         return images, labels, indices  # images (B', 3, S, S), B' = the good items
 
 
