@@ -21,29 +21,35 @@ def _seed():
 
 @pytest.fixture
 def run_until_sigterm():
-    """``run(args, at_step=2) -> (returncode, stdout, stderr)``: runs ``python -m pae_fast *args`` from the repository
-    root (one thread) and sends it SIGTERM as soon as it logs ``step <at_step>/`` (a preemption mid-run)."""
+    """``run(args, at_step=2, marker=None, stream="stdout") -> (returncode, stdout, stderr)``: runs ``python -m
+    pae_fast *args`` from the repository root (one thread) and sends it SIGTERM as soon as ``stream`` shows ``marker``
+    (default: the training log's ``step <at_step>/``, a preemption mid-run); the returned streams are complete."""
     import signal
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
 
-    def run(args: list[str], at_step: int = 2, timeout: float = 120) -> tuple[int, str, str]:
+    def run(args: list[str], at_step: int = 2, timeout: float = 180, marker: str | None = None,
+            stream: str = "stdout") -> tuple[int, str, str]:
+        marker = marker if marker is not None else f"step {at_step}/"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen([sys.executable, "-m", "pae_fast", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+        seen = []
         try:
-            for line in proc.stdout:
-                if f"step {at_step}/" in line:
+            for line in proc.stdout if stream == "stdout" else proc.stderr:
+                seen.append(line)
+                if marker in line:
                     proc.send_signal(signal.SIGTERM)
                     break
             stdout, stderr = proc.communicate(timeout=timeout)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        return proc.returncode, stdout, stderr
+        if stream == "stdout":
+            return proc.returncode, "".join(seen) + stdout, stderr
+        return proc.returncode, stdout, "".join(seen) + stderr
 
     return run
 
@@ -62,4 +68,29 @@ def image_folder(tmp_path_factory) -> Path:
         for i in range(2):
             Image.fromarray(np.ascontiguousarray(img[40 * i : 40 * i + 80, 30:110])).save(root / f"c{k}" / f"{i}.jpg")
     return root
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def snapshot():
+    """``snapshot(folder) -> {relative path: bytes}`` of every file below ``folder`` (to assert nothing changed)."""
+    return _snapshot
+
+
+def _one_error_line(capsys, *words: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and not any("internal error" in e for e in err), err
+    for w in words:
+        assert w in err[-1], (w, err[-1])
+    return err[-1]
+
+
+@pytest.fixture
+def one_error_line():
+    """``one_error_line(capsys, *words) -> line``: the command's stderr ended in one ``error:`` line (no internal
+    error) naming every one of ``words``."""
+    return _one_error_line
 

@@ -25,9 +25,6 @@ FAST = ["--train.progress", "false", "--train.log_every", "2", "--train.ckpt_eve
 CACHE_OPEN_CODE = EXIT_DATA
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 @contextlib.contextmanager
 def lock_held_elsewhere(folder: Path):
     """Another process holding ``folder``'s run lock while the block runs; yields that process."""
@@ -146,7 +143,7 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("case", RUN_CASES, ids=[c[0] for c in RUN_CASES])
-def test_bad_input_on_an_existing_run_changes_nothing(case, run, capsys):
+def test_bad_input_on_an_existing_run_changes_nothing(case, run, capsys, snapshot):
     _, args, code, words = case
     before = snapshot(run)
     argv = [args[0], "--config", TINY, "--out_dir", str(run), *FAST, *args[1:]]
@@ -218,7 +215,7 @@ CACHE_LATENTS_CASES = [
 
 
 @pytest.mark.parametrize("case", CACHE_LATENTS_CASES, ids=[c[0] for c in CACHE_LATENTS_CASES])
-def test_cache_latents_bad_input_changes_nothing(case, latent_cache, image_folder, capsys):
+def test_cache_latents_bad_input_changes_nothing(case, latent_cache, image_folder, capsys, snapshot):
     _, args, code, words = case
     before = snapshot(latent_cache)
     capsys.readouterr()
@@ -230,7 +227,7 @@ def test_cache_latents_bad_input_changes_nothing(case, latent_cache, image_folde
     assert snapshot(latent_cache) == before
 
 
-def test_cache_latents_folder_is_locked_while_written(latent_cache, image_folder, capsys):
+def test_cache_latents_folder_is_locked_while_written(latent_cache, image_folder, capsys, snapshot):
     with lock_held_elsewhere(latent_cache) as holder:
         before = snapshot(latent_cache)
         capsys.readouterr()
@@ -259,7 +256,7 @@ def test_same_seed_same_weights(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
-def test_other_cache_contents_refused_on_resume(tmp_path, capsys):
+def test_other_cache_contents_refused_on_resume(tmp_path, capsys, snapshot):
     cache = _cache(tmp_path / "cache")
     out = tmp_path / "run"
     args = ["train-dit", "--config", TINY, "--out_dir", str(out), "--data.root", str(cache), *FAST]
@@ -286,7 +283,7 @@ def test_sigterm_exits_with_the_preempted_code(tmp_path, run_until_sigterm):
     assert len(list((out / "checkpoints").iterdir())) == 1
 
 
-def test_second_process_on_a_run_folder_exits_busy(run, capsys):
+def test_second_process_on_a_run_folder_exits_busy(run, capsys, snapshot):
     with lock_held_elsewhere(run) as holder:
         before = snapshot(run)
         assert main(["train-dit", "--config", TINY, "--out_dir", str(run), *FAST, "--train.steps", "6"]) == EXIT_BUSY

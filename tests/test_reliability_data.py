@@ -21,16 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--train.progress", "false", "--train.log_every", "2", "--train.ckpt_every", "2"]
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys, *words: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and not any("internal error" in e for e in err), err
-    for w in words:
-        assert w in err[-1], (w, err[-1])
-    return err[-1]
 
 
 def write_png16(path: Path, arr: np.ndarray) -> Path:
@@ -143,7 +133,7 @@ def test_tokenizer_data_honours_on_bad_file_skip(tmp_path, image_folder):
 
 
 @pytest.mark.parametrize("policy,code", [("skip", 0), ("error", EXIT_DATA)])
-def test_train_tokenizer_on_a_folder_with_a_bad_jpeg(tmp_path, image_folder, capsys, policy, code):
+def test_train_tokenizer_on_a_folder_with_a_bad_jpeg(tmp_path, image_folder, capsys, policy, code, one_error_line):
     import shutil
 
     root = tmp_path / "imgs"
@@ -190,7 +180,7 @@ def test_nan_latents_leave_no_shard(tmp_path, image_folder):
 
 
 
-def test_same_contents_same_bytes(tmp_path):
+def test_same_contents_same_bytes(tmp_path, snapshot):
     from pae_fast.data.latent_cache import write_latent_cache
     from pae_fast.engine.checkpoint import save_weights, write_checkpoint
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,16 +24,6 @@ ON_PAE_TINY = ["--model.in_channels", "8", "--data.latent_channels", "8", "--mod
                "--data.num_classes", "3", "--tokenizer.name", "PAE-tiny"]
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys, *words: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and not any("internal error" in e for e in err), err
-    for w in words:
-        assert w in err[-1], (w, err[-1])
-    return err[-1]
 
 
 def unwritable(tmp_path: Path) -> Path:
@@ -170,7 +157,8 @@ def _pickled(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", OUTPUT_CASES, ids=[c[0] for c in OUTPUT_CASES])
-def test_outputs_and_weights_problems_are_one_line_exit_3(case, tmp_path, image_folder, tokenizers, capsys):
+def test_outputs_and_weights_problems_are_one_line_exit_3(case, tmp_path, image_folder, tokenizers, capsys, snapshot,
+                                                          one_error_line):
     _, build, words = case
     argv = build(tmp_path, image_folder, tokenizers)
     before = snapshot(tmp_path)
@@ -189,7 +177,7 @@ def test_weights_with_nan_name_the_tensor(tokenizers):
 
 
 # ------------------------------------------------------------------------------------------------ 4: pairing
-def test_sample_refuses_another_tokenizer(paired_run, tokenizers, tmp_path, capsys):
+def test_sample_refuses_another_tokenizer(paired_run, tokenizers, tmp_path, capsys, one_error_line):
     from pae_fast.stages.tokenizer_pairing import RECORD_KEY
     from pae_fast.weights import read_metadata
 
@@ -222,7 +210,7 @@ def test_readme_cache_latents_command_without_config(paired_run):
 
 
 # ------------------------------------------------------------------------------------------------ 8: reconstruct
-def test_reconstruct_same_names_from_two_folders(tmp_path, image_folder, capsys):
+def test_reconstruct_same_names_from_two_folders(tmp_path, image_folder, capsys, snapshot, one_error_line):
     import shutil
 
     for d in ("x", "y"):
@@ -244,30 +232,12 @@ def test_reconstruct_same_names_from_two_folders(tmp_path, image_folder, capsys)
 
 
 # ------------------------------------------------------------------------------------------------ 9: signals
-def _run_until(args: list[str], marker: str, timeout: float = 180) -> tuple[int, str]:
-    """``python -m pae_fast *args``; SIGTERM as soon as stderr shows ``marker``. Returns (exit code, stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pae_fast", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    lines = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if marker in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        _, rest = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, "".join(lines) + rest
-
-
-def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, image_folder, tokenizers):
+def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, image_folder, tokenizers, snapshot,
+                                                          run_until_sigterm):
     out = tmp_path / "cache"
     argv = _cache_argv(out, image_folder, "--weights", str(tokenizers["a"]), "--shard-size", "1",
                        "--data.batch_size", "1")
-    code, err = _run_until(argv, "cache-latents: 1/")
+    code, _, err = run_until_sigterm(argv, marker="cache-latents: 1/", stream="stderr")
     assert code == EXIT_PREEMPTED, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: cache-latents stopped by SIGTERM") and "resume" in last, last
@@ -280,18 +250,18 @@ def test_sigterm_during_cache_latents_exits_4_and_resumes(tmp_path, image_folder
     assert unlocked[0] == unlocked[1]  # ... to the bytes of an uninterrupted run
 
 
-def test_sigterm_during_sample_exits_4(paired_run, tmp_path):
+def test_sigterm_during_sample_exits_4(paired_run, tmp_path, run_until_sigterm):
     out = tmp_path / "s"
     argv = _sample_argv(paired_run, out, "--sample.num_samples", "200", "--sample.batch_size", "1",
                         "--sample.steps", "20")
-    code, err = _run_until(argv, "sampling: ")
+    code, _, err = run_until_sigterm(argv, marker="sampling: ", stream="stderr")
     assert code == EXIT_PREEMPTED, err
     assert err.strip().splitlines()[-1].startswith("error: sample stopped by SIGTERM")
     assert not (out / "latents.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------ 10
-def test_sample_writes_beside_its_checkpoint_and_never_over_it(paired_run, tmp_path, capsys):
+def test_sample_writes_beside_its_checkpoint_and_never_over_it(paired_run, tmp_path, capsys, snapshot, one_error_line):
     argv = ["sample", "--config", TINY, "--sample.checkpoint", str(paired_run), "--out_dir", str(tmp_path / "preset"),
             "--sample.steps", "2", "--sample.num_samples", "2", *ON_PAE_TINY]
     assert main(argv) == 0

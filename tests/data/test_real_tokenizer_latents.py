@@ -27,9 +27,6 @@ FAST = ["--train.progress", "false", "--train.log_every", "1", "--train.ckpt_eve
 LATENT = {"PAE-tiny": (8, 8, 8), "RAE-tiny": (128, 8, 8)}
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 def cache_cli(tokenizer: str, root: Path, out: Path, *extra: str) -> int:
     return main(["cache-latents", "--tokenizer", tokenizer, "--out", str(out), "--shard-size", "5", "--data.root",
@@ -50,7 +47,7 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_cache_latents_with_pae_tiny(tmp_path, image_tree, capsys):
+def test_cache_latents_with_pae_tiny(tmp_path, image_tree, capsys, snapshot):
     out = tmp_path / "cache"
     assert cache_cli("PAE-tiny", image_tree, out) == EXIT_USAGE  # random weights are never silent
     assert "--weights" in one_error_line(capsys) and not out.exists()

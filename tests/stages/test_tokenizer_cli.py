@@ -19,9 +19,6 @@ FAST = ["--train.progress", "false", "--train.log_every", "2", "--train.ckpt_eve
         "--tokenizer.heldout_items", "4", "--tokenizer.grid_items", "2"]
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
@@ -73,7 +70,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_on_an_existing_run_changes_nothing(case, runs, capsys):
+def test_bad_input_on_an_existing_run_changes_nothing(case, runs, capsys, snapshot):
     _, command, args, code, words = case
     run = runs["tok"] if command == "train-tokenizer" else runs["priors"]
     extra = (["--tokenizer.priors", "refined", "--tokenizer.priors_file", str(runs["priors"] / "priors.safetensors")]
