@@ -257,15 +257,15 @@ def test_sample_takes_raes_bare_ditdh_and_guide(tmp_path, wrap):
 def test_sample_decodes_with_raes_released_decoder(released):
     """``sample.tokenizer_checkpoint`` may be RAE's bare decoder ``model.pt`` (its layout converted on load), with the
     encoder from ``tokenizer.vfm_weights``: the decoder sample uses is the released one, value for value."""
-    from pae_fast.stages.sample import _load_tokenizer
+    from pae_fast.stages.sample_output import load_decoder
 
     src, root, _ = released
     cfg = Config()
     cfg.tokenizer.name, cfg.tokenizer.vfm_weights = "RAE-tiny", str(root / "encoder.safetensors")
     cfg.sample.tokenizer_checkpoint = str(root / "model.pt")
-    tok = _load_tokenizer(cfg, torch.device("cpu"), root / "model.pt")
+    tok = load_decoder(cfg, torch.device("cpu"), root / "model.pt")
     z = torch.randn(2, *src.latent_shape)
     torch.testing.assert_close(tok.decode(z), src.decode(z), rtol=0, atol=0)
     cfg.tokenizer.name = "No-such-tokenizer"
     with pytest.raises(ConfigError, match="cannot decode sample.tokenizer_checkpoint.*Valid names"):
-        _load_tokenizer(cfg, torch.device("cpu"), root / "model.pt")
+        load_decoder(cfg, torch.device("cpu"), root / "model.pt")
