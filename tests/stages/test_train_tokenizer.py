@@ -259,3 +259,4 @@ def test_bf16_compute_weights_train_the_tokenizer_with_the_gan(tmp_path, photos)
     assert tok.compute_dtype == torch.bfloat16
     x = torch.rand(2, 3, tok.image_size, tok.image_size)  # fp32 images into bf16 weights
     assert tok.decode(tok.encode(x)).dtype == torch.bfloat16
+    assert tok.decode(torch.randn(2, *tok.latent_shape)).dtype == torch.bfloat16  # fp32 latents (a sampler's)
