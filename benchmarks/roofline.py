@@ -21,6 +21,10 @@ fused step with the other optimizer. Assumptions (stated in every report):
     step = matmul + attention + bandwidth (kernels run one after another: no overlap);
     MFU = model FLOPs (6 x forward MACs x 2, attention backward = 2 x forward) / (step x peak)
 
+A second set of charges, :data:`PEAK_CHARGES` (DESIGN.md's and issue 27's tables: GEMMs at 70%, every other byte at
+the full 3.35 TB/s, attention as its FLOPs at the GEMM rate with no separate bytes), is reported beside the first
+("MFU at peak bandwidth" columns); issue 27's targets are read at those charges.
+
 Also per op type (fused / reference / minimum bytes, :func:`roofline_step.by_op_type`) and per fused op on its
 "model" cases (reference / fused / ``OpSpec.min_bytes`` for forward + backward, on the meta device).
 
@@ -56,6 +60,9 @@ TRITON_GEMM_EFFICIENCIES = (0.70, 0.60, 0.50)  # the report's sensitivity column
 # the preset each default model trains with: its train.grad_clip and train.ema_decay are counted ("as it trains")
 MODEL_PRESETS = {"LightningDiT-XL/1": "pae_lightningdit_xl1_80ep", "DiTDH-XL": "rae_ditdh_xl"}
 HBM_EFFICIENCY = 0.875  # of peak HBM bandwidth (streaming kernels reach 85-90%)
+# DESIGN.md's / issue 27's charges: bytes at the full peak bandwidth, attention charged by its FLOPs only
+PEAK_CHARGES: dict[str, Any] = {"hbm_efficiency": 1.0, "attention_io": False}
+TARGET_MFU_PEAK = 0.50  # issue 27: predicted H100 MFU at PEAK_CHARGES, every default model and the tokenizer step
 ATTENTION_KERNELS = ("cudnn", "fa2")  # cuDNN: head_dim 72 unpadded on sm_90; FlashAttention-2: padded to 96
 TARGET_BANDWIDTH_RATIO = 0.20  # fused bandwidth-bound bytes (forward + backward) <= 20% of the reference's
 TARGET_STEP_GB = {"LightningDiT-XL/1": 44.0}  # fused bandwidth-bound GB (forward + backward) at batch 32
@@ -90,8 +97,11 @@ def predict(
     hbm_efficiency: float = HBM_EFFICIENCY,
     attention: str = "cudnn",
     triton_gemm_efficiency: float | None = None,
+    attention_io: bool = True,
 ) -> dict[str, float]:
     """Predicted seconds per part of the step and the implied MFU on ``hw`` (see the module docstring).
+
+    ``attention_io=False`` charges attention by its FLOPs only (:data:`PEAK_CHARGES`).
 
     ``triton_gemm_efficiency`` charges the fused GEMM ops (our Triton GEMMs with epilogues) at their own fraction of
     peak (None: ``gemm_efficiency``, as efficient as cuBLAS), the sensitivity the report shows until a GPU measures it.
@@ -112,7 +122,7 @@ def predict(
     rate_t = (gemm_efficiency if triton_gemm_efficiency is None else triton_gemm_efficiency) * hw.peak_flops
     fused_s = sum(c["calls"] * max(c["flops"] / rate_t, c["bytes"] / bw) for c in fused)
     matmul_s = (summary["matmul_flops"] - fused_flops) / rate + fused_s
-    attention_s = attn_flops / rate + summary["attention_bytes"] / bw
+    attention_s = attn_flops / rate + (summary["attention_bytes"] / bw if attention_io else 0.0)
     bandwidth_s = summary["other_bytes"] / bw
     update_s = summary.get("update_bytes", 0) / bw
     step_s = matmul_s + attention_s + bandwidth_s + update_s
@@ -210,6 +220,7 @@ def analyse_model(
         s["top_rows"] = [r for r in s.pop("rows") if r["category"] == "other"][:top]
         s["predicted"] = {k: predict(s, hw) for k, hw in HARDWARE.items()}
         s["predicted_fa2"] = {k: predict(s, hw, attention="fa2") for k, hw in HARDWARE.items()}
+        s["predicted_peak"] = predict(s, HARDWARE["H100"], **PEAK_CHARGES)
         s["h100_mfu_by_triton_gemm_efficiency"] = {
             f"{e:.2f}": predict(s, HARDWARE["H100"], triton_gemm_efficiency=e)["mfu"] for e in TRITON_GEMM_EFFICIENCIES}
         res[key] = s
@@ -226,6 +237,9 @@ def analyse_model(
         "h100_mfu": mfu,
         "h100_mfu_target": TARGET_MFU,
         "h100_mfu_met": bool(mfu >= TARGET_MFU),
+        "h100_mfu_peak": f["predicted_peak"]["mfu"],
+        "h100_mfu_peak_target": TARGET_MFU_PEAK,
+        "h100_mfu_peak_met": bool(f["predicted_peak"]["mfu"] >= TARGET_MFU_PEAK),
     }
     res["optimizer_ema_bytes"] = f["update_bytes"]
     res["optimizer_ema_h100_s"] = f["predicted"]["H100"]["update_s"]
@@ -312,13 +326,15 @@ def run(
             "gemm_efficiency": GEMM_EFFICIENCY,
             "triton_gemm_efficiencies": list(TRITON_GEMM_EFFICIENCIES),
             "hbm_efficiency": HBM_EFFICIENCY,
+            "peak_charges": PEAK_CHARGES,
             "attention": "cuDNN (head_dim 72 unpadded on sm_90); FA2 column: head_dim rounded up to 32",
             "peak_tflops": HARDWARE["H100"].peak_flops / 1e12,
             "hardware": {
                 k: {"peak_tflops": h.peak_flops / 1e12, "bandwidth_tbps": h.bandwidth / 1e12}
                 for k, h in HARDWARE.items()
             },
-            "targets": {"bandwidth_ratio": TARGET_BANDWIDTH_RATIO, "h100_mfu": TARGET_MFU, "step_gb": TARGET_STEP_GB},
+            "targets": {"bandwidth_ratio": TARGET_BANDWIDTH_RATIO, "h100_mfu": TARGET_MFU, "step_gb": TARGET_STEP_GB,
+                        "h100_mfu_peak": TARGET_MFU_PEAK},
         },  # fmt: skip
         "models": {},
         "ops": [],

@@ -47,7 +47,8 @@ def test_tokenizer_roofline_row_and_ssr_cost(bench_path):
     no_ssr = rt.tokenizer_step_traffic("PAE-tiny", batch=1, backend="reference", ssr=False)
     assert no_ssr["total_bytes"] < full["total_bytes"]  # the Gram loss and its backward gone
     res = rt.analyse_tokenizer("PAE-tiny", batch=1, dtype=torch.bfloat16)
-    assert set(res["targets"]) >= {"bandwidth_ratio", "h100_mfu"} and res["fused"]["launches"] > 0
+    assert set(res["targets"]) >= {"rae_ratio", "h100_mfu_peak", "h100_mfu_peak_met"} and res["fused"]["launches"] > 0
+    assert res["targets"]["h100_mfu_peak"] == res["fused"]["predicted_peak"]["mfu"]
     assert "PAE-tiny step (batch 1) | fused" in rt.format_rows(res)
     # train.optimizer=auto on an H100: the one-kernel AdamW + EMA + bf16 copy, counted inside the step
     assert res["optimizer"] == "fused_adamw_ema" and res["optimizer_ema_bytes"] == res["fused"]["update_bytes"] > 0

@@ -197,6 +197,10 @@ def test_roofline_prediction_math(bench_path):
     p = roofline.predict(s, hw, gemm_efficiency=0.7, hbm_efficiency=0.8, attention="fa2")
     assert p["bandwidth_s"] == pytest.approx(2.5) and p["update_s"] == pytest.approx(1.0)
     assert p["attention_s"] == pytest.approx(0.2 + 1.25) and p["step_s"] == pytest.approx(1.0 + 1.45 + 2.5 + 1.0)
+    # DESIGN.md's / issue 27's charges: every byte at peak bandwidth, attention by its FLOPs only
+    p = roofline.predict(s, hw, gemm_efficiency=0.7, **roofline.PEAK_CHARGES)
+    assert p["attention_s"] == pytest.approx(0.1) and p["bandwidth_s"] == pytest.approx(2.0)
+    assert p["step_s"] == pytest.approx(1.0 + 0.1 + 2.0 + 0.8)
     with pytest.raises(ValueError, match="attention"):
         roofline.predict(s, hw, attention="xformers")
 
@@ -239,7 +243,10 @@ def test_roofline_writes_documented_keys(bench_path, tmp_path):
     assert m["fused"]["matmul_flops"] == m["reference"]["matmul_flops"] > 0
     assert 0 < m["fused"]["other_bytes"] < m["reference"]["other_bytes"]
     assert m["fused"]["launches"] < m["reference"]["launches"]
-    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met", "step_gb"}
+    assert set(m["targets"]) >= {"bandwidth_ratio", "bandwidth_ratio_met", "h100_mfu", "h100_mfu_met", "step_gb",
+                                 "h100_mfu_peak", "h100_mfu_peak_met"}
+    assert m["targets"]["h100_mfu_peak"] == m["fused"]["predicted_peak"]["mfu"] > m["targets"]["h100_mfu"]
+    assert "at peak bandwidth" in md
     # counted as the engine trains by default: its precision policy, optimizer and EMA
     from pae_fast.config import TrainConfig
 
