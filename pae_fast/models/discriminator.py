@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from pae_fast.models.vfm import patch_attention
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -114,6 +115,7 @@ class DinoDiscriminator(nn.Module):
 
         kw = {"img_size": input_size, **(backbone_kwargs or {})}
         self.backbone = timm.create_model(model, pretrained=False, num_classes=0, **kw)
+        patch_attention(self.backbone)  # the attention registry, q/k/v gradient packed in one copy (as the VFM's)
         depth = len(self.backbone.blocks)
         self.blocks = tuple(int(b) for b in blocks)
         if not self.blocks or any(not 0 <= b < depth for b in self.blocks):

@@ -16,7 +16,8 @@ from pae_fast.losses.gan import hinge_d_loss
 
 
 def _old_logits(d, images: torch.Tensor) -> torch.Tensor:
-    """The discriminator's forward as it was before the bf16 backbone (a transcription): fp32 all the way."""
+    """The discriminator's forward as it was before the bf16 backbone (a transcription): fp32 all the way (``d``'s
+    attention is timm's, :func:`_timm_attention`)."""
     x = images.float()
     if x.shape[-2:] != (d.input_size, d.input_size):
         x = F.interpolate(x, size=(d.input_size, d.input_size), mode="bilinear", align_corners=False)
@@ -24,6 +25,14 @@ def _old_logits(d, images: torch.Tensor) -> torch.Tensor:
     feats = d.backbone.forward_intermediates(x, indices=list(d.blocks), intermediates_only=True, output_fmt="NLC",
                                              stop_early=True)  # fmt: skip
     return torch.cat([head(f) for head, f in zip(d.heads, feats)], dim=1)
+
+
+def _timm_attention(d):
+    """``d`` with timm's own attention forward again (undoes ``vfm.patch_attention``: the code before it)."""
+    for m in d.backbone.modules():
+        if type(m).__name__ == "Attention" and "forward" in m.__dict__:
+            del m.__dict__["forward"]
+    return d
 
 
 def _sn(d) -> list:
@@ -56,10 +65,14 @@ def _d_step(d, opt, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 
 def test_fp32_path_is_the_previous_code_bit_for_bit(parts):
+    """fp32: logits, the image gradient, the heads' gradients and the power iteration's u / v equal the previous code's
+    (timm's attention, fp32 features) exactly; the backbone's attention now runs through the registry with the packed
+    q / k / v gradient (``kernels.qkv_heads``): the same values."""
     torch.manual_seed(0)
     d = parts.tiny_disc()
     assert compute_weights(d, "fp32") is None and d.compute_dtype == torch.float32
-    old = copy.deepcopy(d)
+    old = _timm_attention(copy.deepcopy(d))
+    assert all("forward" in m.__dict__ for m in d.backbone.modules() if type(m).__name__ == "Attention")
     x = torch.rand(3, 3, 24, 24)  # resized to 32 inside
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     la, lb = d(xa), _old_logits(old, xb)  # training mode: one power iteration each
