@@ -20,7 +20,8 @@ Precision (docs/method.md § Precision policies): under ``train.precision=bf16``
 :meth:`DinoDiscriminator.use_compute_dtype` (``engine.precision.compute_weights``): the frozen backbone is then held
 ONCE in bf16 (it never trains, so it needs no fp32 master and no per-step cast), the image enters it in bf16 and its
 block tokens leave it in fp32; the trainable heads keep fp32 weights, spectral-norm ``u``/``v`` and BatchNorm
-statistics, and the logits are fp32. The state dict still holds the backbone in fp32 (checkpoint format unchanged).
+statistics, their power iterations and sigma run in fp32 outside autocast (their convs follow the autocast in force),
+and the logits are fp32. The state dict still holds the backbone in fp32 (checkpoint format unchanged).
 
 Frozen weights come from a local file through :mod:`pae_fast.weights`. Random frozen features are used only when
 the caller passes ``allow_random=True`` (tests, demos); :attr:`DinoDiscriminator.random_features` tells the caller to
@@ -29,6 +30,7 @@ report it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from pae_fast.models.vfm import patch_attention
@@ -199,7 +202,20 @@ class DinoDiscriminator(nn.Module):
             ``(B, len(blocks) * N)`` fp32 logits, one per token per head (also under autocast, whose convs give bf16).
         """
         feats = self.features(images)
-        return torch.cat([head(f) for head, f in zip(self.heads, feats)], dim=1).float()
+        with parametrize.cached():  # each spectral-norm weight computed once here, in fp32, and reused by its conv
+            self._spectral_norms()
+            logits = [head(f) for head, f in zip(self.heads, feats)]
+        return torch.cat(logits, dim=1).float()
+
+    def _spectral_norms(self) -> None:
+        """Evaluate the heads' spectral-norm weights (the power iteration in training mode, and sigma) outside any
+        autocast: CUDA autocast would run their ``mv`` in bf16. Call inside ``parametrize.cached()``."""
+        dev = self.heads[0].out.parametrizations.weight.original.device.type
+        off = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+        with off:
+            for m in self.heads.modules():
+                if parametrize.is_parametrized(m, "weight"):
+                    m.weight  # noqa: B018 - computes and caches the normalised weight
 
 
 def _backbone_saved_fp32(module: DinoDiscriminator, state: dict[str, torch.Tensor], prefix: str, meta: Any) -> None:

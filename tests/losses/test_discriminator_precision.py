@@ -170,3 +170,21 @@ def test_state_dict_keeps_its_fp32_format_and_resume_restores_the_bf16_backbone(
     for (n, a), b in zip(d.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), n
     assert all(torch.equal(a, b) for a, b in zip(d.backbone.parameters(), fresh.backbone.parameters()))
+
+
+def test_spectral_norm_runs_outside_autocast_once_per_forward(parts):
+    """Under the engine's autocast the heads' convs run under it, but every spectral-norm weight (power iteration and
+    sigma: ``mv`` / ``vdot``, which CUDA autocast would run in bf16) is computed with autocast off, once per forward."""
+    d = parts.tiny_disc()
+    d.use_compute_dtype(torch.bfloat16)
+    sn_calls: list[bool] = []
+    conv_calls: list[bool] = []
+    for s in _sn(d):
+        s.register_forward_pre_hook(lambda m, args: sn_calls.append(torch.is_autocast_enabled("cpu")))
+    convs = [m for m in d.heads.modules() if isinstance(m, torch.nn.Conv1d)]
+    for c in convs:
+        c.register_forward_pre_hook(lambda m, args: conv_calls.append(torch.is_autocast_enabled("cpu")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d(torch.rand(2, 3, 32, 32))
+    assert len(sn_calls) == len(_sn(d)) == len(convs) and not any(sn_calls)
+    assert len(conv_calls) == len(convs) and all(conv_calls)
