@@ -5,16 +5,18 @@ targets, the reconstruction and both MCR decoder passes as one batch, LPIPS (VGG
 four MCR pairs, the GAN generator term (frozen DINO-S/8 discriminator backbone, forward + backward to the image)
 with its adaptive weight (one extra autograd pass to the last decoder layer), SSR (Gram kernel), SCR, backward;
 then the discriminator step (real + fake passes, backward into the heads). Weights and activations are bf16 (no
-autocast), the losses fp32; LPIPS and the discriminator are counted in fp32, since their code casts its inputs
-to fp32 (under CUDA autocast their GEMMs would run in bf16: the count overstates their elementwise bytes up to 2x,
-for fused and reference alike). It is counted with the same
+autocast), the losses fp32; LPIPS is counted in fp32, since its code casts its inputs to fp32 (under CUDA autocast
+its GEMMs would run in bf16: the count overstates its elementwise bytes up to 2x, for fused and reference alike);
+the discriminator as the stage runs it: its frozen backbone held once in the compute dtype
+(``DinoDiscriminator.use_compute_dtype``), its heads fp32 (their GEMMs bf16 under CUDA autocast). It is counted
+with the same
 :class:`pae_fast.kernels.tools.traffic.TrafficCounter`, backend scopes and prediction as ``roofline.py`` (whose
 helpers are imported): fused = ``use_backend("triton")``, reference = ``use_backend("torch")`` with attention on SDPA.
 
 MFU counts every executed FLOP as work, the frozen VFM's and the frozen discriminator backbone's forward included
 (they are real work of the step even though nothing of theirs is trained). The update is inside the step, as
 ``train-tokenizer`` runs it: fp32 masters with the engine's bf16 compute copy of the tokenizer (the discriminator
-keeps fp32 weights: ``full_precision``), ``train.optimizer: auto`` as on one H100 (``fused_adamw_ema``: 36 B per
+has none: fp32 heads, a bf16 frozen backbone), ``train.optimizer: auto`` as on one H100 (``fused_adamw_ema``: 36 B per
 trainable parameter, + 2 B with the preset's gradient clip applied inside it), the EMA of the tokenizer (the frozen
 VFM is shared with the EMA, not averaged: ``engine.optim.make_ema``); the discriminator's heads have their own
 optimizer and no EMA. The modules are built on the meta device and counted on fake CPU tensors (no memory; torch's
@@ -94,10 +96,14 @@ def _count(parts: Any, batch: int, dtype: torch.dtype, backend: str, update: boo
     from pae_fast.kernels.tools.traffic import TrafficCounter
 
     precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype) if update else None
-    # the masters are fp32 (without the update: every tokenizer weight in dtype); LPIPS and the discriminator stay
-    # fp32 (their code casts its inputs to fp32); the frozen refined projector in dtype
+    # the masters are fp32 (without the update: every tokenizer weight in dtype); LPIPS stays fp32 (its code casts
+    # its inputs to fp32), the discriminator's heads too; the frozen refined projector in dtype
     _fake_cpu(parts.model, dtype if precision is None else None)
     _fake_cpu(parts.model.shared.loss)
+    if parts.disc is not None:  # the discriminator as the stage runs it: heads fp32, the frozen backbone held once in
+        _fake_cpu(parts.disc)  # the compute dtype (the hook engine.precision.compute_weights calls under bf16)
+        if dtype != torch.float32:
+            parts.disc.use_compute_dtype(dtype)
     if parts.model.shared.projector is not None:
         _fake_cpu(parts.model.shared.projector, dtype)
     units: list[tuple[Any, Any, Any, Any]] = []  # (master, compute copy, optimizer, ema) per unit

@@ -28,7 +28,7 @@ from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
 from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
-from .qkv_norm_rope import qkv_norm_rope, qkv_norm_rope_ref
+from .qkv_norm_rope import qkv_heads, qkv_norm_rope, qkv_norm_rope_ref
 from .sphere_perturb import sphere_perturb, sphere_perturb_ref
 from .swiglu import swiglu, swiglu_ref
 from .swiglu_mlp import swiglu_mlp, swiglu_mlp_ref
@@ -54,6 +54,7 @@ __all__ = [
     "qk_norm_rope_ref",
     "qkv_norm_rope",
     "qkv_norm_rope_ref",
+    "qkv_heads",
     "rope_2d_tables",
     "attention",
     "attention_ref",

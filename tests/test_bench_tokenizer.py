@@ -56,8 +56,8 @@ def test_tokenizer_roofline_row_and_ssr_cost(bench_path):
 
 def test_tokenizer_roofline_counts_the_update_as_the_engine_runs_it(bench_path):
     """The update is counted inside the step: the tokenizer's bf16 compute copy updated by fused_adamw_ema with its
-    EMA (36 B per trainable parameter), the discriminator's fp32 heads (``full_precision``: no compute copy, no EMA,
-    28 B per parameter), plus 2 B per parameter for each unit when the preset clips."""
+    EMA (36 B per trainable parameter), the discriminator's fp32 heads (``use_compute_dtype``: no compute copy, no
+    EMA, 28 B per parameter), plus 2 B per parameter for each unit when the preset clips."""
     import roofline_tokenizer as rt
     from tokenizer_step import build_step, preset_for
 
@@ -75,3 +75,20 @@ def test_tokenizer_roofline_counts_the_update_as_the_engine_runs_it(bench_path):
         "update_bytes"]  # fmt: skip
     assert list(res["fused"]["h100_mfu_by_triton_gemm_efficiency"]) == ["0.70", "0.60", "0.50"]
     assert "optimizer + EMA GB" in rt.format_rows(res)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tokenizer_roofline_counts_the_discriminator_as_the_stage_runs_it(bench_path, dtype):
+    """The count's discriminator is the stage's: under bf16 its frozen backbone is held in bf16 (the hook
+    ``engine.precision.compute_weights`` calls), its heads and their spectral-norm ``u`` fp32; under fp32 all fp32."""
+    import roofline_tokenizer as rt
+    from roofline_step import fake_mode
+    from tokenizer_step import build_step
+
+    parts = build_step("PAE-tiny", "meta")
+    with fake_mode():
+        rt._count(parts, 1, dtype, "fused", True, "PAE-tiny")
+    d = parts.disc
+    assert d.compute_dtype == dtype and {p.dtype for p in d.backbone.parameters()} == {dtype}
+    sn = [m.parametrizations.weight[0] for m in d.heads.modules() if hasattr(m, "parametrizations")]
+    assert sn and {p.dtype for p in d.heads.parameters()} | {s._u.dtype for s in sn} == {torch.float32}

@@ -112,19 +112,25 @@ def compute_weights(master: nn.Module, precision: str, distributed: str = "ddp",
                     ) -> ComputeWeights | None:
     """The compute copy ``train.precision`` asks for (``bf16``), else None (the master module is trained as is).
 
-    A module that sets ``full_precision = True`` (the tokenizer's discriminator: spectral-norm power iterations and
-    fp32 features) keeps its fp32 weights under every precision: None.
+    The one exception (docs/method.md § Precision policies): a module with a ``use_compute_dtype(dtype)`` method sets
+    its own mixed precision. Under ``bf16`` it is called once with bf16 and no compute copy is made (None): the module
+    is trained as is, its trainable parameters fp32, and it casts what it holds frozen to bf16 in place (one copy, no
+    fp32 master, no per-step cast). The tokenizer's discriminator does so: frozen DINO backbone in bf16, trainable
+    spectral-norm heads (power iterations, BatchNorm statistics) in fp32.
 
     Raises:
         ValueError: ``bf16`` with FSDP on several ranks (FSDP shards the module it trains; use ``bf16-autocast``
             there, or FSDP2's own mixed-precision policy).
     """
     autocast_dtype(precision)  # validates the name
-    if precision != "bf16" or getattr(master, "full_precision", False):
+    if precision != "bf16":
         return None
     if distributed == "fsdp" and world_size > 1:
         raise ValueError(
             "train.precision=bf16 (bf16 compute weights with fp32 masters) runs single-device or with "
             "train.distributed=ddp; with fsdp on several ranks use train.precision=bf16-autocast"
         )
+    if callable(getattr(master, "use_compute_dtype", None)):
+        master.use_compute_dtype(torch.bfloat16)
+        return None
     return ComputeWeights(master, torch.bfloat16)

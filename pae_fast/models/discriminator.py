@@ -16,6 +16,13 @@ generator-side forward never changes discriminator state except the spectral-nor
 (CLS) are dropped [choice]. The backbone is frozen (``requires_grad=False``, eval mode) but differentiable w.r.t. the
 image, so the generator's GAN gradient flows through it.
 
+Precision (docs/method.md § Precision policies): under ``train.precision=bf16`` the engine calls
+:meth:`DinoDiscriminator.use_compute_dtype` (``engine.precision.compute_weights``): the frozen backbone is then held
+ONCE in bf16 (it never trains, so it needs no fp32 master and no per-step cast), the image enters it in bf16 and its
+block tokens leave it in fp32; the trainable heads keep fp32 weights, spectral-norm ``u``/``v`` and BatchNorm
+statistics, their power iterations and sigma run in fp32 outside autocast (their convs follow the autocast in force),
+and the logits are fp32. The state dict still holds the backbone in fp32 (checkpoint format unchanged).
+
 Frozen weights come from a local file through :mod:`pae_fast.weights`. Random frozen features are used only when
 the caller passes ``allow_random=True`` (tests, demos); :attr:`DinoDiscriminator.random_features` tells the caller to
 report it.
@@ -23,6 +30,7 @@ report it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -31,8 +39,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from pae_fast.models.vfm import patch_attention
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -93,9 +103,6 @@ class DinoDiscriminator(nn.Module):
         pae_fast.weights.WeightsError: the file does not fit the backbone.
     """
 
-    full_precision = True  # fp32 weights under train.precision=bf16 (engine.precision.compute_weights): its spectral
-    # norm's power iteration and the fp32 features it computes need them; the heads are a few M parameters
-
     def __init__(
         self,
         model: str = "vit_small_patch8_224.dino",
@@ -111,6 +118,7 @@ class DinoDiscriminator(nn.Module):
 
         kw = {"img_size": input_size, **(backbone_kwargs or {})}
         self.backbone = timm.create_model(model, pretrained=False, num_classes=0, **kw)
+        patch_attention(self.backbone)  # the attention registry, q/k/v gradient packed in one copy (as the VFM's)
         depth = len(self.backbone.blocks)
         self.blocks = tuple(int(b) for b in blocks)
         if not self.blocks or any(not 0 <= b < depth for b in self.blocks):
@@ -143,6 +151,21 @@ class DinoDiscriminator(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         D = self.backbone.embed_dim
         self.heads = nn.ModuleList(DiscriminatorHead(D, kernel_size) for _ in self.blocks)
+        self.register_state_dict_post_hook(_backbone_saved_fp32)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen backbone holds its weights and computes in (fp32 unless :meth:`use_compute_dtype`)."""
+        return next(self.backbone.parameters()).dtype
+
+    @torch.no_grad()
+    def use_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the frozen backbone's floating parameters and buffers in ``dtype``, in place (one copy, no fp32
+        master: it never trains); the heads stay fp32. The engine's hook for ``train.precision=bf16``
+        (:func:`pae_fast.engine.precision.compute_weights`); calling it again with the same dtype changes nothing."""
+        for t in [*self.backbone.parameters(), *self.backbone.buffers()]:
+            if t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
 
     def train(self, mode: bool = True) -> DinoDiscriminator:
         super().train(mode)
@@ -159,15 +182,16 @@ class DinoDiscriminator(nn.Module):
         Args:
             images: ``(B, 3, H, W)`` in [0, 1].
         Returns:
-            one ``(B, N, D)`` tensor per block (prefix tokens dropped), differentiable w.r.t. ``images``.
+            one fp32 ``(B, N, D)`` tensor per block (prefix tokens dropped), differentiable w.r.t. ``images``.
         """
-        x = images.float()
+        x = images.float()  # resize and normalise in fp32 (B * 3 * S^2 values: negligible bytes)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
-        return self.backbone.forward_intermediates(
+        x = ((x - self.mean) / self.std).to(self.compute_dtype)  # one cast at the backbone's input
+        feats = self.backbone.forward_intermediates(
             x, indices=list(self.blocks), intermediates_only=True, output_fmt="NLC", stop_early=True
         )
+        return [f.float() for f in feats]  # the heads are fp32 (a no-op with an fp32 backbone)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits.
@@ -175,10 +199,31 @@ class DinoDiscriminator(nn.Module):
         Args:
             images: ``(B, 3, H, W)`` in [0, 1] (already augmented by the caller).
         Returns:
-            ``(B, len(blocks) * N)`` fp32 logits, one per token per head.
+            ``(B, len(blocks) * N)`` fp32 logits, one per token per head (also under autocast, whose convs give bf16).
         """
         feats = self.features(images)
-        return torch.cat([head(f) for head, f in zip(self.heads, feats)], dim=1)
+        with parametrize.cached():  # each spectral-norm weight computed once here, in fp32, and reused by its conv
+            self._spectral_norms()
+            logits = [head(f) for head, f in zip(self.heads, feats)]
+        return torch.cat(logits, dim=1).float()
+
+    def _spectral_norms(self) -> None:
+        """Evaluate the heads' spectral-norm weights (the power iteration in training mode, and sigma) outside any
+        autocast: CUDA autocast would run their ``mv`` in bf16. Call inside ``parametrize.cached()``."""
+        dev = self.heads[0].out.parametrizations.weight.original.device.type
+        off = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+        with off:
+            for m in self.heads.modules():
+                if parametrize.is_parametrized(m, "weight"):
+                    m.weight  # noqa: B018 - computes and caches the normalised weight
+
+
+def _backbone_saved_fp32(module: DinoDiscriminator, state: dict[str, torch.Tensor], prefix: str, meta: Any) -> None:
+    """State-dict post-hook: the backbone's floating tensors are saved in fp32 whatever dtype it computes in, so
+    ``disc.safetensors`` keeps its format (a bf16 run stores the bf16 values exactly, widened)."""
+    for k, v in state.items():
+        if k.startswith(prefix + "backbone.") and v.is_floating_point() and v.dtype != torch.float32:
+            state[k] = v.float()
 
 
 def create_discriminator(cfg: Any, allow_random: bool = False, **overrides: Any) -> DinoDiscriminator:

@@ -246,8 +246,8 @@ class Attention(nn.Module):
                 bias=self.qkv.bias,
             )
         else:
-            qkv = self.qkv(x)  # (B, N, 3D): q | k | v, heads inside
-            q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            # (B, N, 3D): q | k | v, heads inside; views whose gradient is packed in one copy (no stack + clone)
+            q, k, v = kernels.qkv_heads(self.qkv(x), self.num_heads)
         o = kernels.attention(q, k, v)  # (B, H, N, hd)
         return o.transpose(1, 2).reshape(B, N, D)
 

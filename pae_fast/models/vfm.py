@@ -28,6 +28,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from pae_fast.kernels.attention import attention
+from pae_fast.kernels.qkv_norm_rope import qkv_heads
 from pae_fast.registry import register_encoder
 from pae_fast.weights import WeightsError, load_into, read_state_dict
 
@@ -121,7 +122,7 @@ def _timm_attention_forward(self: nn.Module, x: torch.Tensor, attn_mask=None, is
     _no_mask(attn_mask, is_causal)
     B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = qkv_heads(self.qkv(x), self.num_heads)  # views; the gradient packed in one copy (no stack + clone)
     q, k = self.q_norm(q), self.k_norm(k)
     o = attention(q, k, v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, N, H*hd)
     o = self.norm(o)

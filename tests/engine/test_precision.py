@@ -193,3 +193,32 @@ def test_bf16_policy_with_fused_optimizer_under_ddp(tiny, tiny_script, tmp_path)
         load_checkpoint_weights(tmp_path / "ddp", got, which=which)
         for k, v in tiny.state_of(ref).items():
             torch.testing.assert_close(tiny.state_of(got)[k], v, rtol=2e-2, atol=2e-2, msg=f"{which}.{k}")
+
+
+class _OwnPrecision(_Net):
+    """A module that sets its own mixed precision (``use_compute_dtype``), as the tokenizer's discriminator does."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[torch.dtype] = []
+
+    def use_compute_dtype(self, dtype: torch.dtype) -> None:
+        self.calls.append(dtype)
+        self.frozen.weight.data = self.frozen.weight.data.to(dtype)
+
+
+def test_a_module_with_use_compute_dtype_gets_no_copy_and_is_called_once_under_bf16():
+    """The one exception to the compute copy: ``use_compute_dtype(bf16)`` is called once under ``bf16`` only, no copy
+    is made, the trainable weights stay the fp32 tensors the optimizer holds."""
+    net = _OwnPrecision()
+    lin = net.lin.weight
+    for precision in ("fp32", "bf16-autocast", "fp16"):
+        assert compute_weights(net, precision) is None
+    assert net.calls == []
+    assert compute_weights(net, "bf16") is None
+    assert net.calls == [torch.bfloat16]
+    assert net.lin.weight is lin and lin.dtype == torch.float32 and net.frozen.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="fsdp"):  # the FSDP refusal comes first, for every module
+        compute_weights(_OwnPrecision(), "bf16", distributed="fsdp", world_size=2)
+    plain = compute_weights(_Net(), "bf16")  # without the method: the usual bf16 copy of every floating parameter
+    assert isinstance(plain, ComputeWeights) and plain.module.lin.weight.dtype == torch.bfloat16

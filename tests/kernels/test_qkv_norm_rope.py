@@ -214,3 +214,40 @@ def test_gpu_tiling_several_programs_and_tiles_per_program(monkeypatch, with_bia
     q, k = (torch.randn(B, H, N, hd, requires_grad=True) for _ in range(2))  # the unpacked op shares the kernels
     assert_op_matches(qk_norm_rope, qk_norm_rope_ref, (q, k, cos, sin), {"q_weight": w["q_weight"]}, atol=1e-5,
                       rtol=1e-5, ref_dtype=torch.float64)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_heads_views_and_packed_gradient_in_one_copy(dtype):
+    """``qkv_heads``: the same views as ``view -> permute -> unbind`` (what a plain ViT attention writes) and the same
+    gradient bit for bit, on an odd shape with distinct gradients per q / k / v (a swap would show); its backward
+    reads the three head gradients and writes the packed one once (autograd's views: a stack, then a clone)."""
+    from pae_fast.kernels import qkv_heads
+    from pae_fast.kernels.tools.traffic import TrafficCounter
+
+    B, N, H, hd = 2, 7, 3, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, N, 3 * H * hd, generator=g).to(dtype)
+    weights = [torch.randn(B, H, N, hd, generator=g).to(dtype) for _ in range(3)]
+
+    def run(split):
+        qkv = x.clone().requires_grad_()
+        q, k, v = split(qkv * 1)  # a non-leaf, as the Linear's output is
+        sum((t.float() * w.float()).sum() for t, w in zip((q * k, k, v.exp()), weights)).backward()
+        return (q, k, v), qkv.grad
+
+    (ours, g_ours) = run(lambda t: qkv_heads(t, H))
+    (plain, g_plain) = run(lambda t: t.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0))
+    for a, b in zip(ours, plain):
+        assert a.shape == (B, H, N, hd) and a.stride() == b.stride() and torch.equal(a, b)
+    assert torch.equal(g_ours, g_plain) and g_ours.is_contiguous()
+    # bytes of the split's backward alone: incoming dq, dk, dv (B, H, N, hd) each -> dqkv (B, N, 3 H hd)
+    n_bytes = x.numel() * x.element_size()
+    for split, expect in ((lambda t: qkv_heads(t, H), 2 * n_bytes), (lambda t: t.view(B, N, 3, H, hd).permute(
+            2, 0, 3, 1, 4).unbind(0), 4 * n_bytes)):  # fmt: skip
+        qkv = x.clone().requires_grad_()
+        outs = split(qkv)
+        grads = [torch.ones(B, H, N, hd, dtype=dtype) for _ in range(3)]
+        with TrafficCounter() as tc:
+            torch.autograd.backward(outs, grads)
+        s = tc.summary()
+        assert s["other_bytes"] == expect, [(r["op"], r["read_bytes"], r["written_bytes"]) for r in s["rows"]]

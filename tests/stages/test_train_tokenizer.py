@@ -239,8 +239,9 @@ def test_heldout_metrics_add_lpips_and_rfid_when_their_networks_are_given(tmp_pa
 
 def test_bf16_compute_weights_train_the_tokenizer_with_the_gan(tmp_path, photos):
     """``train.precision=bf16`` (the paper preset's): the tokenizer runs on its bf16 compute copy (images and latents
-    cast on the way in, fixed position tables following the activations), the discriminator keeps fp32 weights
-    (``full_precision``), the masters and checkpoints stay fp32, and the loss is finite and falls."""
+    cast on the way in, fixed position tables following the activations), the discriminator gets no compute copy
+    (``use_compute_dtype``: its heads train in fp32), the masters and checkpoints stay fp32, and the loss is finite
+    and falls."""
     from pae_fast.engine.precision import compute_weights
     from pae_fast.models.discriminator import create_discriminator
 
@@ -254,9 +255,43 @@ def test_bf16_compute_weights_train_the_tokenizer_with_the_gan(tmp_path, photos)
     assert stats[-1]["l1"] < stats[0]["l1"]
     model = _tensors(out / "checkpoints" / "0000006", "model")
     assert all(t.dtype == torch.float32 for t in model.values() if t.is_floating_point())
-    assert compute_weights(create_discriminator(cfg.tokenizer, allow_random=True), "bf16") is None
+    disc = create_discriminator(cfg.tokenizer, allow_random=True)
+    assert compute_weights(disc, "bf16") is None and disc.compute_dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in _tensors(out / "checkpoints" / "0000006", "disc").values())
     tok = create_tokenizer("PAE-tiny").to(torch.bfloat16)
     assert tok.compute_dtype == torch.bfloat16
     x = torch.rand(2, 3, tok.image_size, tok.image_size)  # fp32 images into bf16 weights
     assert tok.decode(tok.encode(x)).dtype == torch.bfloat16
     assert tok.decode(torch.randn(2, *tok.latent_shape)).dtype == torch.bfloat16  # fp32 latents (a sampler's)
+
+
+def test_bf16_discriminator_backbone_is_one_bf16_copy_through_the_engine(tmp_path, photos):
+    """``train.precision=bf16`` through the engine: the discriminator unit trains the module itself (no copy), its
+    frozen backbone is bf16 in the same storage at every step (cast once, never per step), the generator's GAN term
+    sees that same module, the heads and their spectral-norm ``u`` stay fp32 and the logits are fp32."""
+    from pae_fast.engine import train
+
+    out = tmp_path / "bf16d"
+    cfg = tiny_cfg(out, **{**GAN, "train.precision": "bf16", "train.steps": 2, "train.ckpt_every": 2,
+                           "tokenizer.gan_start_step": 0, "tokenizer.disc_start_step": 0, "tokenizer.mcr": False})
+    task, _ = build_tokenizer_task(cfg, photos[0], photos[1])
+    disc, disc_fn = task.extra_optimized["disc"]
+    assert task.model.shared.loss.discriminator is disc  # the generator pass and the unit share one module
+    seen: list[dict] = []
+    logits: list[torch.dtype] = []
+    disc.register_forward_hook(lambda m, args, out_: logits.append(out_.dtype))
+
+    def spy(model, batch, step):
+        sn = [m.parametrizations.weight[0] for m in model.heads.modules() if hasattr(m, "parametrizations")]
+        seen.append({"same": model is disc,
+                     "ptrs": [p.data_ptr() for p in model.backbone.parameters()],
+                     "backbone": {p.dtype for p in model.backbone.parameters()},
+                     "heads": {p.dtype for p in model.heads.parameters()} | {s._u.dtype for s in sn}})
+        return disc_fn(model, batch, step)
+
+    task.extra_optimized["disc"] = (disc, spy)
+    train(task, cfg.train, out, seed=cfg.seed)
+    assert len(seen) == 2 and all(s["same"] for s in seen)
+    assert seen[0]["ptrs"] == seen[1]["ptrs"]
+    assert all(s["backbone"] == {torch.bfloat16} and s["heads"] == {torch.float32} for s in seen)
+    assert len(logits) == 6 and set(logits) == {torch.float32}  # per step: the G term, then real + fake
