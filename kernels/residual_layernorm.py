@@ -14,10 +14,11 @@ Backward (gy = dL/dy from later uses of y, gn = dL/dn, g = gn * w, <.> = mean ov
     dy_tot  = gy + rstd * (g - <g> - n̂ * <g n̂>)     (the residual stream's gradient)
     dx      = dy_tot,   dbranch = gamma * dy_tot
     dgamma  = sum_rows dy_tot * branch,   dw = sum_rows gn * n̂,   db = sum_rows gn
-One kernel reads gy, gn, y (and branch when gamma is given: dgamma needs it) and writes dx (and dbranch when it
+One kernel reads gy, gn, y (and branch when gamma trains: dgamma needs it) and writes dx (and dbranch when it
 differs from dx: with gamma, or another dtype; else dx is returned for both, as autograd's ``add`` does). The
 parameter gradients leave as per-program fp32 partial column sums (P, D) reduced by one small ``sum`` each
-(deterministic, no atomics), as :mod:`.gated_residual_adaln` does.
+(deterministic, no atomics), as :mod:`.gated_residual_adaln` does; none when gamma, w and b are all frozen (a
+frozen backbone's blocks, differentiated only to their input).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def _residual_layernorm_bwd_kernel(
     STORE_DBR: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    PARAM_GRADS: tl.constexpr,  # accumulate dgamma / dw / db (False: frozen parameters; branch is then not read)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -147,11 +149,12 @@ def _residual_layernorm_bwd_kernel(
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             nh = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)  # n̂, zero outside the row
             if HAS_W:
-                acc_w += tl.sum(gn * nh, axis=0)
+                if PARAM_GRADS:
+                    acc_w += tl.sum(gn * nh, axis=0)
                 g = gn * w
             else:
                 g = gn
-            if HAS_B:
+            if HAS_B and PARAM_GRADS:
                 acc_b += tl.sum(gn, axis=0)
             mean_g = tl.sum(g, axis=1) / D
             mean_gn = tl.sum(g * nh, axis=1) / D
@@ -160,17 +163,19 @@ def _residual_layernorm_bwd_kernel(
             d += tl.load(GY + off, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + off, d.to(DX.dtype.element_ty), mask=mask)
         if HAS_GAMMA:
-            br = tl.load(BR + rows[:, None] * sbr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc_gamma += tl.sum(tl.where(mask, d * br, 0.0), axis=0)
+            if PARAM_GRADS:
+                br = tl.load(BR + rows[:, None] * sbr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc_gamma += tl.sum(tl.where(mask, d * br, 0.0), axis=0)
             tl.store(DBR + off, (d * gamma).to(DBR.dtype.element_ty), mask=mask)
         elif STORE_DBR:
             tl.store(DBR + off, d.to(DBR.dtype.element_ty), mask=mask)
-    if HAS_GAMMA:
-        tl.store(DGAMMA + pid * D + cols, acc_gamma, mask=cmask)
-    if HAS_W:
-        tl.store(DW + pid * D + cols, acc_w, mask=cmask)
-    if HAS_B:
-        tl.store(DB + pid * D + cols, acc_b, mask=cmask)
+    if PARAM_GRADS:
+        if HAS_GAMMA:
+            tl.store(DGAMMA + pid * D + cols, acc_gamma, mask=cmask)
+        if HAS_W:
+            tl.store(DW + pid * D + cols, acc_w, mask=cmask)
+        if HAS_B:
+            tl.store(DB + pid * D + cols, acc_b, mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ def _dbranch_separate(gamma, branch, x_dtype: torch.dtype) -> bool:
     return branch is not None and (gamma is not None or branch.dtype != x_dtype)
 
 
-def _bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype: torch.dtype):
+def _bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype: torch.dtype, param_grads: bool):
     shape = y.shape
     yr, R, D = as_rows(y)
     dx = torch.empty(shape, dtype=x_dtype, device=y.device)
@@ -227,15 +232,17 @@ def _bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype: torch.dtyp
     BLOCK_R, BLOCK_C, num_warps = _bwd_blocks(R, D)
     P, iters = bwd_programs(1, triton.cdiv(R, BLOCK_R), y.device)
     # per-program fp32 partial column sums, reduced below (no atomics)
-    dg, dw, db = (y.new_empty((P, D) if t is not None else 1, dtype=torch.float32) for t in (gamma, weight, bias))
+    dg, dw, db = (y.new_empty((P, D) if t is not None and param_grads else 1, dtype=torch.float32)
+                  for t in (gamma, weight, bias))  # fmt: skip
     if R > 0 and D > 0:
-        br = as_rows(branch)[0] if gamma is not None else yr
+        br = as_rows(branch)[0] if gamma is not None and param_grads else yr
         _residual_layernorm_bwd_kernel[(P,)](
             gy.reshape(R, D).contiguous() if gy is not None else yr, gn.reshape(R, D).contiguous() if gn is not None
             else yr, yr, br, gamma if gamma is not None else yr, weight if weight is not None else yr, mean, rstd,
             dx, dbr if separate else dx, dg, dw, db, R, D, iters, yr.stride(0), br.stride(0),
             HAS_GY=gy is not None, HAS_GN=gn is not None, HAS_GAMMA=gamma is not None, STORE_DBR=separate,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps,
+            HAS_W=weight is not None, HAS_B=bias is not None, PARAM_GRADS=param_grads, BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C, num_warps=num_warps,
         )  # fmt: skip
     else:  # nothing to reduce: zero gradients of the right shapes
         for buf in (dg, dw, db):
@@ -243,10 +250,9 @@ def _bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype: torch.dtyp
     return (
         dx,
         dbr,
-        dg.sum(0).to(gamma.dtype) if gamma is not None else y.new_empty(0),
-        dw.sum(0).to(weight.dtype) if weight is not None else y.new_empty(0),
-        db.sum(0).to(bias.dtype) if bias is not None else y.new_empty(0),
-    )
+        *(buf.sum(0).to(t.dtype) if t is not None and param_grads else y.new_empty(0)
+          for buf, t in ((dg, gamma), (dw, weight), (db, bias))),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,18 +298,20 @@ def _residual_layernorm_backward_op(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     x_dtype: torch.dtype,
+    param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # branch: the forward's branch when gamma is given (dgamma reads it), else only its dtype matters (may be None)
-    return _bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype)
+    # branch: the forward's branch when dgamma is wanted (it reads it), else only its dtype matters (may be None).
+    # param_grads False (frozen gamma / w / b): their gradients are empty tensors and branch is not read
+    return _bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype, param_grads)
 
 
 @_residual_layernorm_backward_op.register_fake
-def _(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype):
+def _(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype, param_grads):
     separate = _dbranch_separate(gamma, branch, x_dtype)
     return (
         y.new_empty(y.shape, dtype=x_dtype),
         y.new_empty(y.shape if separate else (0,), dtype=branch.dtype if branch is not None else x_dtype),
-        *(y.new_empty(t.shape if t is not None else (0,), dtype=t.dtype if t is not None else y.dtype)
+        *(y.new_empty(t.shape, dtype=t.dtype) if t is not None and param_grads else y.new_empty(0)
           for t in (gamma, weight, bias)),
     )  # fmt: skip
 
@@ -312,9 +320,13 @@ def _setup_context(ctx, inputs, output):
     x, branch, gamma, weight, bias, _, _, _ = inputs
     y, _, mean, rstd = output
     ctx.has_branch, ctx.x_dtype = branch is not None, x.dtype
+    # gradients of gamma / w / b only where one of them trains (a frozen backbone's blocks: none)
+    ctx.param_grads = any(t is not None and t.requires_grad for t in (gamma, weight, bias))
     # the plain LayerNorm normalised x; a residual one y (x itself is not needed: dx comes from gradients only).
     # branch is kept only where dgamma needs it; otherwise an empty tensor carries its dtype
-    keep = branch if gamma is not None else (branch.new_empty(0) if branch is not None else None)
+    keep = branch if gamma is not None and ctx.param_grads else None
+    if keep is None and branch is not None:
+        keep = branch.new_empty(0)
     ctx.save_for_backward(y if branch is not None else x, keep, gamma, weight, bias, mean, rstd)
 
 
@@ -323,12 +335,14 @@ def _backward(ctx, gy, gn, _gmean, _grstd):
     if gy is None and gn is None:
         return None, None, None, None, None, None, None, None
     dx, dbr, dgamma, dw, db = _residual_layernorm_backward_op(
-        gy if ctx.has_branch else None, gn, y, branch, gamma, weight, bias, mean, rstd, ctx.x_dtype
+        gy if ctx.has_branch else None, gn, y, branch, gamma, weight, bias, mean, rstd, ctx.x_dtype, ctx.param_grads
     )
     if not ctx.has_branch:
         dbr = None
     elif not _dbranch_separate(gamma, branch, ctx.x_dtype):
         dbr = dx  # dbranch = dx: one tensor for both edges, as autograd's add does
+    if not ctx.param_grads:
+        dgamma = dw = db = None
     return (dx, dbr, dgamma if gamma is not None else None, dw if weight is not None else None,
             db if bias is not None else None, None, None, None)  # fmt: skip
 

@@ -108,6 +108,15 @@ def test_gradient_from_one_output_only(use):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gamma", [True, False])
+def test_frozen_parameters(gamma):
+    # a frozen backbone's block: gamma / w / b without grad, gradients to x and branch only (branch is then not read
+    # by the backward, its gradient still gamma * d)
+    D = 40
+    params = (rnd(D, scale=0.5, grad=False) if gamma else None, rnd(D, offset=1.0, grad=False), rnd(D, grad=False))
+    check((rnd(3, 11, D, scale=2.0), rnd(3, 11, D)), dict(zip(("gamma", "weight", "bias"), params)))
+
+
 def test_no_gamma_branch_gradient_is_the_residual_gradient():
     # without LayerScale, d branch = d x: the backward writes one tensor for both (as autograd's add)
     x, br = rnd(5, 33), rnd(5, 33)
