@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from pae_fast.models.vfm import patch_blocks
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -137,6 +138,7 @@ class DinoDiscriminator(nn.Module):
             self.random_features = False
             self.weights_file = str(weights)
         self.backbone.eval().requires_grad_(False)
+        patch_blocks(self.backbone)  # attention residual fused with norm2 (docs/method.md § Residual + LayerNorm fused)
         cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

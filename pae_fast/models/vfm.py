@@ -7,7 +7,8 @@ its forward runs under ``torch.no_grad()``.
 
 Every attention module of the timm model (``timm.layers.Attention`` and ``timm.models.eva.EvaAttention``) has its
 ``forward`` replaced by one that calls :func:`pae_fast.kernels.attention.attention`, so the attention backend
-registry (FlashAttention / SDPA / xformers / math) drives the VFM as it drives the generators.
+registry (FlashAttention / SDPA / xformers / math) drives the VFM as it drives the generators; every timm ViT
+``Block`` has its attention residual fused with ``norm2`` (:func:`patch_blocks`).
 
 Weights come only from local files (:mod:`pae_fast.weights`), in timm's key layout. Random initialisation happens
 only with ``pretrained=False`` and is logged.
@@ -28,6 +29,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from pae_fast.kernels.attention import attention
+from pae_fast.kernels.residual_layernorm import residual_layernorm
 from pae_fast.registry import register_encoder
 from pae_fast.weights import WeightsError, load_into, read_state_dict
 
@@ -42,6 +44,7 @@ __all__ = [
     "FrozenVFM",
     "build_vfm",
     "patch_attention",
+    "patch_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,6 +182,57 @@ def patch_attention(model: nn.Module) -> int:
     return n
 
 
+def _drop_path_active(m: nn.Module) -> bool:
+    return m.training and float(getattr(m, "drop_prob", 0.0)) > 0.0
+
+
+def _timm_block_forward(self: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """``timm...vision_transformer.Block.forward`` with ``x + ls1(attn(norm1(x)))`` and ``norm2`` of it in one fused
+    pass (docs/method.md § Residual + LayerNorm fused); the MLP residual stays a plain add (``forward_intermediates``
+    walks the blocks itself and takes each block's output)."""
+    if _drop_path_active(self.drop_path1):  # per-sample drop of the branch: not a (D,) scale the fused op can apply
+        raise TypeError(f"patched timm Block: drop_path1 (p={self.drop_path1.drop_prob}) is active in training mode")
+    gamma = self.ls1.gamma if not isinstance(self.ls1, nn.Identity) else None
+    branch = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+    x, h = residual_layernorm(x, branch, gamma, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+    return x + self.drop_path2(self.ls2(self.mlp(h)))
+
+
+def patch_blocks(model: nn.Module) -> int:
+    """Make every timm ViT ``Block`` of ``model`` (exact type) add its attention residual (with its LayerScale) fused
+    with ``norm2`` (:func:`pae_fast.kernels.residual_layernorm.residual_layernorm`); returns how many.
+
+    Other block types (EVA / DINOv3 blocks, post-norm blocks) keep their own forward. Dropout inside the attention or
+    MLP is unaffected (it is part of the branch); drop-path on the attention branch is refused in training mode.
+
+    Raises:
+        TypeError: a ``Block`` whose norms are not LayerNorms over the last dim, whose LayerScale / drop-path is of
+            an unknown type, or whose attention drop-path is active in training mode.
+    """
+    from timm.layers import DropPath, LayerScale
+    from timm.models.vision_transformer import Block
+
+    n = 0
+    for name, m in model.named_modules():
+        if type(m) is not Block:
+            continue
+        for attr in ("norm1", "norm2"):
+            norm = getattr(m, attr)
+            if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+                raise TypeError(f"patch_blocks: {name}.{attr} is a {type(norm).__name__} "
+                                f"{tuple(getattr(norm, 'normalized_shape', ()))}, not a LayerNorm over the last dim")
+        for attr, kinds in (("ls1", (LayerScale, nn.Identity)), ("drop_path1", (DropPath, nn.Identity))):
+            if type(getattr(m, attr)) not in kinds:
+                raise TypeError(f"patch_blocks: {name}.{attr} is a {type(getattr(m, attr)).__name__}, expected one of "
+                                f"{', '.join(k.__name__ for k in kinds)}")
+        if _drop_path_active(m.drop_path1):
+            raise TypeError(f"patch_blocks: {name}.drop_path1 (p={m.drop_path1.drop_prob}) is active in training mode; "
+                            "the fused residual cannot drop a sample's branch (call .eval() first)")
+        m.forward = types.MethodType(_timm_block_forward, m)
+        n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The frozen encoder
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,6 +266,7 @@ class FrozenVFM(nn.Module):
             raise TypeError(f"{self.name}: final norm is {type(old).__name__}, expected LayerNorm")
         model.norm = nn.LayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=False)
         self.num_attention = patch_attention(model)
+        self.num_fused_blocks = patch_blocks(model)
         self.model = model
         self.input_size = spec.input_size
         self.patch_size = int(model.patch_embed.patch_size[0])
