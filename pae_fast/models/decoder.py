@@ -19,7 +19,7 @@ from pae_fast.kernels.residual_layernorm import residual_layernorm
 from pae_fast.models.layers import Attention, head_dim_of, sincos_pos_embed_2d, unpatchify
 from pae_fast.models.vfm import FrozenVFM
 
-__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES", "decoder_for"]
+__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES", "add_norm", "decoder_for"]
 
 # name -> (hidden, depth, heads, mlp hidden)
 DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -50,8 +50,9 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
-def _add_norm(x: torch.Tensor, branch: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x + branch, norm(x + branch))`` in one fused pass (``branch`` None: ``(x, norm(x))``)."""
+def add_norm(x: torch.Tensor, branch: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + branch, norm(x + branch))`` in one fused pass (``branch`` None: ``(x, norm(x))``) for a pre-norm block
+    (docs/method.md § Residual + LayerNorm fused); ``norm`` an ``nn.LayerNorm`` over the last dim."""
     return residual_layernorm(x, branch, None, norm.weight, norm.bias, norm.eps)
 
 
@@ -72,18 +73,18 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D) -> (B, N, D)``: the block on its own (LN1 here, the MLP residual a plain add)."""
-        return self.forward_fused(x, _add_norm(x, None, self.norm1)[1], None)[0]
+        return self.forward_fused(x, add_norm(x, None, self.norm1)[1], None)[0]
 
     def forward_fused(
         self, x: torch.Tensor, h: torch.Tensor, next_norm: nn.LayerNorm | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block on the pair ``(x, h = norm1(x))``, all ``(B, N, D)``: returns ``(x', next_norm(x'))`` (``None``
         for the second when ``next_norm`` is None), the MLP residual fused into ``next_norm``."""
-        x, h = _add_norm(x, self.attn(h), self.norm2)
+        x, h = add_norm(x, self.attn(h), self.norm2)
         branch = self.mlp(h)
         if next_norm is None:
             return x + branch, None
-        return _add_norm(x, branch, next_norm)
+        return add_norm(x, branch, next_norm)
 
 
 class ViTDecoder(nn.Module):
@@ -133,7 +134,7 @@ class ViTDecoder(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         # the loop carries (x, h): h is the next LayerNorm of x, each fused with the residual add before it
         norms = [blk.norm1 for blk in self.blocks] + [self.norm]
-        _, h = _add_norm(x, None, norms[0])
+        _, h = add_norm(x, None, norms[0])
         for blk, next_norm in zip(self.blocks, norms[1:]):
             x, h = blk.forward_fused(x, h, next_norm)
         x = self.pred(h)[:, 1:]  # (B, N, p*p*3), CLS dropped

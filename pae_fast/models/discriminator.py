@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pae_fast.models.vfm import patch_blocks
+from pae_fast.models.vfm import fused_intermediates, patch_blocks
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -167,9 +167,8 @@ class DinoDiscriminator(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
-        return self.backbone.forward_intermediates(
-            x, indices=list(self.blocks), intermediates_only=True, output_fmt="NLC", stop_early=True
-        )
+        # timm's forward_intermediates, residual adds fused (docs/method.md § Residual + LayerNorm fused)
+        return fused_intermediates(self.backbone, x, self.blocks)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits.
