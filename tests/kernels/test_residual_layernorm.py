@@ -10,8 +10,7 @@ from pae_fast.kernels import OPS, residual_layernorm, residual_layernorm_ref
 from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
 
 OP = OPS["residual_layernorm"]
-# the module (the package attribute of that name is the function)
-MOD = importlib.import_module("pae_fast.kernels.residual_layernorm")
+BWD = importlib.import_module("pae_fast.kernels._residual_layernorm_bwd")  # block sizes, the tile-size knob
 
 
 def rnd(*shape, dtype=torch.float32, scale=1.0, offset=0.0, grad=True):
@@ -54,9 +53,9 @@ def test_plain_layernorm(D, dtype):
 
 def test_many_programs_reduce_partial_sums(monkeypatch):
     # 4-row tiles at width 33 (BLOCK_C 64): 65 rows = 17 row blocks, two programs looping over 9 blocks each
-    monkeypatch.setattr(MOD, "MAX_BLOCK_ELEMS", 256)
-    assert MOD._bwd_blocks(65, 33)[:2] == (4, 64)
-    assert MOD.bwd_programs(1, 17, torch.device("cpu")) == (2, 9)
+    monkeypatch.setattr(BWD, "MAX_BLOCK_ELEMS", 256)
+    assert BWD.fwd_blocks(65, 33)[:2] == BWD.bwd_blocks(65, 33)[:2] == (4, 64)
+    assert BWD.bwd_programs(1, 17, torch.device("cpu")) == (2, 9)
     check((rnd(5, 13, 33), rnd(5, 13, 33)), {"gamma": rnd(33), "weight": rnd(33, offset=1.0), "bias": rnd(33)})
 
 
