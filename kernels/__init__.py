@@ -29,6 +29,7 @@ from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
 from .qkv_norm_rope import qkv_heads, qkv_norm_rope, qkv_norm_rope_ref
+from .residual_layernorm import residual_layernorm, residual_layernorm_ref
 from .sphere_perturb import sphere_perturb, sphere_perturb_ref
 from .swiglu import swiglu, swiglu_ref
 from .swiglu_mlp import swiglu_mlp, swiglu_mlp_ref
@@ -69,4 +70,6 @@ __all__ = [
     "gram_loss_ref",
     "fused_adamw_ema",
     "fused_adamw_ema_ref",
+    "residual_layernorm",
+    "residual_layernorm_ref",
 ]

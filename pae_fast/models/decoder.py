@@ -15,10 +15,11 @@ from timm.layers import Mlp
 from torch import nn
 
 from pae_fast.kernels.attention import attention
+from pae_fast.kernels.residual_layernorm import residual_layernorm
 from pae_fast.models.layers import Attention, head_dim_of, sincos_pos_embed_2d, unpatchify
 from pae_fast.models.vfm import FrozenVFM
 
-__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES", "decoder_for"]
+__all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES", "add_norm", "decoder_for"]
 
 # name -> (hidden, depth, heads, mlp hidden)
 DECODER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -49,8 +50,19 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
+def add_norm(x: torch.Tensor, branch: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + branch, norm(x + branch))`` in one fused pass (``branch`` None: ``(x, norm(x))``) for a pre-norm block
+    (docs/method.md § Residual + LayerNorm fused); ``norm`` an ``nn.LayerNorm`` over the last dim."""
+    return residual_layernorm(x, branch, None, norm.weight, norm.bias, norm.eps)
+
+
 class DecoderBlock(nn.Module):
-    """Pre-norm ViT block: ``x += Attn(LN(x)); x += MLP(LN(x))`` (LayerNorm eps 1e-12, exact GELU)."""
+    """Pre-norm ViT block: ``x += Attn(LN(x)); x += MLP(LN(x))`` (LayerNorm eps 1e-12, exact GELU).
+
+    Each residual add runs fused with the LayerNorm that follows it (docs/method.md § Residual + LayerNorm fused):
+    the attention residual with ``norm2``, the MLP residual with the next block's ``norm1`` (or the decoder's final
+    norm) when :class:`ViTDecoder` chains the blocks through :meth:`forward_fused`.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-12) -> None:
         super().__init__()
@@ -60,8 +72,19 @@ class DecoderBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden, act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        """``(B, N, D) -> (B, N, D)``: the block on its own (LN1 here, the MLP residual a plain add)."""
+        return self.forward_fused(x, add_norm(x, None, self.norm1)[1], None)[0]
+
+    def forward_fused(
+        self, x: torch.Tensor, h: torch.Tensor, next_norm: nn.LayerNorm | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block on the pair ``(x, h = norm1(x))``, all ``(B, N, D)``: returns ``(x', next_norm(x'))`` (``None``
+        for the second when ``next_norm`` is None), the MLP residual fused into ``next_norm``."""
+        x, h = add_norm(x, self.attn(h), self.norm2)
+        branch = self.mlp(h)
+        if next_norm is None:
+            return x + branch, None
+        return add_norm(x, branch, next_norm)
 
 
 class ViTDecoder(nn.Module):
@@ -109,9 +132,12 @@ class ViTDecoder(nn.Module):
             raise ValueError(f"ViTDecoder: expected {self.grid_size**2} tokens, got {N}")
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(tokens)], dim=1)
         x = x + self.pos_embed.to(x.dtype)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.pred(self.norm(x))[:, 1:]  # (B, N, p*p*3), CLS dropped
+        # the loop carries (x, h): h is the next LayerNorm of x, each fused with the residual add before it
+        norms = [blk.norm1 for blk in self.blocks] + [self.norm]
+        _, h = add_norm(x, None, norms[0])
+        for blk, next_norm in zip(self.blocks, norms[1:]):
+            x, h = blk.forward_fused(x, h, next_norm)
+        x = self.pred(h)[:, 1:]  # (B, N, p*p*3), CLS dropped
         return unpatchify(x, self.patch_size, 3, self.grid_size, self.grid_size)
 
 

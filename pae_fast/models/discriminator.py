@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pae_fast.models.vfm import patch_attention
+from pae_fast.models.vfm import fused_intermediates, patch_attention, patch_blocks
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -145,6 +145,7 @@ class DinoDiscriminator(nn.Module):
             self.random_features = False
             self.weights_file = str(weights)
         self.backbone.eval().requires_grad_(False)
+        patch_blocks(self.backbone)  # attention residual fused with norm2 (docs/method.md § Residual + LayerNorm fused)
         cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -188,9 +189,8 @@ class DinoDiscriminator(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = ((x - self.mean) / self.std).to(self.compute_dtype)  # one cast at the backbone's input
-        feats = self.backbone.forward_intermediates(
-            x, indices=list(self.blocks), intermediates_only=True, output_fmt="NLC", stop_early=True
-        )
+        # timm's forward_intermediates, residual adds fused (docs/method.md § Residual + LayerNorm fused)
+        feats = fused_intermediates(self.backbone, x, self.blocks)
         return [f.float() for f in feats]  # the heads are fp32 (a no-op with an fp32 backbone)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
 from pae_fast.kernels.latent_norm import latent_norm
-from pae_fast.models.decoder import CrossAttention, decoder_for
+from pae_fast.models.decoder import CrossAttention, add_norm, decoder_for
 from pae_fast.models.layers import Attention, sincos_pos_embed_2d
 from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, register_tokenizer_variants
 from pae_fast.models.vfm import build_vfm
@@ -33,7 +33,12 @@ LOGVAR_INIT = -8.0  # KL variant: initial log-variance (sigma ~ 0.018 against RM
 
 
 class DAMBlock(nn.Module):
-    """One DAM layer: ``x += SA(LN(x)); x += CA(LN_q(x), LN_kv(u)); x += MLP(LN(x))`` (LayerNorm eps 1e-5)."""
+    """One DAM layer: ``x += SA(LN(x)); x += CA(LN_q(x), LN_kv(u)); x += MLP(LN(x))`` (LayerNorm eps 1e-5).
+
+    Each residual add runs fused with the LayerNorm after it (docs/method.md § Residual + LayerNorm fused): SA's with
+    ``norm2_q``, CA's with ``norm3``, the MLP's with the next layer's ``norm1`` when :class:`DAM` chains the layers
+    through :meth:`forward_fused`.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -47,9 +52,19 @@ class DAMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``x (B, N, D)`` pixel-branch tokens, ``u (B, N_vfm, D)`` VFM tokens -> ``(B, N, D)``."""
-        x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2_q(x), self.norm2_kv(u))
-        return x + self.mlp(self.norm3(x))
+        return self.forward_fused(x, add_norm(x, None, self.norm1)[1], u, None)[0]
+
+    def forward_fused(
+        self, x: torch.Tensor, h: torch.Tensor, u: torch.Tensor, next_norm: nn.LayerNorm | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer on the pair ``(x, h = norm1(x))``: returns ``(x', next_norm(x'))`` (``None`` for the second when
+        ``next_norm`` is None), the MLP residual fused into ``next_norm``."""
+        x, h = add_norm(x, self.self_attn(h), self.norm2_q)
+        x, h = add_norm(x, self.cross_attn(h, self.norm2_kv(u)), self.norm3)
+        branch = self.mlp(h)
+        if next_norm is None:
+            return x + branch, None
+        return add_norm(x, branch, next_norm)
 
 
 class DAM(nn.Module):
@@ -100,8 +115,11 @@ class DAM(nn.Module):
     def forward(self, pixels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``pixels (B, 3, S, S)`` normalised, ``u (B, N, D)`` VFM tokens -> ``H_z (B, N, D)``."""
         x = self.patch_embed(pixels) + self.pos_embed.to(pixels.dtype)
-        for layer in self.layers:
-            x = layer(x, u)
+        # the loop carries (x, h = the next layer's norm1 of x), as the ViT decoder's does
+        norms = [layer.norm1 for layer in self.layers]
+        h = add_norm(x, None, norms[0])[1] if norms else None
+        for layer, next_norm in zip(self.layers, [*norms[1:], None]):
+            x, h = layer.forward_fused(x, h, u, next_norm)
         if self.fusion == "add":
             return self.final_ln(u + self.fusion_proj(x))
         if self.fusion == "concat":

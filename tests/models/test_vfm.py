@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pae_fast.io import save_safetensors
+from pae_fast.kernels import interpreter_enabled, use_backend
 from pae_fast.kernels.attention import attention_backend_reasons, use_attention_backend
-from pae_fast.models.vfm import TINY_VIT_KWARGS, FrozenVFM, VFMSpec, build_vfm
+from pae_fast.models.vfm import TINY_VIT_KWARGS, FrozenVFM, VFMSpec, build_vfm, fused_intermediates, patch_blocks
 from pae_fast.registry import create_encoder, list_encoders
 from pae_fast.weights import WeightsError
 
@@ -19,9 +21,7 @@ BACKENDS = [b for b, why in attention_backend_reasons().items() if why is None a
 
 
 def _unpatched(vfm: FrozenVFM) -> torch.nn.Module:
-    """The same timm model with timm's own attention forward (the instance override removed)."""
-    import copy
-
+    """The same timm model with timm's own attention and block forwards (the instance overrides removed)."""
     model = copy.deepcopy(vfm.model)
     for m in model.modules():
         if "forward" in m.__dict__:
@@ -173,3 +173,109 @@ def test_dinov3_file_without_qv_biases_gets_zeros():
     adapted = adapt_timm_state(vfm.model, state, "test")
     assert torch.equal(adapted["blocks.0.attn.q_bias"], torch.zeros(64))
     vfm.load_encoder_state(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm Blocks: the attention residual fused with norm2 (docs/method.md § Residual + LayerNorm fused)
+# ----------------------------------------------------------------------------------------------------------------
+
+KERNEL_BACKENDS = ["torch"] + (["triton"] if interpreter_enabled() else [])
+
+
+def _layerscale_vit() -> VisionTransformer:
+    """A tiny DINOv2-like ViT (LayerScale, registers) with non-trivial LayerNorm affines and LayerScales."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=40, depth=2, num_heads=2, init_values=0.5,
+                              reg_tokens=2, num_classes=0, global_pool="")  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ls" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_patched_blocks_match_timm_forward_and_gradients(backend):
+    model = _layerscale_vit()
+    ref = copy.deepcopy(model)
+    assert patch_blocks(model) == 2
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    outs = []
+    for m in (model, ref):
+        with use_backend(backend):
+            feats = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True, output_fmt="NLC")
+            out = torch.cat([f.flatten() for f in feats] + [m.forward_features(x).flatten()])
+            up = torch.linspace(-1, 1, out.numel())
+            grads = torch.autograd.grad((out * up).sum(), [x, *m.parameters()])
+        outs.append((out, grads))
+    (got, got_g), (want, want_g) = outs
+    tol = {"atol": 0.0, "rtol": 0.0} if backend == "torch" else {"atol": 2e-5, "rtol": 1e-4}
+    torch.testing.assert_close(got, want, **tol)
+    names = ["x"] + [n for n, _ in model.named_parameters()]
+    for name, g, w in zip(names, got_g, want_g):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_intermediates_match_timm(backend):
+    # the MLP residual of each block fused into the next block's norm1 too: the same tokens and gradients as timm's
+    # forward_intermediates (DINOv2-like: LayerScale on both branches, registers as prefix tokens)
+    model = _layerscale_vit()
+    model.blocks.append(copy.deepcopy(model.blocks[1]))  # 3 blocks: take 0 and 1, stop before the last
+    ref = copy.deepcopy(model)
+    patch_blocks(model)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with use_backend(backend):
+        got = fused_intermediates(model, x, (1, 0))
+        want = ref.forward_intermediates(x, indices=[1, 0], intermediates_only=True, output_fmt="NLC",
+                                         stop_early=True)  # fmt: skip
+        assert [t.shape for t in got] == [t.shape for t in want] == [(2, 16, 40)] * 2
+        g_got = torch.autograd.grad(sum((t * t.detach().sin()).sum() for t in got), [x, *model.parameters()],
+                                    allow_unused=True)  # fmt: skip
+        g_want = torch.autograd.grad(sum((t * t.detach().sin()).sum() for t in want), [x, *ref.parameters()],
+                                     allow_unused=True)  # fmt: skip
+    tol = {"atol": 0.0, "rtol": 0.0} if backend == "torch" else {"atol": 2e-5, "rtol": 1e-4}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+    for name, a, b in zip(["x"] + [n for n, _ in model.named_parameters()], g_got, g_want):
+        assert (a is None) == (b is None), name  # the last block and the final norm are not reached
+        if b is not None:
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    # a model whose blocks are not patched runs timm's own walk
+    torch.testing.assert_close(fused_intermediates(ref, x, [0])[0], want[0], **tol)  # block order: want[0] is block 0
+
+
+def test_patch_blocks_refuses_what_it_cannot_fuse():
+    model = _layerscale_vit()
+    model.blocks[1].norm2 = torch.nn.Identity()
+    with pytest.raises(TypeError, match=r"blocks\.1\.norm2 is a Identity"):
+        patch_blocks(model)
+    model = _layerscale_vit()
+    model.blocks[0].ls2 = torch.nn.Dropout()
+    with pytest.raises(TypeError, match=r"blocks\.0\.ls2 is a Dropout, expected one of LayerScale, Identity"):
+        patch_blocks(model)
+    # drop-path on the attention branch in training mode: refused when patching and when called
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.2)
+    with pytest.raises(TypeError, match=r"blocks\.1\.drop_path1 .* active in training mode"):
+        patch_blocks(model.train())
+    assert patch_blocks(model.eval()) == 2
+    model.forward_features(torch.randn(1, 3, 16, 16))  # eval: drop-path is the identity
+    with pytest.raises(TypeError, match="drop-path is active in training mode"):
+        model.train().forward_features(torch.randn(1, 3, 16, 16))
+
+
+def test_frozen_vfm_and_discriminator_blocks_are_patched():
+    from pae_fast.models.discriminator import DinoDiscriminator
+
+    assert build_vfm("ViT-tiny").num_fused_blocks == 4
+    disc = DinoDiscriminator(model="vit_small_patch8_224.dino", blocks=(1, 3), input_size=32, allow_random=True,
+                             backbone_kwargs={"depth": 4, "embed_dim": 32, "num_heads": 2})  # fmt: skip
+    assert all("forward" in blk.__dict__ for blk in disc.backbone.blocks)
+    images = torch.rand(2, 3, 32, 32)
+    unpatched = copy.deepcopy(disc.backbone)
+    for blk in unpatched.blocks:
+        del blk.forward
+    want = unpatched.forward_intermediates((images - disc.mean) / disc.std, indices=[1, 3], intermediates_only=True,
+                                           output_fmt="NLC")  # fmt: skip
+    for got, w in zip(disc.features(images), want):
+        torch.testing.assert_close(got, w, atol=0.0, rtol=0.0)  # CPU: the reference ops, the unfused chain itself
