@@ -6,19 +6,25 @@ differences weighted by non-negative 1x1 "lin" layers, spatially averaged and su
 the official ``v0.1`` heads (``lin{k}.model.1.weight``) and a torchvision backbone state dict (``features.*``), or
 one pae_fast LPIPS state dict. Without files the weights are random (tests; the values are then only a
 distance-like function, not the perceptual metric).
+
+Fast path (docs/method.md § LPIPS fast path): :meth:`LPIPS.features` and :meth:`LPIPS.distance` split the forward so a
+loss computes each image batch's features once and reuses them in several distances; the trunk is channels-last and,
+after :meth:`LPIPS.to_compute_dtype`, holds its one copy of frozen weights in the training compute dtype (bf16); each
+stage's distance is the fused :func:`pae_fast.kernels.lpips_distance` (fp32 accumulation, fp32 result).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from pae_fast.weights import load_state_dict_file
 
-__all__ = ["LPIPS", "check_pair"]
+__all__ = ["LPIPS", "check_pair", "split_features"]
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
@@ -80,6 +86,7 @@ class LPIPS(nn.Module):
                 lin.weight.uniform_(0, 2 / lin.in_channels)  # random but non-negative, like trained heads
         self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
+        self.to_compute_dtype(self.compute_dtype)  # channels-last trunk (docs/method.md § LPIPS fast path)
         files = [f for f in (weights, backbone_weights) if f is not None]
         if files:
             self.load_files(*files)
@@ -111,7 +118,35 @@ class LPIPS(nn.Module):
                 raise ValueError(f"LPIPS weights: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
         self.load_state_dict({k: merged[k] for k in own})
 
-    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the VGG / AlexNet trunk's weights: the dtype :meth:`features` runs in."""
+        return self.net[0].weight.dtype
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> LPIPS:
+        """Keep the trunk's frozen weights in ``dtype`` (one copy, converted once: no per-step cast), channels-last.
+
+        The lin heads stay fp32 (1,472 numbers, read by the fp32 distance). Replaces the parameters (so it works on
+        fake tensors too); returns ``self``.
+        """
+        for m in self.net.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_floating_point():
+                    fmt = torch.channels_last if p.dim() == 4 else torch.preserve_format
+                    m._parameters[name] = nn.Parameter(p.detach().to(dtype, memory_format=fmt), requires_grad=False)
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five stage features of images ``x (B, 3, H, W)`` in [0, 1] (docs/method.md § LPIPS fast path).
+
+        The input scaling runs in fp32, then the scaled images are cast once to :attr:`compute_dtype`, channels-last.
+        Returns:
+            ``[(B, C_k, H_k, W_k)]`` for k = 1..5, channels-last, in the compute dtype (differentiable w.r.t. ``x``).
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS: expected (B, 3, H, W) images, got {tuple(x.shape)}")
+        x = ((x * 2 - 1) - self.shift) / self.scale
+        x = x.to(dtype=self.compute_dtype, memory_format=torch.channels_last)
         feats, ends = [], set(self.stage_ends)
         for i, layer in enumerate(self.net):
             x = layer(x)
@@ -119,20 +154,45 @@ class LPIPS(nn.Module):
                 feats.append(x)
         return feats
 
+    def distance(self, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor],
+                 backend: str | None = None) -> torch.Tensor:  # fmt: skip
+        """LPIPS distance per image of two :meth:`features` lists: the sum over the five stages of
+        :func:`pae_fast.kernels.lpips_distance` (channel unit-norm, squared difference, lin head, spatial mean).
+
+        Returns:
+            ``(B,)`` fp32 (fp64 for an fp64 trunk), differentiable w.r.t. both feature lists.
+        """
+        from pae_fast.kernels import lpips_distance
+
+        if len(fa) != len(self.lins) or len(fb) != len(self.lins):
+            raise ValueError(f"LPIPS.distance: expected {len(self.lins)} stage features per side, got {len(fa)}, "
+                             f"{len(fb)}")  # fmt: skip
+        total = None
+        for lin, a, b in zip(self.lins, fa, fb):
+            d = lpips_distance(a, b, lin.weight.view(-1), backend=backend)
+            total = d if total is None else total + d
+        return total
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Distance per image.
 
         Args:
             x, y: ``(B, 3, H, W)`` images in [0, 1].
         Returns:
-            ``(B,)`` LPIPS distances (0 for identical images, symmetric).
+            ``(B,)`` LPIPS distances in fp32 (0 for identical images, symmetric).
         """
         check_pair(x, y, "LPIPS")
-        fx = self._features(((x * 2 - 1) - self.shift) / self.scale)
-        fy = self._features(((y * 2 - 1) - self.shift) / self.scale)
-        total = x.new_zeros(x.shape[0])
-        for lin, a, b in zip(self.lins, fx, fy):
-            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + lin((a - b).pow(2)).mean((1, 2, 3))
-        return total
+        return self.distance(self.features(x), self.features(y))
+
+
+def split_features(feats: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[list[torch.Tensor]]:
+    """Split the :meth:`LPIPS.features` of a concatenated batch back into one feature list per part.
+
+    Args:
+        feats: stage features of ``cat(parts)``, each ``(sum(sizes), C_k, H_k, W_k)``.
+        sizes: the parts' batch sizes, in order.
+    Returns:
+        ``len(sizes)`` lists of stage features (views).
+    """
+    per_stage = [f.split(list(sizes), dim=0) for f in feats]
+    return [[s[i] for s in per_stage] for i in range(len(sizes))]

@@ -13,14 +13,16 @@ the term is on and from which local files it is built:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pae_fast.losses.lpips import LPIPS
+from pae_fast.losses.lpips import LPIPS, split_features
 
-__all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_enabled", "lpips_status", "build_lpips"]
+__all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_feature_loss", "lpips_features",
+           "lpips_enabled", "lpips_status", "build_lpips"]
 
 LPIPS_OFF = "none"  # value of tokenizer.lpips_weights that turns the LPIPS term off
 
@@ -48,11 +50,34 @@ def lpips_loss(lpips: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Args:
         lpips: a frozen :class:`~pae_fast.losses.lpips.LPIPS`.
-        x, y: ``(B, 3, H, W)`` images in [0, 1].
+        x, y: ``(B, 3, H, W)`` images in [0, 1] (cast once to the trunk's compute dtype inside).
     Returns:
-        0-dim loss (mean over images), computed in fp32.
+        0-dim fp32 loss (mean over images).
     """
-    return lpips(x.float(), y.float()).mean()
+    return lpips_feature_loss(lpips, lpips.features(x), lpips.features(y))
+
+
+def lpips_feature_loss(lpips: LPIPS, fx: Sequence[torch.Tensor], fy: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`lpips_loss` from the two sides' :meth:`LPIPS.features` (docs/method.md § LPIPS fast path): the tokenizer
+    loss computes each image batch's features once and reuses them; detach a side's features to make it an anchor.
+
+    Returns:
+        0-dim fp32 loss (mean over images of :meth:`LPIPS.distance`).
+    """
+    return lpips.distance(fx, fy).mean()
+
+
+def lpips_features(lpips: LPIPS, batches: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The :meth:`LPIPS.features` of several image batches from ONE pass of the trunk over their concatenation.
+
+    Args:
+        batches: ``(B_i, 3, H, W)`` images in [0, 1].
+    Returns:
+        one list of stage features per batch, in order (views of the batched pass; gradients reach every batch).
+    """
+    if len(batches) == 1:
+        return [lpips.features(batches[0])]
+    return split_features(lpips.features(torch.cat(list(batches), dim=0)), [b.shape[0] for b in batches])
 
 
 def lpips_enabled(cfg: Any) -> bool:
