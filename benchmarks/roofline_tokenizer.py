@@ -5,9 +5,9 @@ targets, the reconstruction and both MCR decoder passes as one batch, LPIPS (VGG
 four MCR pairs, the GAN generator term (frozen DINO-S/8 discriminator backbone, forward + backward to the image)
 with its adaptive weight (one extra autograd pass to the last decoder layer), SSR (Gram kernel), SCR, backward;
 then the discriminator step (real + fake passes, backward into the heads). Weights and activations are bf16 (no
-autocast), the losses fp32; LPIPS and the discriminator are counted in fp32, since their code casts its inputs
-to fp32 (under CUDA autocast their GEMMs would run in bf16: the count overstates their elementwise bytes up to 2x,
-for fused and reference alike). It is counted with the same
+autocast), the losses fp32; LPIPS's frozen trunk in the compute dtype (as the stage keeps it); the discriminator
+is counted in fp32, since its code casts its inputs to fp32 (under CUDA autocast its GEMMs would run in bf16: the
+count overstates its elementwise bytes up to 2x, for fused and reference alike). It is counted with the same
 :class:`pae_fast.kernels.tools.traffic.TrafficCounter`, backend scopes and prediction as ``roofline.py`` (whose
 helpers are imported): fused = ``use_backend("triton")``, reference = ``use_backend("torch")`` with attention on SDPA.
 
@@ -90,10 +90,12 @@ def _count(parts: Any, batch: int, dtype: torch.dtype, backend: str, update: boo
     from pae_fast.kernels.tools.traffic import TrafficCounter
 
     precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype) if update else None
-    # the masters are fp32 (without the update: every tokenizer weight in dtype); LPIPS and the discriminator stay
-    # fp32 (their code casts its inputs to fp32); the frozen refined projector in dtype
+    # the masters are fp32 (without the update: every tokenizer weight in dtype); the discriminator stays fp32 (its
+    # code casts its inputs to fp32), LPIPS's trunk in dtype (the stage's copy); the frozen refined projector in dtype
     _fake_cpu(parts.model, dtype if precision is None else None)
     _fake_cpu(parts.model.shared.loss)
+    if parts.model.shared.loss.lpips is not None:  # LPIPS.to_compute_dtype, as stages/train_tokenizer.py does
+        parts.model.shared.loss.lpips.to_compute_dtype(dtype)
     if parts.model.shared.projector is not None:
         _fake_cpu(parts.model.shared.projector, dtype)
     units: list[tuple[Any, Any, Any, Any]] = []  # (master, compute copy, optimizer, ema) per unit

@@ -8,9 +8,10 @@ one pae_fast LPIPS state dict. Without files the weights are random (tests; the 
 distance-like function, not the perceptual metric).
 
 Fast path (docs/method.md § LPIPS fast path): :meth:`LPIPS.features` and :meth:`LPIPS.distance` split the forward so a
-loss computes each image batch's features once and reuses them in several distances; the trunk is channels-last and,
-after :meth:`LPIPS.to_compute_dtype`, holds its one copy of frozen weights in the training compute dtype (bf16); each
-stage's distance is the fused :func:`pae_fast.kernels.lpips_distance` (fp32 accumulation, fp32 result).
+loss computes each image batch's features once and reuses them in several distances; after
+:meth:`LPIPS.to_compute_dtype` the trunk holds its one copy of frozen weights in the training compute dtype (bf16),
+channels-last; each stage's distance is the fused :func:`pae_fast.kernels.lpips_distance` (fp32 accumulation, fp32
+result).
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class LPIPS(nn.Module):
                 lin.weight.uniform_(0, 2 / lin.in_channels)  # random but non-negative, like trained heads
         self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
-        self.to_compute_dtype(self.compute_dtype)  # channels-last trunk (docs/method.md § LPIPS fast path)
         files = [f for f in (weights, backbone_weights) if f is not None]
         if files:
             self.load_files(*files)
@@ -123,8 +123,15 @@ class LPIPS(nn.Module):
         """dtype of the VGG / AlexNet trunk's weights: the dtype :meth:`features` runs in."""
         return self.net[0].weight.dtype
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the trunk's weights are channels-last (after :meth:`to_compute_dtype`); :meth:`features` feeds it
+        images in the same layout, so no convolution converts a weight per call."""
+        return self.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
     def to_compute_dtype(self, dtype: torch.dtype) -> LPIPS:
-        """Keep the trunk's frozen weights in ``dtype`` (one copy, converted once: no per-step cast), channels-last.
+        """Keep the trunk's frozen weights in ``dtype`` (one copy, converted once: no per-step cast), channels-last:
+        the training loss's layout. A new module is NCHW (its state dict is contiguous, as saved files want).
 
         The lin heads stay fp32 (1,472 numbers, read by the fp32 distance). Replaces the parameters (so it works on
         fake tensors too); returns ``self``.
@@ -139,14 +146,16 @@ class LPIPS(nn.Module):
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five stage features of images ``x (B, 3, H, W)`` in [0, 1] (docs/method.md § LPIPS fast path).
 
-        The input scaling runs in fp32, then the scaled images are cast once to :attr:`compute_dtype`, channels-last.
+        The input scaling runs in fp32, then the scaled images are cast once to :attr:`compute_dtype`, in the trunk's
+        layout (:attr:`channels_last`).
         Returns:
-            ``[(B, C_k, H_k, W_k)]`` for k = 1..5, channels-last, in the compute dtype (differentiable w.r.t. ``x``).
+            ``[(B, C_k, H_k, W_k)]`` for k = 1..5 in the compute dtype (differentiable w.r.t. ``x``).
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS: expected (B, 3, H, W) images, got {tuple(x.shape)}")
         x = ((x * 2 - 1) - self.shift) / self.scale
-        x = x.to(dtype=self.compute_dtype, memory_format=torch.channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(dtype=self.compute_dtype, memory_format=fmt)
         feats, ends = [], set(self.stage_ends)
         for i, layer in enumerate(self.net):
             x = layer(x)

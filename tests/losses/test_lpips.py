@@ -2,6 +2,8 @@
 forward (a naive transcription of it below), the batched feature pass, the compute-dtype trunk without per-call
 weight casts, and the tokenizer step running the trunk on exactly 4 image batches (the real ones without grad)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,19 +40,18 @@ def _images(B, S, seed):
 
 
 @pytest.mark.parametrize("net, size", [("vgg", 32), ("alex", 67)])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forward_and_input_grads_match_the_original_forward(net, size, backend):
+@pytest.mark.parametrize("backend, channels_last", [("torch", False), ("triton", False), ("triton", True)])
+def test_forward_and_input_grads_match_the_original_forward(net, size, backend, channels_last):
     torch.manual_seed(0)
-    model = LPIPS(net)
+    naive_model = LPIPS(net)  # NCHW fp32, as before the fast path
+    model = copy.deepcopy(naive_model)
+    if channels_last:
+        model.to_compute_dtype(torch.float32)
+    assert model.channels_last == channels_last
     x, y = _images(2, size, 1), _images(2, size, 2)
     xa, ya = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     xb, yb = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     up = torch.tensor([1.0, -3.0])  # different weights per image: per-image values must land in their own slot
-    with torch.no_grad():  # contiguous (NCHW) weights for the transcription, as before
-        naive_model = LPIPS(net)
-        naive_model.load_state_dict(model.state_dict())
-        for p in naive_model.net.parameters():
-            p.data = p.data.contiguous()
     got = model.distance(model.features(xa), model.features(ya), backend=backend)
     want = naive_lpips(naive_model, xb, yb)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
