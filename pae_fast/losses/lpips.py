@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from pae_fast.weights import load_state_dict_file
 
-__all__ = ["LPIPS", "check_pair", "split_features"]
+__all__ = ["LPIPS", "check_pair"]
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
@@ -193,15 +193,3 @@ class LPIPS(nn.Module):
         check_pair(x, y, "LPIPS")
         return self.distance(self.features(x), self.features(y))
 
-
-def split_features(feats: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[list[torch.Tensor]]:
-    """Split the :meth:`LPIPS.features` of a concatenated batch back into one feature list per part.
-
-    Args:
-        feats: stage features of ``cat(parts)``, each ``(sum(sizes), C_k, H_k, W_k)``.
-        sizes: the parts' batch sizes, in order.
-    Returns:
-        ``len(sizes)`` lists of stage features (views).
-    """
-    per_stage = [f.split(list(sizes), dim=0) for f in feats]
-    return [[s[i] for s in per_stage] for i in range(len(sizes))]

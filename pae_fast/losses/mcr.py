@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pae_fast.losses.recon import l1_loss, lpips_feature_loss, lpips_features
+from pae_fast.losses.recon import l1_loss, lpips_feature_loss
 
 __all__ = ["CASCADES", "mcr_angles_for", "mcr_step_seed", "mcr_perturb", "decode_concat", "mcr_losses"]
 
@@ -109,9 +109,9 @@ def mcr_losses(
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The MCR pair terms.
 
-    LPIPS runs its trunk once per image batch (docs/method.md § LPIPS fast path): the perturbed reconstructions in
-    one concatenated pass with grad, whose features serve both as the differentiable side of their own pair and,
-    detached, as the anchor of the next (``x_m`` in the cascade); the reconstruction's only as a detached anchor.
+    LPIPS runs its trunk once per image batch (docs/method.md § LPIPS fast path): each perturbed reconstruction with
+    grad, its features serving both as the differentiable side of its own pair and, detached, as the anchor of the
+    next (``x_m`` in the cascade); the reconstruction's only as a detached anchor.
 
     Args:
         recon: ``(B, 3, H, W)`` reconstruction of the clean latent (anchor; detached here).
@@ -134,7 +134,7 @@ def mcr_losses(
         if recon_features is None:
             with torch.no_grad():
                 recon_features = lpips.features(recon)
-        feats = [list(recon_features), *lpips_features(lpips, perturbed)]
+        feats = [list(recon_features), *(lpips.features(x) for x in perturbed)]
     if cascade == "cascaded":
         x_m, x_l = perturbed
         return {"mcr_medium": _pair(x_m, recon, lpips, feats[1], feats[0]),

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from pae_fast.losses.lpips import LPIPS, split_features
+from pae_fast.losses.lpips import LPIPS
 
-__all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_feature_loss", "lpips_features",
-           "lpips_enabled", "lpips_status", "build_lpips"]
+__all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_feature_loss", "lpips_enabled",
+           "lpips_status", "build_lpips"]
 
 LPIPS_OFF = "none"  # value of tokenizer.lpips_weights that turns the LPIPS term off
 
@@ -65,19 +65,6 @@ def lpips_feature_loss(lpips: LPIPS, fx: Sequence[torch.Tensor], fy: Sequence[to
         0-dim fp32 loss (mean over images of :meth:`LPIPS.distance`).
     """
     return lpips.distance(fx, fy).mean()
-
-
-def lpips_features(lpips: LPIPS, batches: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The :meth:`LPIPS.features` of several image batches from ONE pass of the trunk over their concatenation.
-
-    Args:
-        batches: ``(B_i, 3, H, W)`` images in [0, 1].
-    Returns:
-        one list of stage features per batch, in order (views of the batched pass; gradients reach every batch).
-    """
-    if len(batches) == 1:
-        return [lpips.features(batches[0])]
-    return split_features(lpips.features(torch.cat(list(batches), dim=0)), [b.shape[0] for b in batches])
 
 
 def lpips_enabled(cfg: Any) -> bool:

@@ -1,5 +1,5 @@
 """LPIPS fast path (docs/method.md § LPIPS fast path): the features / distance split keeps the values of the original
-forward (a naive transcription of it below), the batched feature pass, the compute-dtype trunk without per-call
+forward (a naive transcription of it below), detached features are anchors, the compute-dtype trunk without per-call
 weight casts, and the tokenizer step running the trunk on exactly 4 image batches (the real ones without grad)."""
 
 import copy
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pae_fast.losses.lpips import LPIPS
-from pae_fast.losses.recon import lpips_features, lpips_loss
+from pae_fast.losses.recon import lpips_feature_loss, lpips_loss
 from pae_fast.losses.total import PriorTargets, TokenizerLoss
 
 
@@ -63,16 +63,20 @@ def test_forward_and_input_grads_match_the_original_forward(net, size, backend, 
     torch.testing.assert_close(ya.grad, yb.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_batched_feature_pass_equals_separate_passes():
+def test_features_and_distance_compose_to_the_forward_and_a_detached_side_is_an_anchor():
     torch.manual_seed(0)
     model = LPIPS("vgg")
-    x1, x2, y = _images(2, 32, 1), _images(3, 32, 2), _images(2, 32, 3)
-    f1, f2 = lpips_features(model, [x1, x2])
-    assert [f.shape[0] for f in f1] == [2] * 5 and [f.shape[0] for f in f2] == [3] * 5
-    for got, want in zip(f1 + f2, model.features(x1) + model.features(x2)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model.distance(f1, model.features(y)), model(x1, y), rtol=1e-5, atol=1e-7)
-    assert float(lpips_loss(model, x1, y)) == pytest.approx(float(model(x1, y).mean()), rel=1e-6)
+    x, y = _images(3, 32, 1), _images(3, 32, 2)
+    fx, fy = model.features(x), model.features(y)
+    assert [tuple(f.shape[1:]) for f in fx] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
+    torch.testing.assert_close(model.distance(fx, fy), model(x, y), rtol=1e-6, atol=0)
+    assert float(lpips_loss(model, x, y)) == pytest.approx(float(model(x, y).mean()), rel=1e-6)
+    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    d = lpips_feature_loss(model, model.features(xg), [f.detach() for f in model.features(yg)])
+    d.backward()
+    assert xg.grad.abs().sum() > 0 and yg.grad is None  # the anchor's pass gets no gradient
+    with pytest.raises(ValueError, match="5 stage features"):
+        model.distance(fx[:4], fy[:4])
 
 
 class _CastLog(TorchDispatchMode):
@@ -122,9 +126,9 @@ def test_compute_dtype_on_the_meta_device():
 
 
 def test_tokenizer_step_runs_the_trunk_on_four_image_batches(parts):
-    """L1 + LPIPS + GAN (adaptive weight) + cascaded MCR: the trunk sees the real images once without grad, the
-    reconstruction once and both MCR reconstructions in one pass (4 batches, not 6); the LPIPS term equals the
-    module's own distance of (recon, images)."""
+    """L1 + LPIPS + GAN (adaptive weight) + cascaded MCR: the trunk sees the real images once without grad and each
+    decoded batch once with grad (4 batches, not 6); the LPIPS term equals the module's own distance of (recon,
+    images)."""
     B, C, G = 2, 8, 4  # 16 x 16 images: VGG-16's five stages down to 1 x 1
     torch.manual_seed(0)
     lp = LPIPS("vgg")
@@ -138,7 +142,7 @@ def test_tokenizer_step_runs_the_trunk_on_four_image_batches(parts):
     z = parts.rms1(B, G, G, C).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
     images = torch.rand(B, 3, 4 * G, 4 * G)
     out = loss.generator_loss(images, z, dec, 10, seed=7, last_layer=dec.last.weight, targets=PriorTargets())
-    assert seen == [(B, False, False), (B, True, True), (2 * B, True, True)]
+    assert seen == [(B, False, False)] + [(B, True, True)] * 3
     assert {"lpips", "gan_weight", "mcr_medium", "mcr_large"} <= set(out.terms)
     assert float(out.terms["lpips"]) == pytest.approx(float(lp(out.recon.detach(), images).mean()), rel=1e-5)
     out.total.backward()
