@@ -28,6 +28,7 @@ from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
 from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
 from .lpips_distance import lpips_distance, lpips_distance_ref
+from .lpips_relu_distance import lpips_relu_distance, lpips_relu_distance_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
 from .qkv_norm_rope import qkv_norm_rope, qkv_norm_rope_ref
 from .sphere_perturb import sphere_perturb, sphere_perturb_ref
@@ -71,4 +72,6 @@ __all__ = [
     "fused_adamw_ema_ref",
     "lpips_distance",
     "lpips_distance_ref",
+    "lpips_relu_distance",
+    "lpips_relu_distance_ref",
 ]
