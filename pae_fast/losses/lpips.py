@@ -81,6 +81,7 @@ class LPIPS(nn.Module):
         self.net_name = net
         self.stage_ends, widths = _STAGES[net]
         self.net = _backbone(net)[: self.stage_ends[-1] + 1]
+        assert all(isinstance(self.net[i], nn.ReLU) for i in self.stage_ends)  # features_distance fuses them
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
         with torch.no_grad():
             for lin in self.lins:
@@ -151,17 +152,47 @@ class LPIPS(nn.Module):
         Returns:
             ``[(B, C_k, H_k, W_k)]`` for k = 1..5 in the compute dtype (differentiable w.r.t. ``x``).
         """
+        return self._trunk(x, None, None)[0]
+
+    def features_distance(self, x: torch.Tensor, anchor: Sequence[torch.Tensor], backend: str | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """:meth:`features` of ``x`` and their :meth:`distance` to fixed ``anchor`` features, in one trunk pass: each
+        stage's closing ReLU is fused with that stage's distance (:func:`pae_fast.kernels.lpips_relu_distance`), so
+        one autograd node receives both gradients of the stage's features (docs/method.md § LPIPS fast path).
+
+        Args:
+            x: ``(B, 3, H, W)`` images in [0, 1] (the differentiable side).
+            anchor: :meth:`features` of the other side, used detached (no gradient reaches them).
+        Returns:
+            ``(features of x, (B,) fp32 distances)``; the values of ``distance(features(x), anchor)``.
+        """
+        if len(anchor) != len(self.lins):
+            raise ValueError(f"LPIPS.features_distance: expected {len(self.lins)} anchor stage features, got "
+                             f"{len(anchor)}")  # fmt: skip
+        feats, total = self._trunk(x, [a.detach() for a in anchor], backend)
+        return feats, total
+
+    def _trunk(self, x: torch.Tensor, anchor: list[torch.Tensor] | None, backend: str | None
+               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        from pae_fast.kernels import lpips_relu_distance
+
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS: expected (B, 3, H, W) images, got {tuple(x.shape)}")
         x = ((x * 2 - 1) - self.shift) / self.scale
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x.to(dtype=self.compute_dtype, memory_format=fmt)
-        feats, ends = [], set(self.stage_ends)
+        feats: list[torch.Tensor] = []
+        total = None
         for i, layer in enumerate(self.net):
-            x = layer(x)
-            if i in ends:
+            if i in self.stage_ends and anchor is not None:  # the stage's closing ReLU, fused with its distance
+                k = len(feats)
+                x, d = lpips_relu_distance(x, anchor[k], self.lins[k].weight.view(-1), backend=backend)
+                total = d if total is None else total + d
+            else:
+                x = layer(x)
+            if i in self.stage_ends:
                 feats.append(x)
-        return feats
+        return feats, total
 
     def distance(self, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor],
                  backend: str | None = None) -> torch.Tensor:  # fmt: skip

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pae_fast.losses.recon import l1_loss, lpips_feature_loss
+from pae_fast.losses.recon import l1_loss
 
 __all__ = ["CASCADES", "mcr_angles_for", "mcr_step_seed", "mcr_perturb", "decode_concat", "mcr_losses"]
 
@@ -96,11 +96,9 @@ def decode_concat(
     return list(out.split(sizes, dim=0))
 
 
-def _pair(a: torch.Tensor, anchor: torch.Tensor, lpips, fa: list | None, f_anchor: list | None) -> torch.Tensor:
+def _pair(a: torch.Tensor, anchor: torch.Tensor, lpips_distances: torch.Tensor | None) -> torch.Tensor:
     d = l1_loss(a, anchor.detach())
-    if lpips is None:
-        return d
-    return d + lpips_feature_loss(lpips, fa, [f.detach() for f in f_anchor])
+    return d if lpips_distances is None else d + lpips_distances.mean()
 
 
 def mcr_losses(
@@ -110,8 +108,8 @@ def mcr_losses(
     """The MCR pair terms.
 
     LPIPS runs its trunk once per image batch (docs/method.md § LPIPS fast path): each perturbed reconstruction with
-    grad, its features serving both as the differentiable side of its own pair and, detached, as the anchor of the
-    next (``x_m`` in the cascade); the reconstruction's only as a detached anchor.
+    grad, its distance to the detached features of its anchor computed in the same pass, and its features kept as the
+    next pair's anchor (``x_m`` in the cascade); the reconstruction's features serve only as a detached anchor.
 
     Args:
         recon: ``(B, 3, H, W)`` reconstruction of the clean latent (anchor; detached here).
@@ -129,14 +127,15 @@ def mcr_losses(
     if len(perturbed) != want:
         raise ValueError(f"mcr_losses: cascade {cascade!r} needs {want} perturbed reconstruction(s), "
                          f"got {len(perturbed)}")  # fmt: skip
-    feats: list = [None] * (1 + want)  # LPIPS features of recon, then of each perturbed reconstruction
+    dists: list[torch.Tensor | None] = [None] * want  # per-image LPIPS of each pair
     if lpips is not None:
-        if recon_features is None:
+        feats = recon_features
+        if feats is None:
             with torch.no_grad():
-                recon_features = lpips.features(recon)
-        feats = [list(recon_features), *(lpips.features(x) for x in perturbed)]
+                feats = lpips.features(recon)
+        for i, x in enumerate(perturbed):  # each pair's anchor is the one before it in the cascade (recon first)
+            feats, dists[i] = lpips.features_distance(x, feats)
     if cascade == "cascaded":
         x_m, x_l = perturbed
-        return {"mcr_medium": _pair(x_m, recon, lpips, feats[1], feats[0]),
-                "mcr_large": _pair(x_l, x_m, lpips, feats[2], feats[1])}  # fmt: skip
-    return {f"mcr_{cascade}": _pair(perturbed[0], recon, lpips, feats[1], feats[0])}
+        return {"mcr_medium": _pair(x_m, recon, dists[0]), "mcr_large": _pair(x_l, x_m, dists[1])}
+    return {f"mcr_{cascade}": _pair(perturbed[0], recon, dists[0])}

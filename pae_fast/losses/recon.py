@@ -13,7 +13,6 @@ the term is on and from which local files it is built:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ import torch
 
 from pae_fast.losses.lpips import LPIPS
 
-__all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_feature_loss", "lpips_enabled",
-           "lpips_status", "build_lpips"]
+__all__ = ["LPIPS_OFF", "LPIPSWeightsMissing", "l1_loss", "lpips_loss", "lpips_enabled", "lpips_status", "build_lpips"]
 
 LPIPS_OFF = "none"  # value of tokenizer.lpips_weights that turns the LPIPS term off
 
@@ -54,17 +52,7 @@ def lpips_loss(lpips: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Returns:
         0-dim fp32 loss (mean over images).
     """
-    return lpips_feature_loss(lpips, lpips.features(x), lpips.features(y))
-
-
-def lpips_feature_loss(lpips: LPIPS, fx: Sequence[torch.Tensor], fy: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:func:`lpips_loss` from the two sides' :meth:`LPIPS.features` (docs/method.md § LPIPS fast path): the tokenizer
-    loss computes each image batch's features once and reuses them; detach a side's features to make it an anchor.
-
-    Returns:
-        0-dim fp32 loss (mean over images of :meth:`LPIPS.distance`).
-    """
-    return lpips.distance(fx, fy).mean()
+    return lpips(x, y).mean()
 
 
 def lpips_enabled(cfg: Any) -> bool:

@@ -35,7 +35,7 @@ from pae_fast.losses.kl import kl_loss, reparameterize
 from pae_fast.losses.latent_diffusion import LatentDenoiser, fixed_parameters, flow_matching_loss
 from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
 from pae_fast.losses.noise_aug import noise_augment
-from pae_fast.losses.recon import build_lpips, l1_loss, lpips_feature_loss, lpips_status
+from pae_fast.losses.recon import build_lpips, l1_loss, lpips_status
 from pae_fast.losses.scr import scr_losses
 from pae_fast.losses.ssr import ssr_loss
 
@@ -261,8 +261,8 @@ class TokenizerLoss(nn.Module):
         if self.lpips is not None:
             with torch.no_grad():  # the real images need no gradient
                 f_images = self.lpips.features(images)
-            f_recon = self.lpips.features(recon)  # its own pass: the adaptive weight's grad stays off the MCR batch
-            terms["lpips"] = lpips_feature_loss(self.lpips, f_recon, f_images)
+            f_recon, d_recon = self.lpips.features_distance(recon, f_images)
+            terms["lpips"] = d_recon.mean()
             rec = c.lambda_lpips * terms["lpips"] if rec is None else rec + c.lambda_lpips * terms["lpips"]
         if rec is not None:
             weighted.append(rec)

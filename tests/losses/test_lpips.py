@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pae_fast.losses.lpips import LPIPS
-from pae_fast.losses.recon import lpips_feature_loss, lpips_loss
+from pae_fast.losses.recon import lpips_loss
 from pae_fast.losses.total import PriorTargets, TokenizerLoss
 
 
@@ -63,7 +63,7 @@ def test_forward_and_input_grads_match_the_original_forward(net, size, backend, 
     torch.testing.assert_close(ya.grad, yb.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_features_and_distance_compose_to_the_forward_and_a_detached_side_is_an_anchor():
+def test_features_and_distance_compose_to_the_forward():
     torch.manual_seed(0)
     model = LPIPS("vgg")
     x, y = _images(3, 32, 1), _images(3, 32, 2)
@@ -71,12 +71,36 @@ def test_features_and_distance_compose_to_the_forward_and_a_detached_side_is_an_
     assert [tuple(f.shape[1:]) for f in fx] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
     torch.testing.assert_close(model.distance(fx, fy), model(x, y), rtol=1e-6, atol=0)
     assert float(lpips_loss(model, x, y)) == pytest.approx(float(model(x, y).mean()), rel=1e-6)
-    xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-    d = lpips_feature_loss(model, model.features(xg), [f.detach() for f in model.features(yg)])
-    d.backward()
-    assert xg.grad.abs().sum() > 0 and yg.grad is None  # the anchor's pass gets no gradient
     with pytest.raises(ValueError, match="5 stage features"):
         model.distance(fx[:4], fy[:4])
+
+
+@pytest.mark.parametrize("backend, channels_last", [("torch", False), ("triton", False), ("triton", True)])
+def test_features_distance_is_features_then_distance_to_a_detached_anchor(backend, channels_last):
+    """The fused pass (each stage's ReLU with its distance) gives the features, distances and input gradient of
+    ``distance(features(x), [f.detach() for f in features(y)])``, also with extra upstream gradients on two stage
+    features (the fused op adds them to the next layer's and the distance's); the anchor gets no gradient."""
+    torch.manual_seed(0)
+    model = LPIPS("vgg")
+    if channels_last:
+        model.to_compute_dtype(torch.float32)
+    x, y = _images(3, 32, 1), _images(3, 32, 2)
+    anchor = [f.requires_grad_(True) for f in model.features(y)]  # detached inside: no gradient may reach them
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fa, da = model.features_distance(xa, anchor, backend=backend)
+    fb = model.features(xb)
+    db = model.distance(fb, [f.detach() for f in anchor], backend="torch")
+    torch.testing.assert_close(da, db, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fa, fb):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    up = torch.tensor([1.0, -2.0, 0.5])
+    extra = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i)) * 1e-3 for i, f in enumerate(fa)]
+    torch.autograd.backward([da @ up] + fa[2:4], [None] + extra[2:4])
+    torch.autograd.backward([db @ up] + fb[2:4], [None] + extra[2:4])
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-8)
+    assert all(f.grad is None for f in anchor)
+    with pytest.raises(ValueError, match="5 anchor stage features"):
+        model.features_distance(x, anchor[:4])
 
 
 class _CastLog(TorchDispatchMode):

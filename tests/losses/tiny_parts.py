@@ -41,8 +41,8 @@ class TinyDecoder(nn.Module):
 
 
 class CountingLPIPS(nn.Module):
-    """A differentiable distance-like stand-in for LPIPS (its ``features`` / ``distance`` split) that records every
-    feature pass: ``passes`` = ``[(batch size, grad enabled)]``."""
+    """A differentiable distance-like stand-in for LPIPS (its ``features`` / ``features_distance`` split) that records
+    every feature pass: ``passes`` = ``[(batch size, grad enabled)]``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,6 +59,10 @@ class CountingLPIPS(nn.Module):
 
     def distance(self, fa, fb):
         return (fa[0] - fb[0]).pow(2).flatten(1).mean(1).sqrt()
+
+    def features_distance(self, x, anchor):
+        f = self.features(x)
+        return f, self.distance(f, [a.detach() for a in anchor])
 
     def forward(self, x, y):
         return self.distance(self.features(x), self.features(y))
