@@ -7,11 +7,13 @@ the official ``v0.1`` heads (``lin{k}.model.1.weight``) and a torchvision backbo
 one pae_fast LPIPS state dict. Without files the weights are random (tests; the values are then only a
 distance-like function, not the perceptual metric).
 
-Fast path (docs/method.md § LPIPS fast path): :meth:`LPIPS.features` and :meth:`LPIPS.distance` split the forward so a
-loss computes each image batch's features once and reuses them in several distances; after
-:meth:`LPIPS.to_compute_dtype` the trunk holds its one copy of frozen weights in the training compute dtype (bf16),
-channels-last; each stage's distance is the fused :func:`pae_fast.kernels.lpips_distance` (fp32 accumulation, fp32
-result).
+Fast path (docs/method.md § LPIPS fast path): :meth:`LPIPS.features`, :meth:`LPIPS.distance` and
+:meth:`LPIPS.features_distance` split the forward so a loss runs the trunk once per image batch and reuses its
+features (detached) as the anchor of another distance; after :meth:`LPIPS.to_compute_dtype` the trunk holds its one
+copy of frozen weights in the training compute dtype (bf16), channels-last. Each stage's distance is a fused kernel
+(fp32 accumulation, fp32 result): :func:`pae_fast.kernels.lpips_distance` between two feature maps, or
+:func:`pae_fast.kernels.lpips_relu_distance`, the stage's closing ReLU and its distance to a detached anchor in one
+autograd node.
 """
 
 from __future__ import annotations
