@@ -84,7 +84,8 @@ class TokenizerLoss(nn.Module):
 
     Args:
         cfg: the tokenizer config (weights, switches, MCR / SCR / noise-aug / GAN settings).
-        lpips: the frozen LPIPS module, or None when the LPIPS term is off (see :meth:`from_config`).
+        lpips: the frozen LPIPS module, or None when the LPIPS term is off (see :meth:`from_config`); the loss calls its
+            ``features`` and ``features_distance`` (docs/method.md § LPIPS fast path).
         discriminator: the :class:`~pae_fast.models.discriminator.DinoDiscriminator`, or None when ``lambda_gan``
             is 0.
         kernel_backend: backend of the Gram / sphere kernels (None: the scope default).
