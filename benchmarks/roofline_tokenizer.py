@@ -5,11 +5,9 @@ targets, the reconstruction and both MCR decoder passes as one batch, LPIPS (VGG
 four MCR pairs, the GAN generator term (frozen DINO-S/8 discriminator backbone, forward + backward to the image)
 with its adaptive weight (one extra autograd pass to the last decoder layer), SSR (Gram kernel), SCR, backward;
 then the discriminator step (real + fake passes, backward into the heads). Weights and activations are bf16 (no
-autocast), the losses fp32; LPIPS is counted in fp32, since its code casts its inputs to fp32 (under CUDA autocast
-its GEMMs would run in bf16: the count overstates its elementwise bytes up to 2x, for fused and reference alike);
-the discriminator as the stage runs it: its frozen backbone held once in the compute dtype
-(``DinoDiscriminator.use_compute_dtype``), its heads fp32 (their GEMMs bf16 under CUDA autocast). It is counted
-with the same
+autocast), the losses fp32; LPIPS's frozen trunk in the compute dtype (as the stage keeps it); the discriminator
+as the stage runs it: its frozen backbone held once in the compute dtype (``DinoDiscriminator.use_compute_dtype``),
+its heads fp32 (their GEMMs bf16 under CUDA autocast). It is counted with the same
 :class:`pae_fast.kernels.tools.traffic.TrafficCounter`, backend scopes and prediction as ``roofline.py`` (whose
 helpers are imported): fused = ``use_backend("triton")``, reference = ``use_backend("torch")`` with attention on SDPA.
 
@@ -96,10 +94,12 @@ def _count(parts: Any, batch: int, dtype: torch.dtype, backend: str, update: boo
     from pae_fast.kernels.tools.traffic import TrafficCounter
 
     precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype) if update else None
-    # the masters are fp32 (without the update: every tokenizer weight in dtype); LPIPS stays fp32 (its code casts
-    # its inputs to fp32), the discriminator's heads too; the frozen refined projector in dtype
+    # the masters are fp32 (without the update: every tokenizer weight in dtype); LPIPS's trunk in dtype (the stage's
+    # copy); the discriminator's heads fp32; the frozen refined projector in dtype
     _fake_cpu(parts.model, dtype if precision is None else None)
     _fake_cpu(parts.model.shared.loss)
+    if parts.model.shared.loss.lpips is not None:  # LPIPS.to_compute_dtype, as stages/train_tokenizer.py does
+        parts.model.shared.loss.lpips.to_compute_dtype(dtype)
     if parts.disc is not None:  # the discriminator as the stage runs it: heads fp32, the frozen backbone held once in
         _fake_cpu(parts.disc)  # the compute dtype (the hook engine.precision.compute_weights calls under bf16)
         if dtype != torch.float32:

@@ -75,7 +75,8 @@ def build_step(name: str, device: torch.device | str = "cpu", lpips: bool = True
     dev = torch.device(device)
     with dev:
         tok = create_tokenizer(name)
-        lp = LPIPS("vgg") if lpips else None
+        # the loss's copy as train-tokenizer makes it: channels-last, fp32 (autocast) or bf16 (the count converts it)
+        lp = LPIPS("vgg").to_compute_dtype(torch.float32) if lpips else None
         disc = create_discriminator(t) if gan else None
         needs = term_on(t, "ssr") or term_on(t, "scr")
         projector = None

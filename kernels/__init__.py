@@ -27,6 +27,8 @@ from .fused_adamw_ema import fused_adamw_ema, fused_adamw_ema_ref
 from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
 from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
+from .lpips_distance import lpips_distance, lpips_distance_ref
+from .lpips_relu_distance import lpips_relu_distance, lpips_relu_distance_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
 from .qkv_norm_rope import qkv_heads, qkv_norm_rope, qkv_norm_rope_ref
 from .residual_layernorm import residual_layernorm, residual_layernorm_ref
@@ -72,4 +74,8 @@ __all__ = [
     "fused_adamw_ema_ref",
     "residual_layernorm",
     "residual_layernorm_ref",
+    "lpips_distance",
+    "lpips_distance_ref",
+    "lpips_relu_distance",
+    "lpips_relu_distance_ref",
 ]

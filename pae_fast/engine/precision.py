@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "Precision", "autocast_dtype", "ComputeWeights", "compute_weights"]
+__all__ = ["PRECISIONS", "Precision", "autocast_dtype", "compute_dtype", "ComputeWeights", "compute_weights"]
 
 Precision = Literal["fp32", "bf16", "bf16-autocast", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "bf16-autocast", "fp16")
@@ -39,6 +39,14 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     return {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """dtype of the compute weights ``train.precision`` asks for (bf16 for ``bf16``), None where the weights stay
+    fp32. Frozen helpers a task keeps outside its trained module (the tokenizer's LPIPS trunk) follow it too: one
+    copy in this dtype, converted once (docs/method.md § LPIPS fast path)."""
+    autocast_dtype(precision)  # validates the name
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 class ComputeWeights:
@@ -122,8 +130,8 @@ def compute_weights(master: nn.Module, precision: str, distributed: str = "ddp",
         ValueError: ``bf16`` with FSDP on several ranks (FSDP shards the module it trains; use ``bf16-autocast``
             there, or FSDP2's own mixed-precision policy).
     """
-    autocast_dtype(precision)  # validates the name
-    if precision != "bf16":
+    dtype = compute_dtype(precision)  # validates the name
+    if dtype is None:
         return None
     if distributed == "fsdp" and world_size > 1:
         raise ValueError(
@@ -131,6 +139,6 @@ def compute_weights(master: nn.Module, precision: str, distributed: str = "ddp",
             "train.distributed=ddp; with fsdp on several ranks use train.precision=bf16-autocast"
         )
     if callable(getattr(master, "use_compute_dtype", None)):
-        master.use_compute_dtype(torch.bfloat16)
+        master.use_compute_dtype(dtype)
         return None
-    return ComputeWeights(master, torch.bfloat16)
+    return ComputeWeights(master, dtype)

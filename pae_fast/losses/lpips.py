@@ -6,12 +6,21 @@ differences weighted by non-negative 1x1 "lin" layers, spatially averaged and su
 the official ``v0.1`` heads (``lin{k}.model.1.weight``) and a torchvision backbone state dict (``features.*``), or
 one pae_fast LPIPS state dict. Without files the weights are random (tests; the values are then only a
 distance-like function, not the perceptual metric).
+
+Fast path (docs/method.md § LPIPS fast path): :meth:`LPIPS.features`, :meth:`LPIPS.distance` and
+:meth:`LPIPS.features_distance` split the forward so a loss runs the trunk once per image batch and reuses its
+features (detached) as the anchor of another distance; after :meth:`LPIPS.to_compute_dtype` the trunk holds its one
+copy of frozen weights in the training compute dtype (bf16), channels-last. Each stage's distance is a fused kernel
+(fp32 accumulation, fp32 result): :func:`pae_fast.kernels.lpips_distance` between two feature maps, or
+:func:`pae_fast.kernels.lpips_relu_distance`, the stage's closing ReLU and its distance to a detached anchor in one
+autograd node.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -74,6 +83,7 @@ class LPIPS(nn.Module):
         self.net_name = net
         self.stage_ends, widths = _STAGES[net]
         self.net = _backbone(net)[: self.stage_ends[-1] + 1]
+        assert all(isinstance(self.net[i], nn.ReLU) for i in self.stage_ends)  # features_distance fuses them
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in widths)
         with torch.no_grad():
             for lin in self.lins:
@@ -111,13 +121,99 @@ class LPIPS(nn.Module):
                 raise ValueError(f"LPIPS weights: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
         self.load_state_dict({k: merged[k] for k in own})
 
-    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats, ends = [], set(self.stage_ends)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the VGG / AlexNet trunk's weights: the dtype :meth:`features` runs in."""
+        return self.net[0].weight.dtype
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the trunk's weights are channels-last (after :meth:`to_compute_dtype`); :meth:`features` feeds it
+        images in the same layout, so no convolution converts a weight per call."""
+        return self.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> LPIPS:
+        """Keep the trunk's frozen weights in ``dtype`` (one copy, converted once: no per-step cast), channels-last:
+        the training loss's layout. A new module is NCHW (its state dict is contiguous, as saved files want).
+
+        The lin heads stay fp32 (1,472 numbers, read by the fp32 distance). Replaces the parameters (so it works on
+        fake tensors too); returns ``self``.
+        """
+        for m in self.net.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_floating_point():
+                    fmt = torch.channels_last if p.dim() == 4 else torch.preserve_format
+                    m._parameters[name] = nn.Parameter(p.detach().to(dtype, memory_format=fmt), requires_grad=False)
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five stage features of images ``x (B, 3, H, W)`` in [0, 1] (docs/method.md § LPIPS fast path).
+
+        The input scaling runs in fp32, then the scaled images are cast once to :attr:`compute_dtype`, in the trunk's
+        layout (:attr:`channels_last`).
+        Returns:
+            ``[(B, C_k, H_k, W_k)]`` for k = 1..5 in the compute dtype (differentiable w.r.t. ``x``).
+        """
+        return self._trunk(x, None, None)[0]
+
+    def features_distance(self, x: torch.Tensor, anchor: Sequence[torch.Tensor], backend: str | None = None
+                          ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """:meth:`features` of ``x`` and their :meth:`distance` to fixed ``anchor`` features, in one trunk pass: each
+        stage's closing ReLU is fused with that stage's distance (:func:`pae_fast.kernels.lpips_relu_distance`), so
+        one autograd node receives both gradients of the stage's features (docs/method.md § LPIPS fast path).
+
+        Args:
+            x: ``(B, 3, H, W)`` images in [0, 1] (the differentiable side).
+            anchor: :meth:`features` of the other side, used detached (no gradient reaches them).
+        Returns:
+            ``(features of x, (B,) fp32 distances)``; the values of ``distance(features(x), anchor)``.
+        """
+        if len(anchor) != len(self.lins):
+            raise ValueError(f"LPIPS.features_distance: expected {len(self.lins)} anchor stage features, got "
+                             f"{len(anchor)}")  # fmt: skip
+        feats, total = self._trunk(x, [a.detach() for a in anchor], backend)
+        return feats, total
+
+    def _trunk(self, x: torch.Tensor, anchor: list[torch.Tensor] | None, backend: str | None
+               ) -> tuple[list[torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        from pae_fast.kernels import lpips_relu_distance
+
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"LPIPS: expected (B, 3, H, W) images, got {tuple(x.shape)}")
+        x = ((x * 2 - 1) - self.shift) / self.scale
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(dtype=self.compute_dtype, memory_format=fmt)
+        feats: list[torch.Tensor] = []
+        total = None
         for i, layer in enumerate(self.net):
-            x = layer(x)
-            if i in ends:
+            if i in self.stage_ends and anchor is not None:  # the stage's closing ReLU, fused with its distance
+                k = len(feats)
+                x, d = lpips_relu_distance(x, anchor[k], self.lins[k].weight.view(-1), backend=backend)
+                total = d if total is None else total + d
+            else:
+                x = layer(x)
+            if i in self.stage_ends:
                 feats.append(x)
-        return feats
+        return feats, total
+
+    def distance(self, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor],
+                 backend: str | None = None) -> torch.Tensor:  # fmt: skip
+        """LPIPS distance per image of two :meth:`features` lists: the sum over the five stages of
+        :func:`pae_fast.kernels.lpips_distance` (channel unit-norm, squared difference, lin head, spatial mean).
+
+        Returns:
+            ``(B,)`` fp32 (fp64 for an fp64 trunk), differentiable w.r.t. both feature lists.
+        """
+        from pae_fast.kernels import lpips_distance
+
+        if len(fa) != len(self.lins) or len(fb) != len(self.lins):
+            raise ValueError(f"LPIPS.distance: expected {len(self.lins)} stage features per side, got {len(fa)}, "
+                             f"{len(fb)}")  # fmt: skip
+        total = None
+        for lin, a, b in zip(self.lins, fa, fb):
+            d = lpips_distance(a, b, lin.weight.view(-1), backend=backend)
+            total = d if total is None else total + d
+        return total
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Distance per image.
@@ -125,14 +221,8 @@ class LPIPS(nn.Module):
         Args:
             x, y: ``(B, 3, H, W)`` images in [0, 1].
         Returns:
-            ``(B,)`` LPIPS distances (0 for identical images, symmetric).
+            ``(B,)`` LPIPS distances in fp32 (0 for identical images, symmetric).
         """
         check_pair(x, y, "LPIPS")
-        fx = self._features(((x * 2 - 1) - self.shift) / self.scale)
-        fy = self._features(((y * 2 - 1) - self.shift) / self.scale)
-        total = x.new_zeros(x.shape[0])
-        for lin, a, b in zip(self.lins, fx, fy):
-            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + lin((a - b).pow(2)).mean((1, 2, 3))
-        return total
+        return self.distance(self.features(x), self.features(y))
+

@@ -8,6 +8,8 @@ rotation). The three decoder passes ``D(z), D(z_m), D(z_l)`` run as one concaten
     medium:    L = d(x_m, sg(x_r))              large: L = d(x_l, sg(x_r))
     d(a, b) = ||a - b||_1 (mean) + LPIPS(a, b)   (the LPIPS part only when the LPIPS term is on)
 
+LPIPS features are computed once per image batch and reused (docs/method.md § LPIPS fast path): same values.
+
 ``sg`` = stop-gradient: the anchor of each pair is detached, so the large pass is pulled to the medium one and
 never straight to the anchor.
 """
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pae_fast.losses.recon import l1_loss, lpips_loss
+from pae_fast.losses.recon import l1_loss
 
 __all__ = ["CASCADES", "mcr_angles_for", "mcr_step_seed", "mcr_perturb", "decode_concat", "mcr_losses"]
 
@@ -94,22 +96,28 @@ def decode_concat(
     return list(out.split(sizes, dim=0))
 
 
-def _pair(a: torch.Tensor, anchor: torch.Tensor, lpips) -> torch.Tensor:
-    b = anchor.detach()
-    d = l1_loss(a, b)
-    return d + lpips_loss(lpips, a, b) if lpips is not None else d
+def _pair(a: torch.Tensor, anchor: torch.Tensor, lpips_distances: torch.Tensor | None) -> torch.Tensor:
+    d = l1_loss(a, anchor.detach())
+    return d if lpips_distances is None else d + lpips_distances.mean()
 
 
 def mcr_losses(
-    recon: torch.Tensor, perturbed: Sequence[torch.Tensor], cascade: str, lpips=None
-) -> dict[str, torch.Tensor]:
+    recon: torch.Tensor, perturbed: Sequence[torch.Tensor], cascade: str, lpips=None,
+    recon_features: Sequence[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """The MCR pair terms.
+
+    LPIPS runs its trunk once per image batch (docs/method.md § LPIPS fast path): each perturbed reconstruction with
+    grad, its distance to the detached features of its anchor computed in the same pass, and its features kept as the
+    next pair's anchor (``x_m`` in the cascade); the reconstruction's features serve only as a detached anchor.
 
     Args:
         recon: ``(B, 3, H, W)`` reconstruction of the clean latent (anchor; detached here).
         perturbed: decoded perturbed latents, in :func:`mcr_angles_for` order.
         cascade: ``"cascaded" | "medium" | "large"``.
         lpips: the frozen LPIPS module, or None (L1 only).
+        recon_features: ``lpips.features(recon)`` when the caller has them already (the reconstruction term's; used
+            detached); None: computed here without grad.
     Returns:
         ``{"mcr_medium"?, "mcr_large"?}`` 0-dim terms (each ``L1 + LPIPS`` against its stop-gradient anchor).
     """
@@ -119,7 +127,15 @@ def mcr_losses(
     if len(perturbed) != want:
         raise ValueError(f"mcr_losses: cascade {cascade!r} needs {want} perturbed reconstruction(s), "
                          f"got {len(perturbed)}")  # fmt: skip
+    dists: list[torch.Tensor | None] = [None] * want  # per-image LPIPS of each pair
+    if lpips is not None:
+        feats = recon_features
+        if feats is None:
+            with torch.no_grad():
+                feats = lpips.features(recon)
+        for i, x in enumerate(perturbed):  # each pair's anchor is the one before it in the cascade (recon first)
+            feats, dists[i] = lpips.features_distance(x, feats)
     if cascade == "cascaded":
         x_m, x_l = perturbed
-        return {"mcr_medium": _pair(x_m, recon, lpips), "mcr_large": _pair(x_l, x_m, lpips)}
-    return {f"mcr_{cascade}": _pair(perturbed[0], recon, lpips)}
+        return {"mcr_medium": _pair(x_m, recon, dists[0]), "mcr_large": _pair(x_l, x_m, dists[1])}
+    return {f"mcr_{cascade}": _pair(perturbed[0], recon, dists[0])}

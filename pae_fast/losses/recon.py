@@ -48,11 +48,11 @@ def lpips_loss(lpips: LPIPS, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Args:
         lpips: a frozen :class:`~pae_fast.losses.lpips.LPIPS`.
-        x, y: ``(B, 3, H, W)`` images in [0, 1].
+        x, y: ``(B, 3, H, W)`` images in [0, 1] (cast once to the trunk's compute dtype inside).
     Returns:
-        0-dim loss (mean over images), computed in fp32.
+        0-dim fp32 loss (mean over images).
     """
-    return lpips(x.float(), y.float()).mean()
+    return lpips(x, y).mean()
 
 
 def lpips_enabled(cfg: Any) -> bool:

@@ -35,7 +35,7 @@ from pae_fast.losses.kl import kl_loss, reparameterize
 from pae_fast.losses.latent_diffusion import LatentDenoiser, fixed_parameters, flow_matching_loss
 from pae_fast.losses.mcr import decode_concat, mcr_angles_for, mcr_losses, mcr_perturb
 from pae_fast.losses.noise_aug import noise_augment
-from pae_fast.losses.recon import build_lpips, l1_loss, lpips_loss, lpips_status
+from pae_fast.losses.recon import build_lpips, l1_loss, lpips_status
 from pae_fast.losses.scr import scr_losses
 from pae_fast.losses.ssr import ssr_loss
 
@@ -84,7 +84,8 @@ class TokenizerLoss(nn.Module):
 
     Args:
         cfg: the tokenizer config (weights, switches, MCR / SCR / noise-aug / GAN settings).
-        lpips: the frozen LPIPS module, or None when the LPIPS term is off (see :meth:`from_config`).
+        lpips: the frozen LPIPS module, or None when the LPIPS term is off (see :meth:`from_config`); the loss calls its
+            ``features`` and ``features_distance`` (docs/method.md § LPIPS fast path).
         discriminator: the :class:`~pae_fast.models.discriminator.DinoDiscriminator`, or None when ``lambda_gan``
             is 0.
         kernel_backend: backend of the Gram / sphere kernels (None: the scope default).
@@ -257,8 +258,12 @@ class TokenizerLoss(nn.Module):
         if float(c.lambda_l1) > 0:
             terms["l1"] = l1_loss(recon, images)
             rec = c.lambda_l1 * terms["l1"]
+        f_recon = None  # LPIPS features of recon, reused as the MCR anchor (docs/method.md § LPIPS fast path)
         if self.lpips is not None:
-            terms["lpips"] = lpips_loss(self.lpips, recon, images)
+            with torch.no_grad():  # the real images need no gradient
+                f_images = self.lpips.features(images)
+            f_recon, d_recon = self.lpips.features_distance(recon, f_images)
+            terms["lpips"] = d_recon.mean()
             rec = c.lambda_lpips * terms["lpips"] if rec is None else rec + c.lambda_lpips * terms["lpips"]
         if rec is not None:
             weighted.append(rec)
@@ -277,7 +282,7 @@ class TokenizerLoss(nn.Module):
             terms["ssr"] = ssr_loss(z, targets.structure, self.kernel_backend, c.ssr_gram, c.ssr_reduction)
             weighted.append(c.lambda_ssr * terms["ssr"])
         if self.mcr_on:
-            mcr = mcr_losses(recon, decoded[1:], c.mcr_cascade, self.lpips)
+            mcr = mcr_losses(recon, decoded[1:], c.mcr_cascade, self.lpips, recon_features=f_recon)
             terms.update(mcr)
             terms["mcr"] = sum(mcr.values())
             weighted.append(c.lambda_mcr * terms["mcr"])

@@ -12,8 +12,9 @@ encoder                     frozen VFM forward (no backward: nothing before it n
                             forward + backward (weight and input gradients)
 prior targets (SSR / SCR)   the frozen ``P_t`` (or the raw projection) on the VFM tokens, forward only
 decoder                     forward + backward, once per latent decoded (1 + the MCR perturbations, one batched pass)
-LPIPS (when on)             per image pair it compares (the reconstruction, each MCR pair against its detached
-                            anchor): forward of both images + the input-gradient backward of the other
+LPIPS (when on)             the trunk once per image batch (docs/method.md § LPIPS fast path): the real images
+                            (forward only), the reconstruction and each MCR reconstruction (forward + input-gradient
+                            backward); the distances are elementwise (not counted)
 GAN, generator term         from ``tokenizer.gan_start_step``: the frozen discriminator's forward + input-gradient
                             backward, and the adaptive weight's two extra backward passes (LPIPS and the
                             discriminator, down to the decoder's last layer)
@@ -47,9 +48,9 @@ class TokenizerStepFlops:
     targets: float
     decoder: float  # one latent
     decoder_passes: int
-    lpips: float  # one image pair, input-gradient backward of one side
-    lpips_backward: float  # of which the backward
-    lpips_pairs: int
+    lpips_forward: float  # one image through the LPIPS trunk
+    lpips_backward: float  # one image's input-gradient backward through it
+    lpips_batches: int  # image batches through the trunk: the real one (forward only) + every decoded one
     gan_generator: float  # frozen discriminator forward + input-gradient backward
     disc_backward: float  # of which the backward
     disc_step: float  # one image through the discriminator step (forward + heads' backward)
@@ -58,7 +59,9 @@ class TokenizerStepFlops:
 
     def flops(self, step: int) -> float:
         """Training FLOPs per image of optimizer step ``step`` (0-based)."""
-        total = self.encoder + self.targets + self.decoder_passes * self.decoder + self.lpips_pairs * self.lpips
+        total = self.encoder + self.targets + self.decoder_passes * self.decoder
+        if self.lpips_batches:
+            total += self.lpips_batches * self.lpips_forward + (self.lpips_batches - 1) * self.lpips_backward
         if self.gan_start_step is not None and step >= self.gan_start_step:
             total += self.gan_generator + self.lpips_backward + self.disc_backward  # + the adaptive weight's passes
         if self.disc_start_step is not None and step >= self.disc_start_step:
@@ -134,10 +137,11 @@ def count_tokenizer_step(tok: nn.Module, loss: Any, cfg: Any, projector: nn.Modu
             targets, _ = _flops(lambda: projector(tokens), backward=False)
         elif loss.needs_targets and raw_projection is not None and loss.scr_on:  # one (N, D) @ (D, C) product
             targets = 2.0 * tok.vfm.grid_size ** 2 * raw_projection.weight.numel()
-        lpips = lpips_bwd = 0.0
+        lpips_fwd = lpips_bwd = 0.0
         if lp is not None:
             x = images.to(device(lp))
-            lpips, lpips_bwd = _flops(lambda: lp(_needs_grad(x), x))
+            lpips_fwd, _ = _flops(lambda: lp.features(x), backward=False)
+            _, lpips_bwd = _flops(lambda: lp(_needs_grad(x), x))
         gen = disc_bwd = step = 0.0
         if gan:
             x = images.to(device(disc))
@@ -145,8 +149,8 @@ def count_tokenizer_step(tok: nn.Module, loss: Any, cfg: Any, projector: nn.Modu
                 gen, disc_bwd = _flops(lambda: disc(_needs_grad(x)))
             step, _ = _flops(lambda: disc(x))
     return TokenizerStepFlops(
-        encoder=encoder, targets=targets, decoder=decoder, decoder_passes=1 + mcr, lpips=lpips,
-        lpips_backward=lpips_bwd, lpips_pairs=(1 + mcr) if lp is not None else 0, gan_generator=gen,
+        encoder=encoder, targets=targets, decoder=decoder, decoder_passes=1 + mcr, lpips_forward=lpips_fwd,
+        lpips_backward=lpips_bwd, lpips_batches=(2 + mcr) if lp is not None else 0, gan_generator=gen,
         disc_backward=disc_bwd, disc_step=step, gan_start_step=int(cfg.gan_start_step) if gan else None,
         disc_start_step=int(cfg.disc_start_step) if gan else None,
     )  # fmt: skip

@@ -20,6 +20,7 @@ and written into every checkpoint's metadata (``losses``).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -101,6 +102,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
         ``(TrainTask, HeldoutEvaluator)``.
     """
     from pae_fast.engine.distributed import default_device
+    from pae_fast.engine.precision import compute_dtype
     from pae_fast.engine.state import seed_all
     from pae_fast.engine.task import Shared, TrainTask
     from pae_fast.losses.total import TokenizerLoss
@@ -145,6 +147,10 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
     for m in (loss.lpips, projector, raw_projection):  # the frozen helpers the engine does not move
         if m is not None:
             m.to(device)
+    heldout_lpips = loss.lpips  # the held-out metric stays fp32 (NCHW, as loaded)
+    if loss.lpips is not None:  # the loss's own trunk: one channels-last copy in the compute dtype, converted once
+        dtype = compute_dtype(cfg.train.precision) or torch.float32  # (docs/method.md § LPIPS fast path)
+        loss.lpips = copy.deepcopy(loss.lpips).to_compute_dtype(dtype)
     status = loss.status()
     for term, line in status.items():  # before the engine's log exists: what is off or random shows as a warning
         if line.startswith("off") or "RANDOM" in line:
@@ -165,7 +171,7 @@ def build_tokenizer_task(cfg: Config, dataset: torch.utils.data.Dataset | None =
         from pae_fast.eval.inception import load_inception
 
         inception = load_inception(cfg.eval.inception_weights, cfg.eval.inception_size, device)
-    evaluator = HeldoutEvaluator(heldout, cfg.eval.batch_size, t.grid_items, loss.lpips, inception)
+    evaluator = HeldoutEvaluator(heldout, cfg.eval.batch_size, t.grid_items, heldout_lpips, inception)
     metadata = {
         "tokenizer": t.name,
         "kind": tok.kind,

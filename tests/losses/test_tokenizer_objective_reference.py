@@ -52,6 +52,13 @@ class FeatureDistance(torch.nn.Module):
         self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
         self.requires_grad_(False)
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:  # the LPIPS features / features_distance split
+        return [torch.tanh(self.conv(x))]
+
+    def features_distance(self, x: torch.Tensor, anchor: list[torch.Tensor]) -> tuple[list, torch.Tensor]:
+        f = self.features(x)
+        return f, (f[0] - anchor[0].detach()).pow(2).sum(1).mean((1, 2))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (torch.tanh(self.conv(x)) - torch.tanh(self.conv(y))).pow(2).sum(1).mean((1, 2))
 

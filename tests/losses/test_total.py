@@ -36,7 +36,9 @@ def test_all_terms_and_the_weighted_total(parts):
     out = _run(loss, dec, z, images, targets)
     assert set(out.terms) == ALL
     assert dec.calls == [3 * B]  # recon + medium + large in ONE decoder pass
-    assert lp.calls == 3  # recon + the two MCR pairs
+    # LPIPS features once per image batch (docs/method.md § LPIPS fast path): the real images without grad, then the
+    # reconstruction and both MCR reconstructions with grad: 4 batches, not the 6 of three separate pairs
+    assert lp.passes == [(B, False), (B, True), (B, True), (B, True)]
     t = out.terms
     assert float(t["mcr"]) == pytest.approx(float(t["mcr_medium"] + t["mcr_large"]), rel=1e-6)
     assert float(t["scr"]) == pytest.approx(float(t["scr_pooled"] + t["scr_patch"]), rel=1e-6)
@@ -48,22 +50,22 @@ def test_all_terms_and_the_weighted_total(parts):
 
 
 @pytest.mark.parametrize(
-    "kw, gone, decode_batch, lpips_calls",
+    "kw, gone, decode_batch, lpips_images",  # lpips_images: images through the LPIPS trunk (real + every decoded)
     [
-        ({"ssr": False}, {"ssr"}, 3 * B, 3),
-        ({"lambda_ssr": 0.0}, {"ssr"}, 3 * B, 3),
-        ({"mcr": False}, {"mcr", "mcr_medium", "mcr_large"}, B, 1),
-        ({"mcr_cascade": "medium"}, {"mcr_large"}, 2 * B, 2),
-        ({"mcr_cascade": "large"}, {"mcr_medium"}, 2 * B, 2),
-        ({"scr": False}, {"scr", "scr_pooled", "scr_patch"}, 3 * B, 3),
-        ({"scr_terms": "pooled"}, {"scr_patch"}, 3 * B, 3),
-        ({"scr_terms": "patch"}, {"scr_pooled"}, 3 * B, 3),
-        ({"lambda_gan": 0.0}, {"gan", "gan_weight"}, 3 * B, 3),
-        ({"gan_start_step": 11}, {"gan", "gan_weight"}, 3 * B, 3),
+        ({"ssr": False}, {"ssr"}, 3 * B, 4 * B),
+        ({"lambda_ssr": 0.0}, {"ssr"}, 3 * B, 4 * B),
+        ({"mcr": False}, {"mcr", "mcr_medium", "mcr_large"}, B, 2 * B),
+        ({"mcr_cascade": "medium"}, {"mcr_large"}, 2 * B, 3 * B),
+        ({"mcr_cascade": "large"}, {"mcr_medium"}, 2 * B, 3 * B),
+        ({"scr": False}, {"scr", "scr_pooled", "scr_patch"}, 3 * B, 4 * B),
+        ({"scr_terms": "pooled"}, {"scr_patch"}, 3 * B, 4 * B),
+        ({"scr_terms": "patch"}, {"scr_pooled"}, 3 * B, 4 * B),
+        ({"lambda_gan": 0.0}, {"gan", "gan_weight"}, 3 * B, 4 * B),
+        ({"gan_start_step": 11}, {"gan", "gan_weight"}, 3 * B, 4 * B),
         ({"lpips_weights": "none"}, {"lpips"}, 3 * B, 0),
     ],
 )
-def test_each_switch_removes_its_term_and_its_work(parts, monkeypatch, kw, gone, decode_batch, lpips_calls):
+def test_each_switch_removes_its_term_and_its_work(parts, monkeypatch, kw, gone, decode_batch, lpips_images):
     kw = {"lpips_weights": "counting", **kw}
     cfg, loss, lp, disc, dec, z, images, targets = _setup(parts, **kw)
     calls = {"gram": 0, "sphere": 0, "disc": 0}
@@ -80,7 +82,7 @@ def test_each_switch_removes_its_term_and_its_work(parts, monkeypatch, kw, gone,
     out = _run(loss, dec, z, images, targets)
     assert set(out.terms) == ALL - gone
     assert dec.calls == [decode_batch]
-    assert (lp.calls if lp is not None else 0) == lpips_calls
+    assert (lp.images if lp is not None else 0) == lpips_images
     assert calls["gram"] == (0 if "ssr" in gone else 1)
     assert calls["sphere"] == (0 if "mcr" in gone else 1)
     assert calls["disc"] == (0 if "gan" in gone else 1)

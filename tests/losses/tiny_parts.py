@@ -41,15 +41,31 @@ class TinyDecoder(nn.Module):
 
 
 class CountingLPIPS(nn.Module):
-    """A differentiable distance-like stand-in for LPIPS that counts its calls."""
+    """A differentiable distance-like stand-in for LPIPS (its ``features`` / ``features_distance`` split) that records
+    every feature pass: ``passes`` = ``[(batch size, grad enabled)]``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls = 0
+        self.passes: list[tuple[int, bool]] = []
+
+    @property
+    def images(self) -> int:
+        """Images the stand-in "trunk" has seen."""
+        return sum(n for n, _ in self.passes)
+
+    def features(self, x):
+        self.passes.append((x.shape[0], torch.is_grad_enabled()))
+        return [x]
+
+    def distance(self, fa, fb):
+        return (fa[0] - fb[0]).pow(2).flatten(1).mean(1).sqrt()
+
+    def features_distance(self, x, anchor):
+        f = self.features(x)
+        return f, self.distance(f, [a.detach() for a in anchor])
 
     def forward(self, x, y):
-        self.calls += 1
-        return (x - y).pow(2).flatten(1).mean(1).sqrt()
+        return self.distance(self.features(x), self.features(y))
 
 
 def tok_cfg(**kw) -> TokenizerConfig:

@@ -134,9 +134,9 @@ def test_flops_per_sample_match_a_counted_step(tmp_path, photos):
     assert task.flops_per_sample(5) > 1.5 * task.flops_per_sample(0)
 
 
-def test_flops_per_sample_count_lpips_pairs(tmp_path, photos):
-    """With LPIPS on (random AlexNet LPIPS), the reconstruction and both cascaded MCR pairs: the parts' count against
-    FlopCounterMode over one real step."""
+def test_flops_per_sample_count_lpips_batches(tmp_path, photos):
+    """With LPIPS on (random AlexNet LPIPS), the reconstruction and both cascaded MCR pairs (the trunk on 4 image
+    batches): the parts' count against FlopCounterMode over one real step."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pae_fast.kernels import use_backend
@@ -148,11 +148,35 @@ def test_flops_per_sample_count_lpips_pairs(tmp_path, photos):
     sh = task.model.shared
     sh.loss.lpips = LPIPS("alex", None, None)  # random weights: FLOPs only
     parts = count_tokenizer_step(task.model.tok, sh.loss, cfg.tokenizer, sh.projector, sh.raw_projection)
-    assert parts.lpips_pairs == 3 and parts.lpips > parts.lpips_backward > 0
+    assert parts.lpips_batches == 4 and parts.lpips_forward > 0 and parts.lpips_backward > 0  # real, recon, 2 MCR
     counter = FlopCounterMode(display=False)
     with use_backend("torch"), counter:
         task.loss_fn(task.model, (photos[0].images[:2], photos[0].labels[:2]), 0)[0].backward()
     assert parts.flops(0) == pytest.approx(counter.get_total_flops() / 2, rel=0.02)
+
+
+@pytest.mark.parametrize("precision, train_dtype", [("bf16", torch.bfloat16), ("bf16-autocast", torch.float32)])
+def test_lpips_trunk_follows_the_compute_dtype_and_heldout_lpips_stays_fp32(tmp_path, photos, precision, train_dtype):
+    """``train.precision=bf16``: the loss's LPIPS keeps one bf16 channels-last trunk (no per-step weight cast), the
+    held-out evaluator its own fp32 one (eval.jsonl values do not depend on the training precision); other modes: an
+    fp32 channels-last training copy."""
+    from safetensors.torch import save_file
+
+    from pae_fast.losses.lpips import LPIPS
+
+    torch.manual_seed(0)
+    save_file(LPIPS("vgg").state_dict(), str(tmp_path / "lpips.safetensors"))
+    cfg = tiny_cfg(tmp_path / "run", **{"train.precision": precision, "tokenizer.lambda_lpips": 1.0,
+                                        "tokenizer.lpips_weights": str(tmp_path / "lpips.safetensors")})
+    task, evaluator = build_tokenizer_task(cfg, photos[0], photos[1])
+    train_lp = task.model.shared.loss.lpips
+    assert train_lp.compute_dtype == train_dtype and evaluator.lpips.compute_dtype == torch.float32
+    assert train_lp.channels_last and not evaluator.lpips.channels_last
+    assert all(lin.weight.dtype == torch.float32 for lin in train_lp.lins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = task.loss_fn(task.model, (photos[0].images[:2], photos[0].labels[:2]), 0)
+    assert terms["lpips"].dtype == torch.float32 and math.isfinite(float(terms["lpips"]))
+    loss.backward()
 
 
 def _one_step(cfg, photos, disc_step: int | None = None):
