@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import gemm_input_dtype, interpreter_enabled
+from ._dispatch import counting_active, gemm_input_dtype, interpreter_enabled
 
 __all__ = [
     "GPU_BLOCK_M",
@@ -28,6 +28,7 @@ __all__ = [
     "autocast_on",
     "bias_partials",
     "block_m",
+    "cublas_fp32",
     "gemm_operands",
     "launch",
     "mm_tile",
@@ -130,6 +131,13 @@ def autocast_on(x: torch.Tensor) -> bool:
         return torch.is_autocast_enabled(x.device.type)
     except RuntimeError:
         return False
+
+
+def cublas_fp32(x: torch.Tensor) -> bool:
+    """fp32 compute (fp32 ``x``, no autocast) on a GPU, or on the fake tensors that stand for one while counting
+    (:func:`~pae_fast.kernels._dispatch.counting_only`): there the GEMM-epilogue ops keep cuBLAS's GEMMs, since a
+    Triton GEMM with IEEE fp32 products runs on CUDA cores and spills registers (compile_check)."""
+    return (x.device.type == "cuda" or counting_active()) and x.dtype == torch.float32 and not autocast_on(x)
 
 
 def gemm_operands(op: str, names: tuple[str, ...], x: torch.Tensor, *others: torch.Tensor | None) -> tuple:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
 from ._gelu_mlp_kernels import APPROXIMATIONS, gemm_gelu_bwd, gemm_gelu_fwd
-from ._gemm_epilogue import autocast_on, gemm_operands
+from ._gemm_epilogue import cublas_fp32, gemm_operands
 
 __all__ = ["gelu_mlp", "gelu_mlp_ref"]
 
@@ -194,9 +194,7 @@ def gelu_mlp(
     _check(x, w1, b1, w2, b2, approximate)
     if resolve_backend(backend, x) == "torch":
         return gelu_mlp_ref(x, w1, b1, w2, b2, approximate)
-    if x.device.type == "cuda" and not autocast_on(x) and x.dtype == torch.float32:
-        # fp32 GEMMs stay on cuBLAS (biases in its epilogues): a Triton GEMM with IEEE fp32 products runs on CUDA
-        # cores and spills registers (compile_check); the GELU is one aten pass between them
+    if cublas_fp32(x):  # fp32 GEMMs stay on cuBLAS (the biases in its epilogues), one aten GELU pass between them
         return gelu_mlp_ref(x, w1, b1, w2, b2, approximate)
     x, w1, b1, w2, b2 = gemm_operands(_OP, ("x", "w1", "b1", "w2", "b2"), x, w1, b1, w2, b2)
     # the pre-activation is written only when a gradient will be taken (not for a frozen encoder under no_grad)

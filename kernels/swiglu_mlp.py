@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
-from ._gemm_epilogue import autocast_on, gemm_operands
+from ._gemm_epilogue import cublas_fp32, gemm_operands
 from ._swiglu_mlp_kernels import gemm_gate_bwd, gemm_gate_fwd
 from .swiglu import swiglu, swiglu_ref
 
@@ -167,9 +167,7 @@ def swiglu_mlp(
     _check(x, w12, b12, w3)
     if resolve_backend(backend, x) == "torch":
         return swiglu_mlp_ref(x, w12, b12, w3)
-    if x.device.type == "cuda" and not autocast_on(x) and x.dtype == torch.float32:
-        # fp32 GEMMs stay on cuBLAS: a Triton GEMM with IEEE fp32 products runs on CUDA cores and spills registers
-        # (compile_check); only the gate is fused there (the swiglu kernel between the two GEMMs)
+    if cublas_fp32(x):  # fp32 GEMMs stay on cuBLAS; only the gate is fused (the swiglu kernel between the GEMMs)
         return F.linear(swiglu(F.linear(x, w12), bias=b12, backend="triton"), w3)
     # every GEMM input in the compute dtype (under autocast the autocast dtype, as F.linear would cast them)
     x, w12, b12, w3 = gemm_operands(_OP, ("x", "w12", "b12", "w3"), x, w12, b12, w3)

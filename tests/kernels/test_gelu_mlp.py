@@ -233,11 +233,13 @@ def test_counter_charges_gemm_flops_and_boundary_bytes():
     assert sorted((c["phase"], c["calls"]) for c in fused["fused_gemm"]) == [("backward", 1), ("forward", 1)]
 
 
-def test_fp32_on_a_gpu_keeps_cublas_gemms():
-    """On a CUDA device (fake tensors here) fp32 runs the reference (aten GEMMs, one aten GELU between); half inputs
-    run the Triton GEMMs with the GELU in their epilogues."""
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_fp32_on_a_gpu_keeps_cublas_gemms(device):
+    """On a CUDA device (fake tensors here), and on the fake CPU tensors that stand for CUDA ones while counting, fp32
+    runs the reference (aten GEMMs, one aten GELU between); half inputs run the Triton GEMMs with the GELU in their
+    epilogues."""
     with FakeTensorMode(allow_non_fake_inputs=True), counting_only():
-        args = [torch.empty(*s, device="cuda") for s in ((2, 19, 40), (24, 40), (24,), (40, 24), (40,))]
+        args = [torch.empty(*s, device=device) for s in ((2, 19, 40), (24, 40), (24,), (40, 24), (40,))]
         ops = {}
         for dtype in (torch.float32, torch.float16):
             a = [t.to(dtype) for t in args]
