@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from pae_fast.models.vfm import patch_mlp
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -111,6 +112,7 @@ class DinoDiscriminator(nn.Module):
 
         kw = {"img_size": input_size, **(backbone_kwargs or {})}
         self.backbone = timm.create_model(model, pretrained=False, num_classes=0, **kw)
+        patch_mlp(self.backbone)  # its MLPs through gelu_mlp (docs/method.md § GELU in GEMM epilogues)
         depth = len(self.backbone.blocks)
         self.blocks = tuple(int(b) for b in blocks)
         if not self.blocks or any(not 0 <= b < depth for b in self.blocks):

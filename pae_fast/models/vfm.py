@@ -7,7 +7,8 @@ its forward runs under ``torch.no_grad()``.
 
 Every attention module of the timm model (``timm.layers.Attention`` and ``timm.models.eva.EvaAttention``) has its
 ``forward`` replaced by one that calls :func:`pae_fast.kernels.attention.attention`, so the attention backend
-registry (FlashAttention / SDPA / xformers / math) drives the VFM as it drives the generators.
+registry (FlashAttention / SDPA / xformers / math) drives the VFM as it drives the generators; every timm ``Mlp`` has
+its ``forward`` replaced by :func:`pae_fast.kernels.gelu_mlp` (:func:`patch_mlp`: the GELU in GEMM epilogues).
 
 Weights come only from local files (:mod:`pae_fast.weights`), in timm's key layout. Random initialisation happens
 only with ``pretrained=False`` and is logged.
@@ -28,6 +29,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from pae_fast.kernels.attention import attention
+from pae_fast.kernels.gelu_mlp import gelu_mlp
 from pae_fast.registry import register_encoder
 from pae_fast.weights import WeightsError, load_into, read_state_dict
 
@@ -42,6 +44,7 @@ __all__ = [
     "FrozenVFM",
     "build_vfm",
     "patch_attention",
+    "patch_mlp",
 ]
 
 log = logging.getLogger(__name__)
@@ -180,6 +183,58 @@ def patch_attention(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# MLPs through gelu_mlp
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _timm_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``timm.layers.Mlp.forward`` (fc1 -> GELU -> fc2) as one :func:`gelu_mlp` call (docs/method.md § GELU in GEMM
+    epilogues); timm's own forward where a dropout would act (training mode, p > 0)."""
+    if self.training and (getattr(self.drop1, "p", 0.0) > 0 or getattr(self.drop2, "p", 0.0) > 0):
+        return type(self).forward(self, x)
+    w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+    return gelu_mlp(x, w1, b1, w2, b2, approximate=self.gelu_approximate)  # (B, N, D) -> (B, N, D)
+
+
+def _gelu_approximate(name: str, act: nn.Module) -> str:
+    """F.gelu's ``approximate`` of a timm Mlp's activation layer."""
+    from timm.layers.activations import GELU, GELUTanh
+
+    if type(act) is nn.GELU:
+        return act.approximate
+    if type(act) in (GELU, GELUTanh):  # timm's: F.gelu(x) and F.gelu(x, approximate="tanh")
+        return "tanh" if type(act) is GELUTanh else "none"
+    raise TypeError(f"patch_mlp: {name}.act is a {type(act).__name__}, not a GELU: not routed to gelu_mlp")
+
+
+def patch_mlp(model: nn.Module) -> int:
+    """Make every timm ``Mlp`` of ``model`` (exact type: not its GLU / SwiGLU subclasses) compute ``fc2(GELU(fc1(x)))``
+    with :func:`pae_fast.kernels.gelu_mlp`; returns how many.
+
+    Raises:
+        TypeError: an ``Mlp`` whose activation is not a GELU (exact or tanh), with a norm on the hidden features,
+            with 1x1 convolutions instead of linears, or with a dropout other than ``nn.Dropout`` / ``Identity``.
+    """
+    from timm.layers import Mlp
+
+    n = 0
+    for name, m in model.named_modules():
+        if type(m) is not Mlp:
+            continue
+        if type(m.fc1) is not nn.Linear or type(m.fc2) is not nn.Linear:
+            raise TypeError(f"patch_mlp: {name} uses {type(m.fc1).__name__} layers, not nn.Linear (use_conv)")
+        if type(m.norm) is not nn.Identity:
+            raise TypeError(f"patch_mlp: {name}.norm is a {type(m.norm).__name__}: not routed to gelu_mlp")
+        for drop in ("drop1", "drop2"):
+            if type(getattr(m, drop)) not in (nn.Dropout, nn.Identity):
+                raise TypeError(f"patch_mlp: {name}.{drop} is a {type(getattr(m, drop)).__name__}, not a dropout")
+        m.gelu_approximate = _gelu_approximate(name, m.act)
+        m.forward = types.MethodType(_timm_mlp_forward, m)
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The frozen encoder
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -212,6 +267,7 @@ class FrozenVFM(nn.Module):
             raise TypeError(f"{self.name}: final norm is {type(old).__name__}, expected LayerNorm")
         model.norm = nn.LayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=False)
         self.num_attention = patch_attention(model)
+        self.num_mlp = patch_mlp(model)
         self.model = model
         self.input_size = spec.input_size
         self.patch_size = int(model.patch_embed.patch_size[0])
