@@ -253,6 +253,8 @@ def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
     M = x.numel() // max(D, 1)
     e = x.element_size()
     weights = tensor_bytes(w1, b1, w2, b2)
+    if not kwargs.get("save", True):  # the forward op called with nothing to differentiate: y only, no backward
+        return tensor_bytes(x) + weights + e * M * D
     # forward: read x and the weights; write y, pre and h (both saved for backward)
     fwd = tensor_bytes(x) + weights + e * (M * D + 2 * M * H)
     # backward: read dy, x, w1, w2, pre, h; write dx and the weight / bias gradients

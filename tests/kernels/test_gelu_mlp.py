@@ -110,8 +110,9 @@ def test_no_grad_forward_writes_no_pre_activation():
         y = gelu_mlp(x, w1, b1, w2, b2, backend="triton")
     assert not y.requires_grad
     torch.testing.assert_close(y, with_grad.detach(), atol=0, rtol=0)
-    rows = {r["op"]: r for r in tc.summary()["rows"]}
-    assert rows["pae_fast::gelu_mlp"]["written_bytes"] == y.numel() * 4
+    row = {r["op"]: r for r in tc.summary()["rows"]}["pae_fast::gelu_mlp"]
+    assert row["written_bytes"] == y.numel() * 4
+    assert row["read_bytes"] + row["written_bytes"] == OP.min_bytes((x, w1, b1, w2, b2), {"save": False}, True)
     # frozen weights, x without grad: nothing to save either
     xs = [t.detach() if t is not None else None for t in (x, w1, b1, w2, b2)]
     with TrafficCounter() as tc:
@@ -199,6 +200,9 @@ def test_flops_and_min_bytes():
     assert OP.min_bytes(args, {}, False) == M * D * 4 + w + (M * D + 2 * M * H) * 4
     bwd = (M * D + M * D + H * D + D * H + 2 * M * H + M * D) * 4 + w
     assert OP.min_bytes(args, {}, True) == OP.min_bytes(args, {}, False) + bwd
+    # the forward op's schema-bound arguments of a call with nothing to differentiate (save=False): y only
+    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "approximate": "none", "save": False}
+    assert OP.min_bytes((), named, True) == M * D * 4 + w + M * D * 4
 
 
 def test_counter_charges_gemm_flops_and_boundary_bytes():
