@@ -121,7 +121,7 @@ def _setup_context(ctx, inputs, output):
     _, pre, h = output
     ctx.mark_non_differentiable(pre, h)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved pre and h
-    ctx.approximate, ctx.saved = approximate, save
+    ctx.approximate, ctx.saved_pre = approximate, save
     ctx.save_for_backward(x, w1, b1, w2, b2, pre, h)
 
 
@@ -129,7 +129,7 @@ def _backward(ctx, dy, _dpre, _dh):
     x, w1, b1, w2, b2, pre, h = ctx.saved_tensors
     if dy is None:  # y unused downstream (gradients are not materialised)
         return None, None, None, None, None, None, None
-    if not ctx.saved:
+    if not ctx.saved_pre:
         raise RuntimeError(f"{_OP}: backward through a call made with save=False (nothing was saved for it)")
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None

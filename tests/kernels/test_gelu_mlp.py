@@ -264,3 +264,13 @@ def test_shared_tiles_with_swiglu_mlp():
     assert S.GPU_CONFIGS is E.GPU_CONFIGS and G.launch is S.launch is E.launch
     assert G._fwd_tuned.configs == E.GPU_CONFIGS == G._bwd_tuned.configs
     assert E.block_m() == E.INTERPRET_CONFIG["BLOCK_M"]  # this test file runs under TRITON_INTERPRET=1
+
+
+def test_zero_rows_give_zero_bias_and_weight_gradients():
+    """No rows: no program runs; the bias partials are zeros (not uninitialised memory), every gradient is zero."""
+    args = _inputs(lead=(0,))
+    y = gelu_mlp(*args, backend="triton")
+    assert y.shape == (0, 40)
+    grads = torch.autograd.grad(y.sum(), list(args))
+    assert [tuple(g.shape) for g in grads] == [tuple(a.shape) for a in args]
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
