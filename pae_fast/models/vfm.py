@@ -227,7 +227,7 @@ def patch_mlp(model: nn.Module) -> int:
             raise TypeError(f"patch_mlp: {name}.norm is a {type(m.norm).__name__}: not routed to gelu_mlp")
         for drop in ("drop1", "drop2"):
             if type(getattr(m, drop)) not in (nn.Dropout, nn.Identity):
-                raise TypeError(f"patch_mlp: {name}.{drop} is a {type(getattr(m, drop)).__name__}, not a dropout")
+                raise TypeError(f"patch_mlp: {name}.{drop} is a {type(getattr(m, drop)).__name__}, not nn.Dropout")
         m.gelu_approximate = _gelu_approximate(name, m.act)
         m.forward = types.MethodType(_timm_mlp_forward, m)
         n += 1

@@ -121,9 +121,12 @@ def test_patch_mlp_reads_the_gelu_and_refuses_other_mlps():
     assert _op_calls(tc.summary())["pae_fast::gelu_mlp"] == 4
     for g, m in zip(got, ref[:4]):
         torch.testing.assert_close(g, m(x), atol=2e-5, rtol=2e-5)
+    alpha = Mlp(8, 16)
+    alpha.drop2 = nn.AlphaDropout(0.1)
     for bad, match in ((Mlp(8, 16, act_layer=nn.SiLU), "0.act is a SiLU, not a GELU"),
                        (Mlp(8, 16, norm_layer=nn.LayerNorm), "0.norm is a LayerNorm"),
-                       (Mlp(8, 16, use_conv=True), "0 uses Conv2d layers")):  # fmt: skip
+                       (Mlp(8, 16, use_conv=True), "0 uses Conv2d layers"),
+                       (alpha, "0.drop2 is a AlphaDropout, not nn.Dropout")):  # fmt: skip
         with pytest.raises(TypeError, match=match):
             patch_mlp(nn.Sequential(bad))
 
