@@ -25,6 +25,7 @@ from .adaln_modulate import adaln_modulate, adaln_modulate_ref
 from .attention import attention, attention_ref, use_attention_backend
 from .fused_adamw_ema import fused_adamw_ema, fused_adamw_ema_ref
 from .gated_residual_adaln import gated_residual_adaln, gated_residual_adaln_ref
+from .gelu_mlp import gelu_mlp, gelu_mlp_ref
 from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
 from .lpips_distance import lpips_distance, lpips_distance_ref
@@ -53,6 +54,8 @@ __all__ = [
     "swiglu_ref",
     "swiglu_mlp",
     "swiglu_mlp_ref",
+    "gelu_mlp",
+    "gelu_mlp_ref",
     "qk_norm_rope",
     "qk_norm_rope_ref",
     "qkv_norm_rope",

@@ -37,6 +37,7 @@ __all__ = [
     "triton_unavailable_reason",
     "interpreter_enabled",
     "counting_only",
+    "counting_active",
     "gemm_input_dtype",
 ]
 
@@ -94,6 +95,11 @@ def counting_only() -> Iterator[None]:
         yield
     finally:
         _COUNTING.pop()
+
+
+def counting_active() -> bool:
+    """True inside :func:`counting_only` (the fake tensors stand for CUDA ones, whatever their device)."""
+    return bool(_COUNTING)
 
 
 def gemm_input_dtype(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.dtype:

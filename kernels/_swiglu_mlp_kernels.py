@@ -1,13 +1,9 @@
 """Triton GEMM kernels of ``swiglu_mlp`` (the public op, its math and its autograd live in ``swiglu_mlp.py``).
 
 Forward: ``[a | b] = x @ w12^T + b12`` with the SwiGLU gate in the epilogue; backward: ``dh = dy @ w3`` with the gate's
-derivative in the epilogue (docs/method.md § SwiGLU in GEMM epilogues). Both are tiled GEMMs over
-``(BLOCK_M, BLOCK_N)`` tiles of the hidden dim with fp32 accumulators, programs ordered in groups of ``GROUP_M`` row
-blocks so neighbouring programs share weight tiles in L2.
-
-On a GPU the tile sizes come from ``triton.autotune`` over a few H100-friendly configs (BLOCK_M is 128 in every config:
-the backward's per-row-block bias partials have a fixed count). Under the interpreter (``TRITON_INTERPRET=1``) a
-fixed small config is used instead (``tl.dot`` needs every block dim >= 16; the autotuner would time each config).
+derivative in the epilogue (docs/method.md § SwiGLU in GEMM epilogues). The tiles, their configs (autotuned on a GPU,
+a fixed small one under the interpreter), the launcher and the bias partials are ``_gemm_epilogue``'s, shared with
+``gelu_mlp``.
 """
 
 from __future__ import annotations
@@ -16,37 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreter_enabled
+from ._gemm_epilogue import (
+    GPU_BLOCK_M,
+    GPU_CONFIGS,
+    INTERPRET_CONFIG,
+    autotuned,
+    bias_partials,
+    block_m,
+    launch,
+    mm_tile,
+    tile_offsets,
+    unit_cols,
+)
 
 __all__ = ["GPU_BLOCK_M", "GPU_CONFIGS", "INTERPRET_CONFIG", "block_m", "gemm_gate_fwd", "gemm_gate_bwd"]
-
-GPU_BLOCK_M = 128
-# (BLOCK_N, num_stages, num_warps); BLOCK_K 64. Forward holds two (BLOCK_M, BLOCK_N) fp32 accumulators (a and b).
-_GPU_TILES = ((64, 3, 4), (64, 4, 4), (64, 3, 8), (64, 4, 8), (128, 3, 8))
-GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": GPU_BLOCK_M, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=s, num_warps=w)
-    for bn, s, w in _GPU_TILES
-]
-# under the interpreter: partial blocks in every dim of the test shapes, and the grouped program order exercised
-INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
-
-
-@triton.jit
-def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """``(pid_m, rm, rn, rk, rm_load)`` of this program's output tile: its row block ``pid_m`` (row blocks in groups
-    of GROUP_M, column-major inside a group: L2 reuse), the row / column / K offsets, and the rows to load (int64):
-    rows past the end load a valid row instead (their results are never stored), so no M mask in the K-loop."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_m, rm, rn, tl.arange(0, BLOCK_K), (rm % M).to(tl.int64)
 
 
 @triton.jit
@@ -67,7 +46,7 @@ def _swiglu_mlp_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, rm, rn, rk, xm = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    pid_m, rm, rn, rk, xm = tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     wn = (rn % N).to(tl.int64)  # columns past the end load a valid row of W too: no N mask in the loop
     x_ptr = X + xm[:, None] * stride_xm + rk[None, :]  # (BLOCK_M, BLOCK_K)
     wa_ptr = W + wn[None, :] * stride_wn + rk[:, None]  # (BLOCK_K, BLOCK_N): w_a^T tile
@@ -113,16 +92,11 @@ def _swiglu_mlp_bwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, rm, rn, rk, dym = _tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    pid_m, rm, rn, rk, dym = tile_offsets(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     w3n = rn % N
     dy_ptr = DY + dym[:, None] * stride_dym + rk[None, :]  # (BLOCK_M, BLOCK_K)
     w3_ptr = W3 + rk.to(tl.int64)[:, None] * stride_w3k + w3n[None, :]  # (BLOCK_K, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # dh = dy @ w3
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + rk) < K
-        dy = tl.load(dy_ptr + k0, mask=kmask[None, :], other=0.0)
-        w3 = tl.load(w3_ptr + k0 * stride_w3k, mask=kmask[:, None], other=0.0)
-        acc = tl.dot(dy, w3, acc, input_precision="ieee")
+    acc = mm_tile(dy_ptr, w3_ptr, K, stride_w3k, BLOCK_M, BLOCK_N, BLOCK_K)  # dh = dy @ w3
     # epilogue: the gate's derivative with the saved a, b (s = sigmoid(a))
     nmask = rn < N
     mask = (rm < M)[:, None] & nmask[None, :]
@@ -142,31 +116,8 @@ def _swiglu_mlp_bwd_kernel(
         tl.store(part + N, tl.sum(db, axis=0), mask=nmask)
 
 
-_fwd_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M", "N", "K"])(_swiglu_mlp_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=GPU_CONFIGS, key=["M", "N", "K"])(_swiglu_mlp_bwd_kernel)
-
-
-def _unit_cols(t: torch.Tensor) -> torch.Tensor:
-    """``t (R, C)`` with a unit column stride and row stride >= C (a copy only when it has neither)."""
-    if t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) < t.shape[1]):
-        return t.contiguous()
-    return t
-
-
-def _launch(tuned, kernel, M: int, N: int, *args, **flags) -> int:
-    """Launch ``kernel`` over the ``(M, N)`` tiles (autotuned on a GPU); returns the BLOCK_M used."""
-    if interpreter_enabled():
-        cfg = INTERPRET_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        kernel[grid](*args, **flags, **cfg)
-        return cfg["BLOCK_M"]
-    tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
-    return GPU_BLOCK_M
-
-
-def block_m() -> int:
-    """Row-block height of the kernels in this process (the backward's bias partials come one per row block)."""
-    return INTERPRET_CONFIG["BLOCK_M"] if interpreter_enabled() else GPU_BLOCK_M
+_fwd_tuned = autotuned(_swiglu_mlp_fwd_kernel)
+_bwd_tuned = autotuned(_swiglu_mlp_bwd_kernel)
 
 
 def gemm_gate_fwd(x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,9 +127,9 @@ def gemm_gate_fwd(x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None) 
     ab = torch.empty((M, 2 * H), dtype=x.dtype, device=x.device)
     h = torch.empty((M, H), dtype=x.dtype, device=x.device)
     if M and H:
-        x, w12 = _unit_cols(x), _unit_cols(w12)
-        _launch(_fwd_tuned, _swiglu_mlp_fwd_kernel, M, H, x, w12, b12 if b12 is not None else w12, ab, h, M, H, D,
-                x.stride(0), w12.stride(0), HAS_BIAS=b12 is not None)  # fmt: skip
+        x, w12 = unit_cols(x), unit_cols(w12)
+        launch(_fwd_tuned, _swiglu_mlp_fwd_kernel, M, H, x, w12, b12 if b12 is not None else w12, ab, h, M, H, D,
+               x.stride(0), w12.stride(0), HAS_BIAS=b12 is not None)  # fmt: skip
     return ab, h
 
 
@@ -190,12 +141,9 @@ def gemm_gate_bwd(
     M, D = dy.shape
     H = w3.shape[1]
     dab = torch.empty((M, 2 * H), dtype=ab.dtype, device=ab.device)
-    n_parts = triton.cdiv(M, block_m())
-    parts = torch.empty((n_parts, 2 * H) if with_bias else (1,), dtype=torch.float32, device=ab.device)
+    parts = bias_partials(M, 2 * H, with_bias, ab.device)
     if M and H:
-        dy, w3 = _unit_cols(dy), _unit_cols(w3)
-        _launch(_bwd_tuned, _swiglu_mlp_bwd_kernel, M, H, dy, w3, ab.contiguous(), dab, parts, M, H, D, dy.stride(0),
-                w3.stride(0), HAS_BIAS=with_bias)  # fmt: skip
-    elif with_bias:
-        parts.zero_()
+        dy, w3 = unit_cols(dy), unit_cols(w3)
+        launch(_bwd_tuned, _swiglu_mlp_bwd_kernel, M, H, dy, w3, ab.contiguous(), dab, parts, M, H, D, dy.stride(0),
+               w3.stride(0), HAS_BIAS=with_bias)  # fmt: skip
     return dab, (parts.sum(0) if with_bias else None)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import OpSpec, gemm_input_dtype, register_op, resolve_backend, tensor_bytes
+from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
+from ._gemm_epilogue import cublas_fp32, gemm_operands
 from ._swiglu_mlp_kernels import gemm_gate_bwd, gemm_gate_fwd
 from .swiglu import swiglu, swiglu_ref
 
@@ -166,29 +167,13 @@ def swiglu_mlp(
     _check(x, w12, b12, w3)
     if resolve_backend(backend, x) == "torch":
         return swiglu_mlp_ref(x, w12, b12, w3)
-    if x.device.type == "cuda" and not _autocast_on(x) and x.dtype == torch.float32:
-        # fp32 GEMMs stay on cuBLAS: a Triton GEMM with IEEE fp32 products runs on CUDA cores and spills registers
-        # (compile_check); only the gate is fused there (the swiglu kernel between the two GEMMs)
+    if cublas_fp32(x):  # fp32 GEMMs stay on cuBLAS; only the gate is fused (the swiglu kernel between the GEMMs)
         return F.linear(swiglu(F.linear(x, w12), bias=b12, backend="triton"), w3)
-    if _autocast_on(x):  # every GEMM input in the autocast dtype, as F.linear would cast them
-        dt = gemm_input_dtype(x)
-        x, w12, w3 = x.to(dt), w12.to(dt), w3.to(dt)
-        b12 = b12.to(dt) if b12 is not None else None
-    elif any(t is not None and t.dtype != x.dtype for t in (w12, b12, w3)):
-        raise ValueError(
-            f"{_OP}: x, w12, b12 and w3 must share a dtype outside autocast, got {x.dtype}, {w12.dtype}, "
-            f"{None if b12 is None else b12.dtype}, {w3.dtype}"
-        )
+    # every GEMM input in the compute dtype (under autocast the autocast dtype, as F.linear would cast them)
+    x, w12, b12, w3 = gemm_operands(_OP, ("x", "w12", "b12", "w3"), x, w12, b12, w3)
     D = x.shape[-1]
     y, _, _ = _swiglu_mlp_op(x.reshape(-1, D), w12, b12, w3)
     return y.view(*x.shape[:-1], D)
-
-
-def _autocast_on(x: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except RuntimeError:  # a device type without autocast (meta)
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ Its output is in the *encoder's normalised pixel space*; the tokenizer maps it b
 from __future__ import annotations
 
 import torch
-from timm.layers import Mlp
 from torch import nn
 
 from pae_fast.kernels.attention import attention
 from pae_fast.kernels.residual_layernorm import residual_layernorm
-from pae_fast.models.layers import Attention, head_dim_of, sincos_pos_embed_2d, unpatchify
+from pae_fast.models.layers import Attention, Mlp, head_dim_of, sincos_pos_embed_2d, unpatchify
 from pae_fast.models.vfm import FrozenVFM
 
 __all__ = ["CrossAttention", "DecoderBlock", "ViTDecoder", "DECODER_SIZES", "add_norm", "decoder_for"]
@@ -69,7 +68,7 @@ class DecoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_hidden, act_layer=nn.GELU)
+        self.mlp = Mlp(dim, hidden=mlp_hidden, approximate="none")  # timm Mlp's keys, GELU in GEMM epilogues
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D) -> (B, N, D)``: the block on its own (LN1 here, the MLP residual a plain add)."""

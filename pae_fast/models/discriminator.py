@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pae_fast.models.vfm import fused_intermediates, patch_attention, patch_blocks
+from pae_fast.models.timm_vit import fused_intermediates, patch_attention, patch_blocks, patch_mlp
 from pae_fast.weights import load_into, read_state_dict
 
 __all__ = ["DiscriminatorHead", "DinoDiscriminator", "create_discriminator", "RANDOM_WEIGHTS"]
@@ -119,6 +119,7 @@ class DinoDiscriminator(nn.Module):
         kw = {"img_size": input_size, **(backbone_kwargs or {})}
         self.backbone = timm.create_model(model, pretrained=False, num_classes=0, **kw)
         patch_attention(self.backbone)  # the attention registry, q/k/v gradient packed in one copy (as the VFM's)
+        patch_mlp(self.backbone)  # its MLPs through gelu_mlp (docs/method.md § GELU in GEMM epilogues)
         depth = len(self.backbone.blocks)
         self.blocks = tuple(int(b) for b in blocks)
         if not self.blocks or any(not 0 <= b < depth for b in self.blocks):

@@ -6,6 +6,7 @@ Every bandwidth-bound piece of a block is one fused op (docs/method.md § Comput
     gated_residual_adaln  x' = x + gate * (y + b) ;  h = RMSNorm(x') * (1 + scale) + shift   (residual + next norm)
     qk_norm_rope          q, k = RoPE(RMSNorm_hd(q)), RoPE(RMSNorm_hd(k))               (2-D axial RoPE)
     swiglu_mlp            (silu(a) * b) @ w3^T, [a | b] = x w12^T + b12: the gate in GEMM epilogues (SwiGLU MLP)
+    gelu_mlp              gelu(x w1^T + b1) @ w2^T + b2: the GELU in GEMM epilogues (the plain DiT MLP)
     attention             softmax(q k^T / sqrt(hd)) v  (the attention backend registry)
 
 ``Attention``, ``SwiGLU``, ``Mlp``: ``forward_unbiased`` returns (output without the last linear's bias ``b``, ``b``);
@@ -286,24 +287,24 @@ class SwiGLU(nn.Module):
 
 
 class Mlp(nn.Module):
-    """The plain DiT MLP (``use_swiglu=False``): ``fc2(GELU_tanh(fc1(x)))``, hidden ``mlp_ratio * dim``."""
+    """``fc2(GELU(fc1(x)))``: the plain DiT MLP (``use_swiglu=False``; tanh GELU, hidden ``mlp_ratio * dim``) and,
+    with ``hidden`` and ``approximate="none"``, the ViT decoder's (the keys of timm's ``Mlp``: ``fc1``, ``fc2``)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, hidden: int | None = None, approximate: str = "tanh") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
-        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+        hidden, self.approximate = hidden or int(dim * mlp_ratio), approximate  # F.gelu's: "tanh" or "none" (erf)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, unbiased: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        h = self._hidden(x)  # (B, N, D) -> (B, N, D)
-        return (F.linear(h, self.fc2.weight), self.fc2.bias) if unbiased else self.fc2(h)
+        # (B, N, D) -> (B, N, D), the GELU in GEMM epilogues (docs/method.md § GELU in GEMM epilogues)
+        y = kernels.gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, None if unbiased else self.fc2.bias,
+                             approximate=self.approximate)  # fmt: skip
+        return (y, self.fc2.bias) if unbiased else y
 
     def forward_unbiased(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(x) - fc2.bias, fc2.bias)``: ``(B, N, D)`` without ``fc2``'s bias, and that ``(D,)`` bias.
         Runs through ``__call__`` (module hooks fire)."""
         return self(x, unbiased=True)
-
-    def _hidden(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, mlp_ratio * D)
-        return F.gelu(self.fc1(x), approximate="tanh")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import Mlp, PatchEmbed
+from timm.layers import PatchEmbed
 from torch import nn
 
 from pae_fast.kernels.latent_norm import latent_norm
 from pae_fast.models.decoder import CrossAttention, add_norm, decoder_for
-from pae_fast.models.layers import Attention, sincos_pos_embed_2d
+from pae_fast.models.layers import Attention, Mlp, sincos_pos_embed_2d
 from pae_fast.models.tokenizer import Tokenizer, TokenizerFeatures, register_tokenizer_variants
 from pae_fast.models.vfm import build_vfm
 
@@ -48,7 +48,7 @@ class DAMBlock(nn.Module):
         self.norm2_kv = nn.LayerNorm(dim)
         self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=True)
         self.norm3 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(dim, mlp_ratio, approximate="none")  # timm Mlp's keys, GELU in GEMM epilogues
 
     def forward(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``x (B, N, D)`` pixel-branch tokens, ``u (B, N_vfm, D)`` VFM tokens -> ``(B, N, D)``."""

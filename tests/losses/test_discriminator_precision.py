@@ -28,7 +28,7 @@ def _old_logits(d, images: torch.Tensor) -> torch.Tensor:
 
 
 def _timm_attention(d):
-    """``d`` with timm's own attention forward again (undoes ``vfm.patch_attention``: the code before it)."""
+    """``d`` with timm's own attention forward again (undoes ``timm_vit.patch_attention``: the code before it)."""
     for m in d.backbone.modules():
         if type(m).__name__ == "Attention" and "forward" in m.__dict__:
             del m.__dict__["forward"]

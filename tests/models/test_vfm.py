@@ -13,7 +13,8 @@ from timm.models.vision_transformer import VisionTransformer
 from pae_fast.io import save_safetensors
 from pae_fast.kernels import interpreter_enabled, use_backend
 from pae_fast.kernels.attention import attention_backend_reasons, use_attention_backend
-from pae_fast.models.vfm import TINY_VIT_KWARGS, FrozenVFM, VFMSpec, build_vfm, fused_intermediates, patch_blocks
+from pae_fast.models.timm_vit import fused_intermediates, patch_blocks
+from pae_fast.models.vfm import TINY_VIT_KWARGS, FrozenVFM, VFMSpec, build_vfm
 from pae_fast.registry import create_encoder, list_encoders
 from pae_fast.weights import WeightsError
 
