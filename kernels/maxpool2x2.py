@@ -70,21 +70,21 @@ def _window(
     v1 = tl.load(X + o1, mask=m1 & live, other=0.0)
     v2 = tl.load(X + o2, mask=m2 & live, other=0.0)
     v3 = tl.load(X + o3, mask=m3 & live, other=0.0)
-    # the scan, compared in fp32 (exact for fp16 / bf16 inputs)
     best = v0.to(tl.float32)
-    f1 = v1.to(tl.float32)
-    take = (f1 > best) | (f1 != f1)
-    best = tl.where(take, f1, best)
-    sel = tl.where(take, 1, 0)
-    f2 = v2.to(tl.float32)
-    take = (f2 > best) | (f2 != f2)
-    best = tl.where(take, f2, best)
-    sel = tl.where(take, 2, sel)
-    f3 = v3.to(tl.float32)
-    take = (f3 > best) | (f3 != f3)
-    best = tl.where(take, f3, best)
-    sel = tl.where(take, 3, sel)
+    sel = tl.zeros(best.shape, dtype=tl.int32)
+    best, sel = _max_step(best, sel, v1, 1)
+    best, sel = _max_step(best, sel, v2, 2)
+    best, sel = _max_step(best, sel, v3, 3)
     return o0, o1, o2, o3, m0, m1, m2, m3, v0, v1, v2, v3, sel
+
+
+@triton.jit
+def _max_step(best, sel, v, k: tl.constexpr):
+    """One step of torch's window scan: ``v`` (the window's k-th element in row-major order) replaces the running max
+    ``best`` (fp32) when greater or NaN; ``sel`` is the chosen position. fp32 compares are exact for fp16 / bf16."""
+    f = v.to(tl.float32)
+    take = (f > best) | (f != f)
+    return tl.where(take, f, best), tl.where(take, k, sel)
 
 
 @triton.jit
