@@ -14,7 +14,8 @@ copy of frozen weights in the training compute dtype (bf16), channels-last. Each
 (fp32 accumulation, fp32 result): :func:`pae_fast.kernels.lpips_distance` between two feature maps, or
 :func:`pae_fast.kernels.lpips_relu_distance`, the stage's closing ReLU and its distance to a detached anchor in one
 autograd node. VGG-16's four 2x2 max-pools run :func:`pae_fast.kernels.maxpool2x2` (no saved indices; the module's
-layers and state-dict keys stay torchvision's).
+layers and state-dict keys stay torchvision's); in :meth:`LPIPS.features_distance` the pool that follows a stage's
+closing ReLU runs inside that stage's kernel (:func:`pae_fast.kernels.lpips_relu_distance_pool`).
 """
 
 from __future__ import annotations
@@ -172,7 +173,9 @@ class LPIPS(nn.Module):
                           ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
         """:meth:`features` of ``x`` and their :meth:`distance` to fixed ``anchor`` features, in one trunk pass: each
         stage's closing ReLU is fused with that stage's distance (:func:`pae_fast.kernels.lpips_relu_distance`), so
-        one autograd node receives both gradients of the stage's features (docs/method.md § LPIPS fast path).
+        one autograd node receives both gradients of the stage's features (docs/method.md § LPIPS fast path); where
+        a 2x2 max-pool follows (VGG-16 stages 1-4) it runs in the same kernel
+        (:func:`pae_fast.kernels.lpips_relu_distance_pool`).
 
         Args:
             x: ``(B, 3, H, W)`` images in [0, 1] (the differentiable side).
@@ -188,7 +191,7 @@ class LPIPS(nn.Module):
 
     def _trunk(self, x: torch.Tensor, anchor: list[torch.Tensor] | None, backend: str | None
                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:  # fmt: skip
-        from pae_fast.kernels import lpips_relu_distance, maxpool2x2
+        from pae_fast.kernels import lpips_relu_distance, lpips_relu_distance_pool, maxpool2x2
 
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS: expected (B, 3, H, W) images, got {tuple(x.shape)}")
@@ -197,17 +200,29 @@ class LPIPS(nn.Module):
         x = x.to(dtype=self.compute_dtype, memory_format=fmt)
         feats: list[torch.Tensor] = []
         total = None
-        for i, layer in enumerate(self.net):
+        n = len(self.net)
+        i = 0
+        while i < n:
+            layer = self.net[i]
             if i in self.stage_ends and anchor is not None:  # the stage's closing ReLU, fused with its distance
                 k = len(feats)
-                x, d = lpips_relu_distance(x, anchor[k], self.lins[k].weight.view(-1), backend=backend)
+                w = self.lins[k].weight.view(-1)
+                if i + 1 < n and _is_pool2x2(self.net[i + 1]):  # ... and with the next stage's pool (VGG stages 1-4)
+                    y, d, x = lpips_relu_distance_pool(x, anchor[k], w, backend=backend)
+                    i += 1
+                else:
+                    x, d = lpips_relu_distance(x, anchor[k], w, backend=backend)
+                    y = x
                 total = d if total is None else total + d
-            elif _is_pool2x2(layer):  # VGG-16's 2x2 / 2 pools, index-free (docs/method.md § LPIPS fast path)
-                x = maxpool2x2(x, backend=backend)
+                feats.append(y)
             else:
-                x = layer(x)
-            if i in self.stage_ends:
-                feats.append(x)
+                if _is_pool2x2(layer):  # VGG-16's 2x2 / 2 pools, index-free (docs/method.md § LPIPS fast path)
+                    x = maxpool2x2(x, backend=backend)
+                else:
+                    x = layer(x)
+                if i in self.stage_ends:
+                    feats.append(x)
+            i += 1
         return feats, total
 
     def distance(self, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor],

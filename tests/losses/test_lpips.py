@@ -108,6 +108,31 @@ def test_vgg_pools_run_the_index_free_kernel_with_torchs_values(channels_last):
     assert torch.equal(xa.grad, xb.grad)  # the same routing through every pool
 
 
+def test_features_distance_runs_stage_ends_with_their_pools():
+    """In the loss's pass, stages 1-4 end in one ``lpips_relu_distance_pool`` each (ReLU, distance and the next pool),
+    stage 5 in ``lpips_relu_distance``; no separate pool runs. Values and input gradient equal the unfused
+    ``features`` + ``distance`` on 37 px images (odd grids 37 and 9)."""
+    torch.manual_seed(0)
+    model = LPIPS("vgg").to_compute_dtype(torch.float32)
+    x, y = _images(2, 37, 1), _images(2, 37, 2)
+    anchor = model.features(y)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with _OpLog() as log:
+        fa, da = model.features_distance(xa, anchor, backend="triton")
+        (da @ torch.tensor([1.0, -2.0])).backward()
+    assert log.names.count("pae_fast::lpips_relu_distance_pool") == 4
+    assert log.names.count("pae_fast::lpips_relu_distance_pool_backward") == 4
+    assert log.names.count("pae_fast::lpips_relu_distance") == 1
+    assert not {"pae_fast::maxpool2x2", "aten::max_pool2d_with_indices"} & set(log.names)
+    fb = model.features(xb, backend="torch")
+    db = model.distance(fb, anchor, backend="torch")
+    (db @ torch.tensor([1.0, -2.0])).backward()
+    for a, b in zip(fa, fb):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(da, db, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-8)
+
+
 def test_alexnet_pools_stay_on_torch():
     """AlexNet's 3x3 / 2 pools are not 2x2: they stay torch's."""
     model = LPIPS("alex")
