@@ -254,17 +254,18 @@ _lpips_relu_distance_op.register_autograd(_backward, setup_context=_setup_contex
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(x: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> None:
+def _check(x: torch.Tensor, b: torch.Tensor, w: torch.Tensor, op: str = _OP) -> None:
+    """The inputs' contract (shared with ``lpips_relu_distance_pool``, whose name ``op`` the messages carry)."""
     if x.dim() != 4 or x.shape != b.shape:
-        raise ValueError(f"{_OP}: x and b must be (B, C, H, W) of one shape, got {tuple(x.shape)}, {tuple(b.shape)}")
+        raise ValueError(f"{op}: x and b must be (B, C, H, W) of one shape, got {tuple(x.shape)}, {tuple(b.shape)}")
     if x.dtype != b.dtype:
-        raise ValueError(f"{_OP}: x and b must share a dtype, got {x.dtype} and {b.dtype}")
+        raise ValueError(f"{op}: x and b must share a dtype, got {x.dtype} and {b.dtype}")
     if w.dim() != 1 or w.shape[0] != x.shape[1]:
-        raise ValueError(f"{_OP}: w must be (C,) = ({x.shape[1]},) (the lin head's weights), got {tuple(w.shape)}")
+        raise ValueError(f"{op}: w must be (C,) = ({x.shape[1]},) (the lin head's weights), got {tuple(w.shape)}")
     if b.device != x.device or w.device != x.device:
-        raise ValueError(f"{_OP}: x, b and w must be on one device, got {x.device}, {b.device}, {w.device}")
+        raise ValueError(f"{op}: x, b and w must be on one device, got {x.device}, {b.device}, {w.device}")
     if torch.is_grad_enabled() and (b.requires_grad or w.requires_grad):
-        raise ValueError(f"{_OP}: the anchor b and the frozen lin weights w get no gradient; pass them detached")
+        raise ValueError(f"{op}: the anchor b and the frozen lin weights w get no gradient; pass them detached")
 
 
 def lpips_relu_distance(

@@ -328,7 +328,7 @@ def lpips_relu_distance_pool(
         ``y (B, C, H, W)`` in ``x``'s dtype and layout, ``d (B,)`` fp32 (fp64 for fp64 inputs) and
         ``p (B, C, H // 2, W // 2)`` (channels-last when ``x`` is); gradient for ``x`` through all three.
     """
-    _check(x, b, w)
+    _check(x, b, w, _OP)
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"{_OP}: H and W must be >= 2 (a 2x2 window), got {tuple(x.shape)}")
     if x.dtype == torch.float64 or resolve_backend(backend, x) == "torch":

@@ -94,7 +94,7 @@ def test_bad_input():
     x, b, w = _pre(2, 5, 1, 4), _anchor(2, 5, 1, 4), _head(5)
     with pytest.raises(ValueError, match="H and W must be >= 2"):
         lpips_relu_distance_pool(x, b, w)
-    with pytest.raises(ValueError, match="pass them detached"):
+    with pytest.raises(ValueError, match="lpips_relu_distance_pool: the anchor b .* pass them detached"):
         lpips_relu_distance_pool(_pre(2, 5, 4, 4), _anchor(2, 5, 4, 4).requires_grad_(True), w)
 
 
