@@ -30,6 +30,8 @@ from .gram_loss import gram_loss, gram_loss_ref
 from .latent_norm import latent_norm, latent_norm_ref
 from .lpips_distance import lpips_distance, lpips_distance_ref
 from .lpips_relu_distance import lpips_relu_distance, lpips_relu_distance_ref
+from .lpips_relu_distance_pool import lpips_relu_distance_pool, lpips_relu_distance_pool_ref
+from .maxpool2x2 import maxpool2x2, maxpool2x2_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
 from .qkv_norm_rope import qkv_heads, qkv_norm_rope, qkv_norm_rope_ref
 from .residual_layernorm import residual_layernorm, residual_layernorm_ref
@@ -81,4 +83,8 @@ __all__ = [
     "lpips_distance_ref",
     "lpips_relu_distance",
     "lpips_relu_distance_ref",
+    "lpips_relu_distance_pool",
+    "lpips_relu_distance_pool_ref",
+    "maxpool2x2",
+    "maxpool2x2_ref",
 ]

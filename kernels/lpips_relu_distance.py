@@ -51,6 +51,31 @@ def _offsets(n, pid_p, HW, Wd, C, s_n, s_c, s_h, s_w, BLOCK_P: tl.constexpr, BLO
 
 
 @triton.jit
+def _relu_distance_rows(x, b, w, pmask, eps):
+    """``y = relu(x)`` (x's dtype, exact) and each pixel's ``sum_c w_c (ŷ - b̂)^2`` (fp32, 0 off ``pmask``) of one tile
+    x, b (BLOCK_P, BLOCK_C), w (BLOCK_C,) fp32, pmask (BLOCK_P,)."""
+    y = tl.maximum(x, 0.0)
+    a = y.to(tl.float32)
+    b = b.to(tl.float32)
+    na = tl.sqrt(tl.sum(a * a, axis=1))
+    nb = tl.sqrt(tl.sum(b * b, axis=1))
+    diff = a / (na + eps)[:, None] - b / (nb + eps)[:, None]
+    return y, tl.where(pmask, tl.sum(w[None, :] * diff * diff, axis=1), 0.0)
+
+
+@triton.jit
+def _distance_grad_rows(a, b, w, g, eps):
+    """dL/dy of the distance term alone (before the ReLU mask) for one tile: a = y, b fp32 (BLOCK_P, BLOCK_C), w
+    (BLOCK_C,) fp32, g = dL/dd / (H W) of this image."""
+    na = tl.sqrt(tl.sum(a * a, axis=1))
+    s_a = na + eps
+    s_b = tl.sqrt(tl.sum(b * b, axis=1)) + eps
+    u = 2.0 * g * w[None, :] * (a / s_a[:, None] - b / s_b[:, None])  # dL/dŷ
+    coef = tl.where(na > 0.0, tl.sum(u * a, axis=1) / (s_a * s_a) / tl.maximum(na, 1e-30), 0.0)
+    return u / s_a[:, None] - a * coef[:, None]
+
+
+@triton.jit
 def _lpips_relu_distance_fwd_kernel(
     X,  # (B, C, H, W) pre-activation, strides (sx_n, sx_c, sx_h, sx_w)
     Bf,  # (B, C, H, W) anchor features, strides (sb_n, sb_c, sb_h, sb_w)
@@ -81,18 +106,13 @@ def _lpips_relu_distance_fwd_kernel(
     n = tl.program_id(1)
     off_x, pmask, mask = _offsets(n, pid_p, HW, Wd, C, sx_n, sx_c, sx_h, sx_w, BLOCK_P, BLOCK_C)
     x = tl.load(X + off_x, mask=mask, other=0.0)
-    y = tl.maximum(x, 0.0).to(Y.dtype.element_ty)  # exact in x's dtype
-    off_y, _, _ = _offsets(n, pid_p, HW, Wd, C, sy_n, sy_c, sy_h, sy_w, BLOCK_P, BLOCK_C)
-    tl.store(Y + off_y, y, mask=mask)
     off_b, _, _ = _offsets(n, pid_p, HW, Wd, C, sb_n, sb_c, sb_h, sb_w, BLOCK_P, BLOCK_C)
-    a = y.to(tl.float32)
-    b = tl.load(Bf + off_b, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(Bf + off_b, mask=mask, other=0.0)
     cols = tl.arange(0, BLOCK_C)
     w = tl.load(WL + cols, mask=cols < C, other=0.0).to(tl.float32)
-    na = tl.sqrt(tl.sum(a * a, axis=1))
-    nb = tl.sqrt(tl.sum(b * b, axis=1))
-    diff = a / (na + eps)[:, None] - b / (nb + eps)[:, None]
-    v = tl.where(pmask, tl.sum(w[None, :] * diff * diff, axis=1), 0.0)
+    y, v = _relu_distance_rows(x, b, w, pmask, eps)
+    off_y, _, _ = _offsets(n, pid_p, HW, Wd, C, sy_n, sy_c, sy_h, sy_w, BLOCK_P, BLOCK_C)
+    tl.store(Y + off_y, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(PART + n * P + pid_p, tl.sum(v, axis=0))
 
 
@@ -136,13 +156,7 @@ def _lpips_relu_distance_bwd_kernel(
     b = tl.load(Bf + off_b, mask=mask, other=0.0).to(tl.float32)
     cols = tl.arange(0, BLOCK_C)
     w = tl.load(WL + cols, mask=cols < C, other=0.0).to(tl.float32)
-    na = tl.sqrt(tl.sum(a * a, axis=1))
-    s_a = na + eps
-    s_b = tl.sqrt(tl.sum(b * b, axis=1)) + eps
-    g = tl.load(GD + n) / HW
-    u = 2.0 * g * w[None, :] * (a / s_a[:, None] - b / s_b[:, None])  # dL/dŷ
-    coef = tl.where(na > 0.0, tl.sum(u * a, axis=1) / (s_a * s_a) / tl.maximum(na, 1e-30), 0.0)
-    dx = u / s_a[:, None] - a * coef[:, None]
+    dx = _distance_grad_rows(a, b, w, tl.load(GD + n) / HW, eps)
     if HAS_GY:
         off_g, _, _ = _offsets(n, pid_p, HW, Wd, C, sg_n, sg_c, sg_h, sg_w, BLOCK_P, BLOCK_C)
         dx += tl.load(GY + off_g, mask=mask, other=0.0).to(tl.float32)
@@ -240,17 +254,18 @@ _lpips_relu_distance_op.register_autograd(_backward, setup_context=_setup_contex
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(x: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> None:
+def _check(x: torch.Tensor, b: torch.Tensor, w: torch.Tensor, op: str = _OP) -> None:
+    """The inputs' contract (shared with ``lpips_relu_distance_pool``, whose name ``op`` the messages carry)."""
     if x.dim() != 4 or x.shape != b.shape:
-        raise ValueError(f"{_OP}: x and b must be (B, C, H, W) of one shape, got {tuple(x.shape)}, {tuple(b.shape)}")
+        raise ValueError(f"{op}: x and b must be (B, C, H, W) of one shape, got {tuple(x.shape)}, {tuple(b.shape)}")
     if x.dtype != b.dtype:
-        raise ValueError(f"{_OP}: x and b must share a dtype, got {x.dtype} and {b.dtype}")
+        raise ValueError(f"{op}: x and b must share a dtype, got {x.dtype} and {b.dtype}")
     if w.dim() != 1 or w.shape[0] != x.shape[1]:
-        raise ValueError(f"{_OP}: w must be (C,) = ({x.shape[1]},) (the lin head's weights), got {tuple(w.shape)}")
+        raise ValueError(f"{op}: w must be (C,) = ({x.shape[1]},) (the lin head's weights), got {tuple(w.shape)}")
     if b.device != x.device or w.device != x.device:
-        raise ValueError(f"{_OP}: x, b and w must be on one device, got {x.device}, {b.device}, {w.device}")
+        raise ValueError(f"{op}: x, b and w must be on one device, got {x.device}, {b.device}, {w.device}")
     if torch.is_grad_enabled() and (b.requires_grad or w.requires_grad):
-        raise ValueError(f"{_OP}: the anchor b and the frozen lin weights w get no gradient; pass them detached")
+        raise ValueError(f"{op}: the anchor b and the frozen lin weights w get no gradient; pass them detached")
 
 
 def lpips_relu_distance(

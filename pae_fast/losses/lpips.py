@@ -13,7 +13,9 @@ features (detached) as the anchor of another distance; after :meth:`LPIPS.to_com
 copy of frozen weights in the training compute dtype (bf16), channels-last. Each stage's distance is a fused kernel
 (fp32 accumulation, fp32 result): :func:`pae_fast.kernels.lpips_distance` between two feature maps, or
 :func:`pae_fast.kernels.lpips_relu_distance`, the stage's closing ReLU and its distance to a detached anchor in one
-autograd node.
+autograd node. VGG-16's four 2x2 max-pools run :func:`pae_fast.kernels.maxpool2x2` (no saved indices; the module's
+layers and state-dict keys stay torchvision's); in :meth:`LPIPS.features_distance` the pool that follows a stage's
+closing ReLU runs inside that stage's kernel (:func:`pae_fast.kernels.lpips_relu_distance_pool`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 
 from pae_fast.weights import load_state_dict_file
 
@@ -43,6 +46,15 @@ _STAGES = {
     "vgg": ((3, 8, 15, 22, 29), (64, 128, 256, 512, 512)),  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
     "alex": ((1, 4, 7, 9, 11), (64, 192, 384, 256, 256)),  # relu1 .. relu5
 }
+
+
+def _is_pool2x2(layer: nn.Module) -> bool:
+    """``nn.MaxPool2d(2, 2)`` (VGG-16's pools, which :func:`pae_fast.kernels.maxpool2x2` computes); AlexNet's 3x3 / 2
+    pools are not."""
+    if not isinstance(layer, nn.MaxPool2d) or layer.ceil_mode or layer.return_indices:
+        return False
+    return all(_pair(v) == want for v, want in
+               ((layer.kernel_size, (2, 2)), (layer.stride, (2, 2)), (layer.padding, (0, 0)), (layer.dilation, (1, 1))))
 
 
 def _backbone(net: str) -> nn.Sequential:
@@ -146,21 +158,24 @@ class LPIPS(nn.Module):
                     m._parameters[name] = nn.Parameter(p.detach().to(dtype, memory_format=fmt), requires_grad=False)
         return self
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, backend: str | None = None) -> list[torch.Tensor]:
         """The five stage features of images ``x (B, 3, H, W)`` in [0, 1] (docs/method.md § LPIPS fast path).
 
         The input scaling runs in fp32, then the scaled images are cast once to :attr:`compute_dtype`, in the trunk's
-        layout (:attr:`channels_last`).
+        layout (:attr:`channels_last`). ``backend`` picks the kernels of VGG-16's 2x2 max-pools
+        (:func:`pae_fast.kernels.maxpool2x2`).
         Returns:
             ``[(B, C_k, H_k, W_k)]`` for k = 1..5 in the compute dtype (differentiable w.r.t. ``x``).
         """
-        return self._trunk(x, None, None)[0]
+        return self._trunk(x, None, backend)[0]
 
     def features_distance(self, x: torch.Tensor, anchor: Sequence[torch.Tensor], backend: str | None = None
                           ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
         """:meth:`features` of ``x`` and their :meth:`distance` to fixed ``anchor`` features, in one trunk pass: each
         stage's closing ReLU is fused with that stage's distance (:func:`pae_fast.kernels.lpips_relu_distance`), so
-        one autograd node receives both gradients of the stage's features (docs/method.md § LPIPS fast path).
+        one autograd node receives both gradients of the stage's features (docs/method.md § LPIPS fast path); where
+        a 2x2 max-pool follows (VGG-16 stages 1-4) it runs in the same kernel
+        (:func:`pae_fast.kernels.lpips_relu_distance_pool`).
 
         Args:
             x: ``(B, 3, H, W)`` images in [0, 1] (the differentiable side).
@@ -176,7 +191,7 @@ class LPIPS(nn.Module):
 
     def _trunk(self, x: torch.Tensor, anchor: list[torch.Tensor] | None, backend: str | None
                ) -> tuple[list[torch.Tensor], torch.Tensor | None]:  # fmt: skip
-        from pae_fast.kernels import lpips_relu_distance
+        from pae_fast.kernels import lpips_relu_distance, lpips_relu_distance_pool, maxpool2x2
 
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS: expected (B, 3, H, W) images, got {tuple(x.shape)}")
@@ -185,15 +200,29 @@ class LPIPS(nn.Module):
         x = x.to(dtype=self.compute_dtype, memory_format=fmt)
         feats: list[torch.Tensor] = []
         total = None
-        for i, layer in enumerate(self.net):
+        n = len(self.net)
+        i = 0
+        while i < n:
+            layer = self.net[i]
             if i in self.stage_ends and anchor is not None:  # the stage's closing ReLU, fused with its distance
                 k = len(feats)
-                x, d = lpips_relu_distance(x, anchor[k], self.lins[k].weight.view(-1), backend=backend)
+                w = self.lins[k].weight.view(-1)
+                if i + 1 < n and _is_pool2x2(self.net[i + 1]):  # ... and with the next stage's pool (VGG stages 1-4)
+                    y, d, x = lpips_relu_distance_pool(x, anchor[k], w, backend=backend)
+                    i += 1
+                else:
+                    x, d = lpips_relu_distance(x, anchor[k], w, backend=backend)
+                    y = x
                 total = d if total is None else total + d
+                feats.append(y)
             else:
-                x = layer(x)
-            if i in self.stage_ends:
-                feats.append(x)
+                if _is_pool2x2(layer):  # VGG-16's 2x2 / 2 pools, index-free (docs/method.md § LPIPS fast path)
+                    x = maxpool2x2(x, backend=backend)
+                else:
+                    x = layer(x)
+                if i in self.stage_ends:
+                    feats.append(x)
+            i += 1
         return feats, total
 
     def distance(self, fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor],

@@ -52,7 +52,7 @@ def test_forward_and_input_grads_match_the_original_forward(net, size, backend, 
     xa, ya = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     xb, yb = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     up = torch.tensor([1.0, -3.0])  # different weights per image: per-image values must land in their own slot
-    got = model.distance(model.features(xa), model.features(ya), backend=backend)
+    got = model.distance(model.features(xa, backend=backend), model.features(ya, backend=backend), backend=backend)
     want = naive_lpips(naive_model, xb, yb)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(model(x, y), want, rtol=1e-5, atol=1e-7)
@@ -61,6 +61,84 @@ def test_forward_and_input_grads_match_the_original_forward(net, size, backend, 
     assert (xa.grad - ya.grad).abs().max() > 0  # the two sides' gradients differ: each must reach its own input
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ya.grad, yb.grad, rtol=1e-4, atol=1e-7)
+
+
+class _OpLog(TorchDispatchMode):
+    """Names of every op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vgg_pools_run_the_index_free_kernel_with_torchs_values(channels_last):
+    """VGG-16's four 2x2 pools run ``pae_fast::maxpool2x2``; the features and input gradient equal the torch trunk's
+    (its own ``nn.MaxPool2d`` layers) bit for bit in fp32, so the held-out metric does not move; 37 px images give odd
+    grids (37 and 9) where floor mode drops a row and a column. The layers and state-dict keys stay torchvision's."""
+    torch.manual_seed(0)
+    model = LPIPS("vgg")
+    keys = list(model.state_dict())
+    if channels_last:
+        model.to_compute_dtype(torch.float32)
+    assert all(isinstance(model.net[i], torch.nn.MaxPool2d) for i in (4, 9, 16, 23))
+    assert list(model.state_dict()) == keys
+    x = _images(2, 37, 1)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with _OpLog() as log:
+        fa = model.features(xa, backend="triton")
+    assert log.names.count("pae_fast::maxpool2x2") == 4 and "aten::max_pool2d_with_indices" not in log.names
+    t = ((xb * 2 - 1) - model.shift) / model.scale
+    t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
+    fb = []
+    for i, layer in enumerate(model.net):  # the torchvision trunk as it is, nn.MaxPool2d included
+        t = layer(t)
+        if i in model.stage_ends:
+            fb.append(t)
+    assert [f.shape[-1] for f in fa] == [37, 18, 9, 4, 2]
+    for a, b in zip(fa, fb):
+        assert torch.equal(a, b)
+    ups = [torch.randn(f.shape, generator=torch.Generator().manual_seed(i)) for i, f in enumerate(fa)]
+    torch.autograd.backward(fa, ups)
+    torch.autograd.backward(fb, ups)
+    assert torch.equal(xa.grad, xb.grad)  # the same routing through every pool
+
+
+def test_features_distance_runs_stage_ends_with_their_pools():
+    """In the loss's pass, stages 1-4 end in one ``lpips_relu_distance_pool`` each (ReLU, distance and the next pool),
+    stage 5 in ``lpips_relu_distance``; no separate pool runs. Values and input gradient equal the unfused
+    ``features`` + ``distance`` on 37 px images (odd grids 37 and 9)."""
+    torch.manual_seed(0)
+    model = LPIPS("vgg").to_compute_dtype(torch.float32)
+    x, y = _images(2, 37, 1), _images(2, 37, 2)
+    anchor = model.features(y)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with _OpLog() as log:
+        fa, da = model.features_distance(xa, anchor, backend="triton")
+        (da @ torch.tensor([1.0, -2.0])).backward()
+    assert log.names.count("pae_fast::lpips_relu_distance_pool") == 4
+    assert log.names.count("pae_fast::lpips_relu_distance_pool_backward") == 4
+    assert log.names.count("pae_fast::lpips_relu_distance") == 1
+    assert not {"pae_fast::maxpool2x2", "aten::max_pool2d_with_indices"} & set(log.names)
+    fb = model.features(xb, backend="torch")
+    db = model.distance(fb, anchor, backend="torch")
+    (db @ torch.tensor([1.0, -2.0])).backward()
+    for a, b in zip(fa, fb):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(da, db, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_alexnet_pools_stay_on_torch():
+    """AlexNet's 3x3 / 2 pools are not 2x2: they stay torch's."""
+    model = LPIPS("alex")
+    with _OpLog() as log:
+        model.features(_images(1, 67, 1), backend="triton")
+    assert "pae_fast::maxpool2x2" not in log.names and "aten::max_pool2d_with_indices" in log.names
 
 
 def test_features_and_distance_compose_to_the_forward():
