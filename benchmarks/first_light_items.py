@@ -22,7 +22,8 @@ from first_light_ctx import Ctx, free, predict, timed
 
 # kernels.validate order: the training step's ops first (the DiT step, then the optimizer, then the tokenizer's)
 VALIDATE_FIRST = ("swiglu_mlp", "gated_residual_adaln", "qkv_norm_rope", "adaln_modulate", "attention",
-                  "fused_adamw_ema", "gelu_mlp", "latent_norm", "gram_loss", "sphere_perturb")
+                  "fused_adamw_ema", "gelu_mlp", "residual_layernorm", "lpips_relu_distance_pool",
+                  "lpips_relu_distance", "maxpool2x2", "latent_norm", "gram_loss", "sphere_perturb")
 SDPA_ORDER = ("sdpa:flash", "sdpa:cudnn", "sdpa:efficient", "sdpa:math", "flash_attn", "xformers")
 
 
