@@ -76,3 +76,20 @@ def test_bad_bias_is_refused():
         qkv_heads(torch.randn(1, 2, 12), 2, bias=torch.randn(11))
     with pytest.raises(ValueError, match="qkv_heads: qkv"):
         qkv_heads(torch.randn(1, 2, 10), 2)
+
+
+def test_backward_traffic_packs_and_sums_in_one_pass():
+    """Counted bytes of the backward alone: the Triton op reads dq, dk, dv and writes dqkv and the bias gradient
+    (2 |qkv| + |b|); the PyTorch path's stack + column sum reads dqkv once more (3 |qkv| + |b|)."""
+    from pae_fast.kernels.tools.traffic import TrafficCounter
+
+    B, N, H, hd = 2, 7, 3, 5
+    n, nb = B * N * 3 * H * hd * 4, 3 * H * hd * 4  # fp32 bytes of qkv and of the bias
+    for backend, expect in (("triton", 2 * n + nb), ("torch", 3 * n + nb)):
+        qkv, b = torch.randn(B, N, 3 * H * hd, requires_grad=True), torch.randn(3 * H * hd, requires_grad=True)
+        outs = qkv_heads(qkv, H, bias=b, backend=backend)
+        grads = [torch.ones(B, H, N, hd) for _ in range(3)]
+        with TrafficCounter() as tc:
+            torch.autograd.backward(outs, grads)
+        rows = [(r["op"], r["read_bytes"], r["written_bytes"]) for r in tc.summary()["rows"]]
+        assert tc.summary()["other_bytes"] == expect, (backend, rows)
