@@ -122,3 +122,25 @@ def test_fused_dam_matches_naive_loop(backend):
     torch.testing.assert_close(out, want_out, **tol)
     for name, g, w in zip(["u"] + [n for n, _ in dam.named_parameters()], got, want):
         torch.testing.assert_close(g, w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="the Triton path runs on CPU only under TRITON_INTERPRET=1")
+def test_decoder_backward_has_no_bias_column_sums():
+    """The bias fold in the trainable blocks: with the fused backend, no ``sum`` for a block Linear's bias gradient
+    (over ``d branch`` / ``d qkv``) and no ``stack`` of dq, dk, dv is left in the decoder's backward; the only sums
+    are those of the embed and pred biases, the CLS token's batch expand and the loss."""
+    from pae_fast.kernels.tools.traffic import TrafficCounter
+
+    dec = _decoder(2)
+    tokens = torch.randn(2, 9, 8, requires_grad=True)
+    with use_backend("triton"):
+        out = dec(tokens)
+        with TrafficCounter() as tc:
+            out.square().sum().backward()
+    rows = tc.summary()["rows"]
+    ops = [r["op"] for r in rows for _ in range(r["calls"])]
+    sums = sum(r["written_bytes"] for r in rows if r["op"] == "sum")
+    assert "stack" not in ops and ops.count("sum") == 4, sorted(set(ops))
+    assert sums == 4 * (dec.embed.bias.numel() + dec.pred.bias.numel() + dec.cls_token.numel() + 1)
+    assert ops.count("pae_fast::qkv_heads_backward") == 2 and ops.count("pae_fast::residual_layernorm_backward") == 5
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in dec.named_parameters() if n.endswith("bias"))
