@@ -33,7 +33,8 @@ from .lpips_relu_distance import lpips_relu_distance, lpips_relu_distance_ref
 from .lpips_relu_distance_pool import lpips_relu_distance_pool, lpips_relu_distance_pool_ref
 from .maxpool2x2 import maxpool2x2, maxpool2x2_ref
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, rope_2d_tables
-from .qkv_norm_rope import qkv_heads, qkv_norm_rope, qkv_norm_rope_ref
+from .qkv_heads import linear_qkv_heads, qkv_heads, qkv_heads_ref
+from .qkv_norm_rope import qkv_norm_rope, qkv_norm_rope_ref
 from .residual_layernorm import residual_layernorm, residual_layernorm_ref
 from .sphere_perturb import sphere_perturb, sphere_perturb_ref
 from .swiglu import swiglu, swiglu_ref
@@ -63,6 +64,8 @@ __all__ = [
     "qkv_norm_rope",
     "qkv_norm_rope_ref",
     "qkv_heads",
+    "qkv_heads_ref",
+    "linear_qkv_heads",
     "rope_2d_tables",
     "attention",
     "attention_ref",

@@ -27,12 +27,14 @@ def _residual_layernorm_bwd_kernel(
     Y,  # (R, D) forward y (x for the plain LayerNorm), row stride sy (HAS_GN)
     BR,  # (R, D) forward branch, row stride sbr (HAS_GAMMA)
     GAMMA,  # (D,) LayerScale (HAS_GAMMA)
+    BB,  # (D,) the branch's folded bias (HAS_BB; read for dgamma)
     W,  # (D,) LayerNorm weight (HAS_W)
     MEAN,  # (R,) fp32 saved row means
     RSTD,  # (R,) fp32 saved 1 / std
     DX,  # (R, D) gradient of x, contiguous
     DBR,  # (R, D) gradient of branch, contiguous (STORE_DBR)
     DGAMMA,  # (P, D) fp32 per-program partial column sums of dgamma (HAS_GAMMA)
+    DBB,  # (P, D) fp32 partials of the branch bias gradient (HAS_BB)
     DW,  # (P, D) fp32 partials of dw (HAS_W)
     DB,  # (P, D) fp32 partials of db (HAS_B)
     R,
@@ -43,10 +45,11 @@ def _residual_layernorm_bwd_kernel(
     HAS_GY: tl.constexpr,
     HAS_GN: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
+    HAS_BB: tl.constexpr,
     STORE_DBR: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
-    PARAM_GRADS: tl.constexpr,  # accumulate dgamma / dw / db (False: frozen parameters; branch is then not read)
+    PARAM_GRADS: tl.constexpr,  # accumulate dgamma / dbb / dw / db (False: frozen parameters; branch not read)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -55,10 +58,13 @@ def _residual_layernorm_bwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < D
     acc_gamma = tl.zeros((BLOCK_C,), tl.float32)
+    acc_bb = tl.zeros((BLOCK_C,), tl.float32)
     acc_w = tl.zeros((BLOCK_C,), tl.float32)
     acc_b = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_GAMMA:
         gamma = tl.load(GAMMA + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BB:
+            bb = tl.load(BB + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for it in range(ITERS):
@@ -90,13 +96,22 @@ def _residual_layernorm_bwd_kernel(
         if HAS_GAMMA:
             if PARAM_GRADS:
                 br = tl.load(BR + rows[:, None] * sbr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_BB:
+                    br = br + bb
                 acc_gamma += tl.sum(tl.where(mask, d * br, 0.0), axis=0)
-            tl.store(DBR + off, (d * gamma).to(DBR.dtype.element_ty), mask=mask)
-        elif STORE_DBR:
-            tl.store(DBR + off, d.to(DBR.dtype.element_ty), mask=mask)
+            dbr = d * gamma
+            tl.store(DBR + off, dbr.to(DBR.dtype.element_ty), mask=mask)
+        else:
+            dbr = d
+            if STORE_DBR:
+                tl.store(DBR + off, d.to(DBR.dtype.element_ty), mask=mask)
+        if HAS_BB and PARAM_GRADS:
+            acc_bb += tl.sum(tl.where(mask, dbr, 0.0), axis=0)  # d bb = sum_rows dbranch, before its rounding
     if PARAM_GRADS:
         if HAS_GAMMA:
             tl.store(DGAMMA + pid * D + cols, acc_gamma, mask=cmask)
+        if HAS_BB:
+            tl.store(DBB + pid * D + cols, acc_bb, mask=cmask)
         if HAS_W:
             tl.store(DW + pid * D + cols, acc_w, mask=cmask)
         if HAS_B:
@@ -123,7 +138,7 @@ def dbranch_separate(gamma, branch, x_dtype: torch.dtype) -> bool:
     return branch is not None and (gamma is not None or branch.dtype != x_dtype)
 
 
-def bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype: torch.dtype, param_grads: bool):
+def bwd(gy, gn, y, branch, gamma, branch_bias, weight, bias, mean, rstd, x_dtype: torch.dtype, param_grads: bool):
     shape = y.shape
     yr, R, D = as_rows(y)
     dx = torch.empty(shape, dtype=x_dtype, device=y.device)
@@ -133,25 +148,26 @@ def bwd(gy, gn, y, branch, gamma, weight, bias, mean, rstd, x_dtype: torch.dtype
     BLOCK_R, BLOCK_C, num_warps = bwd_blocks(R, D)
     P, iters = bwd_programs(1, triton.cdiv(R, BLOCK_R), y.device)
     # per-program fp32 partial column sums, reduced below (no atomics)
-    dg, dw, db = (y.new_empty((P, D) if t is not None and param_grads else 1, dtype=torch.float32)
-                  for t in (gamma, weight, bias))  # fmt: skip
+    dg, dbb, dw, db = (y.new_empty((P, D) if t is not None and param_grads else 1, dtype=torch.float32)
+                       for t in (gamma, branch_bias, weight, bias))  # fmt: skip
     if R > 0 and D > 0:
         br = as_rows(branch)[0] if gamma is not None and param_grads else yr
         _residual_layernorm_bwd_kernel[(P,)](
             gy.reshape(R, D).contiguous() if gy is not None else yr, gn.reshape(R, D).contiguous() if gn is not None
-            else yr, yr, br, gamma if gamma is not None else yr, weight if weight is not None else yr, mean, rstd,
-            dx, dbr if separate else dx, dg, dw, db, R, D, iters, yr.stride(0), br.stride(0),
-            HAS_GY=gy is not None, HAS_GN=gn is not None, HAS_GAMMA=gamma is not None, STORE_DBR=separate,
+            else yr, yr, br, gamma if gamma is not None else yr, branch_bias if branch_bias is not None else yr,
+            weight if weight is not None else yr, mean, rstd, dx, dbr if separate else dx, dg, dbb, dw, db, R, D,
+            iters, yr.stride(0), br.stride(0), HAS_GY=gy is not None, HAS_GN=gn is not None,
+            HAS_GAMMA=gamma is not None, HAS_BB=branch_bias is not None, STORE_DBR=separate,
             HAS_W=weight is not None, HAS_B=bias is not None, PARAM_GRADS=param_grads, BLOCK_R=BLOCK_R,
             BLOCK_C=BLOCK_C, num_warps=num_warps,
         )  # fmt: skip
     else:  # nothing to reduce: zero gradients of the right shapes
-        for buf in (dg, dw, db):
+        for buf in (dg, dbb, dw, db):
             buf.zero_()
     return (
         dx,
         dbr,
         *(buf.sum(0).to(t.dtype) if t is not None and param_grads else y.new_empty(0)
-          for buf, t in ((dg, gamma), (dw, weight), (db, bias))),
+          for buf, t in ((dg, gamma), (dbb, branch_bias), (dw, weight), (db, bias))),
     )  # fmt: skip
 

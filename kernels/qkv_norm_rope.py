@@ -34,7 +34,7 @@ from ._qk_rope_common import qk_fwd as _qk_fwd
 from ._qk_rope_common import token_major
 from .qk_norm_rope import qk_norm_rope_ref, rope_2d_tables
 
-__all__ = ["qkv_norm_rope", "qkv_norm_rope_ref", "split_heads", "qkv_heads"]
+__all__ = ["qkv_norm_rope", "qkv_norm_rope_ref", "split_heads"]
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,30 +46,6 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     t = qkv.unflatten(-1, (3, num_heads, D3 // (3 * num_heads))).permute(2, 0, 3, 1, 4)
     q, k, v = t.unbind(0)  # unbind, not indexing: its backward is one stack, not three zero-filled scatters
     return q, k, v
-
-
-class _QkvHeads(torch.autograd.Function):
-    """:func:`split_heads` whose backward writes ``dqkv`` in one pass (see :func:`qkv_heads`)."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, num_heads: int):
-        return split_heads(qkv, num_heads)
-
-    @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
-        # dqkv[b, n, s, h] = (dq, dk, dv)[s][b, h, n]: one strided stack straight into (B, N, 3, H, hd)
-        return torch.stack([g.transpose(1, 2) for g in (dq, dk, dv)], dim=2).flatten(2), None
-
-
-def qkv_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Differentiable :func:`split_heads`: views ``q, k, v`` ``(B, H, N, hd)`` of a packed ``qkv (B, N, 3·H·hd)``
-    for attention without qk-norm / RoPE (a plain ViT block), with a packed gradient in one copy.
-
-    Autograd's gradient of ``view -> permute -> unbind`` stacks dq, dk, dv into ``(3, B, H, N, hd)`` and then clones
-    that into qkv's ``(B, N, 3, H, hd)`` layout: two reads and two writes of the whole gradient. Here one ``stack``
-    of the transposed gradients writes the packed layout directly: half those bytes, the same values bit for bit.
-    """
-    return _QkvHeads.apply(qkv, int(num_heads))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Its output is in the *encoder's normalised pixel space*; the tokenizer maps it b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pae_fast.kernels.attention import attention
@@ -43,16 +44,25 @@ class CrossAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, H, N, hd)
         return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, unbiased: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, Nq, D)``; ``unbiased``: ``(output without proj's bias, proj.bias)``, the bias to fold into the
+        residual (:func:`add_norm`), as :meth:`pae_fast.models.layers.Attention.forward_unbiased` returns."""
         B, N, D = x.shape
         o = attention(self._heads(self.q_proj(x)), self._heads(self.k_proj(ctx)), self._heads(self.v_proj(ctx)))
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+        o = o.transpose(1, 2).reshape(B, N, D)
+        return (F.linear(o, self.proj.weight), self.proj.bias) if unbiased else self.proj(o)
 
 
-def add_norm(x: torch.Tensor, branch: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def add_norm(
+    x: torch.Tensor, branch: torch.Tensor | None, norm: nn.LayerNorm, branch_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + branch, norm(x + branch))`` in one fused pass (``branch`` None: ``(x, norm(x))``) for a pre-norm block
-    (docs/method.md § Residual + LayerNorm fused); ``norm`` an ``nn.LayerNorm`` over the last dim."""
-    return residual_layernorm(x, branch, None, norm.weight, norm.bias, norm.eps)
+    (docs/method.md § Residual + LayerNorm fused); ``norm`` an ``nn.LayerNorm`` over the last dim. ``branch_bias``:
+    the ``(D,)`` bias of the branch's last linear when ``branch`` comes without it (``forward_unbiased``), added in
+    the same pass, its gradient from the fused backward (no column sum over the branch's gradient)."""
+    return residual_layernorm(x, branch, None, norm.weight, norm.bias, norm.eps, branch_bias=branch_bias)
 
 
 class DecoderBlock(nn.Module):
@@ -60,7 +70,8 @@ class DecoderBlock(nn.Module):
 
     Each residual add runs fused with the LayerNorm that follows it (docs/method.md § Residual + LayerNorm fused):
     the attention residual with ``norm2``, the MLP residual with the next block's ``norm1`` (or the decoder's final
-    norm) when :class:`ViTDecoder` chains the blocks through :meth:`forward_fused`.
+    norm) when :class:`ViTDecoder` chains the blocks through :meth:`forward_fused`; the biases of ``attn.proj`` and
+    ``mlp.fc2`` are folded into those fused adds.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float = 1e-12) -> None:
@@ -79,11 +90,12 @@ class DecoderBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block on the pair ``(x, h = norm1(x))``, all ``(B, N, D)``: returns ``(x', next_norm(x'))`` (``None``
         for the second when ``next_norm`` is None), the MLP residual fused into ``next_norm``."""
-        x, h = add_norm(x, self.attn(h), self.norm2)
-        branch = self.mlp(h)
+        o, b = self.attn.forward_unbiased(h)  # proj's bias b folded into the fused add
+        x, h = add_norm(x, o, self.norm2, b)
         if next_norm is None:
-            return x + branch, None
-        return add_norm(x, branch, next_norm)
+            return x + self.mlp(h), None
+        o, b = self.mlp.forward_unbiased(h)  # fc2's bias b likewise
+        return add_norm(x, o, next_norm, b)
 
 
 class ViTDecoder(nn.Module):

@@ -247,8 +247,8 @@ class Attention(nn.Module):
                 bias=self.qkv.bias,
             )
         else:
-            # (B, N, 3D): q | k | v, heads inside; views whose gradient is packed in one copy (no stack + clone)
-            q, k, v = kernels.qkv_heads(self.qkv(x), self.num_heads)
+            # q | k | v views of the biased GEMM's (B, N, 3D); their gradient packed in one pass with the bias's
+            q, k, v = kernels.linear_qkv_heads(x, self.qkv.weight, self.qkv.bias, self.num_heads)
         o = kernels.attention(q, k, v)  # (B, H, N, hd)
         return o.transpose(1, 2).reshape(B, N, D)
 

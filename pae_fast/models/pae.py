@@ -59,12 +59,15 @@ class DAMBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer on the pair ``(x, h = norm1(x))``: returns ``(x', next_norm(x'))`` (``None`` for the second when
         ``next_norm`` is None), the MLP residual fused into ``next_norm``."""
-        x, h = add_norm(x, self.self_attn(h), self.norm2_q)
-        x, h = add_norm(x, self.cross_attn(h, self.norm2_kv(u)), self.norm3)
-        branch = self.mlp(h)
+        # each branch's last bias (SA's and CA's proj, the MLP's fc2) folded into the fused add after it
+        o, b = self.self_attn.forward_unbiased(h)
+        x, h = add_norm(x, o, self.norm2_q, b)
+        o, b = self.cross_attn(h, self.norm2_kv(u), unbiased=True)
+        x, h = add_norm(x, o, self.norm3, b)
         if next_norm is None:
-            return x + branch, None
-        return add_norm(x, branch, next_norm)
+            return x + self.mlp(h), None
+        o, b = self.mlp.forward_unbiased(h)
+        return add_norm(x, o, next_norm, b)
 
 
 class DAM(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 
 from pae_fast.kernels.attention import attention
 from pae_fast.kernels.gelu_mlp import gelu_mlp
-from pae_fast.kernels.qkv_norm_rope import qkv_heads
+from pae_fast.kernels.qkv_heads import qkv_heads
 from pae_fast.kernels.residual_layernorm import residual_layernorm
 
 __all__ = ["patch_attention", "patch_blocks", "fused_intermediates", "patch_mlp"]

@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pae_fast.kernels import OPS, residual_layernorm, residual_layernorm_ref
 from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
@@ -143,3 +144,43 @@ def test_min_bytes_floor():
     assert OP.min_bytes((x, br, p, p, p), {}, True) - fwd == 6 * 128 + 6 * 32
     # plain LayerNorm without affine: read x, write n; backward read dn, x, write dx
     assert OP.min_bytes((x, None), {}, True) == 5 * 128
+
+
+@pytest.mark.parametrize("gamma", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_branch_bias_fold_matches_naive(gamma, dtype):
+    """``branch_bias``: ``y = x + gamma * (branch + bb)`` against a naive transcription (the bias added to the branch
+    first, as a biased Linear returns it), every gradient incl. ``d bb = sum_rows gamma * dy`` (rows 257, width 97:
+    no full tile). ``bb`` and ``gamma`` are distinct random vectors, so swapping them (or adding bb after the scale)
+    changes y."""
+    D = 97
+    x, br = rnd(1, 257, D, dtype=dtype, scale=2.0, offset=0.3), rnd(1, 257, D, dtype=dtype)
+    kw = {"branch_bias": rnd(D, dtype=dtype, scale=0.5, offset=0.2), "weight": rnd(D, dtype=dtype, offset=1.0),
+          "bias": rnd(D, dtype=dtype), "eps": 1e-6}  # fmt: skip
+    if gamma:
+        kw["gamma"] = rnd(D, dtype=dtype, scale=0.5, offset=0.5)
+    check((x, br), kw, dtype)
+
+    def naive(x, br, branch_bias, weight, bias, eps, gamma=None):
+        y = x + (gamma if gamma is not None else 1.0) * (br + branch_bias)
+        return y, F.layer_norm(y, (D,), weight, bias, eps)
+
+    assert_op_matches(residual_layernorm, naive, (x, br), kw,
+                      atol=OP.tolerances[dtype][0], rtol=OP.tolerances[dtype][1], ref_dtype=torch.float64,
+                      atol_rms=True)  # fmt: skip
+
+
+def test_branch_bias_needs_a_branch_and_its_width():
+    x = rnd(2, 5, 8)
+    with pytest.raises(ValueError, match="branch_bias"):
+        residual_layernorm(x, None, branch_bias=rnd(8))
+    with pytest.raises(ValueError, match="branch_bias"):
+        residual_layernorm(x, rnd(2, 5, 8), branch_bias=rnd(7))
+
+
+def test_branch_bias_frozen_parameters_only_bias_trains(monkeypatch):
+    """The fold where only the branch bias trains (gamma / w / b frozen): its gradient still comes, from several
+    programs' partials (small tiles), and matches the reference."""
+    monkeypatch.setattr(BWD, "MAX_BLOCK_ELEMS", 256)
+    kw = {"branch_bias": rnd(33), "gamma": rnd(33, grad=False), "weight": rnd(33, offset=1.0, grad=False)}
+    check((rnd(5, 13, 33), rnd(5, 13, 33)), kw)
