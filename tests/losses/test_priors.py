@@ -123,7 +123,9 @@ def test_mcr_geodesic_angles_exact_and_noise_mode_within_tolerance(parts, backen
     torch.testing.assert_close(_angle(z, zm), torch.full((4, 8, 8), 42.5, dtype=torch.float64), atol=1e-3, rtol=0)
     torch.testing.assert_close(_angle(z, zl), torch.full((4, 8, 8), 85.0, dtype=torch.float64), atol=1e-3, rtol=0)
     torch.testing.assert_close(zl.norm(dim=1), z.norm(dim=1), rtol=1e-5, atol=1e-5)  # stays on the sphere
-    z = parts.rms1(4, 32, 32, 32).permute(0, 3, 1, 2)  # 4096 tokens: the mean angle is known to ~0.2 deg
+    # 4096 tokens: the mean angle is known to ~0.2 deg; z from its own generator, so the test does not depend on the
+    # global RNG state left by earlier tests (with it, |mean - theta| ranged 0.1-0.7 deg over 40 seeds)
+    z = parts.rms1(4, 32, 32, 32, generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
     nm, nl = mcr_perturb(z, (42.5, 85.0), seed=3, mode="noise", backend=backend)
     # noise rule, C = 32: theta on average. Stated tolerance: mean angle within 1 deg of theta, per-token spread
     # (std) below 7 deg (medium) / 12 deg (large); measured 42.1 +- 5.9 and 85.1 +- 10.2.
