@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Mismatch", "CompareResult", "compare_op", "assert_op_matches", "assert_cases_match", "flatten_tensors"]
+__all__ = ["Mismatch", "CompareResult", "compare_op", "assert_op_matches", "assert_cases_match", "flatten_tensors",
+           "feature_maps", "lin_head"]
 
 
 @dataclass
@@ -196,3 +197,20 @@ def assert_cases_match(
         assert_op_matches(spec.fn, spec.ref, args, kwargs, atol=atol, rtol=rtol, name=f"{spec.name} {label}",
                           ref_dtype=torch.float64, fused_kwargs=fused_kwargs,
                           atol_rms=getattr(spec, "atol_rms", False))  # fmt: skip
+
+
+def feature_maps(B: int, C: int, H: int, W: int, channels_last: bool = False, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, relu_shift: float | None = None) -> torch.Tensor:
+    """Random ``(B, C, H, W)`` maps from their own generator (tests never touch the global RNG); ``relu_shift``:
+    ``relu(t) + relu_shift``, LPIPS-like non-negative features without all-zero pixels; ``channels_last``: that
+    memory format (the LPIPS trunk's)."""
+    t = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(seed))
+    if relu_shift is not None:
+        t = t.relu() + relu_shift
+    t = t.to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def lin_head(C: int, seed: int = 1) -> torch.Tensor:
+    """Random non-negative ``(C,)`` LPIPS "lin" weights summing to about 1 (trained heads are non-negative)."""
+    return torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 / C

@@ -1,23 +1,19 @@
 """lpips_distance: the fused LPIPS stage distance against its reference and a written-out formula, forward and both
 gradients, fp32 and fp16, odd channel counts and prime pixel counts, contiguous, channels-last and strided inputs."""
 
+import functools
+
 import pytest
 import torch
 
 from pae_fast.kernels import OPS, lpips_distance, lpips_distance_ref, use_backend
-from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches, feature_maps, lin_head
 
 OP = OPS["lpips_distance"]
 
 
-def _feats(B, C, H, W, channels_last=False, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(B, C, H, W, generator=g).relu() + 0.05).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
-
-
-def _head(C, seed=1):
-    return torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 / C
+_feats = functools.partial(feature_maps, relu_shift=0.05)  # LPIPS features: non-negative, no all-zero pixel
+_head = lin_head
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

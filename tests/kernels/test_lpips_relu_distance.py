@@ -2,26 +2,20 @@
 reference (``torch.relu`` then ``lpips_distance_ref``): both outputs and the input gradient through both, fp32 and
 fp16, odd shapes and layouts, dead pixels, the last stage (nothing downstream of y)."""
 
+import functools
+
 import pytest
 import torch
 
 from pae_fast.kernels import OPS, lpips_distance_ref, lpips_relu_distance, lpips_relu_distance_ref, use_backend
-from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches
+from pae_fast.kernels.tools.testing import assert_cases_match, assert_op_matches, feature_maps, lin_head
 
 OP = OPS["lpips_relu_distance"]
 
 
-def _pre(B, C, H, W, channels_last=False, dtype=torch.float32, seed=0):
-    t = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
-
-
-def _anchor(B, C, H, W, channels_last=False, dtype=torch.float32, seed=1):
-    return _pre(B, C, H, W, channels_last, dtype, seed).relu() + 0.05
-
-
-def _head(C, seed=2):
-    return torch.rand(C, generator=torch.Generator().manual_seed(seed)) * 2 / C
+_pre = feature_maps  # pre-activations: either sign
+_anchor = functools.partial(feature_maps, seed=1, relu_shift=0.05)  # a detached stage feature: non-negative
+_head = functools.partial(lin_head, seed=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
