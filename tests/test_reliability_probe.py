@@ -321,6 +321,8 @@ def test_diffusability_check_stop_between_metrics_writes_nothing(tmp_path):
 
 def test_sigterm_during_reconstruct_exits_4_keeping_whole_pairs(tmp_path, image_folder, tokenizers, capsys,
                                                                  one_error_line, run_until_sigterm):
+    import json
+
     from PIL import Image
 
     files = _many_images(tmp_path / "img", image_folder, 120)
@@ -341,8 +343,6 @@ def test_sigterm_during_reconstruct_exits_4_keeping_whole_pairs(tmp_path, image_
     assert main(argv) == EXIT_DATA  # outputs are never overwritten unless asked: the line says how to finish
     one_error_line(capsys, "--overwrite")
     assert main([*argv, "--overwrite"]) == 0
-    import json
-
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["file"] for r in metrics["images"]] == files and (out / "grid.png").is_file()
 
