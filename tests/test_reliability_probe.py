@@ -260,6 +260,116 @@ def test_sigterm_during_sample_exits_4(paired_run, tmp_path, run_until_sigterm):
     assert not (out / "latents.safetensors").exists()
 
 
+def _many_images(folder: Path, image_folder: Path, n: int) -> list[str]:
+    """``n`` image files ``folder/<k>.jpg``: copies of the six fixture photographs (distinct names, sorted order)."""
+    import shutil
+
+    sources = sorted(image_folder.rglob("*.jpg"))
+    folder.mkdir()
+    for k in range(n):
+        shutil.copy(sources[k % len(sources)], folder / f"{k:03d}.jpg")
+    return [str(folder / f"{k:03d}.jpg") for k in range(n)]
+
+
+class _StopAfter:
+    """A ``check_stop`` that raises PreemptedError on its ``n``-th call (and counts its calls)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> None:
+        from pae_fast.errors import PreemptedError
+
+        self.calls += 1
+        if self.calls == self.n:
+            raise PreemptedError("stopped")
+
+
+def test_reconstruct_check_stop_keeps_the_finished_batches(tmp_path, image_folder, tokenizers):
+    from pae_fast.errors import PreemptedError
+    from pae_fast.eval.reconstruct import reconstruct_files
+    from pae_fast.registry import create_tokenizer
+
+    files = _many_images(tmp_path / "img", image_folder, 5)
+    tok = create_tokenizer("PAE-tiny", pretrained=True, weights=str(tokenizers["a"]))
+    stop = _StopAfter(3)  # checked before each batch: the third check comes after two batches of two images
+    with pytest.raises(PreemptedError):
+        reconstruct_files(tok, files, tmp_path / "part", batch_size=2, check_stop=stop)
+    assert sorted(p.name for p in (tmp_path / "part").iterdir()) == [f"{k:03d}_recon.png" for k in range(4)]
+    full = reconstruct_files(tok, files, tmp_path / "full", batch_size=2, check_stop=_StopAfter(0))  # 0: never
+    assert len(full["images"]) == 5
+    for k in range(4):  # the kept pairs are the finished ones, byte for byte
+        name = f"{k:03d}_recon.png"
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_diffusability_check_stop_between_metrics_writes_nothing(tmp_path):
+    from pae_fast.errors import PreemptedError
+    from pae_fast.eval.report import run_diffusability
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {name: (torch.randn(48, 4, 8, 8, generator=g), torch.arange(48) % 3) for name in ("A", "B")}
+    counter = _StopAfter(0)
+    run_diffusability(inputs, tmp_path / "full", check_stop=counter)
+    per_input = counter.calls // 2  # one check before each input, one before each of its metrics
+    assert counter.calls == 2 * per_input and per_input >= 6, counter.calls
+    stop = _StopAfter(per_input + 3)  # mid-way through the second input's metrics
+    with pytest.raises(PreemptedError):
+        run_diffusability(inputs, tmp_path / "part", check_stop=stop)
+    assert not (tmp_path / "part").exists() or not any((tmp_path / "part").iterdir())
+
+
+def test_sigterm_during_reconstruct_exits_4_keeping_whole_pairs(tmp_path, image_folder, tokenizers, capsys,
+                                                                 one_error_line, run_until_sigterm):
+    import json
+
+    from PIL import Image
+
+    files = _many_images(tmp_path / "img", image_folder, 120)
+    out = tmp_path / "r"
+    argv = ["reconstruct", "--tokenizer", "PAE-tiny", "--weights", str(tokenizers["a"]), *files, "--out", str(out),
+            "--batch-size", "1"]
+    code, stdout, err = run_until_sigterm(argv, marker="PSNR", stream="stderr")  # the log line of the first image
+    assert code == EXIT_PREEMPTED, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: reconstruct stopped by SIGTERM") and "--overwrite" in last, last
+    assert "mean\tPSNR" not in stdout
+    kept = sorted(p.name for p in out.iterdir())
+    assert 1 <= len(kept) < 120 and kept == [f"{k:03d}_recon.png" for k in range(len(kept))], kept  # no temp files
+    for name in kept:  # every pair is a whole PNG
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.size == (128, 64)
+    assert main(argv) == EXIT_DATA  # outputs are never overwritten unless asked: the line says how to finish
+    one_error_line(capsys, "--overwrite")
+    assert main([*argv, "--overwrite"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["file"] for r in metrics["images"]] == files and (out / "grid.png").is_file()
+
+
+def test_sigterm_during_diffusability_exits_4_and_keeps_the_old_report(tmp_path, snapshot, run_until_sigterm):
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for k in range(24):
+        path = tmp_path / f"z{k:02d}.safetensors"
+        save_safetensors({"latents": torch.randn(60, 8, 8, 8, generator=g), "labels": torch.arange(60) % 3}, path)
+        inputs.append(str(path))
+    out = tmp_path / "report"
+    assert main(["diffusability", inputs[0], "--out", str(out)]) == 0  # an earlier report in the folder
+    before = snapshot(out)
+    argv = ["diffusability", *inputs, "--out", str(out), "--overwrite"]
+    code, stdout, err = run_until_sigterm(argv, marker="diffusability: 1/24", stream="stderr")
+    assert code == EXIT_PREEMPTED, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: diffusability stopped by SIGTERM") and "run the same command" in last, last
+    assert "wrote" not in stdout
+    assert snapshot(out) == before  # the old report is untouched, nothing half-written beside it
+    assert main(argv) == 0  # the same command finishes the job
+    assert len(json.loads((out / "diffusability.json").read_text())["inputs"]) == 24
+
+
 # ------------------------------------------------------------------------------------------------ 10
 def test_sample_writes_beside_its_checkpoint_and_never_over_it(paired_run, tmp_path, capsys, snapshot, one_error_line):
     argv = ["sample", "--config", TINY, "--sample.checkpoint", str(paired_run), "--out_dir", str(tmp_path / "preset"),

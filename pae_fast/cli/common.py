@@ -87,10 +87,11 @@ def run_training_stage(args: argparse.Namespace, extra: list[str], stage: str, l
 @contextmanager
 def stop_on_signal(command: str, resume: str) -> Iterator[Callable[[], None]]:
     """SIGTERM / SIGINT during a long command that is not a training run (``cache-latents``, ``sample``,
-    ``evaluate``): the training engine's handler (:class:`pae_fast.engine.monitor.Preemption`, a second Ctrl-C
-    still interrupts at once) records the signal, and the yielded ``check()`` - called by the command between
-    batches - raises :class:`~pae_fast.errors.PreemptedError` (exit code 4, one line naming the signal and
-    ``resume``: what is kept and how to go on). Outputs are written atomically, so what was finished stays; a
+    ``evaluate``, ``pretrain-vfm``, ``reconstruct``, ``diffusability``): the training engine's handler
+    (:class:`pae_fast.engine.monitor.Preemption`, a second Ctrl-C still interrupts at once) records the signal, and
+    the yielded ``check()`` - called by the command between batches (metrics) - raises
+    :class:`~pae_fast.errors.PreemptedError` (exit code 4, one line naming the signal and ``resume``: what is kept
+    and how to go on). Outputs are written atomically, so what was finished stays; a
     signal that comes after the last check (while the final files are written) lets the command finish.
     """
     import signal

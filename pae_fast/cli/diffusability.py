@@ -2,7 +2,9 @@
 
 Each INPUT is a latent cache folder or a ``.safetensors`` file with ``latents`` (N, C, H, W) and ``labels`` (N,).
 Writes ``diffusability.json``, ``report.md`` and PNG plots (VIV time profile, DCT spectrum, token cosine vs
-distance) with all inputs side by side.
+distance) with all inputs side by side. A progress line is logged per input. SIGTERM / SIGINT stop it before the
+next metric with exit code 4; the report is written only at the end, so nothing is written then (an earlier report
+in the folder stays as it was) and the same command finishes the job.
 
     python -m pae_fast diffusability caches/pae caches/rae --names PAE RAE --out runs/diffusability
 """
@@ -36,12 +38,15 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     if len(set(names)) != len(names):
         print(f"error: input names must be distinct, got {names}; pass --names", file=sys.stderr)
         return 2
-    from pae_fast.cli.common import check_output_dir
+    import logging
+
+    from pae_fast.cli.common import check_output_dir, stop_on_signal
     from pae_fast.config import ConfigError
     from pae_fast.errors import DataError, OutputError
     from pae_fast.eval.report import METRIC_DOCS, run_diffusability
     from pae_fast.io import load_safetensors
 
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     out = check_output_dir(args.out or cfg.out_dir)
     if (out / "diffusability.json").exists() and not args.overwrite:
         raise OutputError(f"{out} already holds a diffusability report; pass --overwrite to replace it, or --out "
@@ -53,7 +58,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
             if "segments" not in tensors:
                 raise KeyError(f"{args.segments} has no 'segments' tensor (has {sorted(tensors)})")
             segments = tensors["segments"]
-        report = run_diffusability(dict(zip(names, args.inputs)), out, cfg.eval, segments=segments)
+        with stop_on_signal("diffusability", f"nothing was written to {out}; run the same command again") \
+                as check_stop:
+            report = run_diffusability(dict(zip(names, args.inputs)), out, cfg.eval, segments=segments,
+                                       check_stop=check_stop)
     except ConfigError:
         raise
     except (KeyError, ValueError) as e:  # a malformed cache / latents / segments file: a data error (exit code 3)

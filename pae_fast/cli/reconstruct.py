@@ -9,8 +9,10 @@ Examples:
 --weights takes a pae_fast tokenizer file / checkpoint folder / run folder, or the PAE authors' released checkpoint
 (converted by name). Without --weights, --random-init must be given: the tokenizer is then random (never silently).
 Inputs of the same file name from different folders get distinct outputs (eval.reconstruct.output_names); outputs
-already in --out are refused unless --overwrite. Exit codes: 0 done, 2 usage, 3 an image / weights file / the
-output folder (see README "When things go wrong").
+already in --out are refused unless --overwrite. SIGTERM / SIGINT stop it before the next batch: the pairs written so
+far stay, grid.png and metrics.json are not written; the same command with --overwrite redoes the job. Exit codes:
+0 done, 2 usage, 3 an image / weights file / the output folder, 4 stopped by a signal (see README "When things go
+wrong").
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
-    from pae_fast.cli.common import no_extra
+    from pae_fast.cli.common import no_extra, stop_on_signal
 
     no_extra(extra, "reconstruct")
     if args.weights is None and not args.random_init:
@@ -51,13 +53,16 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"--batch-size={args.batch_size}: expected >= 1")
     check_output_dir(args.out)  # a file or an unwritable place: refused before the tokenizer is built
     output_names(args.images)  # the same file twice: refused now
-    try:  # a weights problem (missing, damaged, pickled, wrong layout, NaN/Inf) is a WeightsError: exit code 3
-        tok = create_tokenizer(args.tokenizer, pretrained=args.weights is not None, weights=args.weights,
-                               vfm_weights=args.vfm_weights)
-    except KeyError as e:
-        raise ConfigError(f"--tokenizer: {e.args[0]}") from None
-    metrics = reconstruct_files(tok, args.images, args.out, batch_size=args.batch_size, device=args.device,
-                                overwrite=args.overwrite)
+    resume = (f"the *_recon.png pairs written so far stay in {args.out} (grid.png and metrics.json were not written); "
+              "run the same command with --overwrite to finish")
+    with stop_on_signal("reconstruct", resume) as check_stop:
+        try:  # a weights problem (missing, damaged, pickled, wrong layout, NaN/Inf) is a WeightsError: exit code 3
+            tok = create_tokenizer(args.tokenizer, pretrained=args.weights is not None, weights=args.weights,
+                                   vfm_weights=args.vfm_weights)
+        except KeyError as e:
+            raise ConfigError(f"--tokenizer: {e.args[0]}") from None
+        metrics = reconstruct_files(tok, args.images, args.out, batch_size=args.batch_size, device=args.device,
+                                    overwrite=args.overwrite, check_stop=check_stop)
     for row in metrics["images"]:
         print(f"{row['file']}\tPSNR {row['psnr']:.2f} dB\tSSIM {row['ssim']:.4f}")
     print(f"mean\tPSNR {metrics['mean_psnr']:.2f} dB\tSSIM {metrics['mean_ssim']:.4f}\t-> {args.out}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,7 @@ def reconstruct_files(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict:
     """Reconstruct image files with ``tokenizer`` and write pairs, a grid and ``metrics.json``.
 
@@ -106,6 +107,8 @@ def reconstruct_files(
         device: where the tokenizer runs.
         overwrite: replace outputs already in ``out_dir``; False refuses them (:class:`OutputError`) before anything
             is written.
+        check_stop: called before each batch; it raises to stop (the command's SIGTERM / SIGINT check). The pairs
+            of the finished batches stay (each written atomically); ``grid.png`` and ``metrics.json`` are not written.
 
     Returns:
         The metrics dict written to ``metrics.json``: ``{"images": [{"file", "psnr", "ssim"}...], "mean_psnr",
@@ -131,6 +134,8 @@ def reconstruct_files(
     rows: list[dict] = []
     pairs: list[torch.Tensor] = []
     for start in range(0, len(files), batch_size):
+        if check_stop is not None:
+            check_stop()
         chunk = [Path(f) for f in files[start : start + batch_size]]
         x = torch.stack([load_square_image(f, S) for f in chunk]).to(device)  # (B, 3, S, S)
         y = to_image_range(tokenizer.decode(tokenizer.encode(x))).float()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def diffusability_metrics(
     ssc_sigma: float = 0.1,
     profile_ts: int = 101,
     device: str | torch.device = "cpu",
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Every latent-only metric on per-channel standardised latents, plus the curves the report plots.
 
@@ -96,26 +98,36 @@ def diffusability_metrics(
         segments: ``(N, H, W)`` segment ids; adds SSC.
         profile_ts: points of the VIV time profile on [0, 1].
         device: where the metrics run (a GPU speeds up VIV and the k-NN metrics; results return to the CPU).
+        check_stop: called before each metric; it raises to stop (the command's SIGTERM / SIGINT check).
     Returns:
         scalars ``viv, lnc, sec, lds, cds, gsq, erank, [ssc]``, ``num_latents, num_classes, shape``, and curves
         ``viv_profile {t, value}``, ``dct_spectrum {frequency, energy}`` (fraction of energy per Manhattan
         frequency, channel-averaged), ``cosine_profile {distance, cosine}``.
     """
     check_latents(latents, labels)
+    stop = check_stop if check_stop is not None else (lambda: None)
     z = standardize(latents.to(device))
     n, c, h, w = z.shape
+    stop()
     spectra = viv_spectra(z, labels, iters=viv_iters, max_per_class=max_per_class, standardized=True)
     ts = np.linspace(0, 1, profile_ts)
+    stop()
     energy, _ = dct_energy_spectrum(z)
     frac = (energy / energy.sum(1, keepdims=True).clip(1e-300)).mean(0)
+    stop()
     d, cos = cosine_distance_profile(z)
+    stop()
+    knn = lnc(z, labels, k=min(lnc_k, n - 1))
+    stop()
+    purity = gsq(z, labels)
+    stop()
     out: dict[str, Any] = {
         "viv": spectra.viv(),
-        "lnc": lnc(z, labels, k=min(lnc_k, n - 1)),
+        "lnc": knn,
         "sec": sec_from_energy(energy, h, w, rho=sec_rho),
         "lds": lds_from_profile(d, cos, h, w) if d[-1] >= 6 else float("nan"),
         "cds": cds_from_profile(d, cos),
-        "gsq": gsq(z, labels),
+        "gsq": purity,
         "erank": erank(z),
         "num_latents": n,
         "num_classes": int(spectra.classes.numel()),
@@ -125,6 +137,7 @@ def diffusability_metrics(
         "cosine_profile": {"distance": d.tolist(), "cosine": cos.tolist()},
     }
     if segments is not None:
+        stop()
         out["ssc"] = ssc(z, segments, sigma=ssc_sigma)
     return out
 
@@ -134,6 +147,7 @@ def run_diffusability(
     out_dir: str | os.PathLike,
     cfg: Any = None,
     segments: torch.Tensor | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Compute the diffusability suite for each input and write the report.
 
@@ -143,6 +157,8 @@ def run_diffusability(
         cfg: an :class:`~pae_fast.config.EvalConfig` (``viv_iters``, ``max_per_class``, ``lnc_k``, ``sec_rho``,
             ``ssc_sigma``, ``device``); defaults (on the CPU) when None.
         segments: ``(N, H, W)`` segment ids for SSC, applied to inputs with N latents.
+        check_stop: called before each input is loaded and between its metrics; it raises to stop (the command's
+            SIGTERM / SIGINT check). The report is written only after the last input, so a stop writes nothing.
     Returns:
         ``{"results": {name: metrics}, "files": {kind: path}}``.
     """
@@ -156,11 +172,16 @@ def run_diffusability(
         "ssc_sigma": getattr(cfg, "ssc_sigma", 0.1),
     }
     device = resolve_device(getattr(cfg, "device", "cpu"))
+    from pae_fast.progress import progress
+
     results = {}
-    for name, src in inputs.items():
+    for name, src in progress(inputs.items(), "diffusability", total=len(inputs), every=1, unit="input"):
+        if check_stop is not None:
+            check_stop()
         latents, labels = src if isinstance(src, tuple) else load_latents(src)
         seg = segments if segments is not None and segments.shape[0] == latents.shape[0] else None
-        results[name] = diffusability_metrics(latents, labels, segments=seg, device=device, **opts)
+        results[name] = diffusability_metrics(latents, labels, segments=seg, device=device, check_stop=check_stop,
+                                              **opts)
         if not isinstance(src, tuple):
             results[name]["source"] = str(src)
         del latents, labels
