@@ -54,10 +54,12 @@ def test_tokenizer_roofline_row_and_ssr_cost(bench_path):
     assert res["optimizer"] == "fused_adamw_ema" and res["optimizer_ema_bytes"] == res["fused"]["update_bytes"] > 0
 
 
-def test_tokenizer_roofline_counts_the_update_as_the_engine_runs_it(bench_path):
+def test_tokenizer_roofline_counts_the_update_as_the_engine_runs_it(bench_path, fresh_process):
     """The update is counted inside the step: the tokenizer's bf16 compute copy updated by fused_adamw_ema with its
     EMA (36 B per trainable parameter), the discriminator's fp32 heads (``use_compute_dtype``: no compute copy, no
     EMA, 28 B per parameter), plus 2 B per parameter for each unit when the preset clips."""
+    if not fresh_process:
+        return  # ran, and passed, in a fresh interpreter (tests/conftest.py fresh_process)
     import roofline_tokenizer as rt
     from tokenizer_step import build_step, preset_for
 
@@ -78,9 +80,11 @@ def test_tokenizer_roofline_counts_the_update_as_the_engine_runs_it(bench_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_tokenizer_roofline_counts_the_discriminator_as_the_stage_runs_it(bench_path, dtype):
+def test_tokenizer_roofline_counts_the_discriminator_as_the_stage_runs_it(bench_path, fresh_process, dtype):
     """The count's discriminator is the stage's: under bf16 its frozen backbone is held in bf16 (the hook
     ``engine.precision.compute_weights`` calls), its heads and their spectral-norm ``u`` fp32; under fp32 all fp32."""
+    if not fresh_process:
+        return  # ran, and passed, in a fresh interpreter (tests/conftest.py fresh_process)
     import roofline_tokenizer as rt
     from roofline_step import fake_mode
     from tokenizer_step import build_step
