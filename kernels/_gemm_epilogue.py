@@ -32,6 +32,7 @@ __all__ = [
     "gemm_operands",
     "launch",
     "mm_tile",
+    "op_arg",
     "tile_offsets",
     "unit_cols",
 ]
@@ -111,8 +112,8 @@ def block_m() -> int:
 
 def bias_partials(M: int, width: int, with_bias: bool, device: torch.device) -> torch.Tensor:
     """The fp32 buffer a backward kernel fills with per-row-block column sums ``(cdiv(M, BLOCK_M), width)`` (zeros
-    when ``M == 0``: no program runs), or a ``(1,)`` placeholder without ``with_bias``; its ``sum(0)`` is the bias
-    gradient (deterministic, no atomics)."""
+    when ``M == 0``: no program runs), or, without ``with_bias``, a ``(1,)`` buffer the kernel is handed but never
+    writes (its ``HAS_BIAS`` is off); its ``sum(0)`` is the bias gradient (deterministic, no atomics)."""
     if not with_bias:
         return torch.empty((1,), dtype=torch.float32, device=device)
     if M == 0:
@@ -123,6 +124,11 @@ def bias_partials(M: int, width: int, with_bias: bool, device: torch.device) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # The public functions' compute dtype
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def op_arg(args: tuple, kwargs: dict, i: int, name: str):
+    """Argument ``name`` (position ``i``) of an op-table call, for its FLOP and traffic formulas; None if absent."""
+    return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
 
 
 def autocast_on(x: torch.Tensor) -> bool:

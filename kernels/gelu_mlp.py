@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
 from ._gelu_mlp_kernels import APPROXIMATIONS, gemm_gelu_bwd, gemm_gelu_fwd
-from ._gemm_epilogue import cublas_fp32, gemm_operands
+from ._gemm_epilogue import cublas_fp32, gemm_operands, op_arg
 
 __all__ = ["gelu_mlp", "gelu_mlp_ref"]
 
@@ -227,16 +227,12 @@ def gelu_mlp_ref(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _get(args: tuple, kwargs: dict, i: int, name: str):
-    return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
-
-
 def _flops(args: tuple, kwargs: dict, backward: bool) -> int:
     """GEMM FLOPs (2 per multiply-accumulate) of the public call, or of the custom ops' schema-bound arguments (the
     backward op's ``need_*`` flags drop the GEMMs it skips). Forward: ``x w1^T`` and ``h w2^T`` (2MDH each);
     backward: ``dy^T h``, ``dy w2``, ``d_pre w1`` and ``d_pre^T x`` (2MDH each) = 2 x forward. The same FLOPs the
     unfused ``F.linear`` chain's GEMMs count (bias adds and column sums are not GEMM FLOPs)."""
-    x, w2 = _get(args, kwargs, 0, "x"), _get(args, kwargs, 3, "w2")
+    x, w2 = op_arg(args, kwargs, 0, "x"), op_arg(args, kwargs, 3, "w2")
     D, H = int(w2.shape[0]), int(w2.shape[1])
     M = x.numel() // max(D, 1)
     unit = 2 * M * D * H
@@ -248,7 +244,7 @@ def _flops(args: tuple, kwargs: dict, backward: bool) -> int:
 
 
 def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
-    x, w1, b1, w2, b2 = (_get(args, kwargs, i, n) for i, n in enumerate(("x", "w1", "b1", "w2", "b2")))
+    x, w1, b1, w2, b2 = (op_arg(args, kwargs, i, n) for i, n in enumerate(("x", "w1", "b1", "w2", "b2")))
     D, H = int(w2.shape[0]), int(w2.shape[1])
     M = x.numel() // max(D, 1)
     e = x.element_size()

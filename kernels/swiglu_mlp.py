@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import OpSpec, register_op, resolve_backend, tensor_bytes
-from ._gemm_epilogue import cublas_fp32, gemm_operands
+from ._gemm_epilogue import cublas_fp32, gemm_operands, op_arg
 from ._swiglu_mlp_kernels import gemm_gate_bwd, gemm_gate_fwd
 from .swiglu import swiglu, swiglu_ref
 
@@ -192,16 +192,12 @@ def swiglu_mlp_ref(x: torch.Tensor, w12: torch.Tensor, b12: torch.Tensor | None,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _get(args: tuple, kwargs: dict, i: int, name: str):
-    return kwargs[name] if name in kwargs else (args[i] if len(args) > i else None)
-
-
 def _flops(args: tuple, kwargs: dict, backward: bool) -> int:
     """GEMM FLOPs (2 per multiply-accumulate) of the public call, or of the custom ops' schema-bound arguments (the
     backward op's ``need_*`` flags drop the GEMMs it skips). Forward: ``x w12^T`` (4MDH) + ``h w3^T`` (2MDH); backward:
     ``dy^T h`` and ``dy w3`` (2MDH each), ``d[a|b] w12`` and ``d[a|b]^T x`` (4MDH each) = 2 x forward. The same FLOPs
     the unfused ``F.linear`` chain's GEMMs count."""
-    x, w3 = _get(args, kwargs, 0, "x"), _get(args, kwargs, 3, "w3")
+    x, w3 = op_arg(args, kwargs, 0, "x"), op_arg(args, kwargs, 3, "w3")
     D, H = int(w3.shape[0]), int(w3.shape[1])
     M = x.numel() // max(D, 1)
     unit = 2 * M * D * H
@@ -213,7 +209,7 @@ def _flops(args: tuple, kwargs: dict, backward: bool) -> int:
 
 
 def _min_bytes(args: tuple, kwargs: dict, backward: bool) -> int:
-    x, w12, b12, w3 = (_get(args, kwargs, i, n) for i, n in enumerate(("x", "w12", "b12", "w3")))
+    x, w12, b12, w3 = (op_arg(args, kwargs, i, n) for i, n in enumerate(("x", "w12", "b12", "w3")))
     D, H = int(w3.shape[0]), int(w3.shape[1])
     M = x.numel() // max(D, 1)
     e = x.element_size()
